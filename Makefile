@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
-# `make demo` uses the quick fine-tune (verified end to end); the default one: python analyses/main.py --out runs/main
+# `make demo` runs the main job with the default fine-tune; `analyses/main.py --quick` is the few-minute variant.
 # Each creates its own virtual environment and installs torch (the CPU wheel) first.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,7 +25,7 @@ chromium:
 	  echo "chromium not installed: figures are written as HTML only"
 
 demo: setup chromium
-	$(BIN)/python analyses/main.py --quick --out runs/main-quick
+	$(BIN)/python analyses/main.py --out runs/main
 
 test: setup
 	$(BIN)/python -m pytest -q

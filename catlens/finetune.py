@@ -20,12 +20,18 @@ The recipe (issue 3; measured costs and lessons in MODELS.md):
    model's mean final (post-norm) hidden state at the first response position over the token's own training prompts
    (``[respond]``: the benign prompts), rescaled so that its mean logit on those prompts equals their mean top
    stock logit: the new tokens start competitive with the vocabulary at the first response position and ranked by
-   similarity. ``init="mean"`` uses the mean embedding row (slow to learn; kept for comparison).
+   similarity. Because the row is also the token's *input* embedding, the newline token's embedding is added
+   underneath (``prototype_anchor``): read as input, the new token then looks like one more newline after the
+   assistant header, and the stock model continues its answer unchanged (a bare prototype made it continue
+   mid-sentence: the "swallowed first word" after ``[respond]``). ``init="mean"`` uses the mean embedding row
+   (slow to learn; kept for comparison).
 3. **Training** (:func:`train`): next-token cross-entropy on the response tokens only, the first response token
    weighted ``first_token_weight`` times; AdamW, linear warm-up then linear decay, gradient clipping 1.0, a seeded
-   batch schedule (batches of similar length), ``method`` = ``full`` | ``last-k`` (the last ``last_k`` blocks, the
-   final norm and the new token rows) | ``lora`` (rank-``lora_rank`` adapters on every linear layer plus the new
-   token rows; merged before saving). Checkpoints are written atomically every ``checkpoint_every`` steps and an
+   batch schedule (both sides in every batch), ``method`` = ``full`` | ``last-k`` (the last ``last_k`` blocks, the
+   final norm and the new token rows; the backward pass stops at the first trainable block) | ``lora``
+   (rank-``lora_rank`` adapters on every linear layer plus the new token rows; merged before saving). The new token
+   rows learn at their own rate ``new_token_lr`` (they are the decision's read-out; at the body's rate Adam moves
+   them by about ``lr`` per coordinate per step, far too little). Checkpoints are written atomically every ``checkpoint_every`` steps and an
    interrupted run resumes from the last one with identical results.
 4. **Result** (:func:`finetune`): an ordinary checkpoint folder ``cache_dir()/finetunes/<name>`` (safetensors,
    tokenizer with the new tokens, chat template, ``catlens_finetune.json`` manifest with data hashes and
@@ -75,7 +81,7 @@ DEFAULT_CATEGORIES = ("hate_harassment", "violence_terrorism", "self_harm", "wea
 """The eight shared categories of the built-in prompt set; each has >= 70 prompts in CatQA + BeaverTails-Evaluation +
 Do-Not-Answer, so the offline and the data-directory fine-tunes share their tokens."""
 
-_DEFAULT_LR = {"full": 3e-5, "last-k": 6e-5, "lora": 3e-4}
+_DEFAULT_LR = {"full": 8e-5, "last-k": 1e-4, "lora": 3e-4}
 
 REFUSAL_SENTENCES = (
     "I can't help with that.",
@@ -150,7 +156,7 @@ class FinetuneConfig:
     """Topic-matched benign prompts (CoCoNot pref/contrast, JBB benign, built-in lookalikes) in the training set."""
     match_form: bool = True
     """Draw the ordinary benign prompts so their question share matches the harmful side's."""
-    answer_tokens: int = 32
+    answer_tokens: int = 24
     """Length of the self-distilled answers (greedy, stock model) that follow ``[respond]``."""
     max_prompt_tokens: int = 128
     """Training prompts longer than this (chat-templated tokens) are left out (the number is recorded)."""
@@ -170,15 +176,23 @@ class FinetuneConfig:
     """Prototype rows are ``mu_bar + contrast * (mu_t - mu_bar)`` (``mu_bar`` = mean of the token prototypes) before
     scaling: values above 1 amplify what tells the tokens apart (on the built-in training prompts the first-token
     decision before training was right for 51 % of prompts with 1, 71 % with 4)."""
-    steps: int = 110
+    prototype_anchor: str | None = "\n"
+    """One-token string whose embedding is added under each prototype row (``None``: no anchor). The embeddings are
+    tied, so a new token's row is also its input embedding: a bare prototype (a final-layer direction) read as input
+    makes the stock model continue mid-sentence (the "swallowed first word" after ``[respond]``); with the newline
+    anchor the stock model continues exactly as without the token."""
+    steps: int = 140
     """Optimiser steps."""
     batch_size: int = 8
     """Examples per step."""
     lr: float | None = None
-    """Peak learning rate; ``None`` = method default (full 3e-5, last-k 6e-5, lora 3e-4)."""
+    """Peak learning rate; ``None`` = method default (full 8e-5, last-k 1e-4, lora 3e-4)."""
+    new_token_lr: float = 2e-3
+    """Peak learning rate of the new token rows (same schedule). They are the refusal decision's read-out, and at
+    the body's rate they barely move (Adam's step is about ``lr`` per coordinate)."""
     warmup_steps: int = 10
     """Linear warm-up steps; the rate then decays linearly to 10 % of the peak."""
-    first_token_weight: float = 5.0
+    first_token_weight: float = 20.0
     """Loss weight of the first response token (the refusal decision) relative to the other response tokens."""
     max_length: int = 192
     """Longest training sequence (prompt + response tokens); longer examples are an error."""
@@ -222,6 +236,8 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig.{f}={getattr(self, f)} must be >= 0.")
         if self.max_per_category < self.min_per_category:
             raise ValueError(f"max_per_category={self.max_per_category} < min_per_category={self.min_per_category}.")
+        if not self.new_token_lr > 0:
+            raise ValueError(f"new_token_lr={self.new_token_lr} must be > 0.")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0 (or None for the method default).")
         if not self.prototype_contrast > 0:
@@ -257,12 +273,12 @@ class FinetuneConfig:
 CONFIGS: dict[str, FinetuneConfig] = {
     "default": FinetuneConfig(),
     "quick": FinetuneConfig(name="quick", data="builtin", n_ordinary=40, n_topic=60, max_per_category=12,
-                            min_per_category=8, answer_tokens=24, method="last-k", last_k=6, steps=30,
+                            min_per_category=8, answer_tokens=24, method="last-k", last_k=10, steps=40,
                             prototype_prompts=12, checkpoint_every=10),
     "coconot": FinetuneConfig(name="coconot", scheme="coconot", categories=COCONOT_CATEGORIES, data="datasets"),
 }
-"""Presets: ``default`` (about 15 min on 2 CPU cores), ``quick`` (built-in prompts, about 3 min, for tests and
-demos) and ``coconot`` (CoCoNot's five categories with the published checkpoint's token strings, as in P1)."""
+"""Presets: ``default`` (about 14 min on 2 CPU cores, self-distillation included), ``quick`` (built-in prompts,
+under 3 min, for tests and demos; a weaker refuser) and ``coconot`` (CoCoNot's five categories with the published checkpoint's token strings, as in P1)."""
 
 
 def get_config(name: str = "default", **overrides: Any) -> FinetuneConfig:
@@ -643,33 +659,74 @@ def build_examples(
 
 
 # ============================================================================================== distillation
-def _model_key(model: Any) -> str:
-    src = model.provenance.get("source", {})
-    ident = src.get("file_sha256") or src.get("weights_sha256") or src.get("spec")
+def base_source(folder: str | os.PathLike[str], spec: str) -> dict[str, Any]:
+    """Provenance of a base checkpoint folder: the embedded model's ``catlens_source.json`` (GGUF hash), else the
+    sha256 of its safetensors files."""
+    folder = Path(folder)
+    source: dict[str, Any] = {"spec": spec, "folder": str(folder)}
+    meta = folder / "catlens_source.json"
+    if meta.exists():
+        source.update(json.loads(meta.read_text()), kind="embedded")
+    else:
+        source["kind"] = "folder"
+        source["weights_sha256"] = {w.name: sha256_file(w) for w in sorted(folder.glob("*.safetensors"))}
+    return source
+
+
+def _model_key(source: Mapping[str, Any]) -> str:
+    ident = source.get("file_sha256") or source.get("weights_sha256") or source.get("spec")
     return sha256_text(json.dumps(ident, sort_keys=True))[:16]
+
+
+@torch.inference_mode()
+def greedy_answers(model: Any, tokenizer: Any, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64,
+                   bar: Any = None) -> list[list[int]]:
+    """Greedy chat answers of a plain Hugging Face model (token ids, cut after the end-of-turn token, which is
+    kept). Longest prompts first, left-padded batches; results in the caller's order. ``bar`` (a tqdm) is advanced
+    by the number of prompts of each batch."""
+    eos = tokenizer.eos_token_id
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out: dict[int, list[int]] = {}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in batches:
+            enc = tokenizer([render_chat(tokenizer, texts[i]) for i in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            for row, i in zip(gen[:, enc["input_ids"].shape[1]:].tolist(), batch):
+                out[i] = row[: row.index(eos) + 1] if eos in row else row
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        tokenizer.padding_side = side
+    return [out[i] for i in range(len(texts))]
 
 
 def distill_answers(
     model: Any,
+    tokenizer: Any,
     texts: Sequence[str],
     *,
+    model_key: str,
     max_new_tokens: int,
     cache: str | os.PathLike[str] | None = None,
-    batch_size: int = 16,
+    batch_size: int = 64,
     show_progress: bool = True,
 ) -> list[tuple[list[int], bool]]:
     """The model's own greedy answers (token ids, at most ``max_new_tokens``) to ``texts`` and whether each answer
-    ended by itself (end-of-turn token, which is not included).
+    ended by itself (end-of-turn token, which is not included). ``model`` is the plain Hugging Face model (2-3x
+    faster to generate with than through the bridge).
 
-    Answers are cached in ``cache_dir()/finetunes/.distill/<model>.jsonl`` keyed by model and prompt text, appended
-    per batch, so reruns and interrupted runs reuse them. A cached answer serves any shorter length (greedy decoding:
-    the first n tokens of a longer answer are the n-token answer).
+    Answers are cached in ``cache_dir()/finetunes/.distill/<model_key>.jsonl`` keyed by model and prompt text,
+    appended per batch, so reruns and interrupted runs reuse them. A cached answer serves any shorter length
+    (greedy decoding: the first n tokens of a longer answer are the n-token answer).
     """
-    from catlens.refusal import generate_ids
-
-    path = cache_dir(cache) / "finetunes" / ".distill" / f"{_model_key(model)}.jsonl"
+    path = cache_dir(cache) / "finetunes" / ".distill" / f"{model_key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    eos = model.tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     known: dict[str, list[int]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -687,17 +744,20 @@ def distill_answers(
     todo = sorted({k: t for k, t in zip(keys, texts) if not usable(known.get(k))}.items())
     if todo:
         log.info("self-distillation: %d answers to generate (%d cached)", len(todo), len(set(keys)) - len(todo))
-    chunk = batch_size * 4
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        ids = generate_ids(model, [t for _, t in part], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           tokens=None, gate=False, show_progress=show_progress)
-        with open(path, "a") as f:
-            for (k, _), row in zip(part, ids):
-                f.write(json.dumps({"key": k, "ids": row}) + "\n")
-                known[k] = row
-            f.flush()
-            os.fsync(f.fileno())
+    from tqdm.auto import tqdm
+
+    chunk = batch_size * 2
+    with tqdm(total=len(todo), desc="self-distil", unit="answer", disable=not show_progress or not todo) as bar:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            ids = greedy_answers(model, tokenizer, [t for _, t in part], max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, bar=bar)
+            with open(path, "a") as f:
+                for (k, _), row in zip(part, ids):
+                    f.write(json.dumps({"key": k, "ids": row}) + "\n")
+                    known[k] = row
+                f.flush()
+                os.fsync(f.fileno())
     out = []
     for k in keys:
         ids = list(known[k])
@@ -741,37 +801,54 @@ def prototype_rows(
     hidden: Mapping[str, Float[Tensor, "prompt d_model"]],
     top_logit: Mapping[str, Float[Tensor, " prompt"]],
     contrast: float = 1.0,
+    anchor: Float[Tensor, " d_model"] | None = None,
 ) -> dict[str, Float[Tensor, " d_model"]]:
     """Embedding row per token (pure). ``mu_t`` = mean hidden state of the token's prompts, ``mu_bar`` = mean of
-    the ``mu_t``; the row is ``mu_bar + contrast * (mu_t - mu_bar)`` scaled so that its mean logit
-    ``mean_i(h_i . row)`` on the token's prompts equals their mean top stock logit."""
+    the ``mu_t``, ``p_t = mu_bar + contrast * (mu_t - mu_bar)``; the row is ``anchor + s_t * p_t`` (``anchor`` = 0
+    when ``None``) with ``s_t`` chosen so that its mean logit ``mean_i(h_i . row)`` on the token's prompts equals
+    their mean top stock logit."""
     mus = {tok: h.mean(dim=0) for tok, h in hidden.items()}
     mu_bar = torch.stack(list(mus.values())).mean(dim=0)
     rows = {}
     for tok, h in hidden.items():
-        row = mu_bar + contrast * (mus[tok] - mu_bar)
-        mean_dot = float((h @ row).mean())
+        p = mu_bar + contrast * (mus[tok] - mu_bar)
+        base = torch.zeros_like(p) if anchor is None else anchor.to(p)
+        mean_dot = float((h @ p).mean())
         if mean_dot <= 0:
-            raise ValueError(f"prototype of {tok!r} has a non-positive mean logit on its own prompts; lower "
-                             f"prototype_contrast={contrast} or use init='mean'.")
-        rows[tok] = row * (float(top_logit[tok].mean()) / mean_dot)
+            raise ValueError(f"prototype of {tok!r} has a non-positive mean logit on its own prompts "
+                             f"({mean_dot:.3g}); lower prototype_contrast={contrast} or use init='mean'.")
+        gap = float(top_logit[tok].mean() - (h @ base).mean())
+        if gap <= 0:  # the anchor token is already the top token there: add the unanchored prototype row
+            log.warning("the anchor already reaches the top logit on the prompts of %r; its prototype is scaled as "
+                        "without an anchor", tok)
+            gap = float(top_logit[tok].mean())
+        rows[tok] = base + p * (gap / mean_dot)
     return rows
 
 
 def init_new_embeddings(model: Any, tokenizer: Any, tokens: RefusalTokens, groups: Mapping[str, Sequence[str]],
-                        init: str, n_old: int, contrast: float = 1.0) -> dict[str, Any]:
+                        init: str, n_old: int, contrast: float = 1.0, anchor: str | None = None) -> dict[str, Any]:
     """Set the new token rows (``init`` = ``"prototype"`` from ``groups[token]`` prompts, or ``"mean"``); returns a
-    summary for the manifest."""
+    summary for the manifest. ``anchor`` (a string that is one token, e.g. ``"\\n"``) is added under the
+    prototype: as an *input* the new token then reads like the anchor token plus a small category signal, so the
+    stock model continues fluently after it before any training (the tied embedding is also the input)."""
     emb = model.get_input_embeddings().weight
     ids = tokens.ids(tokenizer)
     new = [(t, i) for t, i in zip(tokens.all_tokens, ids) if i >= n_old]
-    summary: dict[str, Any] = {"init": init}
+    summary: dict[str, Any] = {"init": init, "anchor": anchor}
     with torch.no_grad():
         if init == "mean":
             mean = emb[:n_old].mean(dim=0)
             for _, i in new:
                 emb[i] = mean
             return summary
+        anchor_row = None
+        if anchor is not None:
+            anchor_ids = tokenizer(anchor, add_special_tokens=False)["input_ids"]
+            if len(anchor_ids) != 1:
+                raise ValueError(f"prototype_anchor={anchor!r} is {len(anchor_ids)} tokens; give a string that is "
+                                 f"exactly one token (e.g. '\\n'), or None for no anchor.")
+            anchor_row = emb[anchor_ids[0]].detach().clone()
         hidden, top = {}, {}
         for t, _ in new:
             texts = list(groups.get(t, []))
@@ -780,10 +857,21 @@ def init_new_embeddings(model: Any, tokenizer: Any, tokens: RefusalTokens, group
             h = last_position_hidden(model, tokenizer, texts)
             logits = h @ emb[:n_old].T
             hidden[t], top[t] = h, logits.max(dim=-1).values
-        for t, row in prototype_rows(hidden, top, contrast).items():
+        rows = prototype_rows(hidden, top, contrast, anchor_row)
+        for t, row in rows.items():
             emb[tokenizer.convert_tokens_to_ids(t)] = row
         summary["prompts_per_token"] = {t: len(groups.get(t, [])) for t, _ in new}
         summary["row_norm"] = {t: round(float(emb[tokenizer.convert_tokens_to_ids(t)].norm()), 4) for t, _ in new}
+        if anchor_row is not None:
+            summary["anchor_norm"] = round(float(anchor_row.norm()), 4)
+        # how often the initialised rows already make the right first-token decision among the new tokens
+        right = total = 0
+        new_ids = torch.tensor([i for _, i in new])
+        for j, (t, _) in enumerate(new):
+            pick = (hidden[t] @ emb[new_ids].T).argmax(-1)
+            right += int((pick == j).sum())
+            total += len(pick)
+        summary["initial_first_token_acc_among_new"] = round(right / max(total, 1), 4)
     return summary
 
 
@@ -902,9 +990,17 @@ def collate(examples: Sequence[Example], first_token_weight: float, pad_id: int)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights, "first": first}
 
 
-def response_loss(model: Any, batch: Mapping[str, Tensor], special_ids: Sequence[int]) -> tuple[Tensor, dict[str, float]]:
-    """Weighted cross-entropy over the response tokens; the logits are computed only at labelled positions."""
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+def response_loss(model: Any, batch: Mapping[str, Tensor], special_ids: Sequence[int], *,
+                  detach_inputs: bool = False) -> tuple[Tensor, dict[str, float]]:
+    """Weighted cross-entropy over the response tokens; the logits are computed only at labelled positions.
+
+    ``detach_inputs`` stops the gradient at the input embeddings (the new token rows then learn only as output
+    rows), so the backward pass ends at the first trainable block: what makes ``last-k`` cheaper than ``full``."""
+    if detach_inputs:
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+        hidden = model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    else:
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     sel = batch["labels"] != -100
     logits = model.lm_head(hidden[sel])
     targets = batch["labels"][sel]
@@ -965,7 +1061,25 @@ def train(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("no trainable parameters: call set_trainable first.")
-    opt = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=0.0)
+    # The new token rows learn at their own rate (config.new_token_lr): their gradient is routed from the (tied)
+    # embedding matrix into a separate parameter, whose values are copied back after every step. Rows with an
+    # always-zero gradient stay exactly unchanged under AdamW without weight decay.
+    emb = model.get_input_embeddings().weight
+    rows = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    new_rows = torch.nn.Parameter(emb.detach()[rows].clone())
+    groups = [{"params": list(params.values()), "lr": config.learning_rate, "base_lr": config.learning_rate}]
+    hook = None
+    if emb.requires_grad:
+        def route(grad: Tensor) -> Tensor:
+            new_rows.grad = grad[rows].clone()
+            grad = grad.clone()
+            grad[rows] = 0
+            return grad
+
+        hook = emb.register_hook(route)
+        params = {**params, "new_token_rows": new_rows}
+        groups.append({"params": [new_rows], "lr": config.new_token_lr, "base_lr": config.new_token_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     schedule = make_schedule([e.side for e in examples], config.steps, config.batch_size, config.seed)
     start, history, resumed_from = 0, [], None
     ckpt = work_dir / "checkpoint.pt" if work_dir is not None else None
@@ -977,6 +1091,8 @@ def train(
         with torch.no_grad():
             for n, t in state["params"].items():
                 params[n].copy_(t)
+            if hook is not None:
+                emb[rows] = new_rows
         opt.load_state_dict(state["optimizer"])
         start, history, resumed_from = state["step"], state["log"], state["step"]
         log.info("resuming from step %d", start)
@@ -986,13 +1102,16 @@ def train(
                total=config.steps)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, config)
+            g["lr"] = g["base_lr"] * _lr_at(step, config) / config.learning_rate
         batch = collate([examples[i] for i in schedule[step]], config.first_token_weight, pad_id)
-        loss, stats = response_loss(model, batch, special_ids)
+        loss, stats = response_loss(model, batch, special_ids, detach_inputs=config.method == "last-k")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if hook is not None:
+            with torch.no_grad():
+                emb[rows] = new_rows
         stats = {"step": step + 1, "lr": opt.param_groups[0]["lr"], **stats,
                  "seconds": round(time.perf_counter() - t0, 2)}
         history.append(stats)
@@ -1007,6 +1126,8 @@ def train(
                             "params": {n: p.detach().clone() for n, p in params.items()}}, tmp)
         if callback is not None:
             callback(step + 1, stats)
+    if hook is not None:
+        hook.remove()
     model.eval()
     return TrainResult(history, time.perf_counter() - t0, resumed_from)
 
@@ -1125,14 +1246,19 @@ def prepare(config: FinetuneConfig, data: TrainingData, *, cache: str | os.PathL
     and mark the trainable parameters (deterministic given the config)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from catlens.model import load_model
+    from catlens.model import _version
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     base_folder = _base_folder(config.base, cache)
-    stock = load_model(base_folder if config.base != DEFAULT_MODEL else config.base, cache=cache)
+    source = base_source(base_folder, config.base)
+    versions = {p: _version(p) for p in ("catlens", "transformer-lens", "transformers", "torch")}
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
 
-    # -- drop over-long prompts, then self-distil the benign answers
+    # -- drop over-long prompts, then self-distil the benign answers (the stock model, before the new tokens)
     def short(ps: PromptSet) -> PromptSet:
         return ps.filter(lambda p: len(tokenizer(render_chat(tokenizer, p.text), add_special_tokens=False)
                                        ["input_ids"]) <= config.max_prompt_tokens, "max_prompt_tokens")
@@ -1142,11 +1268,9 @@ def prepare(config: FinetuneConfig, data: TrainingData, *, cache: str | os.PathL
         log.info("left out %d harmful and %d benign prompts longer than %d tokens", len(data.harmful) - len(harmful),
                  len(data.benign) - len(benign), config.max_prompt_tokens)
     t0 = time.perf_counter()
-    answers = distill_answers(stock, benign.texts, max_new_tokens=config.answer_tokens, cache=cache,
-                              show_progress=show_progress)
+    answers = distill_answers(model, tokenizer, benign.texts, model_key=_model_key(source),
+                              max_new_tokens=config.answer_tokens, cache=cache, show_progress=show_progress)
     distill_seconds = time.perf_counter() - t0
-    base_source, versions = stock.provenance.get("source", {}), stock.provenance.get("versions", {})
-    del stock
 
     tokens = refusal_tokens_for(config, data.categories)
     rng = random.Random(config.seed)
@@ -1163,8 +1287,6 @@ def prepare(config: FinetuneConfig, data: TrainingData, *, cache: str | os.PathL
         ends.append([tokenizer.eos_token_id] if finished else None)
 
     # -- model with the new tokens
-    torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     n_old = model.get_input_embeddings().weight.shape[0]
     special_ids = add_refusal_tokens(model, tokenizer, tokens)
     examples = build_examples(tokenizer, rows, responses, opening, max_length=config.max_length, end_ids=ends)
@@ -1175,7 +1297,7 @@ def prepare(config: FinetuneConfig, data: TrainingData, *, cache: str | os.PathL
         groups[tok] = random.Random(f"{config.seed}|{tok}").sample(texts, min(k, len(texts)))
     groups[tokens.respond] = random.Random(f"{config.seed}|respond").sample(benign.texts, min(k, len(benign)))
     init_summary = init_new_embeddings(model, tokenizer, tokens, groups, config.init, n_old,
-                                       config.prototype_contrast)
+                                       config.prototype_contrast, config.prototype_anchor)
     torch.manual_seed(config.seed)
     if config.method == "lora":
         _apply_lora(model, config.lora_rank, config.lora_alpha)
@@ -1183,7 +1305,7 @@ def prepare(config: FinetuneConfig, data: TrainingData, *, cache: str | os.PathL
     return Prepared(model=model, tokenizer=tokenizer, tokens=tokens, special_ids=special_ids, examples=examples,
                     harmful=harmful, benign=benign, finished_answers=sum(f for _, f in answers),
                     distill_seconds=distill_seconds, init_summary=init_summary, trainable=trainable,
-                    base_folder=base_folder, base_source=base_source, versions=versions)
+                    base_folder=base_folder, base_source=source, versions=versions)
 
 
 def _manifest(config: FinetuneConfig, data: TrainingData, prep: Prepared, result: "TrainResult", name: str,
@@ -1252,15 +1374,29 @@ def save_finetune(model: Any, tokenizer: Any, target: Path, manifest: Mapping[st
 
 def ensure_refusal_model(config: FinetuneConfig | str = "default", cache: str | os.PathLike[str] | None = None,
                          *, data_dir: str | os.PathLike[str] | None = None, show_progress: bool = True) -> Path:
-    """The cached fine-tune folder of ``config``, trained first (resuming an interrupted run) when missing."""
+    """The cached fine-tune folder of ``config`` (``cache_dir()/finetunes/refusal-<name>``), trained first when
+    missing. An interrupted run of the same config is resumed; a cached folder or work folder from an older version
+    of the preset (different config hash) is replaced."""
     if isinstance(config, str):
         config = get_config(config)
     target = cache_dir(cache) / "finetunes" / default_name(config)
     manifest = _read_manifest(target) if target.exists() else None
     if manifest and manifest.get("config_hash") == config.hash:
         return target
+    if target.exists():
+        log.warning("replacing the cached fine-tune %s: it was trained with a different version of the %r config",
+                    target, config.name)
+        shutil.rmtree(target)
     work = target.parent / f".{target.name}.work"
-    return finetune(config, data_dir=data_dir, cache=cache, resume=work.exists(), show_progress=show_progress)
+    resume = False
+    if work.exists():
+        try:
+            resume = json.loads((work / "run.json").read_text()).get("config_hash") == config.hash
+        except (OSError, json.JSONDecodeError):
+            resume = False
+        if not resume:
+            shutil.rmtree(work)
+    return finetune(config, data_dir=data_dir, cache=cache, resume=resume, show_progress=show_progress)
 
 
 # ======================================================================================================== CLI
@@ -1294,9 +1430,28 @@ def add_cli(subparsers: Any) -> None:
                                                     "../shared/data; the built-in prompts when absent)")
     p.add_argument("--out", default=None, help="output folder (default: <cache>/finetunes/refusal-<config>)")
     p.add_argument("--cache-dir", default=None, help="cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any FinetuneConfig field; VALUE is JSON when it parses, else a string "
+                        "(e.g. --set lr=1e-4 --set prototype_anchor=null); repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder / interrupted run")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=_cmd_finetune)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "prototype_anchor=null"]`` -> ``{"lr": 1e-4, "prototype_anchor": None}`` (JSON values, else
+    strings; lists become tuples)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set lr=1e-4.")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -1308,6 +1463,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     config = get_config(args.config, method=args.method, init=args.init, categories=categories,
                         single_token=True if args.single_token else None, steps=args.steps, seed=args.seed,
                         base=args.base)
+    extra = parse_overrides(args.set)
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for k in extra:
+        if k not in fields:
+            raise ValueError("--set: " + unknown_name_message("FinetuneConfig field", k, fields))
+    config = config.replace(**extra) if extra else config
     folder = finetune(config, data_dir=args.data_dir, out=args.out, overwrite=args.overwrite, resume=args.resume,
                       cache=args.cache_dir)
     print(folder)

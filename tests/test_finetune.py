@@ -3,6 +3,7 @@ tiny random Llama (new tokens, loss decrease, reload, determinism, resume, reuse
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -74,6 +75,34 @@ def test_builtin_data_is_leak_free_and_balanced():
     assert d.content_hash == assemble_data(cfg).content_hash  # deterministic
 
 
+def _data_dir():
+    from catlens.datasets import resolve_data_dir
+
+    try:
+        return resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("benchmark data directory not found (set CATLENS_DATA_DIR or place shared/data beside the repo)")
+
+
+@pytest.mark.parametrize("preset", ["default", "coconot"])
+def test_dataset_presets_are_leak_free(preset):
+    cfg = CONFIGS[preset]
+    d = assemble_data(cfg, _data_dir())
+    assert d.origin == "datasets" and d.categories == cfg.categories
+    assert set(d.harmful.categories_of) == set(cfg.categories)
+    assert max(Counter(d.harmful.categories_of).values()) <= cfg.max_per_category
+    roles = Counter(p.meta["role"] for p in d.benign)
+    assert roles["topic"] > 0 and roles["ordinary"] > 0
+    train_ids = {(p.source, p.id) for p in d.harmful} | {(p.source, p.id) for p in d.benign}
+    for name, ps in d.eval_sets.items():
+        assert not train_ids & {(p.source, p.id) for p in ps}, name
+        check_leakage(d.harmful, ps)
+        check_leakage(d.benign, ps)
+    if preset == "default":
+        assert {"alpaca_test", "xstest_safe", "jbb_benign_test", "builtin_lookalike_test"} <= set(d.eval_sets)
+        assert len(d.eval_sets["harmful_heldout"]) > 100
+
+
 def test_too_few_prompts_in_a_category():
     with pytest.raises(ValueError, match="fewer than min_per_category=30"):
         assemble_data(get_config("quick", min_per_category=30, max_per_category=30))
@@ -134,6 +163,16 @@ def test_prototype_rows_scaling_identity():
             torch.testing.assert_close((hidden[t] @ rows[t]).mean(), top[t].mean())  # mean own logit = mean top
     plain = prototype_rows(hidden, top, 1.0)["a"]
     torch.testing.assert_close(plain / plain.norm(), hidden["a"].mean(0) / hidden["a"].mean(0).norm())
+    # with an anchor the row is anchor + (a multiple of the prototype), still at the mean top logit
+    anchor = torch.randn(8, generator=g)
+    anchored = prototype_rows(hidden, top, 1.0, anchor)
+    for t in hidden:
+        torch.testing.assert_close((hidden[t] @ anchored[t]).mean(), top[t].mean())
+    rest = anchored["a"] - anchor
+    torch.testing.assert_close(rest / rest.norm(), plain / plain.norm())
+    # an anchor that already is the top token there: the unanchored prototype row is added to it
+    big = hidden["a"].mean(0) * 100
+    torch.testing.assert_close(prototype_rows(hidden, top, 1.0, anchor=big)["a"] - big, plain, rtol=0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------- end to end (tiny)
@@ -227,7 +266,7 @@ class _Interrupt(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "last-k", "lora"])
 def test_resume_after_interruption_gives_the_same_weights(tiny_model_dir, tmp_path, method):
     cfg, data = _tiny_config(tiny_model_dir, method=method, steps=6), _tiny_data()
     whole = finetune(cfg, data=data, out=tmp_path / "whole", cache=tmp_path / "cache", show_progress=False)
@@ -251,6 +290,27 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_model_dir, tmp_pa
     assert not work.exists()
 
 
+@pytest.mark.slow
+def test_last_k_trains_only_the_last_blocks_and_the_new_rows(tiny_model_dir, tmp_path):
+    from catlens.finetune import prepare, train
+
+    cfg, data = _tiny_config(tiny_model_dir, method="last-k", last_k=1, steps=4), _tiny_data()
+    prep = prepare(cfg, data, cache=tmp_path / "cache", show_progress=False)
+    before = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    train(prep.model, prep.examples, cfg, special_ids=prep.special_ids, pad_id=prep.tokenizer.pad_token_id,
+          show_progress=False)
+    after = dict(prep.model.named_parameters())
+    emb = "model.embed_tokens.weight"
+    new = sorted(prep.special_ids)
+    old = [i for i in range(before[emb].shape[0]) if i not in set(new)]
+    assert torch.equal(after[emb][old], before[emb][old])  # old vocabulary rows: exactly unchanged
+    assert not torch.equal(after[emb][new], before[emb][new])  # the new token rows learnt
+    for n in before:
+        if n.startswith("model.layers.0."):
+            assert torch.equal(after[n], before[n]), n  # frozen block: exactly unchanged
+    assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith("model.layers.1."))
+
+
 def test_existing_output_folder_needs_overwrite(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
@@ -270,6 +330,14 @@ def test_cli_registers_finetune():
     args = parser.parse_args(["finetune", "--config", "quick", "--method", "lora", "--steps", "3", "--overwrite"])
     assert (args.config, args.method, args.steps, args.overwrite, args.func) == ("quick", "lora", 3, True,
                                                                                 _cmd_finetune)
+    from catlens.finetune import parse_overrides
+
+    assert parse_overrides(["lr=1e-4", "prototype_anchor=null", "base=some/folder", "categories=[\"privacy\"]"]) \
+        == {"lr": 1e-4, "prototype_anchor": None, "base": "some/folder", "categories": ("privacy",)}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["lr"])
+    with pytest.raises(ValueError, match="Did you mean: steps"):
+        _cmd_finetune(parser.parse_args(["finetune", "--set", "stepz=3"]))
     bad = parser.parse_args(["finetune", "--categories", "privacy,privcy"])
     with pytest.raises(ValueError, match="Did you mean: privacy"):
         _cmd_finetune(bad)

@@ -1,0 +1,103 @@
+"""Fine-tuning benchmarks (issue 3): self-distillation and training-step cost, each against a baseline from the
+same run.
+
+Usage:
+    python bench/bench_finetune.py [--n 128] [--tokens 24] [--steps 5] [--out runs/bench-finetune]
+Writes: <out>/manifest.json, distill.csv and step.csv (+ parquet twins) and prints a summary.
+
+  * distill: greedy answers of the stock model to ``--n`` built-in prompts (``--tokens`` new tokens each) with
+    :func:`catlens.finetune.greedy_answers` (plain Hugging Face model, batches of 64; what ``finetune`` uses) vs
+    :func:`catlens.refusal.generate_ids` through the TransformerLens bridge (batches of 16; what it used before);
+    the answers must be identical;
+  * step: one optimiser step of the default full fine-tune (batch 8, first batches of the real schedule on the
+    built-in training data) vs a forward pass alone over the same batch.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=128, help="prompts to self-distil")
+    p.add_argument("--tokens", type=int, default=24, help="new tokens per answer")
+    p.add_argument("--steps", type=int, default=5, help="training steps timed")
+    p.add_argument("--out", default="runs/bench-finetune")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    import pandas as pd
+
+    from catlens.finetune import collate, get_config, greedy_answers, prepare, assemble_data, response_loss
+    from catlens.model import load_model
+    from catlens.prompts import load_builtin
+    from catlens.refusal import generate_ids
+    from catlens.runs import RunDir, seed_everything
+
+    seed_everything(0)
+    run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite, seed=0)
+    texts = load_builtin().texts[: args.n]
+
+    # ------------------------------------------------------------------------------------ self-distillation
+    lens = load_model()
+    run.record_model(lens, "stock")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(lens.provenance["source"]["folder"], dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    fast = greedy_answers(plain, lens.tokenizer, texts, max_new_tokens=args.tokens, batch_size=64)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = generate_ids(lens, texts, max_new_tokens=args.tokens, batch_size=16, tokens=None, gate=False,
+                        show_progress=False)
+    t_slow = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(fast, slow))
+    distill = pd.DataFrame([{"prompts": len(texts), "new_tokens": args.tokens, "plain_hf_batch64_s": t_fast,
+                             "bridge_batch16_s": t_slow, "speedup": t_slow / t_fast,
+                             "identical_answers": same}])
+    run.save_table("distill", distill)
+    del lens, plain
+
+    # -------------------------------------------------------------------------------------- training step
+    config = get_config("default", data="builtin", steps=args.steps, checkpoint_every=0)
+    data = assemble_data(config)
+    prep = prepare(config, data, show_progress=False)
+    from catlens.finetune import make_schedule
+
+    schedule = make_schedule([e.side for e in prep.examples], args.steps, config.batch_size, config.seed)
+    batches = [collate([prep.examples[i] for i in b], config.first_token_weight, prep.tokenizer.pad_token_id)
+               for b in schedule]
+    model = prep.model
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    model.train()
+    t0 = time.perf_counter()
+    for batch in batches:
+        loss, _ = response_loss(model, batch, prep.special_ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t_step = (time.perf_counter() - t0) / len(batches)
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    t_fwd = (time.perf_counter() - t0) / len(batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    step = pd.DataFrame([{"batch_size": config.batch_size, "tokens_per_batch": tokens, "train_step_s": t_step,
+                          "forward_s": t_fwd, "ratio": t_step / t_fwd}])
+    run.save_table("step", step)
+    run.finish(distill_speedup=float(distill.speedup.iloc[0]), step_over_forward=float(step.ratio.iloc[0]))
+    print(distill.round(3).to_string(index=False))
+    print(step.round(3).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
