@@ -9,8 +9,8 @@ Writes: <out>/manifest.json, distill.csv and step.csv (+ parquet twins) and prin
     :func:`catlens.finetune.greedy_answers` (plain Hugging Face model, batches of 64; what ``finetune`` uses) vs
     :func:`catlens.refusal.generate_ids` through the TransformerLens bridge (batches of 16; what it used before);
     the answers must be identical;
-  * step: one optimiser step of the default full fine-tune (batch 8, first batches of the real schedule on the
-    built-in training data) vs a forward pass alone over the same batch.
+  * step: one optimiser step of a full fine-tune (the quick preset's built-in training data with method="full",
+    batch 8, the first batches of its schedule) vs a forward pass alone over the same batch.
 """
 
 import argparse
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     del lens, plain
 
     # -------------------------------------------------------------------------------------- training step
-    config = get_config("default", data="builtin", steps=args.steps, checkpoint_every=0)
+    config = get_config("quick", method="full", steps=args.steps, checkpoint_every=0)
     data = assemble_data(config)
     prep = prepare(config, data, show_progress=False)
     from catlens.finetune import make_schedule
