@@ -16,11 +16,7 @@ Writes: <out>/manifest.json, distill.csv and step.csv (+ parquet twins) and prin
 import argparse
 import sys
 import time
-from pathlib import Path
-
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:

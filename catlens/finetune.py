@@ -281,15 +281,19 @@ CONFIGS: dict[str, FinetuneConfig] = {
 under 3 min, for tests and demos; a weaker refuser) and ``coconot`` (CoCoNot's five categories with the published checkpoint's token strings, as in P1)."""
 
 
+def _check_fields(overrides: Mapping[str, Any], where: str = "") -> None:
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for k in overrides:
+        if k not in fields:
+            raise ValueError(where + unknown_name_message("FinetuneConfig field", k, fields))
+
+
 def get_config(name: str = "default", **overrides: Any) -> FinetuneConfig:
     """A preset of :data:`CONFIGS` with some fields replaced (``None`` overrides are ignored)."""
     if name not in CONFIGS:
         raise ValueError(unknown_name_message("fine-tune config", name, CONFIGS))
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    for k in overrides:
-        if k not in fields:
-            raise ValueError(unknown_name_message("FinetuneConfig field", k, fields))
+    _check_fields(overrides)
     return CONFIGS[name].replace(**overrides) if overrides else CONFIGS[name]
 
 
@@ -659,20 +663,6 @@ def build_examples(
 
 
 # ============================================================================================== distillation
-def base_source(folder: str | os.PathLike[str], spec: str) -> dict[str, Any]:
-    """Provenance of a base checkpoint folder: the embedded model's ``catlens_source.json`` (GGUF hash), else the
-    sha256 of its safetensors files."""
-    folder = Path(folder)
-    source: dict[str, Any] = {"spec": spec, "folder": str(folder)}
-    meta = folder / "catlens_source.json"
-    if meta.exists():
-        source.update(json.loads(meta.read_text()), kind="embedded")
-    else:
-        source["kind"] = "folder"
-        source["weights_sha256"] = {w.name: sha256_file(w) for w in sorted(folder.glob("*.safetensors"))}
-    return source
-
-
 def _model_key(source: Mapping[str, Any]) -> str:
     ident = source.get("file_sha256") or source.get("weights_sha256") or source.get("spec")
     return sha256_text(json.dumps(ident, sort_keys=True))[:16]
@@ -717,8 +707,8 @@ def distill_answers(
     show_progress: bool = True,
 ) -> list[tuple[list[int], bool]]:
     """The model's own greedy answers (token ids, at most ``max_new_tokens``) to ``texts`` and whether each answer
-    ended by itself (end-of-turn token, which is not included). ``model`` is the plain Hugging Face model (2-3x
-    faster to generate with than through the bridge).
+    ended by itself (end-of-turn token, which is not included). ``model`` is the plain Hugging Face model (1.8x
+    faster to generate with than through the bridge; bench/bench_finetune.py).
 
     Answers are cached in ``cache_dir()/finetunes/.distill/<model_key>.jsonl`` keyed by model and prompt text,
     appended per batch, so reruns and interrupted runs reuse them. A cached answer serves any shorter length
@@ -1022,12 +1012,12 @@ def response_loss(model: Any, batch: Mapping[str, Tensor], special_ids: Sequence
     return loss, stats
 
 
-def _lr_at(step: int, config: FinetuneConfig) -> float:
-    peak = config.learning_rate
+def _lr_scale(step: int, config: FinetuneConfig) -> float:
+    """Multiplier of every peak learning rate at ``step``: linear warm-up, then linear decay to 0.1."""
     if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     span = max(config.steps - config.warmup_steps, 1)
-    return peak * (1.0 - 0.9 * (step - config.warmup_steps) / span)
+    return 1.0 - 0.9 * (step - config.warmup_steps) / span
 
 
 @dataclass
@@ -1066,10 +1056,11 @@ def train(
     # always-zero gradient stay exactly unchanged under AdamW without weight decay.
     emb = model.get_input_embeddings().weight
     rows = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
-    new_rows = torch.nn.Parameter(emb.detach()[rows].clone())
     groups = [{"params": list(params.values()), "lr": config.learning_rate, "base_lr": config.learning_rate}]
     hook = None
     if emb.requires_grad:
+        new_rows = torch.nn.Parameter(emb.detach()[rows].clone())
+
         def route(grad: Tensor) -> Tensor:
             new_rows.grad = grad[rows].clone()
             grad = grad.clone()
@@ -1102,7 +1093,7 @@ def train(
                total=config.steps)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _lr_at(step, config) / config.learning_rate
+            g["lr"] = g["base_lr"] * _lr_scale(step, config)
         batch = collate([examples[i] for i in schedule[step]], config.first_token_weight, pad_id)
         loss, stats = response_loss(model, batch, special_ids, detach_inputs=config.method == "last-k")
         loss.backward()
@@ -1133,11 +1124,12 @@ def train(
 
 
 # ===================================================================================================== driver
-def _base_folder(spec: str, cache: str | os.PathLike[str] | None) -> str:
+def _base_folder(spec: str, cache: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """(local folder, kind) of the base model: the converted checkpoint of an embedded model, else the folder."""
     kind, where = resolve_spec(spec, cache)
     if kind == "embedded":
-        return str(embedded_checkpoint(where, cache))
-    return where
+        return str(embedded_checkpoint(where, cache)), kind
+    return where, kind
 
 
 def _git_commit() -> str | None:
@@ -1246,11 +1238,11 @@ def prepare(config: FinetuneConfig, data: TrainingData, *, cache: str | os.PathL
     and mark the trainable parameters (deterministic given the config)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from catlens.model import _version
+    from catlens.model import _version, folder_source
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    base_folder = _base_folder(config.base, cache)
-    source = base_source(base_folder, config.base)
+    base_folder, kind = _base_folder(config.base, cache)
+    source = folder_source(base_folder, config.base, kind)
     versions = {p: _version(p) for p in ("catlens", "transformer-lens", "transformers", "torch")}
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
     if tokenizer.pad_token is None:
@@ -1464,10 +1456,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                         single_token=True if args.single_token else None, steps=args.steps, seed=args.seed,
                         base=args.base)
     extra = parse_overrides(args.set)
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    for k in extra:
-        if k not in fields:
-            raise ValueError("--set: " + unknown_name_message("FinetuneConfig field", k, fields))
+    _check_fields(extra, "--set: ")
     config = config.replace(**extra) if extra else config
     folder = finetune(config, data_dir=args.data_dir, out=args.out, overwrite=args.overwrite, resume=args.resume,
                       cache=args.cache_dir)

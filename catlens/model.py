@@ -302,6 +302,26 @@ class LensModel:
                 f"source={self.provenance.get('source', {}).get('kind')})")
 
 
+def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """Provenance of a local checkpoint folder: for ``kind="embedded"`` its ``catlens_source.json`` (GGUF hash),
+    for ``kind="folder"`` the sha256 of its safetensors files and its catlens fine-tune manifest, if any."""
+    if kind not in ("embedded", "folder"):
+        raise ValueError(f"kind={kind!r}: a local checkpoint folder is 'embedded' or 'folder'.")
+    folder = Path(folder)
+    source: dict[str, Any] = {"kind": kind, "spec": str(spec)}
+    if kind == "embedded":
+        source.update(json.loads((folder / "catlens_source.json").read_text()), kind="embedded", folder=str(folder))
+        return source
+    source["folder"] = str(folder)
+    manifest = folder / "catlens_finetune.json"
+    if manifest.exists():
+        source["finetune"] = json.loads(manifest.read_text())
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        source["weights_sha256"] = {w.name: sha256_file(w) for w in weights}
+    return source
+
+
 def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
                cache: str | os.PathLike[str] | None = None, revision: str | None = None,
                n_threads: int | None = None) -> LensModel:
@@ -311,24 +331,17 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "fl
     if n_threads is not None:
         torch.set_num_threads(n_threads)
     kind, where = resolve_spec(spec, cache)
-    source: dict[str, Any] = {"kind": kind, "spec": str(spec)}
     t0 = time.perf_counter()
     if kind == "embedded":
         folder = embedded_checkpoint(where, cache)
-        source.update(json.loads((folder / "catlens_source.json").read_text()), kind="embedded", folder=str(folder))
+        source = folder_source(folder, spec, kind)
         location, name = str(folder), where
     elif kind == "folder":
+        source = folder_source(where, spec, kind)
         location, name = where, Path(where).name
-        source["folder"] = where
-        manifest = Path(where) / "catlens_finetune.json"
-        if manifest.exists():
-            source["finetune"] = json.loads(manifest.read_text())
-        weights = sorted(Path(where).glob("*.safetensors"))
-        if weights:
-            source["weights_sha256"] = {w.name: sha256_file(w) for w in weights}
     else:
+        source = {"kind": kind, "spec": str(spec), "revision": revision}
         location, name = where, where
-        source["revision"] = revision
     bridge, tokenizer = _boot(location, DTYPES[dtype], device, revision)
     load_seconds = time.perf_counter() - t0
     from importlib import metadata

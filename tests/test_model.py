@@ -140,3 +140,16 @@ def test_cache_conversion_is_atomic_under_concurrency(tmp_path):
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [DEFAULT_MODEL]
     model = load_model(cache=tmp_path)
     assert model.provenance["source"]["folder"] == str(folder)
+
+
+def test_folder_source(tmp_path):
+    from catlens.model import folder_source
+    from catlens.runs import sha256_file
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    src = folder_source(tmp_path, "my/folder", "folder")
+    assert src["kind"] == "folder" and src["weights_sha256"] == {"model.safetensors":
+                                                                 sha256_file(tmp_path / "model.safetensors")}
+    assert "finetune" not in src
+    with pytest.raises(ValueError, match="'embedded' or 'folder'"):
+        folder_source(tmp_path, "x", "hub")
