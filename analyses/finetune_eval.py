@@ -21,6 +21,7 @@ Outputs (tidy tables, CSV twins, in the run folder):
 
 * ``scores`` one row per prompt and set (first-token scores); ``generations`` (JSONL) the generated responses;
 * ``per_category``: held-out harmful refusal and right-category rates per category (both decisions);
+* ``per_source``: the same per source benchmark and category (first token);
 * ``confusion``: held-out harmful, true category x first token (generated and first-token argmax);
 * ``over_refusal`` per benign set and ``over_refusal_by_category`` per benign set and category;
 * ``auroc``: logit refusal score, held-out harmful vs each benign set (and vs. each other harmful set's recall);
@@ -62,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--per-category", type=int, default=20,
                    help="held-out harmful prompts per category that are generated (all are scored)")
-    p.add_argument("--per-set", type=int, default=150, help="benign prompts per set that are generated/scored")
+    p.add_argument("--per-set", type=int, default=250,
+                   help="prompts per benign set that are scored and generated, and per other harmful set that are "
+                        "scored")
+    p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--ungated", type=int, default=64,
                    help="prompts generated without the gate to measure repeated special tokens")
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(folder, cache=args.cache_dir)
     stock = load_model(manifest["base"]["folder"] if manifest["base"]["spec"] != "smollm2-135m-instruct"
                        else manifest["base"]["spec"], cache=args.cache_dir)
+    plain, plain_stock = model.plain_hf(), stock.plain_hf()  # nothing is steered here: generate without the bridge
     run.record_model(model, "finetune")
     run.record_model(stock, "stock")
     tokens = RefusalTokens.from_model(model)
@@ -139,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in (*BENIGN_SETS, *HARMFUL_EXTRA):
         if name in data.eval_sets:
             ps = data.eval_sets[name]
-            if name in BENIGN_SETS and len(ps) > args.per_set:
+            if name == "harmbench":  # standard behaviours: the contextual ones carry contexts of thousands of tokens
+                ps = ps.filter(lambda p: p.meta.get("functional_category") == "standard", "standard behaviours")
+            if len(ps) > args.per_set:
                 ps = ps.sample(args.per_set, seed=args.seed)
             sets[name] = ps
             if name in BENIGN_SETS:
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         s.insert(2, "label", ps.labels)
         s.insert(3, "category", [c or "" for c in ps.categories_of])
         s.insert(4, "form", [prompt_form(p.text, p.meta) for p in ps])
+        s.insert(5, "source", [p.source for p in ps])
         frames.append(s)
         log.info("%s: first-token refusal %.3f (n=%d)", name, s["refused"].mean(), len(s))
     scores = pd.concat(frames, ignore_index=True)
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(name, p) for name, ps in sets.items() if name in ("harmful_heldout", *BENIGN_SETS) for p in ps
             if (p.id in gen_ids if name == "harmful_heldout" else f"{name}::{p.id}" in gen_ids)]
     gen = generate_ids(model, [p.text for _, p in todo], max_new_tokens=args.max_new_tokens, tokens=tokens,
-                       batch_size=16)
+                       batch_size=args.batch_size, hf=plain)
     tok = model.tokenizer
     special_ids = set(tokens.ids(tok))
     rows = []
@@ -196,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
              "right_category_generated": (hg.generated_category == hg.category).mean()}
     per_cat = pd.concat([per_cat, pd.DataFrame([total])], ignore_index=True)
     run.save_table("per_category", per_cat)
+    # the same per source benchmark: the sources' labels overlap differently (e.g. CatQA privacy prompts on hacking)
+    per_src = (h.assign(right=(h.predicted_category == h.category) & h.refused)
+               .groupby(["source", "category"]).agg(n=("refused", "size"), refused_first_token=("refused", "mean"),
+                                                    right_category_first_token=("right", "mean")).reset_index())
+    run.save_table("per_source", per_src)
 
     h_first = h.assign(first=[pc if r else tokens.respond for pc, r in zip(h.predicted_category, h.refused)])
     conf = pd.concat([
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ptexts = [prompts_by_key[(r.set, r.id)] for r in sample.itertuples()]
     nll, n_tok = answer_nll(stock, ptexts, list(sample.body_ids))
     stock_ids = generate_ids(stock, ptexts, max_new_tokens=args.max_new_tokens, tokens=None, gate=False,
-                             show_progress=False)
+                             batch_size=args.batch_size, hf=plain_stock, show_progress=False)
     stock_ids = [[i for i in s if i != stock.tokenizer.eos_token_id] for s in stock_ids]
     nll_s, n_s = answer_nll(stock, ptexts, stock_ids)
     # repeated special tokens without the gate (the artefact the gate prevents)
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = __import__("random").Random(args.seed)
     ungated_prompts = rng.sample(ungated_prompts, min(args.ungated, len(ungated_prompts)))
     free = generate_ids(model, ungated_prompts, max_new_tokens=args.max_new_tokens, tokens=tokens, gate=False,
-                        show_progress=False)
+                        batch_size=args.batch_size, hf=plain, show_progress=False)
     free_parsed = [parse_response(tok.decode(ids, skip_special_tokens=False), tokens) for ids in free]
     bodies = [tok.decode(b) for b in benign_g.body_ids]
     fluency = pd.DataFrame([{

@@ -2,6 +2,7 @@
 
 Usage:
     python bench/bench_foundation.py [--n-throughput 256] [--memory-sizes 1000,4000] [--out runs/bench-foundation]
+    python bench/bench_foundation.py --only memory --out runs/bench-memory      # one part: load, throughput, memory
 Writes: <out>/manifest.json, load.csv, throughput.csv, memory.csv (+ parquet twins) and prints a summary.
 
 Every number is reported with a baseline measured in the same run:
@@ -98,6 +99,8 @@ def main() -> None:
     p.add_argument("--memory-sizes", default="1000,4000")
     p.add_argument("--out", default="runs/bench-foundation")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--only", default="load,throughput,memory",
+                   help="comma-separated parts to run: load, throughput, memory (default: all)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -108,7 +111,23 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from catlens.runs import RunDir
 
+    parts = {x.strip() for x in args.only.split(",") if x.strip()}
+    if not parts or parts - {"load", "throughput", "memory"}:
+        p.error(f"--only {args.only!r}: choose from load, throughput, memory (comma-separated).")
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite)
+    tables = []
+    if "load" in parts:
+        tables.append(_bench_load(run))
+    if "throughput" in parts:
+        tables.append(_bench_throughput(run, args.n_throughput))
+    if "memory" in parts:
+        tables.append(_bench_memory(run, [int(x) for x in args.memory_sizes.split(",") if x]))
+    run.finish()
+    with pd.option_context("display.width", 160):
+        print(*(t.to_string(index=False) for t in tables), sep="\n\n")
+
+
+def _bench_load(run) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as fresh:
         gguf = _spawn("load", cache=fresh)  # converts the GGUF into an empty cache
         cached = _spawn("load", cache=fresh)  # loads the folder it just wrote
@@ -116,27 +135,31 @@ def main() -> None:
                          {"route": "cached_folder", "seconds": cached["load_s"]}])
     load["ratio_to_cached"] = load["seconds"] / cached["load_s"]
     run.save_table("load", load)
+    return load
 
-    thr = _spawn("throughput", args.n_throughput)
+
+def _bench_throughput(run, n: int) -> pd.DataFrame:
+    thr = _spawn("throughput", n)
     throughput = pd.DataFrame([{"n_prompts": thr["n"], "tokens": thr["tokens"], "plain_forward_s": thr["plain_forward_s"],
                                 "collect_s": thr["collect_s"],
                                 "collect_over_plain": thr["collect_s"] / thr["plain_forward_s"],
                                 "collect_tokens_per_s": thr["tokens"] / thr["collect_s"]}])
     run.save_table("throughput", throughput)
+    return throughput
 
+
+def _bench_memory(run, sizes: list[int]) -> pd.DataFrame:
     base = _spawn("baseline_memory")
     rows = [{"n_prompts": 0, "what": "load + one batch (baseline)", "peak_rss_mib": base["peak_rss_mib"],
              "seconds": None}]
-    for n in [int(x) for x in args.memory_sizes.split(",") if x]:
+    for n in sizes:
         r = _spawn("memory", n)
         rows.append({"n_prompts": n, "what": "collect resid_post x 30 layers to disk", "peak_rss_mib": r["peak_rss_mib"],
                      "seconds": r["collect_s"]})
     memory = pd.DataFrame(rows)
     memory["ratio_to_baseline"] = memory["peak_rss_mib"] / base["peak_rss_mib"]
     run.save_table("memory", memory)
-    run.finish()
-    with pd.option_context("display.width", 160):
-        print(load.to_string(index=False), throughput.to_string(index=False), memory.to_string(index=False), sep="\n\n")
+    return memory
 
 
 if __name__ == "__main__":

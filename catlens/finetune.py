@@ -148,11 +148,11 @@ class FinetuneConfig:
     """Seed of the train/held-out split (kept fixed when the training seed changes)."""
     min_per_category: int = 20
     """A category needs at least this many training prompts (fewer is an error for a requested category)."""
-    max_per_category: int = 50
+    max_per_category: int = 150
     """At most this many training prompts per category (seeded sample), to balance the categories."""
-    n_ordinary: int = 150
+    n_ordinary: int = 200
     """Ordinary benign instructions (Alpaca; built-in ordinary prompts offline) in the training set."""
-    n_topic: int = 250
+    n_topic: int = 350
     """Topic-matched benign prompts (CoCoNot pref/contrast, JBB benign, built-in lookalikes) in the training set."""
     match_form: bool = True
     """Draw the ordinary benign prompts so their question share matches the harmful side's."""
@@ -181,7 +181,7 @@ class FinetuneConfig:
     tied, so a new token's row is also its input embedding: a bare prototype (a final-layer direction) read as input
     makes the stock model continue mid-sentence (the "swallowed first word" after ``[respond]``); with the newline
     anchor the stock model continues exactly as without the token."""
-    steps: int = 140
+    steps: int = 240
     """Optimiser steps."""
     batch_size: int = 8
     """Examples per step."""
@@ -277,7 +277,7 @@ CONFIGS: dict[str, FinetuneConfig] = {
                             prototype_prompts=12, checkpoint_every=10),
     "coconot": FinetuneConfig(name="coconot", scheme="coconot", categories=COCONOT_CATEGORIES, data="datasets"),
 }
-"""Presets: ``default`` (about 14 min on 2 CPU cores, self-distillation included), ``quick`` (built-in prompts,
+"""Presets: ``default`` (about 12 min on 2 CPU cores, self-distillation included), ``quick`` (built-in prompts,
 under 3 min, for tests and demos; a weaker refuser) and ``coconot`` (CoCoNot's five categories with the published checkpoint's token strings, as in P1)."""
 
 
@@ -668,31 +668,14 @@ def _model_key(source: Mapping[str, Any]) -> str:
     return sha256_text(json.dumps(ident, sort_keys=True))[:16]
 
 
-@torch.inference_mode()
 def greedy_answers(model: Any, tokenizer: Any, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64,
                    bar: Any = None) -> list[list[int]]:
     """Greedy chat answers of a plain Hugging Face model (token ids, cut after the end-of-turn token, which is
-    kept). Longest prompts first, left-padded batches; results in the caller's order. ``bar`` (a tqdm) is advanced
-    by the number of prompts of each batch."""
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: dict[int, list[int]] = {}
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in batches:
-            enc = tokenizer([render_chat(tokenizer, texts[i]) for i in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            for row, i in zip(gen[:, enc["input_ids"].shape[1]:].tolist(), batch):
-                out[i] = row[: row.index(eos) + 1] if eos in row else row
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
-        tokenizer.padding_side = side
-    return [out[i] for i in range(len(texts))]
+    kept), in the caller's order: :func:`catlens.refusal.greedy_batches` on the chat-rendered texts."""
+    from catlens.refusal import greedy_batches
+
+    return greedy_batches(model, tokenizer, [render_chat(tokenizer, t) for t in texts],
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, bar=bar)
 
 
 def distill_answers(
@@ -1395,7 +1378,7 @@ def ensure_refusal_model(config: FinetuneConfig | str = "default", cache: str | 
 _EXAMPLES = """\
 Examples:
   catlens finetune --config quick                    # built-in prompts, about 3 min
-  catlens finetune                                   # default config, about 15 min on 2 CPU cores
+  catlens finetune                                   # default config, about 12 min on 2 CPU cores
   catlens finetune --method lora --init mean --seed 1
   catlens finetune --config coconot --data-dir ../shared/data
   catlens finetune --resume                          # continue an interrupted run

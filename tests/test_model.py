@@ -153,3 +153,14 @@ def test_folder_source(tmp_path):
     assert "finetune" not in src
     with pytest.raises(ValueError, match="'embedded' or 'folder'"):
         folder_source(tmp_path, "x", "hub")
+
+
+def test_transformers_version_guard():
+    from catlens.model import _check_transformers_version
+
+    assert _check_transformers_version("5.23.0") is None
+    assert _check_transformers_version("5.0.0.dev0") is None
+    assert _check_transformers_version("not-a-version") is None
+    msg = _check_transformers_version("5.24.0")
+    assert msg and "5.24.0" in msg and "transformers<5.24" in msg
+    assert _check_transformers_version("6.1.0")

@@ -177,3 +177,19 @@ def test_generate_gate_and_scores(tiny_refusal_model):
     assert table["refused"].all() and (table["predicted_category"] == "privacy").all()
     torch.testing.assert_close(torch.tensor(table["refusal_score"].values, dtype=torch.float32),
                                expected[:, :2].sum(-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_plain_copy_generates_what_the_bridge_generates(real_model):
+    """generate_ids through the bridge, through a plain Hugging Face copy (model.plain_hf) and unbatched: the same
+    greedy ids, in the caller's order."""
+    from catlens.refusal import generate_ids
+
+    prompts = ["Name three primary colours.", "What is 2 + 2?", "Write one sentence about the sea, please."]
+    kw = {"max_new_tokens": 8, "tokens": None, "show_progress": False}
+    bridge = generate_ids(real_model, prompts, batch_size=3, **kw)
+    plain = real_model.plain_hf()
+    assert not hasattr(plain, "cfg") and type(plain).__name__.endswith("ForCausalLM")
+    assert generate_ids(real_model, prompts, batch_size=3, hf=plain, **kw) == bridge
+    assert [generate_ids(real_model, [p], hf=plain, **kw)[0] for p in prompts] == bridge
+    assert all(1 <= len(r) <= 8 for r in bridge)
