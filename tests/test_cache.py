@@ -36,14 +36,14 @@ def test_mean_over_instruction_tokens(real_model):
     assert post.get_all("resid_post").shape[1] == int(after[0].sum())
 
 
-def test_batched_equals_unbatched_and_disk_equals_memory(real_model, tmp_path):
+def test_batched_equals_unbatched_and_disk_equals_memory(real_model, tmp_path, assert_float32_close):
     mem = collect(real_model, TEXTS, sites=["resid_post", "z"], layers=[0, 3], batch_size=7, show_progress=False)
     one = collect(real_model, TEXTS, sites=["resid_post", "z"], layers=[0, 3], batch_size=1, show_progress=False)
     disk = collect(real_model, TEXTS, sites=["resid_post", "z"], layers=[0, 3], batch_size=3, shard_size=2,
                    out=tmp_path / "s", show_progress=False)
     for site in ("resid_post", "z"):
-        torch.testing.assert_close(mem.get(site), one.get(site), rtol=0, atol=1e-5)
-        torch.testing.assert_close(mem.get(site), disk.get(site), rtol=0, atol=1e-5)
+        assert_float32_close(mem.get(site), one.get(site))
+        assert_float32_close(mem.get(site), disk.get(site))
     assert len(list((tmp_path / "s" / "shards").iterdir())) == 4
     loaded = ActivationStore.load(tmp_path / "s")
     assert torch.equal(loaded.get("z"), disk.get("z"))

@@ -48,14 +48,14 @@ def test_logits_equal_plain_transformers(real_model):
             torch.testing.assert_close(ours, sdpa(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-3)
 
 
-def test_left_padded_batch_equals_single_prompts(real_model):
+def test_left_padded_batch_equals_single_prompts(real_model, assert_float32_close):
     from catlens.cache import collect
 
     batch = collect(real_model, PROMPTS, sites=["resid_post", "attn_out"], show_progress=False, batch_size=3)
     for i, text in enumerate(PROMPTS):
         single = collect(real_model, [text], sites=["resid_post", "attn_out"], show_progress=False)
         for site in ("resid_post", "attn_out"):
-            torch.testing.assert_close(batch.get(site)[i], single.get(site)[0], rtol=0, atol=1e-5)
+            assert_float32_close(batch.get(site)[i], single.get(site)[0])
 
 
 def test_resid_post_is_hf_hidden_state(real_model):
