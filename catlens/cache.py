@@ -123,8 +123,21 @@ class ActivationStore:
         if missing:
             raise FileNotFoundError(f"store {str(path)!r} is incomplete: {len(missing)} of {n_shards} shards missing "
                                     f"(first: {missing[0]}). Rerun the same collect/`catlens cache` call to resume.")
-        parts = [load_file(_shard_path(path, k)) for k in range(n_shards)]
-        data = {s: torch.cat([p[s] for p in parts]) if parts else torch.empty(0) for s in meta["sites"]}
+        data: dict[str, Tensor] = {}
+        start = 0
+        for k in range(n_shards):  # one shard in memory besides the result: peak = store + one shard
+            part = load_file(_shard_path(path, k))
+            rows = next(iter(part.values())).shape[0]
+            for site, t in part.items():
+                if site not in data:
+                    data[site] = torch.empty((len(index), *t.shape[1:]), dtype=t.dtype)
+                data[site][start:start + rows] = t
+            start += rows
+        if start != len(index):
+            raise ValueError(f"store {str(path)!r} has {start} rows in its shards for {len(index)} prompts in its "
+                             f"index; delete it and collect again.")
+        if not n_shards:
+            data = {s: torch.empty(0) for s in meta["sites"]}
         return cls(data, index, tuple(meta["layers"]), tuple(map(str, meta["positions"])), meta)
 
 
