@@ -115,3 +115,14 @@ def test_where_and_bad_input(real_model):
         collect(real_model, TEXTS, sites=["resid"])
     with pytest.raises(TypeError, match="PromptSet or a list of strings"):
         collect(real_model, [1, 2])
+
+
+def test_load_checks_shard_rows_against_the_index(real_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    store = collect(real_model, TEXTS[:4], layers=[0], shard_size=2, out=tmp_path / "s", show_progress=False)
+    assert store.get("resid_post").shape[0] == 4
+    shard = tmp_path / "s" / "shards" / "00000.safetensors"
+    save_file({k: v[:1].contiguous() for k, v in load_file(shard).items()}, str(shard))  # a shard lost a row
+    with pytest.raises(ValueError, match="3 rows in its shards for 4 prompts"):
+        ActivationStore.load(tmp_path / "s")
