@@ -62,9 +62,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from catlens.model import DEFAULT_MODEL, cache_dir, embedded_checkpoint, resolve_spec
+from catlens.model import DEFAULT_MODEL, cache_dir, embedded_checkpoint, resolve_spec, tokenize_left
 from catlens.prompts import PromptSet, check_leakage, deduplicate, split_prompts
-from catlens.refusal import COCONOT_CATEGORIES, RESPOND, RefusalTokens
+from catlens.refusal import COCONOT_CATEGORIES, RESPOND, RefusalTokens, greedy_batches
 from catlens.runs import atomic_path, sha256_file, sha256_text, write_json_atomic
 from catlens.taxonomy import CATEGORIES, unknown_name_message
 
@@ -672,8 +672,6 @@ def greedy_answers(model: Any, tokenizer: Any, texts: Sequence[str], *, max_new_
                    bar: Any = None) -> list[list[int]]:
     """Greedy chat answers of a plain Hugging Face model (token ids, cut after the end-of-turn token, which is
     kept), in the caller's order: :func:`catlens.refusal.greedy_batches` on the chat-rendered texts."""
-    from catlens.refusal import greedy_batches
-
     return greedy_batches(model, tokenizer, [render_chat(tokenizer, t) for t in texts],
                           max_new_tokens=max_new_tokens, batch_size=batch_size, bar=bar)
 
@@ -757,16 +755,10 @@ def last_position_hidden(model: Any, tokenizer: Any, texts: Sequence[str], batch
                          ) -> Float[Tensor, "prompt d_model"]:
     """Final (post-norm) hidden state at the first response position of each chat-templated prompt."""
     rows = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer([render_chat(tokenizer, t) for t in texts[start:start + batch_size]],
-                            return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model(**enc, output_hidden_states=True)
-            rows.append(out.hidden_states[-1][:, -1, :].float())
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(texts), batch_size):
+        ids, mask = tokenize_left(tokenizer, [render_chat(tokenizer, t) for t in texts[start:start + batch_size]])
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        rows.append(out.hidden_states[-1][:, -1, :].float())
     return torch.cat(rows)
 
 

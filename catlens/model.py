@@ -271,16 +271,8 @@ class LensModel:
 
     # tokenising ---------------------------------------------------------------------------------------
     def tokenize(self, rendered: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-        """Tokenise already-rendered strings with left padding; no special tokens are added (the template has
-        them), so there is never a second BOS. Returns ``(input_ids, attention_mask)``."""
-        tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(list(rendered), return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        """:func:`tokenize_left` with this model's tokenizer, on its device."""
+        return tokenize_left(self.tokenizer, rendered, self.device)
 
     def token_id(self, token: str) -> int:
         """The id of a single (special) token; a clear error when it is not one token of this vocabulary."""
@@ -313,6 +305,20 @@ class LensModel:
     def __repr__(self) -> str:
         return (f"LensModel({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, dtype={self.dtype}, "
                 f"source={self.provenance.get('source', {}).get('kind')})")
+
+
+def tokenize_left(tokenizer: Any, rendered: Sequence[str], device: torch.device | str = "cpu"
+                  ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Tokenise already-rendered strings with left padding (the tokenizer's padding side is restored); no special
+    tokens are added (the template has them), so there is never a second BOS. Returns ``(input_ids,
+    attention_mask)`` on ``device``."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(rendered), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], kind: str) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from catlens.model import tokenize_left
+
 log = logging.getLogger(__name__)
 
 RESPOND = "[respond]"
@@ -324,25 +326,19 @@ def greedy_batches(
     device = next(hf.parameters()).device
     order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
     results: dict[int, list[int]] = {}
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            enc = tokenizer([rendered[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            processors = LogitsProcessorList()
-            if special_ids:
-                processors.append(SpecialTokenGate(special_ids, ids.shape[1], force_first=force_first))
-            gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=eos, logits_processor=processors)
-            for row, i in zip(gen[:, ids.shape[1]:].tolist(), batch):
-                results[i] = row[: row.index(eos) + 1] if eos in row else row
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        ids, mask = tokenize_left(tokenizer, [rendered[i] for i in batch], device)
+        processors = LogitsProcessorList()
+        if special_ids:
+            processors.append(SpecialTokenGate(special_ids, ids.shape[1], force_first=force_first))
+        gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=eos, logits_processor=processors)
+        for row, i in zip(gen[:, ids.shape[1]:].tolist(), batch):
+            results[i] = row[: row.index(eos) + 1] if eos in row else row
+        if bar is not None:
+            bar.update(len(batch))
     return [results[i] for i in range(len(rendered))]
 
 

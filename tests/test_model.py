@@ -164,3 +164,18 @@ def test_transformers_version_guard():
     msg = _check_transformers_version("5.24.0")
     assert msg and "5.24.0" in msg and "transformers<5.24" in msg
     assert _check_transformers_version("6.1.0")
+
+
+def test_tokenize_left_pads_left_and_restores_the_padding_side(real_model):
+    from catlens.model import tokenize_left
+
+    tok = real_model.tokenizer
+    before = tok.padding_side
+    rendered = real_model.format(["Hi", "Tell me a long story about a lighthouse keeper, please."])
+    ids, mask = tokenize_left(tok, rendered)
+    assert tok.padding_side == before
+    assert ids.shape == mask.shape and ids.shape[0] == 2
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and bool(mask[1].all())  # the short prompt is padded on the left
+    assert ids[0, mask[0].bool()].tolist() == tok(rendered[0], add_special_tokens=False)["input_ids"]
+    lens_ids, lens_mask = real_model.tokenize(rendered)
+    assert torch.equal(lens_ids, ids) and torch.equal(lens_mask, mask)
