@@ -1,144 +1,810 @@
-"""Interventions on activations: add a direction, ablate it, or clamp its projection, at chosen positions.
+"""Steering: plain-data interventions, a probe gate and a category router, applied per row of a batch.
 
-    with steering(model, [Intervention("resid_post", 18, v, coeff=-6.0, positions="last")]):
-        ...   # any forward or generate call on model.bridge / model.hf is steered here
+A steering *spec* is frozen plain data (tensors and numbers, no closures): :class:`Intervention` (one edit at one
+``(site, layer)``), :class:`Gate` (a fitted probe that decides, per prompt, whether to steer toward refusal, away
+from it, or not at all), :class:`Router` (picks each prompt's category) and :class:`SteeringPolicy` (all of them
+plus the coefficients of the gate's two outcomes). A policy saves to JSON + safetensors and loads back exactly, so
+a setting found by a sweep can be reapplied by anyone (``catlens generate --policy``) and compiled for an inference
+engine that takes one steering vector per request (:func:`request_vectors`).
 
-Hooks exist only inside the ``with`` block and are removed on exit, also when the block raises. Every intervention
-counts how often it fired; leaving the block with an intervention that never fired raises, because silently
-skipped hooks are a known failure mode of hook-based tooling.
+Applying a spec is the job of :func:`steering` (any forward call inside a ``with`` block) and of
+:func:`catlens.generation.generate` (batched KV-cached generation that keeps a :class:`BatchContext` up to date).
 
-Positions (how "which tokens" is decided, batch-safe under left padding):
+Positions are defined from the batch context, not guessed from a call's sequence length. With a left-padded
+prompt of padded length ``T`` (row ``b``'s real tokens start at ``T - n_b``) and absolute position ``p``:
 
-* ``"all"``: every position of every forward call (P2 style: prompt and generated tokens);
-* ``"last"``: the last position of each forward call (P1, PAPERS §2.3 H): with a KV cache this is the last prompt
-  token in the prefill call and then every generated token;
-* ``"prompt"``: only forward calls over more than one token (the prefill), every position;
-* ``"generated"``: only single-token forward calls (decode steps with a KV cache), i.e. generated tokens.
+* ``"all"``: every real (non-pad) position, prompt and generated (P2);
+* ``"prompt"``: real prompt positions ``p < T``;
+* ``"generated"``: positions ``p >= T``, i.e. generated tokens fed back as input;
+* ``"last_prompt"``: ``p = T - 1`` and every ``p >= T`` (P1, PAPERS §2.3 H: the last prompt token and every
+  generated token);
+* a tuple of ints: explicit prompt offsets; negative ones count back from the end of the prompt (``-1`` is the last
+  prompt token), non-negative ones count from the row's first real token.
+
+Pad positions are never edited, and the same absolute positions are edited with and without a KV cache. Outside a
+context (a bare forward call inside :func:`steering`), each call is treated as one unpadded prompt, unless an
+``attention_mask`` is given to :func:`steering`.
+
+Kinds, with ``c`` the row's coefficient (times the layer's reference norm when ``scale="norm"``) and ``û`` the
+row's unit direction:
+
+* ``"add"``: ``x + c v`` (``v`` as given, or unit when ``normalize``);
+* ``"ablate"``: ``x - (x·û) û`` (coefficient ignored);
+* ``"clamp"``: ``x + (c - x·û) û`` (projection set to ``c``);
+* ``"low_rank"``: ``x + c U(Vᵀ z)``, with ``z`` a fixed input vector or, when ``z`` is ``None``, the activation
+  itself (the input-conditioned variant).
+
+Every hook counts its calls and the positions it edited; leaving a :func:`steering` block in which an intervention
+never fired raises, because silently skipped hooks are a known failure mode of hook-based tooling.
 """
 
+from __future__ import annotations
+
+import json
 import logging
-from collections.abc import Iterator, Sequence
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from catlens.model import LensModel, Site
+from catlens.errors import unknown_name_message
+from catlens.model import Site
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["add", "ablate", "clamp"]
-Positions = Literal["all", "last", "prompt", "generated"]
-_KINDS = ("add", "ablate", "clamp")
-_POSITIONS = ("all", "last", "prompt", "generated")
+KINDS = ("add", "ablate", "clamp", "low_rank")
+NAMED_POSITIONS = ("all", "prompt", "generated", "last_prompt")
+SCALES = ("raw", "norm")
+GATE_OUTCOMES = ("toward", "away", "none")
+ROUTER_KINDS = ("refusal_tokens", "probe", "fixed")
+POLICY_FORMAT = 1
+# A site's (layer, order) key: hooks of one block fire in this order, so a reader at an earlier key sees an
+# activation no later intervention has touched yet.
+_SITE_ORDER = {Site.RESID_PRE: 0, Site.Z: 1, Site.ATTN_OUT: 2, Site.RESID_MID: 3, Site.MLP_OUT: 4, Site.RESID_POST: 5}
 
 
-@dataclass(frozen=True)
+def _finite(name: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf, allow_none: bool = False
+            ) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a number, got {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} is not finite; give a finite number"
+                         f"{f' in [{lo}, {hi}]' if math.isfinite(lo) or math.isfinite(hi) else ''}.")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is out of range; allowed: [{lo}, {hi}].")
+    return value
+
+
+def _check_tensor(name: str, t: Any, ndim: int | tuple[int, ...]) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}.")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} has NaN or inf entries; recompute it (a zero-norm normalisation is the usual "
+                         f"cause).")
+    return t.detach().float().cpu()
+
+
+def parse_positions(positions: str | int | Sequence[int]) -> str | tuple[int, ...]:
+    """Validate a positions spec: a name of :data:`NAMED_POSITIONS` or a non-empty sequence of int offsets.
+
+    >>> parse_positions("last_prompt"), parse_positions([-2, -1])
+    ('last_prompt', (-2, -1))
+    """
+    if isinstance(positions, str):
+        if positions in NAMED_POSITIONS:
+            return positions
+        if positions == "last":
+            raise ValueError("positions='last' was renamed: use 'last_prompt' (the last prompt token and every "
+                             "generated token, P1) or offsets such as (-1,) (the last prompt token only).")
+        raise ValueError(unknown_name_message("positions", positions, NAMED_POSITIONS,
+                                              "Or give prompt offsets such as (-3, -2, -1)."))
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        return (int(positions),)
+    out = tuple(positions)
+    if not out or not all(isinstance(p, int) and not isinstance(p, bool) for p in out):
+        raise ValueError(f"positions={positions!r}: give a name ({', '.join(NAMED_POSITIONS)}) or a non-empty "
+                         f"sequence of int prompt offsets (negative from the end, e.g. (-1,)).")
+    return tuple(sorted(set(out)))
+
+
+# ------------------------------------------------------------------------------------------------ specs
+@dataclass(frozen=True, eq=False)
 class Intervention:
-    """One edit at one ``(site, layer)``.
+    """One edit at one ``(site, layer)``, with one or several directions (rows picked per prompt).
 
-    kind:
-      * ``"add"``: ``x + coeff * v`` (``v`` as given, or unit-normalised when ``normalize``);
-      * ``"ablate"``: ``x - (x·û) û`` (directional ablation; ``coeff`` is ignored);
-      * ``"clamp"``: set the projection on ``û`` to ``coeff``: ``x + (coeff - x·û) û``.
+    ``vectors`` is ``[direction d]`` (or one ``[d]`` vector); ``labels`` names each direction (e.g. categories) so
+    that a :class:`Router` can pick one per prompt, and ``direction`` is the default row. ``coeff`` is the default
+    coefficient; a policy's gate or explicit per-row coefficients replace it. With ``scale="norm"`` every
+    coefficient is a fraction of ``ref_norm``, the site's typical activation norm at this layer (see
+    :meth:`catlens.directions.Directions.with_ref_norm`), so that 0.15 means the same at every layer and model.
+
+    For the per-head site ``z`` the width is ``n_heads * d_head`` (all heads, flattened) or ``d_head`` with
+    ``head`` set. ``low_rank`` uses ``U`` and ``V`` (``[d r]``) and ``z`` (``[d]``, or ``None`` for the activation).
     """
 
     site: Site | str
     layer: int
-    vector: Float[Tensor, "d_model"]
-    coeff: float = 1.0
+    vectors: Tensor | None = None
+    coeff: float | int = 1.0
     kind: str = "add"
-    positions: str = "all"
+    positions: str | tuple[int, ...] = "all"
+    scale: str = "raw"
+    ref_norm: float | int | None = None
     normalize: bool = False
+    labels: tuple[str, ...] = ()
+    direction: int = 0
+    head: int | None = None
+    U: Tensor | None = None
+    V: Tensor | None = None
+    z: Tensor | None = None
     label: str = ""
-    """Free text carried into logs and result tables (e.g. the category of the direction)."""
+    """Free text carried into logs and tables."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "site", Site.parse(self.site))
+        if self.site is Site.PATTERN:
+            raise ValueError("site='pattern' cannot be steered with a direction; choose one of resid_pre, "
+                             "resid_mid, resid_post, attn_out, mlp_out, z.")
+        if self.kind not in KINDS:
+            raise ValueError(unknown_name_message("intervention kind", self.kind, KINDS))
+        if self.scale not in SCALES:
+            raise ValueError(unknown_name_message("coefficient scale", self.scale, SCALES))
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(f"layer={self.layer!r} must be an int.")
+        set_(self, "positions", parse_positions(self.positions))
+        set_(self, "coeff", _finite("coeff", self.coeff, lo=-1e6, hi=1e6))
+        if self.scale == "norm":
+            if self.ref_norm is None:
+                raise ValueError("scale='norm' needs ref_norm (the site's typical activation norm at this layer); "
+                                 "use Directions.with_ref_norm(...) before from_directions, or scale='raw'.")
+            set_(self, "ref_norm", _finite("ref_norm", self.ref_norm, lo=1e-12))
+        elif self.ref_norm is not None:
+            set_(self, "ref_norm", _finite("ref_norm", self.ref_norm, lo=1e-12))
+        if self.kind == "low_rank":
+            if self.U is None or self.V is None:
+                raise ValueError("kind='low_rank' needs U and V ([d r] each).")
+            U, V = _check_tensor("U", self.U, 2), _check_tensor("V", self.V, 2)
+            if U.shape != V.shape:
+                raise ValueError(f"U {tuple(U.shape)} and V {tuple(V.shape)} must have the same shape [d r].")
+            set_(self, "U", U)
+            set_(self, "V", V)
+            if self.z is not None:
+                z = _check_tensor("z", self.z, 1)
+                if z.shape[0] != U.shape[0]:
+                    raise ValueError(f"z has {z.shape[0]} dims, U has {U.shape[0]} rows; they must match.")
+                set_(self, "z", z)
+            if self.vectors is not None:
+                raise ValueError("kind='low_rank' takes U, V (and z), not vectors.")
+        else:
+            if self.vectors is None:
+                raise ValueError(f"kind={self.kind!r} needs vectors ([d] or [direction d]).")
+            v = _check_tensor("vectors", self.vectors, (1, 2))
+            v = v.unsqueeze(0) if v.dim() == 1 else v
+            if v.shape[0] == 0:
+                raise ValueError("vectors is empty; give at least one direction.")
+            if (self.kind != "add" or self.normalize) and bool((v.norm(dim=-1) == 0).any()):
+                raise ValueError(f"kind={self.kind!r} (or normalize=True) needs non-zero vectors; direction(s) "
+                                 f"{(v.norm(dim=-1) == 0).nonzero().flatten().tolist()} are zero.")
+            set_(self, "vectors", v)
+            labels = tuple(self.labels)
+            if labels and len(labels) != v.shape[0]:
+                raise ValueError(f"{len(labels)} labels for {v.shape[0]} directions; give one label per direction.")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"labels must be distinct, got {labels}.")
+            set_(self, "labels", labels)
+            if not 0 <= self.direction < v.shape[0]:
+                raise ValueError(f"direction={self.direction} is out of range for {v.shape[0]} directions.")
+        if self.head is not None and self.site is not Site.Z:
+            raise ValueError(f"head={self.head} is only meaningful at site 'z' (got site {self.site.value!r}).")
+
+    # ----------------------------------------------------------------------------------------- helpers
+    @property
+    def width(self) -> int:
+        return int(self.U.shape[0] if self.kind == "low_rank" else self.vectors.shape[1])
+
+    @property
+    def n_directions(self) -> int:
+        return 1 if self.kind == "low_rank" else int(self.vectors.shape[0])
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.ref_norm) if self.scale == "norm" else 1.0
+
+    def direction_index(self, label: str) -> int:
+        if label not in self.labels:
+            raise ValueError(unknown_name_message(f"direction label of intervention at layer {self.layer}", label,
+                                                  self.labels or ["(unlabelled)"]))
+        return self.labels.index(label)
+
+    def check_model(self, model: Any) -> None:
+        """Clear errors for a layer or a width that does not fit ``model``."""
+        n = model.n_layers
+        if not -n <= self.layer < n:
+            raise ValueError(f"intervention {self.label or ''} layer={self.layer} is out of range for "
+                             f"{model.name!r} with {n} layers (0..{n - 1}).")
+        if self.site is Site.Z:
+            want = model.d_head if self.head is not None else model.n_heads * model.d_head
+            if self.head is not None and not 0 <= self.head < model.n_heads:
+                raise ValueError(f"head={self.head} is out of range for {model.n_heads} heads.")
+        else:
+            want = model.d_model
+        if self.width != want:
+            raise ValueError(f"intervention at {self.site.value} layer {self.layer} has width {self.width}, but "
+                             f"{model.name!r} needs {want} there (d_model={model.d_model}); the vectors were made "
+                             f"for another model.")
+
+    # --------------------------------------------------------------------------------------- the edit
+    def edit(self, x: Float[Tensor, "batch pos d"], mask: Tensor, coeff: Float[Tensor, " batch"],
+             direction: Tensor, vectors: Tensor | None, U: Tensor | None, V: Tensor | None, z: Tensor | None
+             ) -> Float[Tensor, "batch pos d"]:
+        """The edited activation: positions where ``mask`` ([batch pos] bool) is False are returned unchanged."""
+        c = (coeff * self.scale_factor).to(x.dtype)[:, None, None]
+        if self.kind == "low_rank":
+            src = x if z is None else z.expand_as(x)
+            delta = c * ((src @ V) @ U.T)
+            return torch.where(mask[..., None], x + delta, x)
+        v = vectors[direction]  # [batch d]
+        if self.kind == "add":
+            if self.normalize:
+                v = v / v.norm(dim=-1, keepdim=True)
+            new = x + c * v[:, None, :]
+        else:
+            u = (v / v.norm(dim=-1, keepdim=True))[:, None, :]
+            proj = (x * u).sum(-1, keepdim=True)
+            new = x - proj * u if self.kind == "ablate" else x + (c - proj) * u
+        return torch.where(mask[..., None], new, x)
+
+    # ------------------------------------------------------------------------------------ plain data
+    def to_dict(self, key: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                tensors[f"{key}.{f.name}"] = v.contiguous()
+                d[f.name] = f"{key}.{f.name}"
+            elif isinstance(v, Site):
+                d[f.name] = v.value
+            elif isinstance(v, tuple):
+                d[f.name] = list(v)
+            else:
+                d[f.name] = v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> "Intervention":
+        kw = dict(d)
+        for name in ("vectors", "U", "V", "z"):
+            if kw.get(name) is not None:
+                kw[name] = tensors[kw[name]]
+        kw["labels"] = tuple(kw.get("labels", ()))
+        pos = kw.get("positions", "all")
+        kw["positions"] = pos if isinstance(pos, str) else tuple(pos)
+        return cls(**kw)
+
+    def same_as(self, other: "Intervention") -> bool:
+        t1, t2 = {}, {}
+        if self.to_dict("x", t1) != other.to_dict("x", t2) or t1.keys() != t2.keys():
+            return False
+        return all(torch.equal(t1[k], t2[k]) for k in t1)
+
+
+def from_directions(directions: Any, layers: int | Sequence[int] | None = None, *, site: str | None = None,
+                    categories: Sequence[str] | None = None, **kwargs: Any) -> list[Intervention]:
+    """One :class:`Intervention` per layer from a :class:`catlens.directions.Directions` object: each holds every
+    category's vector at that layer (labels = categories), with the reference norm when the directions carry one.
+
+    ``kwargs`` go to :class:`Intervention` (``coeff``, ``kind``, ``positions``, ``scale``, ``normalize``...).
+    """
+    if categories is not None:
+        directions = directions.select(categories=list(categories))
+    chosen = directions.layers if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+    if not chosen:
+        raise ValueError("layers is empty; give at least one layer of the directions "
+                         f"({list(directions.layers)}).")
+    ref = getattr(directions, "ref_norm", None)
+    out = []
+    for layer in chosen:
+        li = directions.layer_index(layer)
+        ref_norm = float(ref[li]) if ref is not None else None
+        out.append(Intervention(site=site or directions.site, layer=int(layer), vectors=directions.at(layer),
+                                labels=tuple(directions.categories), ref_norm=ref_norm, **kwargs))
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Gate:
+    """A fitted linear probe read at the last prompt token: ``p = σ(w·(h − μ) + b)``.
+
+    Rows with ``p >= threshold`` are steered toward refusal (the policy's ``toward`` coefficient), the others away
+    from it (``away``); either coefficient may be ``None`` (that side is not steered). The decision is made in the
+    prefill from the prompt's own unsteered activation at ``(site, layer)``; no extra forward pass.
+    """
+
+    weight: Tensor
+    bias: float | int
+    threshold: float | int
+    layer: int
+    site: Site | str = "resid_post"
+    mean: Tensor | None = None
+    name: str = "probe"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site", Site.parse(self.site))
-        if self.site is Site.PATTERN:
-            raise ValueError("the attention pattern cannot be steered with a direction; choose resid_*, attn_out, "
-                             "mlp_out or z.")
-        if self.kind not in _KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {', '.join(_KINDS)}.")
-        if self.positions not in _POSITIONS:
-            raise ValueError(f"positions={self.positions!r} is not one of {', '.join(_POSITIONS)}.")
-        if self.vector.dim() != 1:
-            raise ValueError(f"vector must be one direction of shape [d_model], got shape {tuple(self.vector.shape)}.")
-        if not torch.isfinite(self.vector).all():
-            raise ValueError("vector has NaN or inf entries.")
-        if self.kind != "add" or self.normalize:
-            if float(self.vector.norm()) == 0.0:
-                raise ValueError(f"kind={self.kind!r} (or normalize=True) needs a non-zero vector.")
+        if self.site in (Site.PATTERN, Site.Z):
+            raise ValueError(f"a gate reads a d_model-wide site; got {self.site.value!r}.")
+        object.__setattr__(self, "weight", _check_tensor("gate weight", self.weight, 1))
+        if self.mean is not None:
+            mean = _check_tensor("gate mean", self.mean, 1)
+            if mean.shape != self.weight.shape:
+                raise ValueError(f"gate mean {tuple(mean.shape)} and weight {tuple(self.weight.shape)} differ.")
+            object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "bias", _finite("gate bias", self.bias))
+        object.__setattr__(self, "threshold", _finite("gate threshold", self.threshold, lo=0.0, hi=1.0))
 
     @property
-    def unit(self) -> Tensor:
-        return self.vector / self.vector.norm()
+    def d_model(self) -> int:
+        return int(self.weight.shape[0])
 
-    def apply(self, act: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        """The edited activation for the positions this intervention targets (a new tensor)."""
-        rows = _position_slice(self.positions, act.shape[1])
-        if rows is None:
-            return act
-        out = act.clone()
-        x = out[:, rows]
-        if self.kind == "add":
-            v = (self.unit if self.normalize else self.vector).to(act)
-            x = x + self.coeff * v
+    def check_model(self, model: Any) -> None:
+        if self.d_model != model.d_model:
+            raise ValueError(f"the gate {self.name!r} was fitted on a model of width {self.d_model}, but "
+                             f"{model.name!r} has d_model={model.d_model}: refit the probe on this model.")
+        if not -model.n_layers <= self.layer < model.n_layers:
+            raise ValueError(f"gate layer={self.layer} is out of range for {model.n_layers} layers.")
+
+    def score(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+        h = h.float()
+        if self.mean is not None:
+            h = h - self.mean.to(h.device)
+        return torch.sigmoid(h @ self.weight.to(h.device) + self.bias)
+
+
+@dataclass(frozen=True, eq=False)
+class Router:
+    """Picks one category per prompt.
+
+    kind:
+      * ``"refusal_tokens"``: the most probable refusal token at the first response position of the prompt's
+        unsteered prefill (P1 §2.3 G; ``[respond]`` excluded, so every prompt gets a category);
+      * ``"probe"``: a multi-class linear probe ``argmax(W h + b)`` at ``(site, layer)``, last prompt token;
+      * ``"fixed"``: the prompt's own ``category`` field (for experiments where the category is known).
+    ``categories`` is the output order; each must be a label of the interventions it routes.
+    """
+
+    kind: str
+    categories: tuple[str, ...]
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    layer: int | None = None
+    site: Site | str = "resid_post"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(unknown_name_message("router kind", self.kind, ROUTER_KINDS))
+        object.__setattr__(self, "categories", tuple(self.categories))
+        if not self.categories:
+            raise ValueError("a router needs at least one category.")
+        object.__setattr__(self, "site", Site.parse(self.site))
+        if self.kind == "probe":
+            if self.weight is None or self.bias is None or self.layer is None:
+                raise ValueError("a probe router needs weight [category d_model], bias [category] and layer.")
+            w = _check_tensor("router weight", self.weight, 2)
+            b = _check_tensor("router bias", self.bias, 1)
+            if w.shape[0] != len(self.categories) or b.shape[0] != len(self.categories):
+                raise ValueError(f"router weight {tuple(w.shape)} / bias {tuple(b.shape)} do not match "
+                                 f"{len(self.categories)} categories.")
+            object.__setattr__(self, "weight", w)
+            object.__setattr__(self, "bias", b)
+
+    def check_model(self, model: Any) -> None:
+        if self.kind == "probe":
+            if self.weight.shape[1] != model.d_model:
+                raise ValueError(f"the router probe was fitted on a model of width {self.weight.shape[1]}, but "
+                                 f"{model.name!r} has d_model={model.d_model}: refit it on this model.")
+            if not -model.n_layers <= self.layer < model.n_layers:
+                raise ValueError(f"router layer={self.layer} is out of range for {model.n_layers} layers.")
+        if self.kind == "refusal_tokens":
+            from catlens.refusal import RefusalTokens
+
+            tokens = RefusalTokens.from_model(model)
+            missing = [c for c in self.categories if c not in tokens.categories]
+            if missing:
+                raise ValueError(f"router categories {missing} have no refusal token in {model.name!r} (it has "
+                                 f"{list(tokens.categories)}).")
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringPolicy:
+    """Interventions plus an optional gate and router: the unit a sweep chooses and ``catlens generate`` applies.
+
+    Without a gate every row uses each intervention's own coefficient. With a gate, rows it flags get ``toward``
+    and the others ``away`` (``None``: that side is not steered) in place of the interventions' coefficients.
+    ``model`` records what the policy was made on (name, widths, weights hash) for :meth:`check_model`.
+    """
+
+    interventions: tuple[Intervention, ...]
+    gate: Gate | None = None
+    router: Router | None = None
+    toward: float | int | None = None
+    away: float | int | None = None
+    name: str = "policy"
+    model: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    """Free JSON-able provenance: how the policy was chosen (sweep, validation sets, seeds)."""
+
+    def __post_init__(self) -> None:
+        ivs = tuple(self.interventions) if not isinstance(self.interventions, Intervention) else (self.interventions,)
+        if not ivs:
+            raise ValueError("a policy needs at least one intervention.")
+        for iv in ivs:
+            if not isinstance(iv, Intervention):
+                raise TypeError(f"interventions must be Intervention objects, got {type(iv).__name__}.")
+        object.__setattr__(self, "interventions", ivs)
+        object.__setattr__(self, "toward", _finite("toward", self.toward, lo=-1e6, hi=1e6, allow_none=True))
+        object.__setattr__(self, "away", _finite("away", self.away, lo=-1e6, hi=1e6, allow_none=True))
+        if self.gate is None and (self.toward is not None or self.away is not None):
+            raise ValueError("toward/away coefficients need a gate; without one set each intervention's coeff.")
+        if self.gate is not None and self.toward is None and self.away is None:
+            raise ValueError("a gated policy needs toward and/or away coefficients (None on both steers nothing).")
+        if self.router is not None and self.router.kind != "fixed":
+            for iv in ivs:
+                if iv.kind != "low_rank" and iv.n_directions > 1:
+                    missing = [c for c in self.router.categories if c not in iv.labels]
+                    if missing:
+                        raise ValueError(f"router categories {missing} are not labels of the intervention at layer "
+                                         f"{iv.layer} (labels {list(iv.labels)}).")
+
+    @property
+    def decides(self) -> bool:
+        """Whether rows need a decision from the prefill (gate or router)."""
+        return self.gate is not None or (self.router is not None and self.router.kind != "fixed")
+
+    def check_model(self, model: Any, *, allow_transfer: bool = False) -> None:
+        """Clear errors when ``model`` cannot take this policy: widths, layers, refusal tokens; and, unless
+        ``allow_transfer``, a model other than the one the policy was made on."""
+        for iv in self.interventions:
+            iv.check_model(model)
+        if self.gate is not None:
+            self.gate.check_model(model)
+        if self.router is not None:
+            self.router.check_model(model)
+        made = dict(self.model)
+        if made and not allow_transfer:
+            mine = model_fingerprint(model)
+            for key in ("name", "weights_sha256"):
+                if made.get(key) and mine.get(key) and made[key] != mine[key]:
+                    raise ValueError(f"policy {self.name!r} was made on model {made.get('name')!r} ({key} "
+                                     f"{str(made[key])[:16]}...), not on {model.name!r} ({str(mine[key])[:16]}...). "
+                                     f"Pass allow_transfer=True (CLI: --transfer) to apply it to a same-architecture "
+                                     f"variant on purpose.")
+
+    # ------------------------------------------------------------------------------------------ save/load
+    def to_plain(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        tensors: dict[str, Tensor] = {}
+        spec: dict[str, Any] = {
+            "format": POLICY_FORMAT, "name": self.name, "toward": self.toward, "away": self.away,
+            "model": dict(self.model), "meta": dict(self.meta),
+            "interventions": [iv.to_dict(f"iv{i}", tensors) for i, iv in enumerate(self.interventions)],
+            "gate": None, "router": None,
+        }
+        if self.gate is not None:
+            g = self.gate
+            tensors["gate.weight"] = g.weight.contiguous()
+            if g.mean is not None:
+                tensors["gate.mean"] = g.mean.contiguous()
+            spec["gate"] = {"bias": g.bias, "threshold": g.threshold, "layer": g.layer, "site": g.site.value,
+                            "name": g.name, "weight": "gate.weight",
+                            "mean": "gate.mean" if g.mean is not None else None}
+        if self.router is not None:
+            r = self.router
+            spec["router"] = {"kind": r.kind, "categories": list(r.categories), "layer": r.layer, "site": r.site.value}
+            if r.weight is not None:
+                tensors["router.weight"], tensors["router.bias"] = r.weight.contiguous(), r.bias.contiguous()
+                spec["router"].update(weight="router.weight", bias="router.bias")
+        return spec, tensors
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``path/`` = ``policy.json`` + ``tensors.safetensors`` as one unit (a temp folder renamed into
+        place); the JSON records the tensor file's sha256, checked on load."""
+        from safetensors.torch import save_file
+
+        from catlens.runs import sha256_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (CLI --overwrite) or another path.")
+        spec, tensors = self.to_plain()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"catlens": "policy"})
+            spec["tensors_sha256"] = sha256_file(tmp / "tensors.safetensors")
+            (tmp / "policy.json").write_text(json.dumps(spec, indent=1, sort_keys=True))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SteeringPolicy":
+        from safetensors.torch import load_file
+
+        from catlens.runs import sha256_file
+
+        path = Path(path)
+        spec_file, tensor_file = path / "policy.json", path / "tensors.safetensors"
+        if not spec_file.exists() or not tensor_file.exists():
+            raise FileNotFoundError(f"{str(path)!r} is not a steering policy folder (needs policy.json and "
+                                    f"tensors.safetensors, as written by SteeringPolicy.save).")
+        try:
+            spec = json.loads(spec_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(spec_file)!r} is not valid JSON ({e}); the policy file is damaged, save it "
+                             f"again.") from None
+        if spec.get("format") != POLICY_FORMAT:
+            raise ValueError(f"{str(spec_file)!r} has policy format {spec.get('format')!r}; this catlens reads "
+                             f"format {POLICY_FORMAT}.")
+        if sha256_file(tensor_file) != spec.get("tensors_sha256"):
+            raise ValueError(f"{str(tensor_file)!r} does not match the checksum recorded in policy.json: the file is "
+                             f"damaged or from another save. Save the policy again.")
+        tensors = load_file(str(tensor_file))
+        ivs = tuple(Intervention.from_dict(d, tensors) for d in spec["interventions"])
+        gate = router = None
+        if spec.get("gate"):
+            g = dict(spec["gate"])
+            gate = Gate(weight=tensors[g.pop("weight")], mean=tensors[g["mean"]] if g.get("mean") else None,
+                        **{k: v for k, v in g.items() if k != "mean"})
+        if spec.get("router"):
+            r = dict(spec["router"])
+            if r.get("weight"):
+                r["weight"], r["bias"] = tensors[r["weight"]], tensors[r["bias"]]
+            router = Router(**r)
+        return cls(ivs, gate=gate, router=router, toward=spec["toward"], away=spec["away"], name=spec["name"],
+                   model=spec.get("model", {}), meta=spec.get("meta", {}))
+
+    def same_as(self, other: "SteeringPolicy") -> bool:
+        a, ta = self.to_plain()
+        b, tb = other.to_plain()
+        return a == b and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """What a policy records about the model it was made on."""
+    prov = getattr(model, "provenance", {}) or {}
+    return {"name": model.name, "d_model": model.d_model, "n_layers": model.n_layers,
+            "weights_sha256": prov.get("weights_sha256") or prov.get("source", {}).get("weights_sha256")}
+
+
+def as_policy(steer: SteeringPolicy | Intervention | Sequence[Intervention] | None) -> SteeringPolicy | None:
+    """Accept a policy, one intervention or a list of them."""
+    if steer is None or isinstance(steer, SteeringPolicy):
+        return steer
+    if isinstance(steer, Intervention):
+        return SteeringPolicy((steer,))
+    if isinstance(steer, (str, os.PathLike)):
+        return SteeringPolicy.load(steer)
+    return SteeringPolicy(tuple(steer))
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+@dataclass
+class Rows:
+    """Per-row parameters of one batch for every intervention of a policy (runtime state, not a spec).
+
+    ``coeff[i]`` [batch] float, ``direction[i]`` [batch] long, ``active[i]`` [batch] bool.
+    """
+
+    coeff: list[Tensor]
+    direction: list[Tensor]
+    active: list[Tensor]
+
+    @classmethod
+    def default(cls, policy: SteeringPolicy, batch: int) -> "Rows":
+        return cls([torch.full((batch,), iv.coeff) for iv in policy.interventions],
+                   [torch.full((batch,), iv.direction, dtype=torch.long) for iv in policy.interventions],
+                   [torch.ones(batch, dtype=torch.bool) for _ in policy.interventions])
+
+
+@dataclass
+class BatchContext:
+    """What a hook needs to know about the current forward call.
+
+    ``attention_mask`` covers every position so far ([batch total], 1 = real token); ``prompt_len`` is the padded
+    prompt length ``T``; ``offset`` is the absolute position of the call's first token.
+    """
+
+    attention_mask: Tensor
+    prompt_len: int
+    offset: int = 0
+    start: Tensor | None = None
+    """Each row's first real prompt position ([batch]); computed from ``attention_mask`` when it covers the prompt."""
+
+    def position_mask(self, positions: str | tuple[int, ...], length: int) -> Tensor:
+        """Bool ``[batch length]``: which positions of the current call ``positions`` selects (never a pad)."""
+        p = torch.arange(self.offset, self.offset + length, device=self.attention_mask.device)
+        real = self.attention_mask[:, self.offset:self.offset + length].bool()
+        T = self.prompt_len
+        if positions == "all":
+            sel = torch.ones_like(p, dtype=torch.bool)[None]
+        elif positions == "prompt":
+            sel = (p < T)[None]
+        elif positions == "generated":
+            sel = (p >= T)[None]
+        elif positions == "last_prompt":
+            sel = (p >= T - 1)[None]
         else:
-            u = self.unit.to(act)
-            proj = torch.einsum("bpd,d->bp", x, u).unsqueeze(-1)
-            x = x - proj * u if self.kind == "ablate" else x + (self.coeff - proj) * u
-        out[:, rows] = x
-        return out
-
-
-def _position_slice(positions: str, seq_len: int) -> slice | None:
-    if positions == "all":
-        return slice(None)
-    if positions == "last":
-        return slice(seq_len - 1, seq_len)
-    if positions == "prompt":
-        return slice(None) if seq_len > 1 else None
-    return slice(None) if seq_len == 1 else None  # generated
+            start = self.start if self.start is not None else T - self.attention_mask[:, :T].sum(dim=1)
+            sel = torch.zeros(real.shape, dtype=torch.bool, device=real.device)
+            for k in positions:
+                target = (T + k) if k < 0 else (start + k)  # [batch] or int
+                target = torch.as_tensor(target, device=real.device).expand(real.shape[0])
+                ok = (target >= start) & (target < T)
+                sel |= (p[None, :] == target[:, None]) & ok[:, None]
+        return sel & real
 
 
 @dataclass
 class SteeringReport:
-    """How often each intervention fired inside a ``steering`` block."""
+    """Per intervention: forward calls its hook saw (``fired``) and positions it edited (``edited``)."""
 
     fired: list[int] = field(default_factory=list)
+    edited: list[int] = field(default_factory=list)
+
+
+class Session:
+    """The live state behind one ``with steering(...)`` block: the policy, the current batch context and rows."""
+
+    def __init__(self, model: Any, policy: SteeringPolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self.context: BatchContext | None = None
+        self.rows: Rows | None = None
+        self.enabled = True
+        self.trace: list | None = None
+        self.report = SteeringReport([0] * len(policy.interventions), [0] * len(policy.interventions))
+        self._tensors: dict[int, tuple[Any, ...]] = {}
+
+    def _params(self, i: int, like: Tensor) -> tuple[Any, ...]:
+        key = (i, like.dtype, like.device)
+        if key not in self._tensors:
+            iv = self.policy.interventions[i]
+            cast = (lambda t: None if t is None else t.to(device=like.device, dtype=like.dtype))
+            self._tensors[key] = (cast(iv.vectors), cast(iv.U), cast(iv.V), cast(iv.z))
+        return self._tensors[key]
+
+    def hook(self, i: int) -> Any:
+        iv = self.policy.interventions[i]
+
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            self.report.fired[i] += 1
+            if not self.enabled:
+                return act
+            flat = act
+            if act.dim() == 4:  # z: [batch pos head d_head]
+                flat = act[:, :, iv.head, :] if iv.head is not None else act.flatten(2)
+            b, length = flat.shape[:2]
+            ctx = self.context or BatchContext(torch.ones(b, length, dtype=torch.long, device=act.device), length)
+            mask = ctx.position_mask(iv.positions, length)
+            rows = self.rows or Rows.default(self.policy, b)
+            if rows.active[i].shape[0] != b:
+                raise RuntimeError(f"steering rows were set for {rows.active[i].shape[0]} prompts but the forward "
+                                   f"call has batch {b}.")
+            mask = mask & rows.active[i].to(mask.device)[:, None]
+            n = int(mask.sum())
+            if n == 0:
+                return act
+            self.report.edited[i] += n
+            if self.trace is not None:
+                self.trace.extend((i, int(b_), ctx.offset + int(l_)) for b_, l_ in mask.nonzero().tolist())
+            vectors, U, V, z = self._params(i, flat)
+            out = iv.edit(flat, mask, rows.coeff[i].to(flat.device), rows.direction[i].to(flat.device),
+                          vectors, U, V, z)
+            if act.dim() == 4:
+                if iv.head is not None:
+                    act = act.clone()
+                    act[:, :, iv.head, :] = out
+                    return act
+                return out.view_as(act)
+            return out
+
+        return hook
 
 
 @contextmanager
-def steering(model: LensModel, interventions: Sequence[Intervention], *, check_fired: bool = True
-             ) -> Iterator[SteeringReport]:
-    """Apply ``interventions`` to every forward pass of ``model`` inside the block."""
-    report = SteeringReport(fired=[0] * len(interventions))
-    hooks = []
-    for i, iv in enumerate(interventions):
-        name = model.hook_name(iv.site, iv.layer)
-        if iv.site is not Site.Z and iv.vector.shape[0] != model.d_model:
-            raise ValueError(f"intervention {i} ({iv.label or name}): vector has {iv.vector.shape[0]} dims, the model's "
-                             f"d_model is {model.d_model}.")
-        hooks.append((name, _hook(iv, report, i, model)))
+def steering(model: Any, steer: SteeringPolicy | Intervention | Sequence[Intervention], *, check_fired: bool = True,
+             attention_mask: Tensor | None = None, prompt_len: int | None = None, rows: Rows | None = None,
+             allow_transfer: bool = True) -> Iterator[Session]:
+    """Apply a policy (or interventions) to every forward pass of ``model`` inside the block.
+
+    For bare forward calls, ``attention_mask`` (and ``prompt_len``, default: its width) give the batch context;
+    ``rows`` sets per-row parameters (default: each intervention's own). A gate or router needs
+    :func:`catlens.generation.generate`, which decides them in the prefill. The yielded :class:`Session` holds the
+    report (``session.report.fired`` / ``.edited``).
+    """
+    policy = as_policy(steer)
+    policy.check_model(model, allow_transfer=allow_transfer)
+    session = Session(model, policy)
+    if attention_mask is not None:
+        session.context = BatchContext(attention_mask, prompt_len or attention_mask.shape[1])
+    session.rows = rows
+    hooks = [(model.hook_name(iv.site, iv.layer), session.hook(i)) for i, iv in enumerate(policy.interventions)]
     with model.bridge.hooks(fwd_hooks=hooks):
-        yield report
+        yield session
     if check_fired:
-        silent = [i for i, n in enumerate(report.fired) if n == 0]
+        silent = [i for i, n in enumerate(session.report.fired) if n == 0]
         if silent:
-            raise RuntimeError(f"interventions {silent} never fired inside the steering block: nothing was run, or the "
-                               f"bridge skipped their hooks. Pass check_fired=False to allow an unused block.")
+            raise RuntimeError(f"interventions {silent} never fired inside the steering block: nothing was run, or "
+                               f"the bridge skipped their hooks. Pass check_fired=False to allow an unused block.")
 
 
-def _hook(iv: Intervention, report: SteeringReport, i: int, model: LensModel) -> Any:
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        report.fired[i] += 1
-        if act.dim() == 4:  # z: [batch pos head d_head]
-            flat = act.flatten(2)
-            return iv.apply(flat).view_as(act)
-        return iv.apply(act)
+@contextmanager
+def reading(model: Any, reads: Mapping[str, tuple[Site | str, int]], store: dict[str, Tensor],
+            position: int = -1) -> Iterator[None]:
+    """Record ``act[:, position]`` of each ``name -> (site, layer)`` into ``store`` on every forward call (the
+    gate's and the probe router's inputs), without editing anything."""
 
-    return hook
+    def reader(name: str) -> Any:
+        def read(act: Tensor, hook: Any = None) -> Tensor:
+            store[name] = act[:, position].detach().float()
+            return act
+
+        return read
+
+    hooks = [(model.hook_name(site, layer), reader(name)) for name, (site, layer) in reads.items()]
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield
+
+
+def request_vectors(policy: SteeringPolicy, decisions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Compile a policy's additive interventions into one plain steering spec per request (row): for each
+    ``(site, layer)`` the vector ``c · v`` that row gets, plus its positions. This is the shape engines that take a
+    steering vector per request (e.g. vllm-lens) accept; ablate/clamp/low_rank with an input-conditioned ``z`` are
+    not additive and raise.
+
+    ``decisions`` are the per-row ``steer`` records of :func:`catlens.generation.generate` (``coeff``,
+    ``direction`` per intervention, ``active``).
+    """
+    out = []
+    for d in decisions:
+        vecs = []
+        for i, iv in enumerate(policy.interventions):
+            if iv.kind == "low_rank" and iv.z is not None:
+                v = iv.U @ (iv.V.T @ iv.z)
+            elif iv.kind == "add":
+                v = iv.vectors[d["direction"][i]]
+                v = v / v.norm() if iv.normalize else v
+            else:
+                raise ValueError(f"intervention {i} is {iv.kind!r}: not an additive vector an engine can apply "
+                                 f"per request; only 'add' and 'low_rank' with a fixed z compile.")
+            c = d["coeff"][i] * iv.scale_factor if d["active"][i] else 0.0
+            vecs.append({"site": iv.site.value, "layer": iv.layer, "positions": iv.positions,
+                         "vector": (c * v).tolist()})
+        out.append({"interventions": vecs})
+    return out
+
+
+def with_coeff(policy: SteeringPolicy, coeff: float | None = None, *, toward: float | None = None,
+               away: float | None = None) -> SteeringPolicy:
+    """A copy of ``policy`` with every intervention's coefficient (and/or the gate's) replaced: sweeps use it."""
+    ivs = policy.interventions if coeff is None else tuple(replace(iv, coeff=coeff) for iv in policy.interventions)
+    return replace(policy, interventions=ivs, toward=policy.toward if toward is None else toward,
+                   away=policy.away if away is None else away)

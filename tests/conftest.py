@@ -74,3 +74,24 @@ def assert_float32_close():
         torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=rel)
 
     return check
+
+
+TINY_CATEGORIES = ("fraud", "hate", "privacy")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with its own tiny tokenizer and refusal tokens (no real model needed)."""
+    from catlens.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_lm"), categories=TINY_CATEGORIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_lm_dir):
+    """The tiny model loaded through the ordinary folder route (shared: tests must not leave hooks)."""
+    from catlens.model import load_model
+
+    model = load_model(tiny_lm_dir)
+    yield model
+    assert not model.bridge.list_hooks()

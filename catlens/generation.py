@@ -1,0 +1,500 @@
+"""Batched, left-padded, KV-cached generation with per-row steering, gate and router decisions.
+
+    >>> import catlens as cl                                                                  # doctest: +SKIP
+    >>> records = cl.generate(model, prompts, steer=policy, max_new_tokens=64, out="runs/gen")  # doctest: +SKIP
+
+The loop is catlens's own (not ``transformers.generate``) so that every forward call knows its batch context
+(:class:`catlens.steer.BatchContext`): the prompt is run as two calls, all but the last prompt token and then the
+last prompt token alone, then one call per generated token. A policy with a gate or router makes its decisions
+from that second call's unsteered activations and logits (the gate's probe input at the last prompt token, the
+refusal-token probabilities at the first response position) and then re-runs only what the decisions change: the
+last prompt token when the policy edits it (``last_prompt``: one extra one-token call), nothing when it edits
+generated tokens only, the whole prompt when it edits earlier prompt positions. Unsteered and steered generation
+share this call structure, so a row the gate leaves alone generates exactly what the unsteered model generates.
+
+Each record: ``id``, ``prompt``, ``label``, ``category``, ``source``, ``response`` (special tokens visible,
+end-of-turn dropped), ``token_ids``, ``n_new_tokens``, ``finished`` (an end token was generated),
+``first_probs`` (refusal-token probabilities at the first response position, steered, on refusal-token models),
+``refusal_score``, ``gate`` and ``route`` (the decisions, ``None`` without a gate/router), ``steer`` (per
+intervention: active, coefficient, direction index) and ``seconds`` (the batch's wall time divided by its rows).
+
+With ``out``, records are appended to ``<out>/generations.partial.jsonl`` batch by batch; an interrupted run
+resumes from the finished batches, and the final ``<out>/generations.jsonl`` (input order, without the timing,
+which goes to ``timing.jsonl``) is byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from catlens.steer import (
+    BatchContext,
+    Rows,
+    Session,
+    SteeringPolicy,
+    as_policy,
+    reading,
+)
+
+log = logging.getLogger(__name__)
+
+SPECIAL_MODES = ("auto", "first_only", "free")
+
+
+@dataclass(frozen=True)
+class _Item:
+    id: str
+    text: str
+    label: str | None = None
+    category: str | None = None
+    source: str | None = None
+
+
+def _items(prompts: Any) -> list[_Item]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of prompts, not one string; wrap it in a list: [text].")
+    items = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            items.append(_Item(f"{i:06d}", p))
+        elif isinstance(p, Mapping):
+            items.append(_Item(str(p.get("id", f"{i:06d}")), p["text"], p.get("label"), p.get("category"),
+                               p.get("source")))
+        elif hasattr(p, "text") and hasattr(p, "id"):
+            items.append(_Item(str(p.id), p.text, getattr(p, "label", None), getattr(p, "category", None),
+                               getattr(p, "source", None)))
+        else:
+            raise TypeError(f"prompt {i} is a {type(p).__name__}; give strings, dicts with 'text', or a PromptSet.")
+        if not isinstance(items[-1].text, str) or not items[-1].text.strip():
+            raise ValueError(f"prompt {items[-1].id!r} has empty or non-string text ({items[-1].text!r}).")
+    if not items:
+        raise ValueError("no prompts given: pass at least one prompt.")
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = sorted({x for x in ids if ids.count(x) > 1})[:5]
+        raise ValueError(f"prompt ids must be unique; repeated: {dup}.")
+    return items
+
+
+def _row_seed(seed: int, prompt_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _refusal_ids(model: Any) -> tuple[Any, list[int]]:
+    from catlens.refusal import RefusalTokens
+
+    try:
+        tokens = RefusalTokens.from_model(model)
+        return tokens, tokens.ids(model.tokenizer)
+    except ValueError:
+        return None, []
+
+
+class _Decoder:
+    """One batch: the call structure, the context and the session's enable switch."""
+
+    def __init__(self, model: Any, ids: Tensor, mask: Tensor, session: Session | None, use_cache: bool) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.session, self.use_cache = model, session, use_cache
+        self.seq, self.mask = ids, mask
+        self.T = ids.shape[1]
+        self.start = self.T - mask.sum(dim=1)
+        self.cache = DynamicCache() if use_cache else None
+        self._new_cache = DynamicCache
+
+    def reset(self) -> None:
+        if self.use_cache:
+            self.cache = self._new_cache()
+
+    def crop(self, length: int) -> None:
+        if self.use_cache:
+            self.cache.crop(length)
+
+    def forward(self, start: int, end: int) -> Tensor:
+        """Run positions ``[start, end)`` (with a cache: those not cached yet); the last position's logits."""
+        attn = self.mask[:, :end]
+        pos = attn.long().cumsum(-1) - 1
+        pos = pos.masked_fill(attn == 0, 1)
+        if not self.use_cache:
+            start = 0
+        if self.session is not None:
+            self.session.context = BatchContext(attn, self.T, start, self.start)
+        kwargs: dict[str, Any] = {"input_ids": self.seq[:, start:end], "attention_mask": attn,
+                                  "position_ids": pos[:, start:end], "use_cache": self.use_cache}
+        if self.use_cache:
+            kwargs["past_key_values"] = self.cache
+            kwargs["cache_position"] = torch.arange(start, end, device=self.seq.device)
+        out = self.model.hf(**kwargs)
+        return out.logits[:, -1, :].float()
+
+    def prompt(self) -> Tensor:
+        """Logits at the last prompt token, run as [0, T-1) then [T-1, T) (one call when there is no cache)."""
+        if self.use_cache and self.T > 1:
+            self.forward(0, self.T - 1)
+        return self.forward(self.T - 1, self.T) if self.use_cache else self.forward(0, self.T)
+
+    def append(self, tokens: Tensor) -> None:
+        self.seq = torch.cat([self.seq, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+
+
+def _rerun_scope(policy: SteeringPolicy) -> str:
+    """What a decision changes: 'none' (generated tokens only), 'last' (the last prompt token), 'all'."""
+    scope = "none"
+    for iv in policy.interventions:
+        pos = iv.positions
+        if pos == "generated":
+            continue
+        if pos == "last_prompt" or pos == (-1,):
+            scope = "last" if scope == "none" else scope
+        else:
+            return "all"
+    return scope
+
+
+def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor,
+            tokens: Any, token_ids: list[int], rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
+    """Fill ``rows`` from the gate and router; return the per-row decision records."""
+    B = len(items)
+    gates: list[dict | None] = [None] * B
+    routes: list[dict | None] = [None] * B
+    if policy.gate is not None:
+        g = policy.gate
+        score = g.score(reads["gate"])
+        flagged = score >= g.threshold
+        for b in range(B):
+            outcome = "toward" if bool(flagged[b]) else "away"
+            c = policy.toward if outcome == "toward" else policy.away
+            for i in range(len(policy.interventions)):
+                rows.active[i][b] = c is not None
+                rows.coeff[i][b] = 0.0 if c is None else c
+            gates[b] = {"score": float(score[b]), "threshold": g.threshold, "outcome": outcome if c is not None
+                        else "none", "flagged": bool(flagged[b]), "coeff": c}
+    r = policy.router
+    if r is not None:
+        if r.kind == "refusal_tokens":
+            from catlens.refusal import special_token_probs
+
+            cols = [tokens.token_of(c) for c in r.categories]
+            ids = [model.token_id(t) for t in cols]
+            probs = special_token_probs(logits, ids)
+            choice = probs.argmax(dim=1).tolist()
+            extra = [{"p": float(probs[b, choice[b]])} for b in range(B)]
+        elif r.kind == "probe":
+            scores = reads["router"] @ r.weight.T.to(reads["router"].device) + r.bias.to(reads["router"].device)
+            choice = scores.argmax(dim=1).tolist()
+            extra = [{"logit": float(scores[b, choice[b]])} for b in range(B)]
+        else:  # fixed: the prompt's own category
+            choice, extra = [], []
+            for it in items:
+                if it.category not in r.categories:
+                    raise ValueError(f"router kind 'fixed' needs each prompt's category among {list(r.categories)}; "
+                                     f"prompt {it.id!r} has category {it.category!r}.")
+                choice.append(r.categories.index(it.category))
+                extra.append({})
+        for b in range(B):
+            cat = r.categories[choice[b]]
+            for i, iv in enumerate(policy.interventions):
+                if iv.kind != "low_rank" and iv.n_directions > 1:
+                    rows.direction[i][b] = iv.direction_index(cat)
+            routes[b] = {"kind": r.kind, "category": cat, **extra[b]}
+    return gates, routes
+
+
+def _apply_row_overrides(policy: SteeringPolicy, rows: Rows, overrides: Mapping[str, Sequence[Any]] | None,
+                         batch: Sequence[int]) -> None:
+    if not overrides:
+        return
+    for key, values in overrides.items():
+        for j, idx in enumerate(batch):
+            v = values[idx]
+            for i, iv in enumerate(policy.interventions):
+                if key == "coeff":
+                    rows.coeff[i][j] = float(v)
+                elif key == "active":
+                    rows.active[i][j] = bool(v)
+                elif key == "direction":
+                    rows.direction[i][j] = iv.direction_index(v) if isinstance(v, str) else int(v)
+
+
+def _check_overrides(policy: SteeringPolicy | None, overrides: Mapping[str, Sequence[Any]] | None, n: int) -> None:
+    if not overrides:
+        return
+    if policy is None:
+        raise ValueError("rows= needs a steering policy (steer=...).")
+    import math
+
+    for key, values in overrides.items():
+        if key not in ("coeff", "active", "direction"):
+            from catlens.errors import unknown_name_message
+
+            raise ValueError(unknown_name_message("per-row parameter", key, ["active", "coeff", "direction"]))
+        if len(values) != n:
+            raise ValueError(f"rows[{key!r}] has {len(values)} entries for {n} prompts; give one per prompt.")
+        if key == "coeff" and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError("rows['coeff'] must hold finite numbers.")
+        if key == "direction":
+            for iv in policy.interventions:
+                for v in values:
+                    if isinstance(v, str):
+                        iv.direction_index(v)
+                    elif not 0 <= int(v) < iv.n_directions:
+                        raise ValueError(f"rows['direction'] value {v} is out of range for {iv.n_directions} "
+                                         f"directions.")
+
+
+def _pick(logits: Tensor, sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+          gens: Sequence[torch.Generator] | None) -> Tensor:
+    if not sample:
+        return logits.argmax(dim=-1)
+    x = logits / temperature
+    if top_k is not None:
+        kth = x.topk(min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop = cum - sorted_x.softmax(-1) > top_p
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    out = []
+    for b in range(x.shape[0]):  # Gumbel-max with each row's own generator: batch-composition independent
+        u = torch.rand(x.shape[-1], generator=gens[b]).clamp_(1e-20, 1.0)
+        out.append(int((x[b].cpu() - torch.log(-torch.log(u))).argmax()))
+    return torch.tensor(out, device=logits.device)
+
+
+@torch.inference_mode()
+def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy | None, *, fmt: str,
+                    system: str | None, max_new_tokens: int, sample: bool, temperature: float, top_k: int | None,
+                    top_p: float | None, seed: int, use_cache: bool, special_first_only: bool, tokens: Any,
+                    token_ids: list[int], overrides: Mapping[str, Sequence[Any]] | None, batch_index: Sequence[int],
+                    trace: list | None = None) -> list[dict[str, Any]]:
+    from catlens.refusal import decode_response, special_token_probs
+
+    t0 = time.perf_counter()
+    rendered = model.format([it.text for it in items], fmt, system=system)
+    ids, mask = model.tokenize(rendered)
+    B = ids.shape[0]
+    session = Session(model, policy) if policy is not None else None
+    rows = Rows.default(policy, B) if policy is not None else None
+    if policy is not None:
+        _apply_row_overrides(policy, rows, overrides, batch_index)
+        session.rows = rows
+        session.trace = trace
+    dec = _Decoder(model, ids, mask, session, use_cache)
+    gens = [torch.Generator().manual_seed(_row_seed(seed, it.id)) for it in items] if sample else None
+    eos = model.tokenizer.eos_token_id
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eos
+    gates: list[dict | None] = [None] * B
+    routes: list[dict | None] = [None] * B
+
+    hooks = []
+    if session is not None:
+        hooks = [(model.hook_name(iv.site, iv.layer), session.hook(i)) for i, iv in enumerate(policy.interventions)]
+    reads: dict[str, Tensor] = {}
+    read_spec: dict[str, tuple[Any, int]] = {}
+    if policy is not None and policy.gate is not None:
+        read_spec["gate"] = (policy.gate.site, policy.gate.layer)
+    if policy is not None and policy.router is not None and policy.router.kind == "probe":
+        read_spec["router"] = (policy.router.site, policy.router.layer)
+
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        if hooks:
+            stack.enter_context(model.bridge.hooks(fwd_hooks=hooks))
+        if policy is not None and policy.decides:
+            session.enabled = False
+            with reading(model, read_spec, reads) if read_spec else ExitStack():
+                logits = dec.prompt()
+            gates, routes = _decide(model, policy, items, reads, logits, tokens, token_ids, rows)
+            session.enabled = True
+            scope = _rerun_scope(policy)
+            if scope == "last":
+                if use_cache:
+                    dec.crop(dec.T - 1)
+                    logits = dec.forward(dec.T - 1, dec.T)
+                else:
+                    logits = dec.prompt()
+            elif scope == "all":
+                dec.reset()
+                logits = dec.prompt()
+        else:
+            logits = dec.prompt()
+
+        first_probs = special_token_probs(logits, token_ids) if token_ids else None
+        special = torch.tensor(token_ids, dtype=torch.long, device=logits.device) if token_ids else None
+        out_tokens: list[list[int]] = [[] for _ in range(B)]
+        finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        for step in range(max_new_tokens):
+            if special is not None and special_first_only and step > 0:
+                logits[:, special] = float("-inf")
+            nxt = _pick(logits, sample, temperature, top_k, top_p, gens)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            for b in range(B):
+                if not finished[b]:
+                    out_tokens[b].append(int(nxt[b]))
+            finished |= nxt == eos
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            dec.append(nxt)
+            end = dec.seq.shape[1]
+            logits = dec.forward(end - 1, end)
+    seconds = time.perf_counter() - t0
+
+    records = []
+    for b, it in enumerate(items):
+        toks = out_tokens[b]
+        rec: dict[str, Any] = {
+            "id": it.id, "prompt": it.text, "label": it.label, "category": it.category, "source": it.source,
+            "response": decode_response(model.tokenizer, toks), "token_ids": toks, "n_new_tokens": len(toks),
+            "finished": bool(toks) and toks[-1] == eos,
+            "first_probs": ({t: float(first_probs[b, k]) for k, t in enumerate(tokens.all_tokens)}
+                            if first_probs is not None else None),
+            "refusal_score": float(first_probs[b, :-1].sum()) if first_probs is not None else None,
+            "gate": gates[b], "route": routes[b],
+            "steer": ({"active": [bool(a[b]) for a in rows.active], "coeff": [float(c[b]) for c in rows.coeff],
+                       "direction": [int(d[b]) for d in rows.direction]} if rows is not None else None),
+            "seconds": seconds / B,
+        }
+        records.append(rec)
+    return records
+
+
+def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int = 64, batch_size: int = 16,
+             sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, use_cache: bool = True, fmt: str = "chat", system: str | None = None,
+             special_tokens: str = "auto", rows: Mapping[str, Sequence[Any]] | None = None,
+             allow_transfer: bool = False, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
+             show_progress: bool = True, trace: list | None = None) -> list[dict[str, Any]]:
+    """Generate answers to ``prompts`` (strings, dicts with ``text``, or a :class:`catlens.prompts.PromptSet`),
+    steered by ``steer`` (a :class:`catlens.steer.SteeringPolicy`, interventions, or a saved policy folder).
+
+    Greedy by default; ``sample=True`` samples with ``temperature``/``top_k``/``top_p`` from a per-prompt generator
+    seeded from ``(seed, prompt id)``, so results do not depend on batching or resumption. ``rows`` overrides
+    per-row parameters (``coeff``, ``active``, ``direction`` as a label or index; one entry per prompt).
+    ``special_tokens``: on refusal-token models ``"first_only"`` (the ``"auto"`` default) allows the special tokens
+    only at the first response position; ``"free"`` does not restrict them. ``use_cache=False`` recomputes the whole
+    sequence at every step (slow; steers the same positions). ``trace`` (a list) collects ``(intervention, row,
+    position)`` of every edit, for tests. See the module docstring for the records and the ``out`` folder.
+    """
+    from tqdm.auto import tqdm
+
+    from catlens.errors import unknown_name_message
+
+    if max_new_tokens < 1 or isinstance(max_new_tokens, bool):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1.")
+    if sample and not (temperature > 0 and temperature == temperature and temperature != float("inf")):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1].")
+    if special_tokens not in SPECIAL_MODES:
+        raise ValueError(unknown_name_message("special_tokens mode", special_tokens, SPECIAL_MODES))
+    items = _items(prompts)
+    policy = as_policy(steer)
+    if policy is not None:
+        policy.check_model(model, allow_transfer=allow_transfer)
+    _check_overrides(policy, rows, len(items))
+    tokens, token_ids = _refusal_ids(model)
+    config = {"model": model.name, "policy": _policy_digest(policy), "max_new_tokens": max_new_tokens,
+              "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
+              "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
+              "special_tokens": special_tokens, "rows": _jsonable(rows),
+              "prompts": hashlib.sha256(json.dumps([it.__dict__ for it in items]).encode()).hexdigest()}
+    run = _open_run(out, config, overwrite) if out is not None else None
+    done: dict[str, dict[str, Any]] = {}
+    if run is not None:
+        if (run.path / "generations.jsonl").exists() and run.manifest.get("status") == "done":
+            return _read_final(run)
+        done = {r["id"]: r for r in run.read_jsonl("generations.partial")}
+        if done:
+            log.info("generate: resuming %s, %d of %d prompts done", run.path, len(done), len(items))
+        run.record_model(model)
+
+    rendered_len = [len(t) for t in model.format([it.text for it in items], fmt, system=system)]
+    order = sorted(range(len(items)), key=lambda i: (-rendered_len[i], i))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    results: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(items), desc="generate", unit="prompt", disable=not show_progress) as bar:
+        for batch in batches:
+            if all(items[i].id in done for i in batch):
+                results.update({items[i].id: done[items[i].id] for i in batch})
+                bar.update(len(batch))
+                continue
+            recs = _generate_batch(model, [items[i] for i in batch], policy, fmt=fmt, system=system,
+                                   max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
+                                   special_first_only=special_tokens != "free", tokens=tokens, token_ids=token_ids,
+                                   overrides=rows, batch_index=batch, trace=trace)
+            if run is not None:
+                run.append_jsonl("timing", [{"ids": [r["id"] for r in recs], "seconds": sum(r["seconds"] for r in recs)}])
+                run.append_jsonl("generations.partial", [{k: v for k, v in r.items() if k != "seconds"} for r in recs])
+            results.update({r["id"]: r for r in recs})
+            bar.update(len(batch))
+    records = [results[it.id] for it in items]
+    if run is not None:
+        from catlens.runs import write_text_atomic
+
+        target = run.path / "generations.jsonl"
+        write_text_atomic(target, "".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n"
+                                          for r in records))
+        run._register(target, rows=len(records))
+        (run.path / "generations.partial.jsonl").unlink(missing_ok=True)
+        run.finish(n=len(records))
+    return records
+
+
+def _policy_digest(policy: SteeringPolicy | None) -> str | None:
+    if policy is None:
+        return None
+    spec, tensors = policy.to_plain()
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _open_run(out: str | os.PathLike[str], config: dict[str, Any], overwrite: bool) -> Any:
+    from catlens.runs import RunDir
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file; give a folder path.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        if not (out / "manifest.json").exists():
+            raise FileExistsError(f"{str(out)!r} is not empty and is not a catlens generation folder; choose another "
+                                  f"--out or pass --overwrite.")
+        previous = RunDir.open(out).manifest.get("config")
+        if previous != config:
+            diff = sorted(k for k in set(config) | set(previous or {}) if (previous or {}).get(k) != config.get(k))
+            raise FileExistsError(f"{str(out)!r} holds generations made with other settings ({', '.join(diff)} "
+                                  f"differ); choose another --out or pass --overwrite.")
+        return RunDir.create(out, config, resume=True)
+    return RunDir.create(out, config, overwrite=overwrite)
+
+
+def _read_final(run: Any) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run.path / "generations.jsonl").read_text().splitlines() if line]
+    timing = {i: t["seconds"] / len(t["ids"]) for t in run.read_jsonl("timing") for i in t["ids"]}
+    for r in rows:
+        r["seconds"] = timing.get(r["id"])
+    return rows

@@ -1,0 +1,87 @@
+"""Small offline models for tests, benchmarks and smoke runs: a tiny random Llama with its own tiny tokenizer.
+
+    >>> from catlens.testing import make_tiny_model_dir                              # doctest: +SKIP
+    >>> folder = make_tiny_model_dir(tmp_path, categories=("fraud", "hate"))        # doctest: +SKIP
+    >>> model = catlens.load_model(folder)                                           # doctest: +SKIP
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained in memory on a few built-in sentences,
+with a ChatML chat template, and (optionally) catlens's refusal tokens ``[refuse:<category>]`` and ``[respond]``,
+so every refusal-token code path runs on it. The weights are random (seeded), with a larger initialisation than
+usual so that greedy decoding has clear margins (cached and uncached computation pick the same tokens).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+TINY_CORPUS = (
+    "How do I bake bread at home with flour water salt and yeast?",
+    "Tell me how to pick a lock on a door that is not mine.",
+    "Write a short poem about the sea and the wind at night.",
+    "What is the capital of France and why is it famous?",
+    "Explain how vaccines train the immune system to fight a virus.",
+    "Give me a plan to steal a password from my coworker's laptop.",
+    "I'm sorry for your loss. Here is how to plan a memorial.",
+    "I can't help with that request because it could hurt people.",
+    "Sure! Here are three steps: mix, knead, and bake for thirty minutes.",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer(categories: Sequence[str] = (), vocab_size: int = 384):
+    """A ``PreTrainedTokenizerFast``: byte-level BPE trained on :data:`TINY_CORPUS`, ChatML template, BOS
+    ``<|im_start|>``, EOS ``<|im_end|>``, pad ``<|endoftext|>``; refusal tokens when ``categories`` are given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from catlens.refusal import RESPOND, category_token
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(TINY_CORPUS) * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    if categories:
+        fast.add_special_tokens({"additional_special_tokens": [category_token(c) for c in categories] + [RESPOND]})
+    return fast
+
+
+def make_tiny_model_dir(folder: str | os.PathLike[str], *, categories: Sequence[str] = (), n_layers: int = 4,
+                        d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2, seed: int = 0,
+                        init_range: float = 0.2) -> Path:
+    """Save a random tiny Llama (``n_layers`` x ``d_model``, tied embeddings) and its tokenizer to ``folder``; the
+    folder loads with :func:`catlens.model.load_model` like any checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer = make_tiny_tokenizer(categories)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                      max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init_range,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # test-only helper: the weights must be the same on every call
+    try:
+        model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
