@@ -257,7 +257,7 @@ class LogitScoreJudge(Judge):
     name = "logit_score"
     describes = "the first-position refusal-token probability (refusal_score) is at least the threshold"
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float | int = 0.5) -> None:
         self.threshold = _check_probability("threshold", threshold)
         self.describes = f"the first-position refusal-token probability (refusal_score) is >= {self.threshold:g}"
 
@@ -345,7 +345,7 @@ class LLMJudge(Judge):
     name = "llm"
 
     def __init__(self, model: Any = None, *, base_url: str | None = None, api_model: str = "default",
-                 api_key: str | None = None, timeout: float = 60.0, retries: int = 3, retry_wait: float = 1.0,
+                 api_key: str | None = None, timeout: float | int = 60.0, retries: int = 3, retry_wait: float | int = 1.0,
                  batch_size: int = 8, max_new_tokens: int = 4, include_prompt: bool = False,
                  rubric: str = LLM_RUBRIC) -> None:
         if (model is None) == (base_url is None):

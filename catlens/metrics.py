@@ -417,7 +417,7 @@ def _response_tokens(record: Mapping[str, Any]) -> list[Any]:
 
 
 def answered(records: Sequence[Mapping[str, Any]], refused: Any, *, n: int = 3,
-             degenerate_threshold: float = DEGENERATE_THRESHOLD) -> list[bool]:
+             degenerate_threshold: float | int = DEGENERATE_THRESHOLD) -> list[bool]:
     """Per record: the response still answers: not refused, non-empty text (special tokens removed), and
     :func:`repetition_rate` (on ``token_ids``, else words) below ``degenerate_threshold``."""
     from catlens.judges import check_records, strip_special_tokens
@@ -439,7 +439,7 @@ def answered(records: Sequence[Mapping[str, Any]], refused: Any, *, n: int = 3,
 
 
 def helpfulness_proxy(records: Sequence[Mapping[str, Any]], refused: Any, *, n: int = 3,
-                      degenerate_threshold: float = DEGENERATE_THRESHOLD) -> float:
+                      degenerate_threshold: float | int = DEGENERATE_THRESHOLD) -> float:
     """Share of *benign* records whose response still answers (:func:`answered`: not refused, non-empty, not
     degenerate). Records with a ``label`` other than ``benign`` are ignored; with no label at all every record is
     taken as benign.
@@ -493,7 +493,7 @@ def side_effect_table(
     kl: Any = None,
     perplexity: Any = None,
     n: int = 3,
-    degenerate_threshold: float = DEGENERATE_THRESHOLD,
+    degenerate_threshold: float | int = DEGENERATE_THRESHOLD,
     alpha: float = 0.05,
 ) -> Any:
     """Side-effect proxies per group (and an ``(all)`` row): one row per (group, metric).
