@@ -59,14 +59,16 @@ def binomial_se(k: int, n: int) -> float:
 
 
 def wilson_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (statsmodels ``proportion_confint``)."""
+    """Wilson score interval for ``k`` successes in ``n`` trials (statsmodels ``proportion_confint``).
+
+    The bounds are exactly 0 at ``k = 0`` and exactly 1 at ``k = n`` (statsmodels can be one rounding step off)."""
     from statsmodels.stats.proportion import proportion_confint
 
     _check_counts(k, n)
     if not (isinstance(alpha, float) and 0 < alpha < 1):
         raise ValueError(f"alpha={alpha!r} must be a float in (0, 1) (0.05 for a 95 % interval).")
     low, high = proportion_confint(k, n, alpha=alpha, method="wilson")
-    return float(low), float(high)
+    return (0.0 if k == 0 else float(low)), (1.0 if k == n else float(high))
 
 
 def _check_counts(k: Any, n: Any) -> None:
@@ -204,7 +206,7 @@ def auroc_with_ci(
     y: Any,
     score: Any,
     *,
-    rng: np.random.Generator,
+    rng: Any,
     n_boot: int = 2000,
     alpha: float = 0.05,
 ) -> dict[str, Any]:
@@ -233,7 +235,7 @@ def auroc_with_ci(
         raise ValueError(f"y and score must be 1-d and of equal length; got shapes {y_arr.shape} and {s.shape}.")
     if not np.isfinite(s).all():
         bad = int(np.flatnonzero(~np.isfinite(s))[0])
-        raise ValueError(f"score has a non-finite value {s[bad]!r} at index {bad}; scores must be finite.")
+        raise ValueError(f"score has a non-finite value {float(s[bad])!r} at index {bad}; scores must be finite.")
     labels = set(np.unique(y_arr).tolist())
     if not labels <= {0, 1, True, False}:
         raise ValueError(f"y must be binary (0/1 or bools), got values {sorted(map(str, labels))}.")
