@@ -345,9 +345,9 @@ class LLMJudge(Judge):
     name = "llm"
 
     def __init__(self, model: Any = None, *, base_url: str | None = None, api_model: str = "default",
-                 api_key: str | None = None, timeout: float | int = 60.0, retries: int = 3, retry_wait: float | int = 1.0,
-                 batch_size: int = 8, max_new_tokens: int = 4, include_prompt: bool = False,
-                 rubric: str = LLM_RUBRIC) -> None:
+                 api_key: str | None = None, timeout: float | int = 60.0, retries: int = 3,
+                 retry_wait: float | int = 1.0, batch_size: int = 8, max_new_tokens: int = 4,
+                 include_prompt: bool = False, rubric: str = LLM_RUBRIC) -> None:
         if (model is None) == (base_url is None):
             raise ValueError("judge 'llm' needs exactly one backend: model=<LensModel or model spec> for a local "
                              f"chat model, or base_url='http://host:port' for an OpenAI-compatible server; got "
