@@ -487,7 +487,7 @@ def judge_records(
 ) -> Any:
     """Run ``judges`` (names or :class:`Judge` objects) on ``records``: a DataFrame with one row per record.
 
-    Columns: :data:`META_COLUMNS` (``dataset`` is the record's ``dataset``, else its ``source``) and one
+    Columns: :data:`META_COLUMNS` (``dataset`` is the record's ``dataset``, else (missing or None) its ``source``) and one
     ``refused_<judge name>`` column per judge: ``bool``, or pandas' nullable ``boolean`` with ``<NA>`` when a judge
     left verdicts unknown (the LLM judge); ``df.attrs["unknown"]`` counts them per column and
     ``df.attrs["judges"]`` holds each judge's ``describes``. ``options`` maps a judge name to its options.
@@ -519,7 +519,7 @@ def judge_records(
         "id": [str(r["id"]) for r in records],
         "label": [r.get("label") for r in records],
         "category": [r.get("category") for r in records],
-        "dataset": [r.get("dataset", r.get("source")) for r in records],
+        "dataset": [r.get("source") if r.get("dataset") is None else r.get("dataset") for r in records],
         "source": [r.get("source") for r in records],
         "steered": [r.get("steered") for r in records],
     })
@@ -539,7 +539,7 @@ def judge_records(
 # ------------------------------------------------------------------------------------------- agreement
 def agreement_table(df: Any, judge_columns: Sequence[str] | None = None) -> Any:
     """Pairwise agreement of judge columns: one row per pair with ``n`` (rows where both verdicts are known),
-    ``agreement`` (share of equal verdicts), Cohen's ``kappa`` (:func:`sklearn.metrics.cohen_kappa_score`; NaN when
+    ``agreement`` (share of equal verdicts; ``percent_agreement`` the same in percent), Cohen's ``kappa`` (:func:`sklearn.metrics.cohen_kappa_score`; NaN when
     undefined, e.g. both judges constant and equal), and the 2x2 counts ``both`` / ``only_a`` / ``only_b`` /
     ``neither`` (refused by both, by ``judge_a`` only, by ``judge_b`` only, by neither).
 
@@ -572,7 +572,8 @@ def agreement_table(df: Any, judge_columns: Sequence[str] | None = None) -> Any:
                 warnings.simplefilter("ignore")
                 kappa = float(cohen_kappa_score(x, y, labels=[False, True]))
         rows.append({"judge_a": a, "judge_b": b, "n": n,
-                     "agreement": float(np.mean(x == y)) if n else float("nan"), "kappa": kappa,
+                     "agreement": float(np.mean(x == y)) if n else float("nan"),
+                     "percent_agreement": 100 * float(np.mean(x == y)) if n else float("nan"), "kappa": kappa,
                      "both": int(np.sum(x & y)), "only_a": int(np.sum(x & ~y)), "only_b": int(np.sum(~x & y)),
                      "neither": int(np.sum(~x & ~y))})
     return pd.DataFrame(rows)

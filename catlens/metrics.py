@@ -524,7 +524,9 @@ def side_effect_table(
     by = [by] if isinstance(by, str) else list(by)
 
     def field(r: Mapping[str, Any], key: str) -> Any:
-        v = r.get(key, r.get("source") if key == "dataset" else None)
+        v = r.get(key)
+        if v is None and key == "dataset":
+            v = r.get("source")
         return "(none)" if v is None else v
 
     missing = [k for k in by if not any(k in r or (k == "dataset" and "source" in r) for r in records)]

@@ -127,7 +127,7 @@ def test_judge_records_table():
     records = [rec(0, "[refuse:privacy] No.", label="harmful", category="privacy", source="xstest"),
                rec(1, "[respond] I can't help with that.", label="harmful", category="privacy", dataset="wg",
                    source="wildguard"),
-               rec(2, "[respond] Sure.", label="benign", category="crime", source="xstest")]
+               rec(2, "[respond] Sure.", label="benign", category="crime", dataset=None, source="xstest")]
     df = judge_records(records, ["refusal_token", "substring"])
     assert list(df["id"]) == ["0", "1", "2"]
     assert list(df["dataset"]) == ["xstest", "wg", "xstest"]  # dataset, else source
@@ -170,7 +170,7 @@ def test_agreement_table_kappa_on_a_crafted_table():
     po = (20 + 15) / 50
     pe = (25 / 50) * (30 / 50) + (25 / 50) * (20 / 50)
     assert row["n"] == 50 and (row["both"], row["only_a"], row["only_b"], row["neither"]) == (20, 5, 10, 15)
-    assert row["agreement"] == pytest.approx(po)
+    assert row["agreement"] == pytest.approx(po) and row["percent_agreement"] == pytest.approx(100 * po)
     assert row["kappa"] == pytest.approx((po - pe) / (1 - pe))
     assert table.loc[("refused_a", "refused_c"), "n"] == 40
     assert table.loc[("refused_a", "refused_c"), "agreement"] == pytest.approx(sum(a[10:]) / 40)
