@@ -32,6 +32,10 @@ _EXPORTS = {
     "check_leakage": "catlens.prompts",
     "load_dataset": "catlens.datasets",
     "Directions": "catlens.directions",
+    "get_judge": "catlens.judges",
+    "judge_records": "catlens.judges",
+    "agreement_table": "catlens.judges",
+    "rate_table": "catlens.metrics",
 }
 
 __all__ = ["__version__", *_EXPORTS]
