@@ -4,6 +4,7 @@
     catlens data list|validate           list or validate the benchmark datasets in the data directory
     catlens cache --out runs/acts        collect activations for a prompt set into a resumable store
     catlens finetune --config quick      train the refusal-token model (see `catlens finetune -h`)
+    catlens generate --prompts builtin   generate (optionally steered by --policy) and judge the answers
 
 Bad input exits with code 2 and a one-line reason.
 """
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_cli(sub)
+    from catlens.generation import add_cli as add_generate_cli
+
+    add_generate_cli(sub)
     return parser
 
 

@@ -119,8 +119,10 @@ class _Decoder:
             self.cache = self._new_cache()
 
     def crop(self, length: int) -> None:
-        if self.use_cache:
-            self.cache.crop(length)
+        if self.use_cache:  # a negative count removes that many tokens in every transformers version
+            extra = self.cache.get_seq_length() - length
+            if extra > 0:
+                self.cache.crop(-extra)
 
     def forward(self, start: int, end: int) -> Tensor:
         """Run positions ``[start, end)`` (with a cache: those not cached yet); the last position's logits."""
@@ -132,7 +134,8 @@ class _Decoder:
         if self.session is not None:
             self.session.context = BatchContext(attn, self.T, start, self.start)
         kwargs: dict[str, Any] = {"input_ids": self.seq[:, start:end], "attention_mask": attn,
-                                  "position_ids": pos[:, start:end], "use_cache": self.use_cache}
+                                  "position_ids": pos[:, start:end], "use_cache": self.use_cache,
+                                  "logits_to_keep": 1}
         if self.use_cache:
             kwargs["past_key_values"] = self.cache
             kwargs["cache_position"] = torch.arange(start, end, device=self.seq.device)
@@ -164,7 +167,7 @@ def _rerun_scope(policy: SteeringPolicy) -> str:
     return scope
 
 
-def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor,
+def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor | None,
             tokens: Any, token_ids: list[int], rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
     """Fill ``rows`` from the gate and router; return the per-row decision records."""
     B = len(items)
@@ -280,7 +283,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                     system: str | None, max_new_tokens: int, sample: bool, temperature: float, top_k: int | None,
                     top_p: float | None, seed: int, use_cache: bool, special_first_only: bool, tokens: Any,
                     token_ids: list[int], overrides: Mapping[str, Sequence[Any]] | None, batch_index: Sequence[int],
-                    trace: list | None = None) -> list[dict[str, Any]]:
+                    trace: list | None = None, stop_at_eos: bool = True) -> list[dict[str, Any]]:
     from catlens.refusal import decode_response, special_token_probs
 
     t0 = time.perf_counter()
@@ -332,6 +335,8 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                 dec.reset()
                 logits = dec.prompt()
         else:
+            if policy is not None and policy.router is not None:  # a fixed router needs no activations
+                gates, routes = _decide(model, policy, items, reads, None, tokens, token_ids, rows)
             logits = dec.prompt()
 
         first_probs = special_token_probs(logits, token_ids) if token_ids else None
@@ -346,7 +351,8 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
             for b in range(B):
                 if not finished[b]:
                     out_tokens[b].append(int(nxt[b]))
-            finished |= nxt == eos
+            if stop_at_eos:
+                finished |= nxt == eos
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             dec.append(nxt)
@@ -378,7 +384,8 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
              seed: int = 0, use_cache: bool = True, fmt: str = "chat", system: str | None = None,
              special_tokens: str = "auto", rows: Mapping[str, Sequence[Any]] | None = None,
              allow_transfer: bool = False, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
-             show_progress: bool = True, trace: list | None = None) -> list[dict[str, Any]]:
+             show_progress: bool = True, trace: list | None = None, stop_at_eos: bool = True
+             ) -> list[dict[str, Any]]:
     """Generate answers to ``prompts`` (strings, dicts with ``text``, or a :class:`catlens.prompts.PromptSet`),
     steered by ``steer`` (a :class:`catlens.steer.SteeringPolicy`, interventions, or a saved policy folder).
 
@@ -388,7 +395,8 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     ``special_tokens``: on refusal-token models ``"first_only"`` (the ``"auto"`` default) allows the special tokens
     only at the first response position; ``"free"`` does not restrict them. ``use_cache=False`` recomputes the whole
     sequence at every step (slow; steers the same positions). ``trace`` (a list) collects ``(intervention, row,
-    position)`` of every edit, for tests. See the module docstring for the records and the ``out`` folder.
+    position)`` of every edit, for tests. ``stop_at_eos=False`` always decodes ``max_new_tokens`` (benchmarks).
+    See the module docstring for the records and the ``out`` folder.
     """
     from tqdm.auto import tqdm
 
@@ -413,7 +421,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     config = {"model": model.name, "policy": _policy_digest(policy), "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
               "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
-              "special_tokens": special_tokens, "rows": _jsonable(rows),
+              "special_tokens": special_tokens, "rows": _jsonable(rows), "stop_at_eos": stop_at_eos,
               "prompts": hashlib.sha256(json.dumps([it.__dict__ for it in items]).encode()).hexdigest()}
     run = _open_run(out, config, overwrite) if out is not None else None
     done: dict[str, dict[str, Any]] = {}
@@ -439,7 +447,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
                                    max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
                                    special_first_only=special_tokens != "free", tokens=tokens, token_ids=token_ids,
-                                   overrides=rows, batch_index=batch, trace=trace)
+                                   overrides=rows, batch_index=batch, trace=trace, stop_at_eos=stop_at_eos)
             if run is not None:
                 run.append_jsonl("timing", [{"ids": [r["id"] for r in recs], "seconds": sum(r["seconds"] for r in recs)}])
                 run.append_jsonl("generations.partial", [{k: v for k, v in r.items() if k != "seconds"} for r in recs])
@@ -498,3 +506,99 @@ def _read_final(run: Any) -> list[dict[str, Any]]:
     for r in rows:
         r["seconds"] = timing.get(r["id"])
     return rows
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_cli(sub: Any) -> None:
+    """Register ``catlens generate`` on the CLI's subparsers."""
+    import argparse
+
+    from catlens.model import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "generate", help="generate answers, optionally steered by a saved policy, and judge them",
+        description="Generate answers to a prompt file or dataset, steered by a saved policy (unsteered without\n"
+                    "--policy). Writes <out>/generations.jsonl (resumable), <out>/responses.jsonl (the records plus\n"
+                    "'refused' by the default judge) and <out>/rates.csv (refusal rate per label and category with\n"
+                    "Wilson intervals).\n\nExamples:\n"
+                    "  catlens generate --prompts builtin --split test --out runs/gen-unsteered\n"
+                    "  catlens generate --model <tuned folder> --policy runs/sweep/policy --prompts xstest "
+                    "--out runs/gen-xstest",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, checkpoint folder or hub id")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--policy", default=None, help="a saved steering policy folder (SteeringPolicy.save)")
+    p.add_argument("--transfer", action="store_true",
+                   help="allow a policy made on another model of the same architecture")
+    p.add_argument("--prompts", required=True, help="'builtin', a dataset name, or a .jsonl/.csv prompt file")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default=None, help="only this split (train/val/test)")
+    p.add_argument("--label", default=None, help="only this label (harmful/benign)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (after filtering)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge", default=None, help="refusal_token | substring | logit_score (default: refusal_token "
+                                                 "on refusal-token models, else substring)")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: Any) -> int:
+    import pandas as pd
+
+    from catlens.judges import JUDGES, get_judge
+    from catlens.metrics import rate_table
+    from catlens.model import load_model, resolve_spec
+    from catlens.prompts import load_prompts
+    from catlens.runs import write_text_atomic
+
+    # every cheap check before loading anything or creating a folder
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: give a positive number of prompts.")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} and --batch-size {args.batch_size} must be >= 1.")
+    if args.judge is not None and args.judge not in JUDGES:
+        from catlens.errors import unknown_name_message
+
+        raise ValueError(unknown_name_message("judge", args.judge, JUDGES))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; give a folder.")
+    policy = SteeringPolicy.load(args.policy) if args.policy else None
+    resolve_spec(args.model, args.cache_dir)
+    prompts = load_prompts(args.prompts, data_dir=args.data_dir)
+    if args.split:
+        prompts = prompts.where(split=args.split)
+    if args.label:
+        prompts = prompts.where(label=args.label)
+    items = list(prompts)[: args.limit] if args.limit else list(prompts)
+    if not items:
+        raise ValueError(f"no prompts left in {args.prompts!r} after --split {args.split} --label {args.label}.")
+    model = load_model(args.model, cache=args.cache_dir)
+    records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       sample=args.sample, temperature=args.temperature, seed=args.seed,
+                       allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
+    tokens, _ = _refusal_ids(model)
+    name = args.judge or ("refusal_token" if tokens is not None else "substring")
+    judge = get_judge(name, tokens=tokens) if name == "refusal_token" else get_judge(name)
+    verdicts = judge(records)
+    lines = [json.dumps({**{k: v for k, v in r.items() if k != "seconds"}, "refused": v, "judge": name})
+             for r, v in zip(records, verdicts)]
+    write_text_atomic(out / "responses.jsonl", "\n".join(lines) + "\n")
+    frame = pd.DataFrame({"label": [r["label"] or "unlabelled" for r in records],
+                          "category": [r["category"] or "(none)" for r in records],
+                          "dataset": [r["source"] or args.prompts for r in records], "refused": verdicts})
+    labelled = frame[frame.label.isin(["harmful", "benign"])]
+    if len(labelled):
+        table = rate_table(labelled, value="refused", by=("dataset", "category"))
+        with open(out / "rates.csv.tmp", "w") as f:
+            table.to_csv(f, index=False)
+        os.replace(out / "rates.csv.tmp", out / "rates.csv")
+        shown = table[table["row"] != "group"][["side", "metric", "row", "n", "k", "rate", "interval"]]
+        print(shown.to_string(index=False))
+    print(f"{len(records)} answers ({sum(bool(v) for v in verdicts)} refused by {name}) -> {out}")
+    return 0

@@ -28,7 +28,7 @@ catlens; it returns the decoded responses with the special tokens left visible.
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -433,19 +433,3 @@ def first_token_scores(
             row.update({f"p[{t}]": float(probs[j, k]) for k, t in enumerate(registry.all_tokens)})
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-@dataclass
-class GenerationTable:
-    """Helper result of :func:`generate_and_parse`: responses and their parsed opening tokens."""
-
-    responses: list[str]
-    parsed: list[ParsedResponse] = field(default_factory=list)
-
-
-def generate_and_parse(model: Any, prompts: Sequence[str], *, tokens: RefusalTokens | None = None,
-                       **kwargs: Any) -> GenerationTable:
-    """:func:`generate` plus :func:`parse_response` for each response."""
-    registry = tokens or RefusalTokens.from_model(model)
-    responses = generate(model, prompts, tokens=registry, **kwargs)
-    return GenerationTable(responses, [parse_response(r, registry) for r in responses])

@@ -142,11 +142,11 @@ class Intervention:
     vectors: Tensor | None = None
     coeff: float | int = 1.0
     kind: str = "add"
-    positions: str | tuple[int, ...] = "all"
+    positions: str | Sequence[int] = "all"
     scale: str = "raw"
     ref_norm: float | int | None = None
     normalize: bool = False
-    labels: tuple[str, ...] = ()
+    labels: Sequence[str] = ()
     direction: int = 0
     head: int | None = None
     U: Tensor | None = None
@@ -388,7 +388,7 @@ class Router:
     """
 
     kind: str
-    categories: tuple[str, ...]
+    categories: Sequence[str]
     weight: Tensor | None = None
     bias: Tensor | None = None
     layer: int | None = None

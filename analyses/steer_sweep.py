@@ -1,0 +1,333 @@
+"""Steering sweep on validation prompts only: method x layer x coefficients, with a probe gate and a router.
+
+Usage:
+    python analyses/steer_sweep.py --model <refusal-tuned folder> --out runs/sweep
+    python analyses/steer_sweep.py --model <spec> --layers 16,20,24 --toward 0.05,0.1,0.2 --away 0.05,0.1,0.2 \
+        --methods one_vs_benign,one_vs_rest --out runs/sweep
+
+Protocol (every hyperparameter is chosen on validation prompts; no test prompt is ever read here):
+
+* directions, the reference norms, the gate's probe and the probe router are fitted on the built-in ``train`` split;
+  the gate's threshold (Youden's J, or ``--target-fpr``) and every setting below are chosen on the ``val`` split;
+  the leakage check runs between the two;
+* for each method (direction constructor) and layer, every prompt's gate decision is fixed by the probe, so a row
+  the gate flags only ever sees the ``toward`` coefficient and the others only ``away`` (identical to the unsteered
+  answer when the coefficient is ``None``, an exact identity of the engine). The sweep therefore generates the
+  ``toward`` grid and the ``away`` grid separately and combines them per row: ``|T| + |A|`` passes instead of
+  ``|T| x |A|``;
+* coefficients are fractions of the residual norm at the layer (``scale="norm"``, unit directions) unless
+  ``--scale raw``;
+* a coherence guard rejects settings whose benign answers' perplexity under the *unsteered* model (coherence proxy)
+  rises by more than ``--ppl-guard`` (default 10 %) over the unsteered answers';
+* the chosen setting maximises refusal on harmful minus over-refusal on benign validation prompts among admissible
+  settings (ties: smaller coefficients) and is saved as a policy folder (``<out>/policy``) that
+  ``catlens generate --policy`` applies.
+
+Writes ``<out>/sweep.parquet`` (+ CSV; one row per method, layer, toward, away, with n, rates, SE, Wilson
+intervals, perplexity ratio, admissible, pareto, chosen), ``runs.parquet`` (one row per generation pass),
+``gates.parquet`` (gate AUROC and threshold per layer on val), ``policy/`` and the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("analyses.steer_sweep")
+METHODS = ("one_vs_benign", "one_vs_rest")
+
+
+def _floats(text: str | None) -> list[float | None]:
+    if text is None or text == "":
+        return []
+    out: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"cannot read coefficient {part!r}; give numbers like '0.05,0.1' (or 'none').") from None
+        if not math.isfinite(v):
+            raise ValueError(f"coefficient {part!r} is not finite.")
+        out.append(v)
+    return out
+
+
+def _directions(method: str, harm_by_cat: dict[str, torch.Tensor], benign: torch.Tensor, layers: Sequence[int]) -> Any:
+    from catlens import directions as D
+
+    if method == "one_vs_benign":
+        return D.one_vs_benign(harm_by_cat, benign, normalize=True, layers=layers)
+    if method == "one_vs_rest":
+        return D.one_vs_rest(harm_by_cat, normalize=True, layers=layers)
+    from catlens.errors import unknown_name_message
+
+    raise ValueError(unknown_name_message("method", method, METHODS))
+
+
+def _judge(model: Any) -> tuple[str, Any]:
+    from catlens.generation import _refusal_ids
+    from catlens.judges import get_judge
+
+    tokens, _ = _refusal_ids(model)
+    if tokens is not None:
+        return "refusal_token", get_judge("refusal_token", tokens=tokens)
+    return "substring", get_judge("substring")
+
+
+def _ppl_parts(model: Any, records: Sequence[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Per benign record: (sum of NLL, tokens) of its answer under the unsteered model."""
+    from catlens.metrics import perplexity_under
+
+    rows = [r for r in records if r["label"] == "benign" and r["token_ids"]]
+    if not rows:
+        return {}
+    table = perplexity_under(model, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])
+    return {r["id"]: (float(nll) * int(n), int(n)) for r, nll, n in zip(rows, table["nll"], table["n_tokens"])}
+
+
+def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequence[float | None],
+              away: Sequence[float | None], methods: Sequence[str] = METHODS, scale: str = "norm",
+              positions: str = "last_prompt", max_new_tokens: int = 16, batch_size: int = 32,
+              ppl_guard: float = 0.10, target_fpr: float | None = None, run: Any = None,
+              show_progress: bool = True) -> dict[str, Any]:
+    """The sweep itself (see the module docstring); returns the tables and the chosen policy."""
+    import pandas as pd
+
+    from catlens.cache import collect
+    from catlens.generation import _refusal_ids, generate
+    from catlens.metrics import binomial_se, wilson_interval
+    from catlens.probes import fit_gate, fit_router_probe, gate_scores
+    from catlens.prompts import check_leakage
+    from catlens.steer import Intervention, Router, SteeringPolicy, model_fingerprint
+
+    for m in methods:
+        if m not in METHODS:
+            from catlens.errors import unknown_name_message
+
+            raise ValueError(unknown_name_message("method", m, METHODS))
+    if not layers:
+        raise ValueError("layers is empty; give at least one layer to sweep.")
+    layers = [model.layer(layer) for layer in layers]
+    if not toward and not away:
+        raise ValueError("give at least one toward or away coefficient.")
+    toward = list(dict.fromkeys([None, *toward]))
+    away = list(dict.fromkeys([None, *away]))
+    train, val = prompts.where(split="train"), prompts.where(split="val")
+    if not len(train) or not len(val):
+        raise ValueError(f"the prompt set needs 'train' and 'val' splits; it has {len(train)} train and {len(val)} "
+                         f"val prompts.")
+    check_leakage(train, val)
+    t0 = time.perf_counter()
+    acts_tr = collect(model, train, layers=layers, show_progress=show_progress)
+    acts_va = collect(model, val, layers=layers, show_progress=show_progress)
+    X = acts_tr.get("resid_post")  # [n layer d]
+    V = acts_va.get("resid_post")
+    tr_frame, va_frame = train.to_frame(), val.to_frame()
+    is_h = torch.tensor((tr_frame.label == "harmful").to_numpy())
+    va_h = torch.tensor((va_frame.label == "harmful").to_numpy())
+    cats = sorted(tr_frame[tr_frame.label == "harmful"].category.dropna().unique())
+    harm_by_cat = {c: X[torch.tensor(((tr_frame.label == "harmful") & (tr_frame.category == c)).to_numpy())]
+                   for c in cats}
+    ref_norm = X.norm(dim=-1).mean(0)  # [layer]
+    tokens, _ = _refusal_ids(model)
+    judge_name, judge = _judge(model)
+
+    def judged(records: list[dict[str, Any]]) -> dict[str, bool]:
+        return {r["id"]: bool(v) for r, v in zip(records, judge(records))}
+
+    gen_kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False)
+    base = generate(model, val, **gen_kw)
+    base_refused = judged(base)
+    base_ppl = _ppl_parts(model, base)
+    runs, gate_rows, combos = [], [], []
+    policies: dict[tuple, Any] = {}
+    total = len(methods) * len(layers) * (len(toward) + len(away) - 2)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="sweep", unit="pass", disable=not show_progress)
+    for li, layer in enumerate(layers):
+        gate = fit_gate(X[is_h, li], X[~is_h, li], layer=layer, val=(V[va_h, li], V[~va_h, li]),
+                        rule="target_fpr" if target_fpr is not None else "youden", target_fpr=target_fpr)
+        from sklearn.metrics import roc_auc_score
+
+        s = gate_scores(gate, V[:, li])
+        gate_rows.append({"layer": layer, "val_auroc": float(roc_auc_score(va_h.numpy(), s)),
+                          "threshold": gate.threshold, "val_flagged_harmful": float((s[va_h.numpy()] >= gate.threshold).mean()),
+                          "val_flagged_benign": float((s[~va_h.numpy()] >= gate.threshold).mean())})
+        routed = [c for c in cats if tokens is not None and c in tokens.categories]
+        if tokens is not None and len(routed) == len(cats):
+            router = Router("refusal_tokens", tuple(cats))
+        else:
+            harm_rows = torch.tensor((tr_frame.label == "harmful").to_numpy())
+            router = fit_router_probe(X[harm_rows, li], list(tr_frame[tr_frame.label == "harmful"].category),
+                                      layer=layer)
+        for method in methods:
+            dirs = _directions(method, harm_by_cat, X[~is_h], layers)
+            vecs = dirs.at(layer)
+            iv = Intervention("resid_post", layer, vecs, labels=tuple(dirs.categories), positions=positions,
+                              normalize=True, scale=scale, ref_norm=float(ref_norm[li]) if scale == "norm" else None)
+            outcome: dict[tuple[str, float | None], tuple[dict, dict, dict]] = {}
+            for side, grid in (("toward", toward), ("away", away)):
+                for c in grid:
+                    if c is None:
+                        outcome[(side, None)] = ({r["id"]: r for r in base}, base_refused, base_ppl)
+                        continue
+                    coef = c if side == "toward" else -abs(c)
+                    pol = SteeringPolicy((iv,), gate=gate, router=router,
+                                         toward=coef if side == "toward" else None,
+                                         away=coef if side == "away" else None)
+                    t1 = time.perf_counter()
+                    recs = generate(model, val, pol, **gen_kw)
+                    refused = judged(recs)
+                    outcome[(side, c)] = ({r["id"]: r for r in recs}, refused, _ppl_parts(model, recs))
+                    runs.append({"method": method, "layer": layer, "side": side, "coeff": coef,
+                                 "seconds": time.perf_counter() - t1, "n": len(recs)})
+                    bar.update(1)
+            steered = [o[0] for (sd, c), o in outcome.items() if c is not None]
+            if steered:  # the gate's own decisions, as recorded during generation
+                flagged = {rid: rec["gate"]["flagged"] for rid, rec in steered[0].items()}
+            else:
+                flagged = {rid: bool(sc >= gate.threshold) for rid, sc in zip(va_frame.id, s)}
+            for tc in toward:
+                for ac in away:
+                    refused, ppl_nll, ppl_n = {}, 0.0, 0
+                    for rid in va_frame.id:
+                        side, c = ("toward", tc) if flagged[rid] else ("away", ac)
+                        recs, ref, ppl = outcome[(side, c)]
+                        refused[rid] = ref[rid]
+                        if rid in ppl and not ref[rid]:
+                            ppl_nll, ppl_n = ppl_nll + ppl[rid][0], ppl_n + ppl[rid][1]
+                    row = {"method": method, "layer": layer, "toward": tc, "away": None if ac is None else -abs(ac)}
+                    for side_name, mask in (("harmful", va_h.numpy()), ("benign", ~va_h.numpy())):
+                        ids = list(va_frame.id[mask])
+                        k, n = sum(refused[i] for i in ids), len(ids)
+                        lo, hi = wilson_interval(k, n)
+                        key = "refusal" if side_name == "harmful" else "over_refusal"
+                        row.update({f"{key}_n": n, f"{key}_k": k, key: k / n, f"{key}_se": binomial_se(k, n),
+                                    f"{key}_ci_low": lo, f"{key}_ci_high": hi})
+                    row["benign_ppl"] = math.exp(ppl_nll / ppl_n) if ppl_n else math.nan
+                    combos.append(row)
+                    policies[(method, layer, tc, ac)] = (iv, gate, router)
+    bar.close()
+    table = pd.DataFrame(combos)
+    unsteered_ppl = table[(table.toward.isna()) & (table.away.isna())].benign_ppl.iloc[0]
+    table["ppl_ratio"] = table.benign_ppl / unsteered_ppl
+    table["admissible"] = table.ppl_ratio.fillna(math.inf) <= 1.0 + ppl_guard
+    table["objective"] = table.refusal - table.over_refusal
+    table["pareto"] = _pareto(table)
+    table["ppl_stands_for"] = "coherence: perplexity of benign answers under the unsteered model"
+    table["judge"] = judge_name
+    table["split"] = "val"
+    table["n_val"] = len(val)
+    ok = table[table.admissible].copy()
+    ok["size"] = ok.toward.fillna(0).abs() + ok.away.fillna(0).abs()
+    best = ok.sort_values(["objective", "size"], ascending=[False, True]).iloc[0]
+    table["chosen"] = False
+    table.loc[best.name, "chosen"] = True
+    iv, gate, router = policies[(best.method, int(best.layer), _none(best.toward),
+                                 None if _none(best.away) is None else abs(best.away))]
+    policy = SteeringPolicy((iv,), gate=gate, router=router, toward=_none(best.toward), away=_none(best.away),
+                            name=f"sweep-{best.method}-L{int(best.layer)}", model=model_fingerprint(model),
+                            meta={"chosen_on": "builtin val split", "n_val": len(val), "n_train": len(train),
+                                  "objective": "refusal - over_refusal on val, perplexity guard "
+                                               f"{ppl_guard:.0%}", "judge": judge_name,
+                                  "val_refusal": float(best.refusal), "val_over_refusal": float(best.over_refusal)}) \
+        if not (_none(best.toward) is None and _none(best.away) is None) else None
+    result = {"sweep": table, "runs": pd.DataFrame(runs), "gates": pd.DataFrame(gate_rows), "policy": policy,
+              "seconds": time.perf_counter() - t0, "chosen": best.to_dict()}
+    if run is not None:
+        for name in ("sweep", "runs", "gates"):
+            run.save_table(name, result[name])
+        if policy is None:
+            log.warning("the best admissible setting on val is 'no steering'; saving a policy with coefficients 0.")
+            policy = SteeringPolicy((iv,), gate=gate, router=router, toward=0.0, away=0.0, name="sweep-no-steering",
+                                    model=model_fingerprint(model), meta={"no_steering": True})
+            result["policy"] = policy
+        policy.save(run.path / "policy", overwrite=True)
+        run.finish(chosen={k: (None if isinstance(v, float) and math.isnan(v) else v)
+                           for k, v in result["chosen"].items()}, seconds=result["seconds"])
+    return result
+
+
+def _none(x: Any) -> Any:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _pareto(table: Any) -> list[bool]:
+    """Settings no other admissible setting beats on both refusal (higher) and over-refusal (lower)."""
+    pts = list(zip(table.refusal, table.over_refusal, table.admissible))
+    out = []
+    for i, (r, o, a) in enumerate(pts):
+        dominated = any(r2 >= r and o2 <= o and (r2 > r or o2 < o) and a2 for j, (r2, o2, a2) in enumerate(pts)
+                        if j != i)
+        out.append(bool(a and not dominated))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from catlens.model import load_model
+    from catlens.prompts import load_prompts
+    from catlens.runs import RunDir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model spec (the refusal-tuned folder for P1)")
+    p.add_argument("--prompts", default="builtin", help="a prompt set with train and val splits")
+    p.add_argument("--layers", default="16,20,24")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--toward", default="0.05,0.1,0.2", help="coefficients for rows the gate flags (fractions of the "
+                                                           "residual norm with --scale norm)")
+    p.add_argument("--away", default="0.05,0.1,0.2", help="magnitudes for the other rows (applied negatively)")
+    p.add_argument("--scale", default="norm", choices=["norm", "raw"])
+    p.add_argument("--positions", default="last_prompt")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--ppl-guard", type=float, default=0.10)
+    p.add_argument("--target-fpr", type=float, default=None, help="gate threshold for this over-refusal rate "
+                                                                  "instead of Youden's J")
+    p.add_argument("--n-per-split", type=int, default=None, help="subsample train and val (seeded; smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    toward, away = _floats(args.toward), _floats(args.away)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    prompts = load_prompts(args.prompts)
+    if args.n_per_split:
+        from catlens.prompts import PromptSet
+
+        parts = [prompts.where(split=s, label=lab) for s in ("train", "val") for lab in ("harmful", "benign")]
+        prompts = PromptSet.concat(*[ps.sample(min(args.n_per_split, len(ps)), seed=args.seed) for ps in parts])
+    run = RunDir.create(args.out, vars(args), overwrite=args.overwrite, seed=args.seed)
+    model = load_model(args.model)
+    run.record_model(model)
+    run.record_data("prompts", prompts.provenance)
+    result = run_sweep(model, prompts, layers=layers, toward=toward, away=away, methods=methods, scale=args.scale,
+                       positions=args.positions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       ppl_guard=args.ppl_guard, target_fpr=args.target_fpr, run=run)
+    c = result["chosen"]
+    print(f"chosen on val: {c['method']} layer {c['layer']} toward {c['toward']} away {c['away']}: refusal "
+          f"{c['refusal']:.3f}, over-refusal {c['over_refusal']:.3f}, benign ppl ratio {c['ppl_ratio']:.3f} "
+          f"-> {Path(args.out) / 'policy'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

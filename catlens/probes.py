@@ -1,0 +1,109 @@
+"""Fitting the steering gate and the category router from activations (scikit-learn logistic regression).
+
+    >>> gate = fit_gate(harmful_val_acts, benign_val_acts, layer=22, val=(h_sel, b_sel))      # doctest: +SKIP
+
+The probe follows P1 (PAPERS §2.3 F): ``p = σ(w·(h − μ) + b)`` on the last prompt token's activation, with μ the
+training mean; the threshold is chosen on *separate* selection activations (``val``): Youden's J
+(``argmax TPR − FPR``, P1's rule) or the lowest threshold whose false-positive rate (over-refusal by the gate) is
+at most ``target_fpr``. Without ``val`` the threshold is chosen on the training activations, which flatters it;
+a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from catlens.steer import Gate, Router
+
+log = logging.getLogger(__name__)
+
+
+def _as_np(name: str, x: Any, d: int | None = None) -> np.ndarray:
+    arr = x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [n d_model] matrix, got shape {arr.shape}.")
+    if d is not None and arr.shape[1] != d:
+        raise ValueError(f"{name} has width {arr.shape[1]}, the others {d}: activations of different models/sites.")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} has NaN or inf entries.")
+    return arr
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", target_fpr: float | None = None
+                     ) -> float:
+    """A probability threshold from labels ``y`` (1 = harmful) and scores ``p``: ``"youden"`` or
+    ``"target_fpr"`` (the lowest threshold with false-positive rate <= ``target_fpr``)."""
+    from sklearn.metrics import roc_curve
+
+    if len(set(y.tolist())) != 2:
+        raise ValueError("choosing a threshold needs both harmful and benign examples.")
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.clip(thr, 0.0, 1.0)
+    if rule == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])
+    if rule == "target_fpr":
+        if target_fpr is None or not 0.0 <= target_fpr <= 1.0:
+            raise ValueError(f"target_fpr={target_fpr!r} must be a rate in [0, 1].")
+        ok = np.where(fpr <= target_fpr)[0]
+        return float(thr[ok[-1]])
+    from catlens.errors import unknown_name_message
+
+    raise ValueError(unknown_name_message("threshold rule", rule, ["target_fpr", "youden"]))
+
+
+def fit_gate(harmful: Tensor, benign: Tensor, *, layer: int, site: str = "resid_post",
+             val: tuple[Tensor, Tensor] | None = None, rule: str = "youden", target_fpr: float | None = None,
+             C: float = 1.0, name: str = "probe") -> Gate:
+    """Fit the harmful-vs-benign probe on ``harmful``/``benign`` activations ``[n d_model]`` (class-balanced
+    logistic regression on centred features) and choose its threshold on ``val = (harmful, benign)``."""
+    from sklearn.linear_model import LogisticRegression
+
+    h = _as_np("harmful", harmful)
+    b = _as_np("benign", benign, h.shape[1])
+    X = np.concatenate([h, b])
+    y = np.concatenate([np.ones(len(h)), np.zeros(len(b))])
+    mu = X.mean(0)
+    clf = LogisticRegression(C=C, max_iter=5000, class_weight="balanced").fit(X - mu, y)
+    w, bias = clf.coef_[0].astype(np.float32), float(clf.intercept_[0])
+    if val is None:
+        log.warning("fit_gate: no selection set given; the threshold is chosen on the training activations and "
+                    "will look better than it is.")
+        Xs, ys = X, y
+    else:
+        vh = _as_np("val harmful", val[0], h.shape[1])
+        vb = _as_np("val benign", val[1], h.shape[1])
+        Xs, ys = np.concatenate([vh, vb]), np.concatenate([np.ones(len(vh)), np.zeros(len(vb))])
+    p = 1.0 / (1.0 + np.exp(-((Xs - mu) @ w + bias)))
+    threshold = choose_threshold(ys, p, rule=rule, target_fpr=target_fpr)
+    return Gate(weight=torch.from_numpy(w), bias=bias, threshold=threshold, layer=layer, site=site,
+                mean=torch.from_numpy(mu.astype(np.float32)), name=name)
+
+
+def fit_router_probe(acts: Tensor, categories: Sequence[str], *, layer: int, site: str = "resid_post",
+                     C: float = 1.0) -> Router:
+    """A multi-class category probe (``argmax W h + b``) from activations ``[n d_model]`` and one category per
+    row; the router's category order is sorted."""
+    from sklearn.linear_model import LogisticRegression
+
+    X = _as_np("acts", acts)
+    cats = list(categories)
+    if len(cats) != len(X):
+        raise ValueError(f"{len(cats)} categories for {len(X)} activation rows; give one per row.")
+    classes = sorted(set(cats))
+    if len(classes) < 2:
+        raise ValueError(f"a category router needs at least two categories, got {classes}.")
+    clf = LogisticRegression(C=C, max_iter=5000).fit(X, cats)
+    order = [list(clf.classes_).index(c) for c in classes]
+    return Router("probe", tuple(classes), weight=torch.from_numpy(clf.coef_[order].astype(np.float32)),
+                  bias=torch.from_numpy(clf.intercept_[order].astype(np.float32)), layer=layer, site=site)
+
+
+def gate_scores(gate: Gate, acts: Tensor) -> np.ndarray:
+    """The gate's probability for each row of ``acts`` ``[n d_model]``."""
+    return gate.score(torch.as_tensor(_as_np("acts", acts, gate.d_model))).numpy()
