@@ -396,9 +396,9 @@ def _load(root: Path, *, verify: bool, trusted: frozenset[str]) -> ActivationSto
         raise FileNotFoundError(f"{str(root)!r} is a file, not an activation store folder.")
     if not (root / "store.json").exists():
         if _interrupted_setup(root):
-            raise FileNotFoundError(f"interrupted store: the setup of {str(root)!r} was interrupted before it "
-                                    f"finished. Rerun the same collect call (`catlens cache`) to resume, or pass "
-                                    f"overwrite=True (--overwrite).")
+            raise FileNotFoundError(f"interrupted store: rerun to resume, or pass overwrite=True (--overwrite). The "
+                                    f"setup of {str(root)!r} stopped before it finished; rerun the same collect call "
+                                    f"(`catlens cache`).")
         raise FileNotFoundError(f"{str(root)!r} is not an activation store (no store.json); create one with "
                                 f"collect(..., out=path) or `catlens cache`.")
     meta = _read_store_json(root)
@@ -413,9 +413,9 @@ def _load(root: Path, *, verify: bool, trusted: frozenset[str]) -> ActivationSto
     missing = [k for k in range(len(ranges))
                if not _shard_path(root, k).exists() or (meta["version"] >= 2 and _shard_name(k) not in entries)]
     if missing:
-        raise FileNotFoundError(f"interrupted store: {str(root)!r} is incomplete, {len(missing)} of {len(ranges)} "
-                                f"shards missing (first: {_shard_name(missing[0])}). Rerun the same collect call "
-                                f"(`catlens cache`) to resume, or pass overwrite=True (--overwrite) to start afresh.")
+        raise FileNotFoundError(f"interrupted store: rerun to resume, or pass overwrite=True (--overwrite). "
+                                f"{str(root)!r} is incomplete: {len(missing)} of {len(ranges)} shards missing "
+                                f"(first: {_shard_name(missing[0])}); rerun the same collect call (`catlens cache`).")
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
     shards = []
