@@ -38,7 +38,7 @@ Every argument (including the positions against every prompt's tokens) is checke
 import hashlib
 import json
 import logging
-import math
+import operator
 import os
 import re
 import shutil
@@ -207,8 +207,13 @@ class ActivationStore:
 
     def _pos(self, site: str, pos: int) -> int:
         n = self._shape(site)[1]
-        if not isinstance(pos, int) or not -n <= pos < n:
-            raise IndexError(f"pos={pos!r} is out of range: this store read {n} position(s) per prompt "
+        given = pos
+        try:
+            pos = operator.index(pos)
+        except TypeError:
+            pos = n  # not an integer: reported below
+        if not -n <= pos < n:
+            raise IndexError(f"pos={given!r} is out of range: this store read {n} position(s) per prompt "
                              f"({', '.join(self.positions)}); use 0..{n - 1} or -{n}..-1.")
         return pos % n
 
@@ -409,6 +414,9 @@ def _load(root: Path, *, verify: bool, trusted: frozenset[str]) -> ActivationSto
                     "and shapes are checked, their contents cannot be. Recompute it (overwrite=True) to get checksums.",
                     root)
     ranges = _shard_ranges(n, int(meta["shard_size"]))
+    if not ranges:
+        raise StoreError(f"{str(root)!r} holds 0 prompts (an empty store from an older catlens); there is nothing to "
+                         f"load. Collect it again from a non-empty prompt set (overwrite=True).")
     entries = _shard_entries(meta, root, n)
     missing = [k for k in range(len(ranges))
                if not _shard_path(root, k).exists() or (meta["version"] >= 2 and _shard_name(k) not in entries)]
