@@ -300,3 +300,21 @@ def test_lazy_store_equals_eager_for_every_accessor(real_model, tmp_path):
     with pytest.raises(IndexError, match="pos=2 is out of range"):
         lazy.get("resid_post", 2)
     assert "lazy" in repr(lazy) and "(7, 2, 3, 576)" in repr(lazy)
+
+
+def test_a_format_1_store_still_loads_with_a_warning(tmp_path, caplog):
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    root = tmp_path / "old"
+    (root / "shards").mkdir(parents=True)
+    x = torch.randn(3, 1, 2, 4)
+    (root / "store.json").write_text(json.dumps({"version": 1, "sites": ["resid_post"], "layers": [3, 5],
+                                                 "positions": ["last"], "shard_size": 2, "n_prompts": 3}))
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"]}).to_parquet(root / "index.parquet", index=False)
+    save_file({"resid_post": x[:2].contiguous()}, str(root / "shards" / "00000.safetensors"), metadata={"rows": "0:2"})
+    save_file({"resid_post": x[2:].contiguous()}, str(root / "shards" / "00001.safetensors"), metadata={"rows": "2:3"})
+    with caplog.at_level("WARNING"):
+        store = ActivationStore.load(root)
+    assert "older catlens" in caplog.text and store.lazy
+    assert torch.equal(store.get_all(), x) and torch.equal(store.at("resid_post", 5), x[:, 0, 1])

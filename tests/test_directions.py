@@ -393,3 +393,19 @@ def test_with_ref_norm_from_an_activation_store(planted):
         D.p2_unsupervised(planted["cats"], planted["benign"], layers=(4, 7, 9)).with_ref_norm(store)
     with pytest.raises(ValueError, match=r"lacks layers \[1\]"):
         D.one_vs_benign(planted["cats"], planted["benign"], layers=(1, 7, 9)).with_ref_norm(store)
+
+
+def test_a_format_1_directions_file_still_loads(tmp_path, caplog):
+    import json
+
+    from safetensors.torch import save_file
+
+    v = torch.randn(2, 3, 4)
+    save_file({"vectors": v}, str(tmp_path / "old.safetensors"), metadata={"format": "catlens.Directions"})
+    (tmp_path / "old.dims.json").write_text(json.dumps({
+        "format": "catlens.Directions", "format_version": 1, "dims": ["category", "layer", "d_model"],
+        "shape": [2, 3, 4], "dtype": "float32", "categories": ["a", "b"], "layers": [0, 1, 2], "site": "resid_post",
+        "method": "x", "provenance": {}}))
+    with caplog.at_level("WARNING"):
+        d = Directions.load(tmp_path / "old")
+    assert torch.equal(d.vectors, v) and d.ref_norm is None and "older catlens" in caplog.text
