@@ -21,10 +21,12 @@ Constructors (all return unit-norm directions only when ``normalize=True``):
   responses a judge labels unsafe).
 """
 
+import hashlib
 import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 _DIMS = ("category", "layer", "d_model")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -182,6 +184,10 @@ class Directions:
     """The constructor that made these directions (e.g. ``"p1_mean_difference"``)."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Model, data hashes, positions, options and counts; JSON-serialisable."""
+    ref_norm: Float[Tensor, "layer"] | None = None
+    """Optional: the typical L2 norm of the site's activation at each of ``layers`` (the mean over a reference
+    prompt set, see :meth:`with_ref_norm`), so that a steering coefficient can be given as a fraction of the
+    residual norm. None when not measured."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
@@ -202,6 +208,16 @@ class Directions:
             raise ValueError(f"layers must be unique, got {self.layers}.")
         if not bool(torch.isfinite(self.vectors).all()):
             raise ValueError("vectors contain NaN or inf; check the activations they were computed from.")
+        if self.ref_norm is not None:
+            r = self.ref_norm
+            if not isinstance(r, Tensor) or r.shape != (n_layer,) or not torch.is_floating_point(r):
+                raise ValueError(f"ref_norm must be a float tensor of shape [layer] = ({n_layer},) (one norm per "
+                                 f"layer label {self.layers}), got "
+                                 f"{tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__}. Use "
+                                 f"with_ref_norm(acts) to measure it.")
+            if not bool(torch.isfinite(r).all()) or bool((r <= 0).any()):
+                raise ValueError(f"ref_norm={r.tolist()} must be finite and > 0 at every layer (it is a typical "
+                                 f"activation norm); measure it with with_ref_norm(acts).")
 
     # access ------------------------------------------------------------------------------------------------
     @property
@@ -233,7 +249,52 @@ class Directions:
         lays = tuple(self.layers if layers is None else layers)
         ci = [self.category_index(c) for c in cats]
         li = [self.layer_index(layer) for layer in lays]
-        return replace(self, vectors=self.vectors[ci][:, li].clone(), categories=cats, layers=lays)
+        ref = None if self.ref_norm is None else self.ref_norm[li].clone()
+        return replace(self, vectors=self.vectors[ci][:, li].clone(), categories=cats, layers=lays, ref_norm=ref)
+
+    def with_ref_norm(self, acts: Any) -> "Directions":
+        """A copy with :attr:`ref_norm` set to the mean L2 norm, over the prompts of ``acts``, of the activation at
+        each of these directions' layers.
+
+        ``acts`` is an ``ActivationStore`` holding this site (and every layer of these directions; read at its last
+        read position, one layer at a time, so a lazy store is not loaded whole) or a tensor
+        ``[prompt layer d_model]`` whose layer axis follows :attr:`layers`. Measure it on a reference set (e.g. the
+        benign prompts): then ``coeff = 0.1 * ref_norm[j]`` adds a vector one tenth of the typical norm.
+        """
+        if isinstance(acts, Tensor):
+            _check_acts("acts", acts, n_layers=len(self.layers), d_model=self.d_model)
+            norms = acts.to(torch.float64).norm(dim=-1).mean(0)
+            source: dict[str, Any] = {"from": "tensor"}
+            n = len(acts)
+        elif hasattr(acts, "at") and hasattr(acts, "layers") and hasattr(acts, "sites"):
+            if self.site not in acts.sites:
+                raise ValueError(f"the store holds sites {list(acts.sites)} but these directions are at site "
+                                 f"{self.site!r}; measure ref_norm on activations of the same site.")
+            missing = [layer for layer in self.layers if layer not in acts.layers]
+            if missing:
+                raise ValueError(f"the store lacks layers {missing} of these directions (it has {list(acts.layers)});"
+                                 f" collect them, or select() the directions' layers first.")
+            if len(acts) == 0:
+                raise ValueError("the store holds 0 prompts; measure ref_norm on at least one prompt.")
+            rows = []
+            for layer in self.layers:
+                x = acts.at(self.site, layer)
+                if x.shape[-1] != self.d_model:
+                    raise ValueError(f"the store's {self.site!r} has d_model={x.shape[-1]} but these directions "
+                                     f"have d_model={self.d_model}; were they made from another model?")
+                _check_acts(f"acts at layer {layer}", x[:, None, :])
+                rows.append(x.to(torch.float64).norm(dim=-1).mean())
+            norms = torch.stack(rows)
+            n = len(acts)
+            source = {"from": "ActivationStore", "position": str(acts.positions[-1]),
+                      "prompts_sha256": getattr(acts, "meta", {}).get("prompts_sha256")}
+        else:
+            raise TypeError(f"acts must be an ActivationStore or a tensor [prompt layer d_model], got "
+                            f"{type(acts).__name__}.")
+        ref = norms.to(torch.float32)
+        return replace(self, ref_norm=ref, provenance={**self.provenance,
+                                                       "ref_norm": {**source, "n_prompts": n,
+                                                                    "statistic": "mean L2 norm per layer"}})
 
     def normalized(self) -> "Directions":
         """A new Directions with every (category, layer) vector scaled to unit L2 norm (zero vector: error)."""
@@ -255,7 +316,10 @@ class Directions:
         return (self.categories == other.categories and self.layers == other.layers and self.site == other.site
                 and self.method == other.method and self.provenance == other.provenance
                 and self.vectors.dtype == other.vectors.dtype and self.vectors.shape == other.vectors.shape
-                and bool(torch.equal(self.vectors, other.vectors)))
+                and bool(torch.equal(self.vectors, other.vectors))
+                and (self.ref_norm is None) == (other.ref_norm is None)
+                and (self.ref_norm is None or (self.ref_norm.dtype == other.ref_norm.dtype
+                                               and bool(torch.equal(self.ref_norm, other.ref_norm)))))
 
     __hash__ = None  # type: ignore[assignment]  # mutable tensor inside
 
@@ -272,45 +336,118 @@ class Directions:
         return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".dims.json")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``<path>.safetensors`` (the vectors) and ``<path>.dims.json`` (dims, dtype, metadata).
+        """Write ``<path>.safetensors`` (the vectors, ``ref_norm`` if set, and all metadata) and ``<path>.dims.json``
+        (a readable sidecar: dims, dtype, metadata, the tensor file's sha256 and a save id).
 
-        ``path`` may carry the ``.safetensors`` suffix or not. Both files are written atomically. Returns the
-        safetensors path.
+        ``path`` may carry the ``.safetensors`` suffix or not. The tensor file is self-describing and written
+        atomically, then the sidecar; both carry the same save id, and the sidecar the tensor file's sha256, so
+        :meth:`load` refuses a pair that does not belong together (an interrupted save, a file from another save,
+        an edited sidecar) instead of loading it. Returns the safetensors path.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save as to_bytes
 
         from catlens.runs import atomic_path, write_json_atomic
 
         tensors_path, meta_path = self._paths(path)
-        meta = {"format": "catlens.Directions", "format_version": _FORMAT_VERSION, "dims": list(_DIMS),
-                "shape": list(self.vectors.shape), "dtype": str(self.vectors.dtype).removeprefix("torch."),
-                "categories": list(self.categories), "layers": list(self.layers), "site": self.site,
-                "method": self.method, "provenance": self.provenance}
+        header = {"format": "catlens.Directions", "format_version": _FORMAT_VERSION, "save_id": uuid.uuid4().hex,
+                  "dims": list(_DIMS), "shape": list(self.vectors.shape),
+                  "dtype": str(self.vectors.dtype).removeprefix("torch."), "categories": list(self.categories),
+                  "layers": list(self.layers), "site": self.site, "method": self.method,
+                  "ref_norm": None if self.ref_norm is None else str(self.ref_norm.dtype).removeprefix("torch."),
+                  "provenance": self.provenance}
+        tensors = {"vectors": self.vectors.detach().cpu().contiguous()}
+        if self.ref_norm is not None:
+            tensors["ref_norm"] = self.ref_norm.detach().cpu().contiguous()
+        blob = to_bytes(tensors, metadata={"format": "catlens.Directions", "catlens": json.dumps(header)})
+        meta = {**header, "tensors_file": tensors_path.name, "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+                "tensors_bytes": len(blob)}
         with atomic_path(tensors_path) as tmp:
-            save_file({"vectors": self.vectors.detach().cpu().contiguous()}, str(tmp),
-                      metadata={"format": "catlens.Directions"})
+            tmp.write_bytes(blob)
         write_json_atomic(meta_path, meta)
         return tensors_path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Directions":
-        """Read what :meth:`save` wrote (``path`` with or without the ``.safetensors`` suffix)."""
-        from safetensors.torch import load_file
+        """Read what :meth:`save` wrote (``path`` with or without the ``.safetensors`` suffix), checking that the
+        tensor file matches its sidecar (sha256, save id, categories, layers, site, method, shape, dtype)."""
+        from safetensors import safe_open
 
         tensors_path, meta_path = cls._paths(path)
         for p in (tensors_path, meta_path):
             if not p.exists():
                 raise FileNotFoundError(f"no {p.name} at {str(p.parent)!r}; Directions.save writes both "
-                                        f"{tensors_path.name} and {meta_path.name}.")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "catlens.Directions":
-            raise ValueError(f"{str(meta_path)!r} is not a catlens.Directions sidecar (format={meta.get('format')!r}).")
-        vectors = load_file(str(tensors_path))["vectors"]
-        if list(vectors.shape) != meta["shape"] or str(vectors.dtype).removeprefix("torch.") != meta["dtype"]:
-            raise ValueError(f"{tensors_path.name} holds shape {tuple(vectors.shape)} dtype {vectors.dtype} but the "
-                             f"sidecar says shape {meta['shape']} dtype {meta['dtype']}; the files do not match.")
+                                        f"{tensors_path.name} and {meta_path.name} (if only one is there, the save "
+                                        f"was interrupted: save the directions again).")
+        again = "Save (or recompute) the directions again."
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{str(meta_path)!r} is damaged or truncated (not valid JSON: {err}). {again}") from err
+        if not isinstance(meta, dict) or meta.get("format") != "catlens.Directions":
+            raise ValueError(f"{str(meta_path)!r} is not a catlens.Directions sidecar (format="
+                             f"{meta.get('format') if isinstance(meta, dict) else None!r}).")
+        version = meta.get("format_version")
+        if version not in (1, _FORMAT_VERSION):
+            raise ValueError(f"{str(meta_path)!r} has format_version {version!r}; this catlens reads 1 and "
+                             f"{_FORMAT_VERSION}. {again}")
+        header: dict[str, Any] = {}
+        try:
+            with safe_open(str(tensors_path), framework="pt") as f:
+                file_meta = f.metadata() or {}
+                keys = set(f.keys())
+                if version >= 2:
+                    header = json.loads(file_meta.get("catlens", "{}"))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own type for damaged files
+            if version >= 2:
+                digest = _sha256_file(tensors_path)
+                if digest != meta.get("tensors_sha256"):
+                    raise ValueError(f"{str(tensors_path)!r} is damaged or truncated (its sha256 does not match "
+                                     f"{meta_path.name}, and it cannot be parsed: {err}). {again}") from err
+            raise ValueError(f"{str(tensors_path)!r} is damaged or truncated ({err}). {again}") from err
+        if version >= 2:
+            if header.get("save_id") != meta.get("save_id"):
+                raise ValueError(f"{tensors_path.name} and {meta_path.name} in {str(tensors_path.parent)!r} come "
+                                 f"from different saves (save ids {header.get('save_id')!r} and "
+                                 f"{meta.get('save_id')!r}): an interrupted save, or a file copied from another "
+                                 f"save. {again}")
+            digest = _sha256_file(tensors_path)
+            if digest != meta.get("tensors_sha256"):
+                raise ValueError(f"{str(tensors_path)!r} fails its checksum (sidecar sha256 "
+                                 f"{str(meta.get('tensors_sha256'))[:12]}..., file {digest[:12]}...): it was changed "
+                                 f"or damaged after it was saved. {again}")
+            fields = ("shape", "dtype", "categories", "layers", "site", "method", "ref_norm", "provenance")
+            differ = [k for k in fields if header.get(k) != meta.get(k)]
+            if differ:
+                detail = "; ".join(f"{k}: sidecar {meta.get(k)!r}, tensor file {header.get(k)!r}"
+                                   for k in differ if k != "provenance")
+                raise ValueError(f"{meta_path.name} does not match the metadata saved inside {tensors_path.name} "
+                                 f"({', '.join(differ)} differ{': ' + detail if detail else ''}); the sidecar was "
+                                 f"edited, and loading it would relabel the vectors. {again}")
+        else:
+            log.warning("%s was saved by an older catlens (format 1) without a checksum; it cannot be verified. "
+                        "Save it again to add one.", tensors_path)
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(tensors_path))
+        vectors = tensors.get("vectors")
+        if vectors is None or list(vectors.shape) != meta["shape"] or \
+                str(vectors.dtype).removeprefix("torch.") != meta["dtype"]:
+            raise ValueError(f"{tensors_path.name} holds {sorted(keys)} with vectors of shape "
+                             f"{None if vectors is None else tuple(vectors.shape)} but the sidecar says shape "
+                             f"{meta['shape']} dtype {meta['dtype']}; the files do not match. {again}")
+        ref = tensors.get("ref_norm") if meta.get("ref_norm") else None
+        if bool(meta.get("ref_norm")) != (ref is not None):
+            raise ValueError(f"{tensors_path.name} and {meta_path.name} disagree on ref_norm; {again}")
         return cls(vectors=vectors, categories=tuple(meta["categories"]), layers=tuple(meta["layers"]),
-                   site=meta["site"], method=meta["method"], provenance=meta["provenance"])
+                   site=meta["site"], method=meta["method"], provenance=meta["provenance"], ref_norm=ref)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _make(vectors64: Tensor, categories: Sequence[str], layers: tuple[int, ...], *, normalize: bool, site: str,
@@ -500,9 +637,10 @@ def orthogonalize_against(
     r_hat = r / rn
     v = directions.vectors.to(torch.float64)
     v = v - (v * r_hat).sum(-1, keepdim=True) * r_hat
-    return _make(v, directions.categories, directions.layers, normalize=normalize, site=directions.site,
-                 method=f"{directions.method}_orth", provenance=directions.provenance,
-                 options={"orthogonalized_against": "refusal_direction", "base_method": directions.method})
+    out = _make(v, directions.categories, directions.layers, normalize=normalize, site=directions.site,
+                method=f"{directions.method}_orth", provenance=directions.provenance,
+                options={"orthogonalized_against": "refusal_direction", "base_method": directions.method})
+    return out if directions.ref_norm is None else replace(out, ref_norm=directions.ref_norm.clone())
 
 
 # -------------------------------------------------------------------------------------------------------- P2

@@ -124,5 +124,197 @@ def test_load_checks_shard_rows_against_the_index(real_model, tmp_path):
     assert store.get("resid_post").shape[0] == 4
     shard = tmp_path / "s" / "shards" / "00000.safetensors"
     save_file({k: v[:1].contiguous() for k, v in load_file(shard).items()}, str(shard))  # a shard lost a row
-    with pytest.raises(ValueError, match="3 rows in its shards for 4 prompts"):
+    with pytest.raises(ValueError, match=r"shards/00000.safetensors .*truncated or replaced.*Rerun"):
         ActivationStore.load(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"shards/00000.safetensors .*holds rows None.*rows 0:2"):
+        ActivationStore.load(tmp_path / "s", verify=False)  # without checksums the row range still catches it
+
+
+# ----------------------------------------------------------------------- nothing wrong is loaded silently
+def _prompt_set(labels=("harmful", "benign", "harmful", "benign")):
+    from catlens.prompts import PromptSet
+
+    return PromptSet([{"id": f"q{i}", "text": TEXTS[i], "label": lab, "category": None}
+                      for i, lab in enumerate(labels)], name="t")
+
+
+def test_resume_refuses_changed_prompt_fields_and_formatting(real_model, tmp_path):
+    out = tmp_path / "s"
+    first = collect(real_model, _prompt_set(), layers=[1], shard_size=2, out=out, show_progress=False)
+    assert first.index["label"].tolist() == ["harmful", "benign", "harmful", "benign"]
+    fixed = _prompt_set(("harmful", "harmful", "harmful", "benign"))  # a label fixed in the prompt file
+    with pytest.raises(FileExistsError, match=r"different prompts \(fields that differ: label\).*overwrite=True"):
+        collect(real_model, fixed, layers=[1], shard_size=2, out=out, show_progress=False)
+    with pytest.raises(FileExistsError, match="system"):
+        collect(real_model, _prompt_set(), layers=[1], shard_size=2, out=out, system="Be brief.",
+                show_progress=False)
+    with pytest.raises(FileExistsError, match=r"different append"):
+        collect(real_model, _prompt_set(), layers=[1], shard_size=2, out=out, append=["", "x", "", ""],
+                show_progress=False)
+    again = collect(real_model, fixed, layers=[1], shard_size=2, out=out, overwrite=True, show_progress=False)
+    assert again.index["label"].tolist() == ["harmful", "harmful", "harmful", "benign"]
+
+
+def test_resume_refuses_another_model_with_the_same_name(real_model, tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from catlens.model import load_model
+
+    folders = []
+    for k in range(2):
+        folder = tmp_path / f"v{k}" / "tiny"
+        shutil.copytree(tiny_model_dir, folder)
+        if k:
+            weights = next(folder.glob("*.safetensors"))
+            tensors = load_file(weights)
+            name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+            tensors[name] = tensors[name] + 0.01
+            save_file(tensors, str(weights), metadata={"format": "pt"})
+        folders.append(folder)
+    a, b = (load_model(f) for f in folders)
+    assert a.name == b.name == "tiny"
+    collect(a, TEXTS[:3], layers=[1], out=tmp_path / "s", show_progress=False)
+    with pytest.raises(FileExistsError, match=r"different model \(weights differ"):
+        collect(b, TEXTS[:3], layers=[1], out=tmp_path / "s", show_progress=False)
+
+
+def test_load_detects_swapped_shards_and_a_flipped_byte_and_rerun_recomputes(real_model, tmp_path):
+    out = tmp_path / "s"
+    store = collect(real_model, TEXTS[:6], layers=[0, 2], shard_size=2, out=out, show_progress=False)
+    reference = store.get_all("resid_post")
+    shards = out / "shards"
+    first, second = (shards / "00000.safetensors").read_bytes(), (shards / "00001.safetensors").read_bytes()
+    (shards / "00000.safetensors").write_bytes(second)
+    (shards / "00001.safetensors").write_bytes(first)
+    with pytest.raises(ValueError, match=r"shards/00000.safetensors .*fails its checksum.*Rerun"):
+        ActivationStore.load(out)
+    with pytest.raises(ValueError, match=r"shards/00000.safetensors .*holds rows '2:4'.*rows 0:2"):
+        ActivationStore.load(out, verify=False)
+    (shards / "00000.safetensors").write_bytes(first)
+    (shards / "00001.safetensors").write_bytes(second)
+    data = bytearray(second)
+    data[-3] ^= 0x10
+    (shards / "00001.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shards/00001.safetensors .*fails its checksum"):
+        ActivationStore.load(out)
+    again = collect(real_model, TEXTS[:6], layers=[0, 2], shard_size=2, out=out, show_progress=False)  # recomputes it
+    assert torch.equal(again.get_all("resid_post"), reference)
+    assert torch.equal(ActivationStore.load(out).get_all("resid_post"), reference)
+
+
+def test_damaged_metadata_files_name_the_file(real_model, tmp_path):
+    out = tmp_path / "s"
+    collect(real_model, TEXTS[:2], layers=[0], out=out, show_progress=False)
+    text = (out / "store.json").read_text()
+    (out / "store.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"store.json' is damaged.*overwrite"):
+        ActivationStore.load(out)
+    (out / "store.json").write_text(text)
+    (out / "index.parquet").write_bytes((out / "index.parquet").read_bytes()[:30])
+    with pytest.raises(ValueError, match=r"index.parquet' is damaged or truncated"):
+        ActivationStore.load(out)
+
+
+# ------------------------------------------------------------------------ crashes never block the rerun
+def test_leftovers_of_an_interrupted_setup_do_not_block_the_rerun(real_model, tmp_path, monkeypatch):
+    import catlens.cache as cache_mod
+
+    out = tmp_path / "s"  # what a kill during the old setup left: the folder and a temporary index
+    (out / ".index.parquet.k3j2.tmp").mkdir(parents=True)
+    (out / ".index.parquet.k3j2.tmp" / "index.parquet").write_bytes(b"PAR1 partial")
+    with pytest.raises(FileNotFoundError, match="interrupted store.*rerun"):
+        ActivationStore.load(out)
+    store = collect(real_model, TEXTS[:2], layers=[0], out=out, show_progress=False)
+    assert len(store) == 2 and sorted(p.name for p in out.iterdir()) == ["index.parquet", "shards", "store.json"]
+
+    def killed(*args, **kwargs):  # a kill while the new setup writes store.json
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        collect(real_model, TEXTS[:2], layers=[0], out=tmp_path / "t", show_progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.*"))
+    assert len(collect(real_model, TEXTS[:2], layers=[0], out=tmp_path / "t", show_progress=False)) == 2
+
+
+def test_failed_argument_checks_create_nothing(real_model, tmp_path):
+    out = tmp_path / "s"
+    bad_calls = [
+        (dict(positions="post_instruction", fmt="raw"), "same number"),
+        (dict(positions=(-400, -1)), "reaches before the start"),
+        (dict(layers=[]), "layers=.*is empty"),
+        (dict(layers=range(5, 2)), "high to low"),
+        (dict(layers=[1, 1]), "duplicates"),
+        (dict(batch_size=0), "batch_size=0"),
+    ]
+    for kwargs, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            collect(real_model, TEXTS[:3], out=out, show_progress=False, **kwargs)
+        assert not out.exists(), kwargs
+    with pytest.raises(ValueError, match=r"prompts is empty \(0 prompts"):
+        collect(real_model, [], out=out, show_progress=False)
+    with pytest.raises(ValueError, match="no tokens after formatting"):
+        collect(real_model, ["", "x"], fmt="raw", out=out, show_progress=False)
+    assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        collect(real_model, TEXTS[:3], out=tmp_path / "file", show_progress=False)
+    with pytest.raises(FileExistsError, match="lies under .*which is a file"):
+        collect(real_model, TEXTS[:3], out=tmp_path / "file" / "s", show_progress=False)
+    # the corrected command runs
+    assert len(collect(real_model, TEXTS[:3], positions="post_instruction", out=out, show_progress=False)) == 3
+
+
+# ---------------------------------------------------------------------------------- a store larger than memory
+def test_lazy_store_equals_eager_for_every_accessor(real_model, tmp_path):
+    from catlens.cache import ShardedData
+
+    kwargs = dict(sites=["resid_post", "z"], layers=[0, 2, 3], positions=(-2, -1), batch_size=2, show_progress=False)
+    mem = collect(real_model, TEXTS, **kwargs)
+    lazy = collect(real_model, TEXTS, shard_size=2, out=tmp_path / "s", **kwargs)
+    assert isinstance(lazy.data, ShardedData) and lazy.lazy and not mem.lazy
+    eager = ActivationStore.load(tmp_path / "s", lazy=False)
+    assert not eager.lazy and ActivationStore.load(tmp_path / "s").lazy
+    assert lazy.index.equals(mem.index) and eager.index.equals(mem.index)
+
+    def same(a, b):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+    for pair in ((lazy, mem), (lazy, eager)):
+        for site in ("resid_post", "z"):
+            same(pair[0].get_all(site), pair[1].get_all(site))
+            for pos in (-1, -2, 0, 1):
+                same(pair[0].get(site, pos), pair[1].get(site, pos))
+                for layer in (0, 2, 3):
+                    same(pair[0].at(site, layer, pos), pair[1].at(site, layer, pos))
+        for cond in ({"id": ["p6", "p1", "p4"]}, {"id": "p3"}, {"source": "inline"}):
+            a, b = pair[0].where(**cond), pair[1].where(**cond)
+            assert a.lazy == pair[0].lazy and a.index.equals(b.index)
+            same(a.get_all("z"), b.get_all("z"))
+            same(a.at("resid_post", 2, 0), b.at("resid_post", 2, 0))
+            same(a.where(id="p4").get("z"), b.where(id="p4").get("z"))
+    same(lazy.to_memory().get_all("z"), mem.get_all("z"))
+    with pytest.raises(IndexError, match="pos=2 is out of range"):
+        lazy.get("resid_post", 2)
+    assert "lazy" in repr(lazy) and "(7, 2, 3, 576)" in repr(lazy)
+
+
+def test_a_format_1_store_still_loads_with_a_warning(tmp_path, caplog):
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    root = tmp_path / "old"
+    (root / "shards").mkdir(parents=True)
+    x = torch.randn(3, 1, 2, 4)
+    (root / "store.json").write_text(json.dumps({"version": 1, "sites": ["resid_post"], "layers": [3, 5],
+                                                 "positions": ["last"], "shard_size": 2, "n_prompts": 3}))
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"]}).to_parquet(root / "index.parquet", index=False)
+    save_file({"resid_post": x[:2].contiguous()}, str(root / "shards" / "00000.safetensors"), metadata={"rows": "0:2"})
+    save_file({"resid_post": x[2:].contiguous()}, str(root / "shards" / "00001.safetensors"), metadata={"rows": "2:3"})
+    with caplog.at_level("WARNING"):
+        store = ActivationStore.load(root)
+    assert "older catlens" in caplog.text and store.lazy
+    assert torch.equal(store.get_all(), x) and torch.equal(store.at("resid_post", 5), x[:, 0, 1])
