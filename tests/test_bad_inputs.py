@@ -8,9 +8,15 @@ Each case is classified as
   silent     the bad input was accepted (exit 0, no exception, or the CLI went on to load the model).
 Every case must be clear.
 
-Counts on the code before this change (run ``python tests/test_bad_inputs.py`` for today's counts):
-  before: 81 cases -- clear 37, vague 17, traceback 9, silent 18
-  after:  81 cases -- clear 81, vague 0, traceback 0, silent 0
+Counts (``python tests/test_bad_inputs.py`` prints every case and the counts for the catlens it imports):
+  before (commit d86eb43): 96 cases -- clear 46, vague 21, traceback 6, silent 23
+                           (CLI 53: clear 27, vague 8, traceback 1, silent 17;
+                            API 43: clear 19, vague 13, traceback 5, silent 6)
+  after:                   96 cases -- clear 96, vague 0, traceback 0, silent 0
+Model loading and GGUF conversion are replaced by a stub that raises, so a bad input that is only noticed after
+loading (a file as --cache-dir, device="cuda") counts as "silent" here, though on the old code it ended in a
+traceback after the load. Three of the six "traceback" cases call ``catlens.model.resolve_layers``, new in this
+change (the layer check that ``collect`` can use instead of failing with ``max() arg is an empty sequence``).
 """
 
 import contextlib
