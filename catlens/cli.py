@@ -60,7 +60,7 @@ def parse_layers(text: str | None) -> list[int] | None:
                              f"'0-5,10,-1'.") from None
     repeated = sorted({x for x in out if out.count(x) > 1})
     if repeated:
-        raise ValueError(f"--layers {text!r}: layer(s) {repeated} listed twice; list each layer once.")
+        raise ValueError(f"--layers {text!r}: layer(s) {repeated} listed more than once; list each layer once.")
     return out
 
 
@@ -71,7 +71,7 @@ def _positions(text: str) -> str | list[int]:
     t = text.strip()
     if t in _NAMED_POSITIONS:
         return t
-    if t[:1] in "-+0123456789" and t[:1]:
+    if t and t[0] in "-+0123456789":
         try:
             return [int(p) for p in t.split(",")]
         except ValueError:

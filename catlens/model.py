@@ -17,7 +17,7 @@ import logging
 import operator
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -108,12 +108,9 @@ def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     """
     if layers is None:
         return list(range(n_layers))
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence | range):
-        try:
-            layers = list(layers)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"layers={layers!r} must be a list of layer numbers (or None for every layer), e.g. "
-                            f"[0, 5, -1].") from None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers={layers!r} must be a list of layer numbers (or None for every layer), e.g. "
+                        f"[0, 5, -1].")
     given = list(layers)
     if not given:
         raise ValueError(f"layers={given} selects no layer; pass layers=None for every layer, or some of "

@@ -110,7 +110,7 @@ def _cases() -> list[Case]:
     add(Case("cli-layers-letters", lambda t: _cache(t, "--layers", "a-b"), ["'a-b'", "0-5,10,-1"]))
     add(Case("cli-layers-float", lambda t: _cache(t, "--layers", "1.5"), ["'1.5'", "0-5,10,-1"]))
     add(Case("cli-layers-empty-part", lambda t: _cache(t, "--layers", "3,,4"), ["'3,,4'", "0-5,10,-1"]))
-    add(Case("cli-layers-duplicate", lambda t: _cache(t, "--layers", "1,1"), ["'1,1'", "twice"]))
+    add(Case("cli-layers-duplicate", lambda t: _cache(t, "--layers", "1,1"), ["'1,1'", "more than once"]))
     add(Case("cli-positions-word", lambda t: _cache(t, "--positions", "first"), ["'first'", "last", "mean"]))
     add(Case("cli-positions-bad-offset", lambda t: _cache(t, "--positions", "-3,x"), ["'-3,x'", "-3,-1"]))
     add(Case("cli-positions-zero", lambda t: _cache(t, "--positions", "0"), ["0", "negative"]))
@@ -469,6 +469,16 @@ def test_one_helper_for_package_versions():
     versions = runs.package_versions(["torch", "no-such-distribution-catlens"])
     assert versions["torch"] and versions["no-such-distribution-catlens"] is None and "python" in versions
     assert model._version is runs.package_version  # the name catlens.finetune imports
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="catlens/cache.py (owned by another branch) still ends in max() of an empty "
+                                       "layer list; collect should check layers with model.resolve_layers(layers)")
+def test_collect_rejects_an_empty_layer_list(tiny_model):
+    from catlens.cache import collect
+
+    with pytest.raises(ValueError, match=r"layers=\[\] selects no layer"):
+        collect(tiny_model, ["hello"], layers=[], show_progress=False)
 
 
 if __name__ == "__main__":  # print the classification of every case and the counts (used for the table above)
