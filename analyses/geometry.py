@@ -65,7 +65,7 @@ class Args:
     model: str = "smollm2-135m-instruct"
     """Model spec for catlens.model.load_model (embedded name, checkpoint folder or hub id)."""
     prompts: str = "builtin"
-    """Prompt set for catlens.prompts.load_prompts."""
+    """Prompt set for catlens.datasets.load_prompts."""
     other_model: str | None = None
     """Second model for model diffing (same prompts, same site/positions/format)."""
     acts: Path | None = None
@@ -183,7 +183,7 @@ def load_activations(args: Args, *, model_spec: str, acts_path: Path | None) -> 
         model_prov = dict(store.meta.get("model", {}))
     else:
         from catlens.model import load_model
-        from catlens.prompts import load_prompts
+        from catlens.datasets import load_prompts
 
         model = load_model(model_spec)
         store = collect(model, load_prompts(args.prompts), sites=[args.site],

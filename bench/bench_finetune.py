@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from catlens.finetune import collate, get_config, greedy_answers, prepare, assemble_data, response_loss
     from catlens.model import load_model
-    from catlens.prompts import load_builtin
+    from catlens.datasets import load_builtin
     from catlens.refusal import generate_ids
     from catlens.runs import RunDir, seed_everything
 

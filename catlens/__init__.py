@@ -26,7 +26,7 @@ _EXPORTS = {
     "load_table": "catlens.runs",
     "Prompt": "catlens.prompts",
     "PromptSet": "catlens.prompts",
-    "load_prompts": "catlens.prompts",
+    "load_prompts": "catlens.datasets",
     "split_prompts": "catlens.prompts",
     "deduplicate": "catlens.prompts",
     "check_leakage": "catlens.prompts",

@@ -6,22 +6,39 @@
     catlens finetune --config quick      train the refusal-token model (see `catlens finetune -h`)
     catlens generate --prompts builtin   generate (optionally steered by --policy) and judge the answers
 
-Bad input exits with code 2 and a one-line reason.
+Bad input exits with code 2 and the reason (what was given, what is allowed, how to fix it); no traceback
+unless -v is given.
 """
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from catlens.errors import check_folder_target, unknown_name_message
+
 log = logging.getLogger("catlens")
 
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError)
+_USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError, PermissionError, ConnectionError)
+# options whose value may start with '-' (negative layers / offsets): "--positions -3,-1" is read as
+# "--positions=-3,-1" (argparse would take "-3,-1" for an option)
+_NEGATIVE_VALUE_OPTIONS = ("--positions", "--layers")
+_NEGATIVE_VALUE = re.compile(r"^-\d")
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """``"all"``/None -> None (every layer); ``"0-3,10,-1"`` -> [0, 1, 2, 3, 10, -1]."""
+    """``"all"``/None -> None (every layer); ``"0-3,10,-1"`` -> [0, 1, 2, 3, 10, -1].
+
+    >>> parse_layers("0-3,10,-1")
+    [0, 1, 2, 3, 10, -1]
+    >>> parse_layers("5-2")
+    Traceback (most recent call last):
+    ...
+    ValueError: --layers '5-2': the range 5-2 is empty (its start is after its end); write it as '2-5'.
+    """
     if text is None or text.strip().lower() in ("", "all"):
         return None
     out: list[int] = []
@@ -30,28 +47,80 @@ def parse_layers(text: str | None) -> list[int] | None:
         try:
             if "-" in part[1:]:
                 a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                out.extend(range(int(a), int(b) + 1))
+                start, stop = int(a), int(b)
+                if start > stop:
+                    raise ValueError(f"--layers {text!r}: the range {part} is empty (its start is after its end); "
+                                     f"write it as '{stop}-{start}'.")
+                out.extend(range(start, stop + 1))
             else:
                 out.append(int(part))
-        except ValueError:
+        except ValueError as e:
+            if str(e).startswith("--layers"):
+                raise
             raise ValueError(f"--layers {text!r}: cannot read {part!r}; use 'all', single layers and ranges like "
                              f"'0-5,10,-1'.") from None
+    repeated = sorted({x for x in out if out.count(x) > 1})
+    if repeated:
+        raise ValueError(f"--layers {text!r}: layer(s) {repeated} listed more than once; list each layer once.")
     return out
 
 
 def _positions(text: str) -> str | list[int]:
-    if text.lstrip("-").replace(",", "").replace("-", "").isdigit():
-        return [int(p) for p in text.split(",")]
-    return text
+    """``--positions``: a named position, or comma-separated negative offsets like ``-3,-1``."""
+    from catlens.cache import _NAMED_POSITIONS
+
+    t = text.strip()
+    if t in _NAMED_POSITIONS:
+        return t
+    if t and t[0] in "-+0123456789":
+        try:
+            return [int(p) for p in t.split(",")]
+        except ValueError:
+            raise ValueError(f"--positions {text!r}: cannot read it as offsets; give comma-separated negative "
+                             f"offsets like '-3,-1', or one of {', '.join(_NAMED_POSITIONS)}.") from None
+    raise ValueError("--positions: " + unknown_name_message(
+        "positions", text, _NAMED_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}; give a positive whole number.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give a positive whole number (1 or more).")
+    return value
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--positions", "-3,-1"]`` -> ``["--positions=-3,-1"]`` (the form argparse accepts)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in _NEGATIVE_VALUE_OPTIONS:
+            nxt = next(it, None)
+            if nxt is not None and _NEGATIVE_VALUE.match(nxt):
+                out.append(f"{arg}={nxt}")
+                continue
+            out.append(arg)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(arg)
+    return out
 
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
+    from catlens.model import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="embedded name, checkpoint folder or hub id (default: %(default)s)")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from catlens.model import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(prog="catlens", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -59,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list models; --load to load one and print its provenance",
                        description="List the embedded model and cached checkpoints.\n\nExamples:\n"
-                                   "  catlens models\n  catlens models --load smollm2-135m-instruct",
+                                   f"  catlens models\n  catlens models --load {DEFAULT_MODEL}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", metavar="SPEC", default=None, help="load this model and print its provenance")
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("data", help="list or validate the benchmark datasets",
@@ -91,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="'all' or e.g. '0-5,10,-1'")
     p.add_argument("--positions", default="last", help="last | mean | mean_all | post_instruction | offsets like -3,-1")
     p.add_argument("--fmt", default="chat", help="chat | raw | p1_header | p1_append")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--shard-size", type=_positive_int, default=256)
     p.add_argument("--out", required=True, help="store folder (rerun to resume)")
     p.set_defaults(func=_cmd_cache)
 
@@ -108,9 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_cache_dir(path: str | None) -> None:
+    from catlens.model import cache_dir
+
+    check_folder_target(cache_dir(path), "--cache-dir" if path is not None else "model cache ($CATLENS_CACHE)",
+                        "Give a folder (it is created if missing), or leave --cache-dir out for ~/.cache/catlens.")
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from catlens.model import list_models, load_model
 
+    _check_cache_dir(args.cache_dir)
     for row in list_models(args.cache_dir):
         state = "cached" if row["cached"] else "not converted yet"
         print(f"{row['name']:<32} {row['kind']:<9} {state:<18} {row['path']}")
@@ -124,7 +201,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.action == "show":
-        from catlens.prompts import load_prompts
+        from catlens.datasets import load_prompts
 
         if not args.name:
             raise ValueError("'catlens data show' needs a dataset name, e.g. 'catlens data show builtin'.")
@@ -151,18 +228,32 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from catlens.cache import _parse_positions, collect
-    from catlens.model import Site, load_model, resolve_spec
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
+    from catlens.model import FORMATS, Site, load_model, resolve_spec
 
-    # check the cheap arguments before any loading
+    # check every argument before anything is loaded or written
     layers = parse_layers(args.layers)
     sites = [Site.parse(s.strip()).value for s in args.sites.split(",") if s.strip()]
+    if not sites:
+        raise ValueError(f"--sites {args.sites!r} names no site; give one or more of "
+                         f"{', '.join(s.value for s in Site)}, comma-separated (e.g. 'resid_post').")
     positions = _positions(args.positions)
     _parse_positions(positions)
+    if args.fmt not in FORMATS:
+        raise ValueError("--fmt: " + unknown_name_message("prompt format", args.fmt, FORMATS))
+    check_folder_target(args.out, "--out", "The store is a folder: choose another --out.")
+    _check_cache_dir(args.cache_dir)
     resolve_spec(args.model, args.cache_dir)
     prompts = load_prompts(args.prompts, data_dir=args.data_dir)
     if args.split:
-        prompts = prompts.where(split=args.split)
+        every, prompts = prompts, prompts.where(split=args.split)
+        if not len(prompts):
+            present = sorted({s for s in every.splits if s is not None})
+            fix = (f"its splits are {', '.join(present)}: choose one of those" if present else
+                   "it has no splits: leave --split out")
+            raise ValueError(f"--split {args.split!r} leaves no prompts of {args.prompts!r}; {fix}.")
+    if not len(prompts):
+        raise ValueError(f"--prompts {args.prompts!r} holds no prompts; give a prompt set with at least one prompt.")
     model = load_model(args.model, cache=args.cache_dir)
     store = collect(model, prompts, sites=sites, layers=layers, positions=positions,
                     fmt=args.fmt, batch_size=args.batch_size, shard_size=args.shard_size, out=args.out)
@@ -183,7 +274,7 @@ class _wide_pandas:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
@@ -193,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"catlens {args.command}: error: {message}".splitlines()[0], file=sys.stderr)
+        print(f"catlens {args.command}: error: {message}", file=sys.stderr)
         if args.verbose:
             raise
         return 2

@@ -19,15 +19,16 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from catlens.errors import FileFormatError, reading, unknown_name_message
 from catlens.prompts import Prompt, PromptSet
-from catlens.taxonomy import category_mapper, load_taxonomy, unknown_name_message
+from catlens.taxonomy import category_mapper, load_taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -128,23 +129,57 @@ class DatasetSpec:
 
 
 # ------------------------------------------------------------------------------------------- readers
+_FILE_FIX = ("Restore it from the release listed in SOURCE.md of its folder, or point data_dir / $CATLENS_DATA_DIR "
+             "(catlens --data-dir) at an intact copy of shared/data.")
+
+
+def _csv_file(path: Path) -> pd.DataFrame:
+    with reading(path, "dataset file", _FILE_FIX):
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _json_file(path: Path) -> Any:
+    with reading(path, "dataset file", _FILE_FIX), open(path, encoding="utf-8") as f:
+        return json.loads(f.read())
+
+
+def _records(value: Any, path: Path) -> pd.DataFrame:
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        got = type(value).__name__ if not isinstance(value, list) else "a list holding non-objects"
+        raise FileFormatError(f"dataset file {str(path)!r} should hold a JSON list of objects (one per prompt), "
+                              f"got {got}. {_FILE_FIX}")
+    return pd.DataFrame(value)
+
+
 def _read_csv(paths: list[Path]) -> pd.DataFrame:
-    return pd.read_csv(paths[0], dtype=str, keep_default_na=False)
+    return _csv_file(paths[0])
 
 
 def _read_json(paths: list[Path]) -> pd.DataFrame:
-    with open(paths[0], encoding="utf-8") as f:
-        return pd.DataFrame(json.load(f))
+    return _records(_json_file(paths[0]), paths[0])
 
 
 def _read_jsonl(paths: list[Path]) -> pd.DataFrame:
-    with open(paths[0], encoding="utf-8") as f:
-        return pd.DataFrame([json.loads(line) for line in f if line.strip()])
+    rows = []
+    with reading(paths[0], "dataset file", _FILE_FIX), open(paths[0], encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise FileFormatError(f"dataset file {str(paths[0])!r}, line {lineno}: not valid JSON ({e.msg}, "
+                                      f"column {e.colno}); the file is truncated or corrupt. {_FILE_FIX}") from None
+    return _records(rows, paths[0])
 
 
 def _read_catqa(paths: list[Path]) -> pd.DataFrame:
-    with open(paths[0], encoding="utf-8") as f:
-        nested = json.load(f)
+    nested = _json_file(paths[0])
+    if not isinstance(nested, dict) or not all(isinstance(subs, dict) for subs in nested.values()):
+        raise FileFormatError(
+            f"dataset file {str(paths[0])!r} should hold a JSON object {{category: {{subcategory: [questions]}}}}, "
+            f"got {type(nested).__name__ if not isinstance(nested, dict) else 'an object with non-object values'}. "
+            f"{_FILE_FIX}")
     rows = [
         {"Category": c, "Subcategory": s, "Question": q}
         for c, subs in nested.items() for s, qs in subs.items() for q in qs
@@ -155,7 +190,7 @@ def _read_catqa(paths: list[Path]) -> pd.DataFrame:
 def _read_harmbench(paths: list[Path]) -> pd.DataFrame:
     frames = []
     for path in paths:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = _csv_file(path)
         df["_file_split"] = "val" if path.stem.endswith("_val") else "test"
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
@@ -610,11 +645,15 @@ def load_dataset(
 def list_datasets(data_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     """One row per dataset: ``name, n, labels, n_categories, path_exists, license, hub_id, description``.
 
-    ``n`` and ``n_categories`` come from loading the local files (``None`` when they are absent).
+    ``n`` and ``n_categories`` come from loading the local files (``None`` when they are absent). A data
+    directory that was asked for (``data_dir`` or ``$CATLENS_DATA_DIR``) but does not exist raises
+    ``FileNotFoundError``; only a missing default ``<repo>/../shared/data`` gives the catalogue without counts.
     """
     try:
         root: Path | None = resolve_data_dir(data_dir)
     except FileNotFoundError:
+        if data_dir is not None or os.environ.get(ENV_VAR):
+            raise
         root = None
     rows = []
     for spec in DATASETS.values():
@@ -668,3 +707,50 @@ def validate_datasets(data_dir: str | os.PathLike[str] | None = None) -> pd.Data
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------- prompt sources
+def load_builtin(*, categories: Collection[str] | None = None) -> PromptSet:
+    """The packaged prompt set ``catlens/data/builtin_prompts.jsonl`` (written for catlens, with splits)."""
+    from importlib import resources
+
+    from catlens.runs import sha256_text
+
+    text = resources.files("catlens").joinpath("data/builtin_prompts.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    prov = {
+        "name": "builtin", "sources": ["builtin"],
+        "files": [{"path": "catlens/data/builtin_prompts.jsonl", "sha256": sha256_text(text)}],
+    }
+    return PromptSet(rows, name="builtin", provenance=prov, categories=categories)
+
+
+def load_prompts(
+    spec: str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    categories: Collection[str] | None = None,
+) -> PromptSet:
+    """Load prompts from ``"builtin"``, a dataset name (:data:`DATASETS`) or a file path.
+
+    Files: ``.jsonl`` (objects with ``text`` and ``label``; optional ``id, category, source, split, meta``;
+    other keys go into ``meta``) or ``.csv`` with the same columns. A file without prompts is an error.
+
+    >>> load_prompts("builtin").name
+    'builtin'
+    """
+    s = str(spec)
+    if s == "builtin":
+        return load_builtin(categories=categories)
+    if s in DATASETS:
+        ps = load_dataset(s, data_dir=data_dir)
+        return ps if categories is None else ps.with_categories(categories)
+    path = Path(s)
+    if path.suffix in (".jsonl", ".csv"):
+        return PromptSet.load(path, categories=categories)
+    raise ValueError(
+        unknown_name_message(
+            "prompt source", s, ["builtin", *DATASETS],
+            "Give 'builtin', a dataset name, or a path to a .jsonl/.csv prompt file.",
+        )
+    )

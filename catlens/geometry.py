@@ -120,6 +120,9 @@ def _layers(layers: Sequence[int] | None, n: int) -> list[int]:
     if layers is None:
         return list(range(n))
     out = [int(layer) for layer in layers]
+    if not out:
+        raise ValueError(f"layers=[] is empty: give one label per layer on axis 1 of the activations ({n} layers), "
+                         f"or layers=None for 0..{n - 1}.")
     if len(out) != n:
         raise ValueError(f"layers has {len(out)} labels but the activations have {n} layers on axis 1.")
     return out
@@ -296,6 +299,9 @@ def projections(
     if keys is not None and len(keys) != n:
         raise ValueError(f"keys has {len(keys)} rows but there are {n} prompts.")
     wanted = labels if which is None else list(which)
+    if not wanted:
+        raise ValueError(f"which={wanted} selects no layer; pass which=None for all, or some of the activation "
+                         f"layers {labels}.")
     missing = [w for w in wanted if w not in labels]
     if missing:
         raise ValueError(f"layers {missing} are not among the activation layers {labels}.")

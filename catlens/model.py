@@ -14,9 +14,10 @@ Activations are named as ``(Site, layer)``; :func:`hook_name` is the one place t
 import importlib.util
 import json
 import logging
+import operator
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,8 +27,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from catlens.errors import unknown_name_message
-from catlens.runs import atomic_path, sha256_file, sha256_text
+from catlens.errors import check_folder_target, unknown_name_message
+from catlens.runs import atomic_path, package_version, package_versions, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED = {DEFAULT_MODEL: (_GGUF_PACKAGE, _GGUF_FILE)}
 _EMBEDDED_ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL, "SmolLM2-135M-Instruct": DEFAULT_MODEL}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMATS = ("chat", "raw", "p1_header", "p1_append")
+"""Prompt formats of :meth:`LensModel.format`."""
+_VERSIONED = ("catlens", "transformer-lens", "transformers", "torch")
+_version = package_version  # kept for callers that import it from here (catlens.finetune)
 
 
 # ---------------------------------------------------------------------------------------------- hook names
@@ -90,6 +95,39 @@ def hook_name(site: Site | str, layer: int, n_layers: int | None = None) -> str:
     return _HOOK_TEMPLATES[site].format(layer=layer)
 
 
+def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """``None`` -> every layer; otherwise the layers with negative ones counted from the end, checked: not empty,
+    in range, no repeats.
+
+    >>> resolve_layers([0, -1], 4)
+    [0, 3]
+    >>> resolve_layers([], 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: layers=[] selects no layer; pass layers=None for every layer, or some of 0..3 (negative values count from the end).
+    """
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers={layers!r} must be a list of layer numbers (or None for every layer), e.g. "
+                        f"[0, 5, -1].")
+    given = list(layers)
+    if not given:
+        raise ValueError(f"layers={given} selects no layer; pass layers=None for every layer, or some of "
+                         f"0..{n_layers - 1} (negative values count from the end).")
+    out = []
+    for layer in given:
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+            raise TypeError(f"layers={given!r}: {layer!r} is not a whole number; give layer numbers "
+                            f"0..{n_layers - 1} (negative values count from the end).")
+        hook_name(Site.RESID_POST, operator.index(layer), n_layers)
+        out.append(operator.index(layer) % n_layers)
+    repeated = sorted({x for x in out if out.count(x) > 1})
+    if repeated:
+        raise ValueError(f"layers={given!r} lists layer(s) {repeated} more than once; list each layer once.")
+    return out
+
+
 # --------------------------------------------------------------------------------------------- model cache
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """Where catlens caches converted models and fine-tunes: argument > ``$CATLENS_CACHE`` > ~/.cache/catlens."""
@@ -99,6 +137,78 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "catlens"
+
+
+def check_cache(override: str | os.PathLike[str] | None = None) -> Path:
+    """The model cache folder (:func:`cache_dir`), after checking that it is, or can become, a folder."""
+    path = cache_dir(override)
+    what = "cache" if override is not None else "model cache ($CATLENS_CACHE)"
+    check_folder_target(path, what, "Pass cache= (catlens --cache-dir) a folder, or set $CATLENS_CACHE to one "
+                                    "(default ~/.cache/catlens).")
+    return path
+
+
+def available_devices() -> list[str]:
+    """Devices torch can use here: ``cpu`` plus ``cuda``/``cuda:N`` and ``mps`` when present."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def check_device(device: str | torch.device) -> str:
+    """``device`` if torch can use it here, else a ``ValueError`` naming the available devices."""
+    available = available_devices()
+    text = str(device)
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(unknown_name_message("device", text, available, "Use device='cpu' on a machine without "
+                                                                          "a GPU.")) from None
+    if text in available or (parsed.type == "cpu"):
+        return text
+    if parsed.type == "cuda":
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None else
+               "no CUDA device is visible" if not torch.cuda.is_available() else
+               f"there are only {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        why = f"torch has no usable {parsed.type!r} backend here"
+    raise ValueError(f"device={text!r} is not available: {why}. Available devices: {', '.join(available)}; use "
+                     f"device='cpu' (catlens runs on CPU).")
+
+
+def _hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        import huggingface_hub.constants as hc
+    except ImportError:
+        return False
+    return bool(getattr(hc, "HF_HUB_OFFLINE", False))
+
+
+def _hub_message(repo: str, detail: str) -> str:
+    mode = ("the hub is switched off (offline mode: HF_HUB_OFFLINE is set)" if _hub_offline() else
+            "the Hugging Face hub is unreachable (no network?); set HF_HUB_OFFLINE=1 to fail fast when offline")
+    return (f"model {repo!r} looks like a hub id, but {mode}, and it is not in the local Hugging Face cache "
+            f"({detail}). Point the model spec (catlens --model) at a local folder holding a checkpoint saved with "
+            f"save_pretrained, or use the embedded model {DEFAULT_MODEL!r}.")
+
+
+def _check_hub_reachable(repo: str, revision: str | None) -> None:
+    """Offline and not cached: fail now, with instructions, instead of after the hub client's retries."""
+    if not _hub_offline():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        raise ConnectionError(_hub_message(repo, "no config.json cached"))
 
 
 def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
@@ -150,10 +260,12 @@ def embedded_checkpoint(name: str = DEFAULT_MODEL, cache: str | os.PathLike[str]
 
 
 def resolve_spec(spec: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """Turn a model spec into ``(kind, location)`` with kind in {"embedded", "folder", "hub"}."""
+    """Turn a model spec into ``(kind, location)`` with kind in {"embedded", "folder", "hub"}; for an embedded model
+    also check that the model cache ``cache`` (where it is converted) can be a folder, before any conversion."""
     s = str(spec)
     s = _EMBEDDED_ALIASES.get(s, s)
     if s in _EMBEDDED:
+        check_cache(cache)
         return "embedded", s
     path = Path(s).expanduser()
     if path.is_dir():
@@ -214,6 +326,11 @@ class LensModel:
     def hook_name(self, site: Site | str, layer: int) -> str:
         return hook_name(site, layer, self.n_layers)
 
+    def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
+        """:func:`resolve_layers` for this model (``None`` -> every layer; empty, out-of-range or repeated ->
+        ``ValueError``)."""
+        return resolve_layers(layers, self.n_layers)
+
     def layer(self, layer: int) -> int:
         """Validate ``layer`` and make a negative one count from the end."""
         hook_name(Site.RESID_POST, layer, self.n_layers)
@@ -246,7 +363,7 @@ class LensModel:
             return [self._bos_text + t + self.assistant_header + a for t, a in zip(texts, appends)]
         if fmt == "p1_append":
             return [self._bos_text + t + a for t, a in zip(texts, appends)]
-        raise ValueError(unknown_name_message("prompt format fmt", fmt, ["chat", "raw", "p1_header", "p1_append"]))
+        raise ValueError(unknown_name_message("prompt format fmt", fmt, FORMATS))
 
     def _chat(self, text: str, system: str | None) -> str:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
@@ -347,9 +464,12 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "fl
     """Load a chat model as a :class:`LensModel` (see the module docstring for ``spec``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    device = check_device(device)
+    kind, where = resolve_spec(spec, cache)
+    if kind == "hub":
+        _check_hub_reachable(where, revision)
     if n_threads is not None:
         torch.set_num_threads(n_threads)
-    kind, where = resolve_spec(spec, cache)
     t0 = time.perf_counter()
     if kind == "embedded":
         folder = embedded_checkpoint(where, cache)
@@ -361,10 +481,13 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "fl
     else:
         source = {"kind": kind, "spec": str(spec), "revision": revision}
         location, name = where, where
-    bridge, tokenizer = _boot(location, DTYPES[dtype], device, revision)
+    try:
+        bridge, tokenizer = _boot(location, DTYPES[dtype], device, revision)
+    except OSError as e:
+        if kind != "hub" or isinstance(e, FileNotFoundError | NotADirectoryError | PermissionError):
+            raise
+        raise ConnectionError(_hub_message(where, " ".join(str(e).split())[:200])) from e
     load_seconds = time.perf_counter() - t0
-    from importlib import metadata
-
     model = LensModel(bridge=bridge, tokenizer=tokenizer, name=name)
     model.provenance = {
         "name": name,
@@ -379,7 +502,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "fl
         "tokenizer": {"pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token,
                       "bos_token": tokenizer.bos_token,
                       "chat_template_sha256": sha256_text(tokenizer.chat_template or "")},
-        "versions": {p: _version(p) for p in ("catlens", "transformer-lens", "transformers", "torch")},
+        "versions": package_versions(_VERSIONED),
         "load_seconds": round(load_seconds, 2),
     }
     log.info("loaded %s in %.1f s", name, load_seconds)
@@ -418,15 +541,6 @@ def _boot(location: str, dtype: torch.dtype, device: str, revision: str | None) 
                                                  dtype=dtype)
     bridge.eval()
     return bridge, tokenizer
-
-
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def list_models(cache: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:

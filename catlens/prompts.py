@@ -36,7 +36,8 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import pandas as pd
 
-from catlens.taxonomy import CATEGORIES, unknown_name_message
+from catlens.errors import FileFormatError, reading, unknown_name_message
+from catlens.taxonomy import CATEGORIES
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,11 @@ def _prompt_from_mapping(row: Mapping[str, Any], index: int, default_source: str
     pid = row.get("id")
     pid = f"{source}/{index:05d}" if _is_missing(pid) or str(pid).strip() == "" else str(pid)
     text = row[text_key]
+    if not _is_missing(text) and not isinstance(text, str):
+        raise ValueError(
+            f"row {index}: {text_key!r} must be a string, got {type(text).__name__} ({_short(repr(text), 40)}); "
+            f"quote the prompt text."
+        )
     return Prompt(
         id=pid,
         text="" if _is_missing(text) else str(text),
@@ -197,7 +203,12 @@ class PromptSet(Sequence[Prompt]):
                 )
             else:
                 seen[p.id] = i
-            if not isinstance(p.text, str) or not p.text.strip():
+            if not isinstance(p.text, str):
+                errors.append(
+                    f"{where}: text must be a string, got {type(p.text).__name__} ({_short(repr(p.text), 40)}); "
+                    f"give the prompt as text."
+                )
+            elif not p.text.strip():
                 errors.append(
                     f"{where}: text {p.text!r} is empty or whitespace; fill in the prompt or remove the row."
                 )
@@ -482,24 +493,38 @@ class PromptSet(Sequence[Prompt]):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Prompt file {str(path)!r} does not exist.")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"Prompt file {str(path)!r} {what}; give the path of a .jsonl or .csv file.")
+        if path.suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"Prompt file {str(path)!r}: unsupported suffix {path.suffix!r}; use .jsonl/.csv.")
         name = name or path.stem
         prov = {"name": name, "sources": [name], "files": [{"path": str(path), "sha256": sha256_file(path)}]}
+        example = '{"text": "How do I bake bread?", "label": "benign"}'
+        fix = (f"Give one JSON object per line, e.g. {example}." if path.suffix == ".jsonl"
+               else "Give a header row with at least the columns text,label and one row per prompt.")
+        with reading(path, "prompt file", fix):
+            text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"Prompt file {str(path)!r} holds no prompts (it is empty or blank). {fix}")
         if path.suffix == ".jsonl":
             rows = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from None
+            for lineno, line in enumerate(text.split("\n"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise FileFormatError(f"{path}:{lineno}: not valid JSON ({e}). {fix}") from None
+                if not isinstance(row, dict):
+                    raise FileFormatError(f"Prompt file {str(path)!r}, line {lineno}: expected a JSON object, got "
+                                          f"{type(row).__name__} {_short(json.dumps(row), 40)}. {fix}")
+                rows.append(row)
             return cls(rows, name=name, provenance=prov, categories=categories)
-        if path.suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-            return cls.from_frame(df, name=name, provenance=prov, categories=categories)
-        raise ValueError(f"Prompt file {str(path)!r}: unsupported suffix {path.suffix!r}; use .jsonl/.csv.")
+        with reading(path, "prompt file", fix):
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        if df.empty:
+            raise ValueError(f"Prompt file {str(path)!r} holds no prompts (a header row only). {fix}")
+        return cls.from_frame(df, name=name, provenance=prov, categories=categories)
 
 
 def concat(*sets: PromptSet, name: str | None = None) -> PromptSet:
@@ -508,49 +533,14 @@ def concat(*sets: PromptSet, name: str | None = None) -> PromptSet:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_builtin(*, categories: Collection[str] | None = None) -> PromptSet:
-    """The packaged prompt set ``catlens/data/builtin_prompts.jsonl`` (written for catlens, with splits)."""
-    from importlib import resources
+def __getattr__(name: str) -> Any:
+    """``load_prompts`` and ``load_builtin`` live with the other loaders in :mod:`catlens.datasets`; they are
+    still reachable here (imported on first use, so this module does not import the loaders)."""
+    if name in ("load_prompts", "load_builtin"):
+        from catlens import datasets
 
-    from catlens.runs import sha256_text
-
-    text = resources.files("catlens").joinpath("data/builtin_prompts.jsonl").read_text(encoding="utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    prov = {
-        "name": "builtin", "sources": ["builtin"],
-        "files": [{"path": "catlens/data/builtin_prompts.jsonl", "sha256": sha256_text(text)}],
-    }
-    return PromptSet(rows, name="builtin", provenance=prov, categories=categories)
-
-
-def load_prompts(
-    spec: str | os.PathLike[str],
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    categories: Collection[str] | None = None,
-) -> PromptSet:
-    """Load prompts from ``"builtin"``, a dataset name (:data:`catlens.datasets.DATASETS`) or a file path.
-
-    Files: ``.jsonl`` (objects with ``text`` and ``label``; optional ``id, category, source, split, meta``;
-    other keys go into ``meta``) or ``.csv`` with the same columns.
-    """
-    from catlens import datasets
-
-    s = str(spec)
-    if s == "builtin":
-        return load_builtin(categories=categories)
-    if s in datasets.DATASETS:
-        ps = datasets.load_dataset(s, data_dir=data_dir)
-        return ps if categories is None else ps.with_categories(categories)
-    path = Path(s)
-    if path.suffix in (".jsonl", ".csv"):
-        return PromptSet.load(path, categories=categories)
-    raise ValueError(
-        unknown_name_message(
-            "prompt source", s, ["builtin", *datasets.DATASETS],
-            "Give 'builtin', a dataset name, or a path to a .jsonl/.csv prompt file.",
-        )
-    )
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------ splits

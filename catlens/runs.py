@@ -107,14 +107,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or ``None`` when it is not installed.
+
+    >>> package_version("no-such-distribution-catlens") is None
+    True
+    """
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(packages: Iterable[str] = _VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """``{"python": ..., package: version or None, ...}``: the one place catlens records package versions."""
+    return {"python": platform.python_version(), **{name: package_version(name) for name in packages}}
 
 
 def git_state(start: Path | None = None) -> dict[str, Any]:

@@ -20,13 +20,13 @@ import functools
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
-from catlens.errors import unknown_name_message  # noqa: F401 - also imported from here
+from catlens.errors import reading, unknown_name_message  # unknown_name_message: also imported from here
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,10 @@ def load_taxonomy(path: str | os.PathLike[str] | None = None) -> pd.DataFrame:
             f"Taxonomy table {origin!r} does not exist. Pass the path of a CSV with columns {list(COLUMNS)}, "
             f"or unset {ENV_VAR} to use the packaged table."
         )
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fix = (f"A taxonomy table is a UTF-8 CSV with the header {','.join(COLUMNS)}; fix the file, or unset "
+           f"{ENV_VAR} to use the packaged table.")
+    with reading(path, "taxonomy table", fix):
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     log.info("Using user taxonomy table %s (%d rows)", path, len(raw))
     return validate_taxonomy(raw, origin=f"taxonomy table {origin}")
 
@@ -171,8 +174,3 @@ def map_category(
     """
     return category_mapper(table)(source, source_category, source_subcategory)
 
-
-def taxonomy_sources(table: pd.DataFrame | None = None) -> list[str]:
-    """Sorted taxonomy source names present in the table."""
-    table = load_taxonomy() if table is None else validate_taxonomy(table)
-    return sorted(table["source"].unique().tolist())

@@ -1,4 +1,4 @@
-"""The catlens command: help texts, exit code 2 with a one-line reason on bad input."""
+"""The catlens command: help texts, exit code 2 with the reason on bad input (more cases: test_bad_inputs.py)."""
 
 import subprocess
 import sys

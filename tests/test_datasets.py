@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from catlens import datasets as D
-from catlens.prompts import PromptSet, check_leakage, load_prompts
+from catlens.datasets import load_prompts
+from catlens.prompts import PromptSet, check_leakage
 from catlens.taxonomy import (
     CATEGORIES,
     CATEGORY_IDS,
