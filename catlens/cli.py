@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--shard-size", type=_positive_int, default=256)
     p.add_argument("--out", required=True, help="store folder (rerun to resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other arguments")
     p.set_defaults(func=_cmd_cache)
 
     try:
@@ -256,7 +257,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompts {args.prompts!r} holds no prompts; give a prompt set with at least one prompt.")
     model = load_model(args.model, cache=args.cache_dir)
     store = collect(model, prompts, sites=sites, layers=layers, positions=positions,
-                    fmt=args.fmt, batch_size=args.batch_size, shard_size=args.shard_size, out=args.out)
+                    fmt=args.fmt, batch_size=args.batch_size, shard_size=args.shard_size, out=args.out,
+                    overwrite=args.overwrite)
     print(f"{store!r}\nwrote {args.out}")
     return 0
 

@@ -594,8 +594,8 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
             "weights_sha256": prov.get("weights_sha256") or prov.get("source", {}).get("weights_sha256")}
 
 
-def as_policy(steer: SteeringPolicy | Intervention | Sequence[Intervention] | None) -> SteeringPolicy | None:
-    """Accept a policy, one intervention or a list of them."""
+def as_policy(steer: Any) -> SteeringPolicy | None:
+    """Accept a policy, one intervention, a list of them, a saved policy folder, or None."""
     if steer is None or isinstance(steer, SteeringPolicy):
         return steer
     if isinstance(steer, Intervention):

@@ -344,9 +344,10 @@ def test_generation_resumes_to_the_same_file(tiny_lm, tmp_path, monkeypatch):
 
 
 def test_sampling_is_seeded_per_prompt(tiny_lm):
-    a = _gen(tiny_lm, sample=True, seed=3, batch_size=5)
-    b = [_gen(tiny_lm, prompts=[p], sample=True, seed=3)[0] for p in PROMPTS]
-    c = _gen(tiny_lm, sample=True, seed=4, batch_size=5)
+    items = [{"id": f"p{i}", "text": t} for i, t in enumerate(PROMPTS)]  # the seed follows the prompt id
+    a = _gen(tiny_lm, prompts=items, sample=True, seed=3, batch_size=5)
+    b = [_gen(tiny_lm, prompts=[it], sample=True, seed=3)[0] for it in items]
+    c = _gen(tiny_lm, prompts=items, sample=True, seed=4, batch_size=5)
     assert _toks(a) == _toks(b)
     assert _toks(a) != _toks(c)
 
