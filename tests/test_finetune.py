@@ -21,6 +21,7 @@ from catlens.finetune import (
     make_schedule,
     prompt_form,
     prototype_rows,
+    read_manifest,
 )
 from catlens.prompts import Prompt, PromptSet, check_leakage
 
@@ -216,7 +217,7 @@ def test_finetune_tiny_end_to_end(tiny_model_dir, tmp_path):
         captured.setdefault("log", []).append(stats)
 
     out = finetune(cfg, data=data, out=tmp_path / "a", cache=tmp_path / "cache", show_progress=False, callback=grab)
-    manifest = json.loads((out / "catlens_finetune.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["config_hash"] == cfg.hash and manifest["data_hash"] == data.content_hash
     tokens = RefusalTokens.from_dict(manifest["tokens"])
     assert tokens.all_tokens == ("[refuse:privacy]", "[refuse:cybercrime]", "[respond]")
@@ -283,7 +284,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_model_dir, tmp_pa
         finetune(cfg, data=data, out=tmp_path / "cut", cache=tmp_path / "cache", show_progress=False)
     resumed = finetune(cfg, data=data, out=tmp_path / "cut", cache=tmp_path / "cache", show_progress=False,
                        resume=True)
-    manifest = json.loads((resumed / "catlens_finetune.json").read_text())
+    manifest = read_manifest(resumed)
     assert manifest["training"]["resumed_from_step"] == 2
     wa, wb = _weights(whole), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -323,10 +324,10 @@ def test_existing_output_folder_needs_overwrite(tmp_path):
 def test_cli_registers_finetune():
     import argparse
 
-    from catlens.finetune import _cmd_finetune, add_cli
+    from catlens.cli import _add_finetune_parser, _cmd_finetune
 
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    _add_finetune_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "--config", "quick", "--method", "lora", "--steps", "3", "--overwrite"])
     assert (args.config, args.method, args.steps, args.overwrite, args.func) == ("quick", "lora", 3, True,
                                                                                 _cmd_finetune)
