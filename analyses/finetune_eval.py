@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/finetune_eval")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--per-category", type=int, default=20,
                    help="held-out harmful prompts per category that are generated (all are scored)")
@@ -108,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     from catlens.finetune import assemble_data, ensure_refusal_model, get_config, prompt_form, read_manifest
     from catlens.model import load_model
     from catlens.refusal import RefusalTokens, first_token_scores, generate_ids, parse_response
-    from catlens.runs import RunDir, seed_everything
+    from catlens.runs import RunDir, configure_process
 
-    torch.set_num_threads(2)
-    seed_everything(args.seed)
+    configure_process(threads=args.threads, seed=args.seed)  # process-wide threads and seeds: here, once
     config = get_config(args.config)
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite, seed=args.seed)
     t0 = time.perf_counter()

@@ -368,13 +368,11 @@ def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], 
 
 
 def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
-               cache: str | os.PathLike[str] | None = None, revision: str | None = None,
-               n_threads: int | None = None) -> LensModel:
-    """Load a chat model as a :class:`LensModel` (see the module docstring for ``spec``)."""
+               cache: str | os.PathLike[str] | None = None, revision: str | None = None) -> LensModel:
+    """Load a chat model as a :class:`LensModel` (see the module docstring for ``spec``). Threads are the
+    process's: entry points set them once (:func:`catlens.runs.configure_process`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
-    if n_threads is not None:
-        torch.set_num_threads(n_threads)
     kind, where = resolve_spec(spec, cache)
     t0 = time.perf_counter()
     if kind == "embedded":

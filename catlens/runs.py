@@ -124,6 +124,12 @@ def configure_process(threads: int | None = None, seed: int | None = None) -> di
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r}: give a whole number >= 1 (e.g. --threads 1).")
         torch.set_num_threads(threads)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            threadpool_limits(limits=threads)  # numpy / scikit-learn BLAS pools, for the rest of the process
     if seed is not None:
         seed_everything(seed)
     return {"threads": torch.get_num_threads(), "seed": seed}
