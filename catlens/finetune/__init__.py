@@ -44,7 +44,7 @@ Generation with the result should use :func:`catlens.refusal.generate` (special 
 Modules (one concern each): :mod:`~catlens.finetune.config` (config, presets, ``--set`` conversion),
 :mod:`~catlens.finetune.data` (benchmark data recipe), :mod:`~catlens.finetune.targets` (refusal sentences, tokens,
 examples), :mod:`~catlens.finetune.distill` (distillation cache), :mod:`~catlens.finetune.surgery` (new tokens,
-prototype init, LoRA, trainable masks), :mod:`~catlens.finetune.train` (training loop),
+prototype init, LoRA, trainable masks), :mod:`~catlens.finetune.training` (training loop),
 :mod:`~catlens.finetune.manifest` (the RunDir record) and :mod:`~catlens.finetune.run` (driver). The command line
 is ``catlens finetune`` in :mod:`catlens.cli`. The fine-tune runs on any device (``device``/``dtype`` fields) and
 sets no process-wide state (threads, global seeds): entry points do (:func:`catlens.runs.configure_process`).
@@ -90,7 +90,7 @@ from catlens.finetune.targets import (  # noqa: F401
     refusal_text,
     refusal_tokens_for,
 )
-from catlens.finetune.train import (  # noqa: F401
+from catlens.finetune.training import (  # noqa: F401
     NonFiniteLossError,
     TrainResult,
     collate,

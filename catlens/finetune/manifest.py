@@ -12,7 +12,7 @@ from typing import Any
 
 from catlens.finetune.config import FinetuneConfig
 from catlens.finetune.data import TrainingData
-from catlens.finetune.train import TrainResult
+from catlens.finetune.training import TrainResult
 from catlens.runs import RunDir, atomic_path
 
 MANIFEST = "manifest.json"

@@ -21,7 +21,7 @@ from catlens.finetune.distill import distill_answers, model_key
 from catlens.finetune.manifest import build_manifest, read_manifest, save_finetune
 from catlens.finetune.surgery import add_refusal_tokens, apply_lora, init_new_embeddings, merge_lora, set_trainable
 from catlens.finetune.targets import Example, build_examples, refusal_text, refusal_tokens_for
-from catlens.finetune.train import train
+from catlens.finetune.training import train
 from catlens.model import DTYPES, cache_dir, embedded_checkpoint, render_chat, resolve_spec
 from catlens.prompts import PromptSet
 from catlens.refusal import RefusalTokens
