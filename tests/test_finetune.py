@@ -409,6 +409,9 @@ def test_missing_data_dir_fails_first_and_creates_nothing(tmp_path):
         finetune(cfg, data_dir="/nonexistent", out=tmp_path / "out", cache=tmp_path / "cache", show_progress=False)
     with pytest.raises(FileNotFoundError, match="/nonexistent"):
         assemble_data(cfg, "/nonexistent")
+    with pytest.raises(FileNotFoundError, match="/nonexistent"):  # data="builtin" ignores it: still a typo to report
+        finetune(CONFIGS["quick"], data_dir="/nonexistent", out=tmp_path / "q", cache=tmp_path / "cache",
+                 show_progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -586,3 +589,14 @@ def test_finetune_tiny_on_cuda(tiny_model_dir, tmp_path):
     lora = finetune(_tiny_config(tiny_model_dir, device="cuda", dtype="bfloat16", method="lora", steps=2),
                     data=_tiny_data(), out=tmp_path / "gpu-lora", cache=tmp_path / "cache", show_progress=False)
     assert (lora / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_generic_module_access(tiny_model_dir):
+    from catlens.finetune.surgery import final_norm
+    from catlens.model import decoder_blocks, load_model
+
+    m = load_model(tiny_model_dir)
+    assert len(m.blocks()) == m.n_layers == 2 and m.blocks() is decoder_blocks(m.hf)
+    assert m.unembed() is m.hf.get_output_embeddings()
+    assert final_norm(m.hf) is m.hf.get_decoder().norm

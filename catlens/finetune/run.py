@@ -46,7 +46,11 @@ def check_inputs(config: FinetuneConfig, *, cache: str | os.PathLike[str] | None
     """Fail early (before any folder is made or any model loaded) on a base model that does not resolve, a data
     directory that does not exist and a device that is not available."""
     resolve_spec(config.base, cache)
-    if data_dir is not None or config.data == "datasets":
+    if data_dir is not None:  # an explicit folder must exist, even for data="builtin" (which does not read it)
+        from catlens.datasets import resolve_data_dir
+
+        resolve_data_dir(data_dir)
+    if config.data == "datasets":
         _resolve_origin(config, data_dir)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
