@@ -600,3 +600,31 @@ def test_generic_module_access(tiny_model_dir):
     assert len(m.blocks()) == m.n_layers == 2 and m.blocks() is decoder_blocks(m.hf)
     assert m.unembed() is m.hf.get_output_embeddings()
     assert final_norm(m.hf) is m.hf.get_decoder().norm
+
+
+def test_a_live_runs_work_folder_is_never_removed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from catlens.finetune import ensure_refusal_model
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cfg = _tiny_config("smollm2-135m-instruct")
+        work = tmp_path / ".x.work"
+        work.mkdir()
+        (work / "owner.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(FileExistsError, match=f"pid {other.pid}"):
+            finetune(cfg, data=_tiny_data(), out=tmp_path / "x", cache=tmp_path / "cache", show_progress=False)
+        quick = tmp_path / "cache" / "finetunes" / ".refusal-quick.work"
+        quick.mkdir(parents=True)
+        (quick / "owner.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(FileExistsError, match=f"pid {other.pid}"):
+            ensure_refusal_model("quick", tmp_path / "cache", show_progress=False)
+        assert work.exists() and quick.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert os.getpid() != other.pid

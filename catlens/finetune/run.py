@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 """The resumable checkpoint inside a run's work folder."""
+OWNER = "owner.json"
+"""pid and host of the process working in a work folder (a live owner's folder is never removed)."""
 
 
 def _base_folder(spec: str, cache: str | os.PathLike[str] | None) -> tuple[str, str]:
@@ -39,6 +42,24 @@ def _base_folder(spec: str, cache: str | os.PathLike[str] | None) -> tuple[str, 
     if kind == "embedded":
         return str(embedded_checkpoint(where, cache)), kind
     return where, kind
+
+
+def _live_owner(work: Path) -> int | None:
+    """The pid of another live process on this host that owns the work folder ``work``, else ``None``."""
+    try:
+        owner = json.loads((work / OWNER).read_text())
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if owner.get("host") != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def check_inputs(config: FinetuneConfig, *, cache: str | os.PathLike[str] | None = None,
@@ -99,8 +120,12 @@ def finetune(
             why = "a different config or data" if existing else "no catlens fine-tune manifest"
             raise FileExistsError(f"output folder {str(target)!r} already exists ({why}). Pass --overwrite to "
                                   f"replace it, or choose another --out.")
+    owner = _live_owner(work)
+    if owner is not None:
+        raise FileExistsError(f"another fine-tune (pid {owner}) is running in {str(work)!r}; wait for it to finish "
+                              f"or choose another --out.")
     if work.exists() and not (work / CHECKPOINT).exists():
-        shutil.rmtree(work)  # a work folder without a checkpoint holds nothing to resume
+        shutil.rmtree(work)  # a work folder without a checkpoint (a killed run) holds nothing to resume
     if work.exists() and not resume:
         if not overwrite:
             raise FileExistsError(f"an interrupted fine-tune is in {str(work)!r}. Pass --resume to continue it or "
@@ -108,6 +133,7 @@ def finetune(
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     try:
+        write_json_atomic(work / OWNER, {"pid": os.getpid(), "host": socket.gethostname()})
         prep = prepare(config, data, cache=cache, show_progress=show_progress)
         run_key = sha256_text(config.hash + data.content_hash)
         write_json_atomic(work / "run.json", {"config": config.to_dict(), "config_hash": config.hash,
@@ -235,6 +261,10 @@ def ensure_refusal_model(config: FinetuneConfig | str = "default", cache: str | 
         shutil.rmtree(target)
     work = target.parent / f".{target.name}.work"
     resume = False
+    owner = _live_owner(work)
+    if owner is not None:
+        raise FileExistsError(f"another process (pid {owner}) is training {str(target)!r} right now; wait for it "
+                              f"to finish, then call again.")
     if work.exists():
         try:
             resume = json.loads((work / "run.json").read_text()).get("config_hash") == config.hash
