@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/finetune_eval")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--per-category", type=int, default=20,
                    help="held-out harmful prompts per category that are generated (all are scored)")
@@ -105,20 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import pandas as pd
 
-    from catlens.finetune import MANIFEST, assemble_data, ensure_refusal_model, get_config, prompt_form
+    from catlens.finetune import assemble_data, ensure_refusal_model, get_config, prompt_form, read_manifest
     from catlens.model import load_model
     from catlens.refusal import RefusalTokens, first_token_scores, generate_ids, parse_response
-    from catlens.runs import RunDir, seed_everything
+    from catlens.runs import RunDir, configure_process
 
-    torch.set_num_threads(2)
-    seed_everything(args.seed)
+    configure_process(threads=args.threads, seed=args.seed)  # process-wide threads and seeds: here, once
     config = get_config(args.config)
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite, seed=args.seed)
     t0 = time.perf_counter()
     folder = Path(args.model) if args.model else ensure_refusal_model(config, args.cache_dir, data_dir=args.data_dir)
-    import json
-
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"{str(folder)!r} is not a catlens fine-tune (no manifest.json with a 'finetune' "
+                                f"record, no catlens_finetune.json).")
     data = assemble_data(config, args.data_dir)
     if manifest.get("data_hash") != data.content_hash:
         raise ValueError(f"the data assembled for --config {args.config} (hash {data.content_hash[:12]}) is not the "

@@ -51,7 +51,7 @@ import torch
 
 from catlens import directions as D
 from catlens import geometry as G
-from catlens.runs import RunDir, seed_everything, sha256_file
+from catlens.runs import RunDir, configure_process, sha256_file
 
 log = logging.getLogger("analyses.geometry")
 
@@ -94,8 +94,9 @@ class Args:
     projection_subset: str = "harmful"
     """Prompts projected: 'harmful' (P1: category activations only) or 'all'."""
     spectrum_top: int = 100
-    threads: int | None = 1
-    """BLAS/torch threads for the geometry (not for the model); None leaves the process settings."""
+    threads: int | None = None
+    """torch/BLAS threads of the process, set once in :func:`main` (:func:`catlens.runs.configure_process`); None:
+    $OMP_NUM_THREADS, else the libraries' default."""
     seed: int = 0
     overwrite: bool = False
 
@@ -136,7 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     p.add_argument("--tsne-layers", default=None, help="'none', 'auto' (default) or e.g. '5,15,25'")
     p.add_argument("--projection-subset", default=Args.projection_subset, choices=["harmful", "all"])
     p.add_argument("--spectrum-top", type=int, default=Args.spectrum_top)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=Args.seed)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -261,8 +262,7 @@ def compute_directions(args: Args, a: Activations) -> dict[str, D.Directions]:
 def separability_tables(args: Args, a: Activations) -> pd.DataFrame:
     idx, frames = a.index, []
     harmful = (idx["label"] == args.harmful_label).to_numpy()
-    opts = {"layers": a.layers, "cv_folds": args.cv_folds, "pca_dims": args.pca_dims, "random_state": args.seed,
-            "num_threads": args.threads}
+    opts = {"layers": a.layers, "cv_folds": args.cv_folds, "pca_dims": args.pca_dims, "random_state": args.seed}
     labels = np.where(harmful, "harmful", "benign")
     if harmful.any() and (~harmful).any():
         frames.append(G.separability(a.acts, labels, task="harmful_vs_benign", **opts))
@@ -289,15 +289,14 @@ def anisotropy_tables(args: Args, a: Activations) -> tuple[pd.DataFrame, pd.Data
         if mask.sum() < 2:
             continue
         x = a.acts[torch.from_numpy(np.flatnonzero(mask))]
-        aniso.append(G.anisotropy(x, layers=a.layers, num_threads=args.threads).assign(subset=name))
-        with G.limit_threads(args.threads):
-            for j, layer in enumerate(a.layers):
-                lam = G.covariance_spectrum(x[:, j])
-                top = lam[: args.spectrum_top]
-                spectrum.append(pd.DataFrame({"subset": name, "layer": layer, "index": np.arange(len(top)),
-                                              "eigenvalue": top.numpy(), "share": (top / lam.sum()).numpy()}))
-                if name == "all":
-                    massive.append(G.massive_dimensions(x[:, j]).assign(layer=layer))
+        aniso.append(G.anisotropy(x, layers=a.layers).assign(subset=name))
+        for j, layer in enumerate(a.layers):
+            lam = G.covariance_spectrum(x[:, j])
+            top = lam[: args.spectrum_top]
+            spectrum.append(pd.DataFrame({"subset": name, "layer": layer, "index": np.arange(len(top)),
+                                          "eigenvalue": top.numpy(), "share": (top / lam.sum()).numpy()}))
+            if name == "all":
+                massive.append(G.massive_dimensions(x[:, j]).assign(layer=layer))
     aniso_df = pd.concat(aniso, ignore_index=True)
     return (aniso_df[["subset", *[c for c in aniso_df.columns if c != "subset"]]],
             pd.concat(spectrum, ignore_index=True),
@@ -314,45 +313,44 @@ def cosine_tables(args: Args, a: Activations, dirs: dict[str, D.Directions]
     benign_rows = np.flatnonzero(fit & (idx["label"] != args.harmful_label).to_numpy())
     cos, align, whitening = [], [], []
     no_basis: dict[str, tuple[str, list[int]]] = {}
-    with G.limit_threads(args.threads):
-        for j, layer in enumerate(a.layers):
-            w = G.fit_whitener(a.acts[torch.from_numpy(benign_rows), j], method=args.whiten_method,
-                               eps=args.whiten_eps, shrinkage=args.whiten_shrinkage,
-                               restrict_to_span=args.restrict_to_span, warn=(j == 0), num_threads=None)
-            whitening.append({"layer": layer, "method": w.method, "eps": w.eps, "shrinkage": w.shrinkage,
-                              "restrict_to_span": w.restrict_to_span, "n_samples": w.n_samples, "rank": w.rank,
-                              "rank_deficient": w.rank_deficient, "d_model": w.d_model})
-            for name, d in dirs.items():
-                v = d.at(layer)
-                if bool((v.norm(dim=-1) == 0).any()):
-                    log.warning("%s layer %d: a zero direction; cosines skipped", name, layer)
-                    continue
-                keys = {"direction": name, "layer": layer}
-                cos.append(G.cosine_table(G.cosine_matrix(v), d.categories, **keys, space="raw"))
-                cos.append(G.cosine_table(G.whitened_cosine_matrix(v, w), d.categories, **keys, space="whitened"))
-                try:
-                    basis = G.orthonormal_basis(v, w, categories=d.categories)
-                    lapack = G.orthonormal_basis(v, w, categories=d.categories, positive_diagonal=False)
-                except ValueError as e:
-                    no_basis.setdefault(name, (str(e), []))[1].append(layer)
-                    continue
-                if w.method == "zca":
-                    cos.append(G.cosine_table(G.cosine_matrix(basis.whitened), d.categories, **keys,
-                                              space="basis_whitened"))
-                cos.append(G.cosine_table(G.cosine_matrix(basis.residual), d.categories, **keys,
-                                          space="basis_residual"))
-                v64 = v.double()
-                unit_v = v64 / v64.norm(dim=-1, keepdim=True)
-                res = basis.residual.double()
-                cos_res = (res * unit_v).sum(-1) / res.norm(dim=-1)
-                cos_q = ((basis.whitened.double() * unit_v).sum(-1) if w.method == "zca"
-                         else torch.full((len(v),), float("nan"), dtype=torch.float64))
-                off = w.off_span_share(v)
-                flipped = (lapack.R.diagonal() < 0).tolist()
-                for i, c in enumerate(d.categories):
-                    align.append({**keys, "category": c, "cos_basis_whitened": float(cos_q[i]),
-                                  "cos_basis_residual": float(cos_res[i]), "off_span_share": float(off[i]),
-                                  "r_diag": float(basis.R[i, i]), "lapack_sign_flipped": bool(flipped[i])})
+    for j, layer in enumerate(a.layers):
+        w = G.fit_whitener(a.acts[torch.from_numpy(benign_rows), j], method=args.whiten_method,
+                           eps=args.whiten_eps, shrinkage=args.whiten_shrinkage,
+                           restrict_to_span=args.restrict_to_span, warn=(j == 0))
+        whitening.append({"layer": layer, "method": w.method, "eps": w.eps, "shrinkage": w.shrinkage,
+                          "restrict_to_span": w.restrict_to_span, "n_samples": w.n_samples, "rank": w.rank,
+                          "rank_deficient": w.rank_deficient, "d_model": w.d_model})
+        for name, d in dirs.items():
+            v = d.at(layer)
+            if bool((v.norm(dim=-1) == 0).any()):
+                log.warning("%s layer %d: a zero direction; cosines skipped", name, layer)
+                continue
+            keys = {"direction": name, "layer": layer}
+            cos.append(G.cosine_table(G.cosine_matrix(v), d.categories, **keys, space="raw"))
+            cos.append(G.cosine_table(G.whitened_cosine_matrix(v, w), d.categories, **keys, space="whitened"))
+            try:
+                basis = G.orthonormal_basis(v, w, categories=d.categories)
+                lapack = G.orthonormal_basis(v, w, categories=d.categories, positive_diagonal=False)
+            except ValueError as e:
+                no_basis.setdefault(name, (str(e), []))[1].append(layer)
+                continue
+            if w.method == "zca":
+                cos.append(G.cosine_table(G.cosine_matrix(basis.whitened), d.categories, **keys,
+                                          space="basis_whitened"))
+            cos.append(G.cosine_table(G.cosine_matrix(basis.residual), d.categories, **keys,
+                                      space="basis_residual"))
+            v64 = v.double()
+            unit_v = v64 / v64.norm(dim=-1, keepdim=True)
+            res = basis.residual.double()
+            cos_res = (res * unit_v).sum(-1) / res.norm(dim=-1)
+            cos_q = ((basis.whitened.double() * unit_v).sum(-1) if w.method == "zca"
+                     else torch.full((len(v),), float("nan"), dtype=torch.float64))
+            off = w.off_span_share(v)
+            flipped = (lapack.R.diagonal() < 0).tolist()
+            for i, c in enumerate(d.categories):
+                align.append({**keys, "category": c, "cos_basis_whitened": float(cos_q[i]),
+                              "cos_basis_residual": float(cos_res[i]), "off_span_share": float(off[i]),
+                              "r_diag": float(basis.R[i, i]), "lapack_sign_flipped": bool(flipped[i])})
     for name, (reason, layers) in no_basis.items():
         # one_vs_rest directions sum to zero (equal weights) and one_vs_benign_orth directions have a weighted sum
         # equal to zero (the refusal direction is their weighted mean before projection): dependent by construction
@@ -364,7 +362,7 @@ def probe_table(args: Args, a: Activations, dirs: dict[str, D.Directions]) -> pd
     labels = np.where((a.index["label"] == args.harmful_label).to_numpy(), "harmful", "benign")
     if len(set(labels)) < 2:
         return pd.DataFrame(columns=["direction", "layer", "category", "cosine"])
-    w = G.probe_weights(a.acts, labels, positive="harmful", num_threads=args.threads)
+    w = G.probe_weights(a.acts, labels, positive="harmful")
     frames = [G.probe_direction_cosines(w, d, weight_layers=a.layers).assign(direction=name)
               for name, d in dirs.items()]
     df = pd.concat(frames, ignore_index=True)
@@ -380,14 +378,14 @@ def projection_table(args: Args, a: Activations) -> pd.DataFrame:
     keys["group"] = np.where(keys["label"] == args.harmful_label, keys["category"].fillna("uncategorised"),
                              "benign")
     x = a.acts[torch.from_numpy(rows)]
-    frames = [G.projections(x, keys, layers=a.layers, method="pca", random_state=0, num_threads=args.threads)]
+    frames = [G.projections(x, keys, layers=a.layers, method="pca", random_state=0)]
     tsne = args.tsne_layers
     if tsne is None:
         n = len(a.layers)
         tsne = tuple(sorted({a.layers[min(n - 1, round(q * (n - 1)))] for q in (0.25, 0.5, 0.75, 1.0)}))
     if tsne:
         frames.append(G.projections(x, keys, layers=a.layers, which=list(tsne), method="tsne", perplexity=10.0,
-                                    random_state=0, num_threads=args.threads))
+                                    random_state=0))
     return pd.concat(frames, ignore_index=True).assign(subset=args.projection_subset)
 
 
@@ -404,6 +402,7 @@ def _setup_logging(run: RunDir) -> list[logging.Handler]:
 
 
 def main(args: Args) -> RunDir:
+    configure_process(threads=args.threads, seed=args.seed)  # the one place this script sets process-wide state
     run = RunDir.create(args.out, config=args, overwrite=args.overwrite, seed=args.seed)  # manifest first
     handlers = _setup_logging(run)
     try:
@@ -416,7 +415,6 @@ def main(args: Args) -> RunDir:
 
 
 def _run(args: Args, run: RunDir) -> None:
-    seed_everything(args.seed)
     a = load_activations(args, model_spec=args.model, acts_path=args.acts)
     run.record_model(a.model)
     run.record_data("activations", a.data)

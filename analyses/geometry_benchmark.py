@@ -16,7 +16,7 @@ import torch
 
 from catlens import directions as D
 from catlens import geometry as G
-from catlens.runs import RunDir, seed_everything
+from catlens.runs import RunDir, configure_process
 
 log = logging.getLogger("analyses.geometry_benchmark")
 
@@ -34,7 +34,7 @@ def main(out: Path, n: int = 500, n_layers: int = 30, d: int = 576, k: int = 8, 
          overwrite: bool = False, seed: int = 0) -> pd.DataFrame:
     run = RunDir.create(out, config={"n": n, "n_layers": n_layers, "d_model": d, "k": k, "threads": threads},
                         overwrite=overwrite, seed=seed)
-    seed_everything(seed)
+    configure_process(threads=threads, seed=seed)  # entry point: process-wide threads and seeds, once
     acts, labels = planted(n, n_layers, d, k, seed)
     rows = []
 
@@ -49,23 +49,22 @@ def main(out: Path, n: int = 500, n_layers: int = 30, d: int = 576, k: int = 8, 
     benign = acts[: n // 2]
     dirs = timed("directions (3 methods)", lambda: [D.one_vs_benign(by_cat, benign), D.one_vs_rest(by_cat),
                                                     D.p1_mean_difference(by_cat, benign)][0])
-    timed("separability (8 classes)", lambda: G.separability(acts, labels, num_threads=threads, show_progress=False))
+    timed("separability (8 classes)", lambda: G.separability(acts, labels, show_progress=False))
     binary = np.where(np.arange(n) % 2 == 0, "harmful", "benign")
-    timed("separability (binary)", lambda: G.separability(acts, binary, num_threads=threads, show_progress=False))
-    timed("anisotropy", lambda: G.anisotropy(acts, num_threads=threads, show_progress=False))
-    timed("projections (pca)", lambda: G.projections(acts, method="pca", num_threads=threads, show_progress=False))
+    timed("separability (binary)", lambda: G.separability(acts, binary, show_progress=False))
+    timed("anisotropy", lambda: G.anisotropy(acts, show_progress=False))
+    timed("projections (pca)", lambda: G.projections(acts, method="pca", show_progress=False))
     timed("projections (tsne, 1 layer)", lambda: G.projections(acts, which=[n_layers // 2], method="tsne",
-                                                               num_threads=threads, show_progress=False))
+                                                               show_progress=False))
 
     def whiten_all() -> None:
-        with G.limit_threads(threads):
-            for j, layer in enumerate(dirs.layers):
-                w = G.fit_whitener(acts[:, j], warn=False, num_threads=None)
-                G.whitened_cosine_matrix(dirs.at(layer), w)
-                G.orthonormal_basis(dirs.at(layer), w)
+        for j, layer in enumerate(dirs.layers):
+            w = G.fit_whitener(acts[:, j], warn=False)
+            G.whitened_cosine_matrix(dirs.at(layer), w)
+            G.orthonormal_basis(dirs.at(layer), w)
 
     timed("whitening + QR basis", whiten_all)
-    timed("probe weights", lambda: G.probe_weights(acts, binary, positive="harmful", num_threads=threads,
+    timed("probe weights", lambda: G.probe_weights(acts, binary, positive="harmful",
                                                    show_progress=False))
     table = pd.DataFrame(rows).assign(n_prompts=n, n_layers=n_layers, d_model=d, threads=threads)
     run.save_table("timings", table)

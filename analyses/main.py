@@ -29,9 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
-
-from catlens.runs import RunDir, seed_everything
+from catlens.runs import RunDir, configure_process
 
 log = logging.getLogger("analyses.main")
 HERE = Path(__file__).resolve().parent
@@ -69,15 +67,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
     p.add_argument("--data-dir", default=None, help="benchmark data (default: $CATLENS_DATA_DIR or ../shared/data)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--no-png", action="store_true", help="write HTML figures only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kaleido", "choreographer"):  # static export logs every browser step at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(2)
+    configure_process(threads=args.threads, seed=args.seed)  # process-wide threads and seeds: here, once
 
     run = RunDir.create(args.out, config=vars(args), resume=True, seed=args.seed)
-    seed_everything(args.seed)
     t0 = time.perf_counter()
     config = "quick" if args.quick else "default"
 

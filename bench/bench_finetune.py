@@ -26,17 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="training steps timed")
     p.add_argument("--out", default="runs/bench-finetune")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
     import pandas as pd
 
     from catlens.finetune import collate, get_config, greedy_answers, prepare, assemble_data, response_loss
     from catlens.model import load_model
     from catlens.datasets import load_builtin
     from catlens.refusal import generate_ids
-    from catlens.runs import RunDir, seed_everything
+    from catlens.runs import RunDir, configure_process
 
-    seed_everything(0)
+    configure_process(threads=args.threads, seed=0)
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite, seed=0)
     texts = load_builtin().texts[: args.n]
 

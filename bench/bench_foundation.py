@@ -38,7 +38,9 @@ def _child(kind: str, n: int, cache: str | None) -> None:
     """Run one measurement in this (fresh) process and print a JSON line."""
     import torch
 
-    torch.set_num_threads(2)
+    from catlens.runs import configure_process
+
+    configure_process()  # threads from $OMP_NUM_THREADS (else torch's default: the physical cores)
     import transformer_lens.model_bridge  # noqa: F401 - import cost is not load cost
     import transformers  # noqa: F401
 

@@ -23,6 +23,7 @@ _EXPORTS = {
     "ActivationStore": "catlens.cache",
     "RunDir": "catlens.runs",
     "seed_everything": "catlens.runs",
+    "configure_process": "catlens.runs",
     "load_table": "catlens.runs",
     "Prompt": "catlens.prompts",
     "PromptSet": "catlens.prompts",

@@ -6,6 +6,9 @@
     catlens finetune --config quick      train the refusal-token model (see `catlens finetune -h`)
     catlens generate --prompts builtin   generate (optionally steered by --policy) and judge the answers
 
+Threads: --threads N (default: $OMP_NUM_THREADS, else torch's default); two jobs on a 2-core machine each want
+--threads 1.
+
 Bad input exits with code 2 and the reason (what was given, what is allowed, how to fix it); no traceback
 unless -v is given.
 """
@@ -124,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catlens", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of this process (default: $OMP_NUM_THREADS, else torch's default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("models", help="list models; --load to load one and print its provenance",
@@ -166,12 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other arguments")
     p.set_defaults(func=_cmd_cache)
 
-    try:
-        from catlens.finetune import add_cli
-    except ImportError:  # fine-tuning module not available in this build
-        pass
-    else:
-        add_cli(sub)
+    _add_finetune_parser(sub)
     from catlens.generation import add_cli as add_generate_cli
 
     add_generate_cli(sub)
@@ -263,6 +263,69 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- finetune
+_FINETUNE_EXAMPLES = """\
+Examples:
+  catlens finetune --config quick                    # built-in prompts, about 3 min
+  catlens finetune                                   # default config, about 12 min on 2 CPU cores
+  catlens finetune --method lora --init mean --seed 1
+  catlens finetune --config coconot --data-dir ../shared/data
+  catlens finetune --base meta-llama/Meta-Llama-3-8B-Instruct --device cuda --dtype bfloat16 --method lora
+  catlens finetune --resume                          # continue an interrupted run
+The folder is printed on success and reused by later runs with the same config and data.
+"""
+
+
+def _add_finetune_parser(sub: Any) -> None:
+    from catlens.finetune.config import CONFIGS, INITS, METHODS
+    from catlens.model import DTYPES
+
+    p = sub.add_parser(
+        "finetune", help="train a refusal-token model (category refusal tokens + [respond])",
+        description="Fine-tune a chat model to open every response with a category refusal token or [respond]. "
+                    "The result is a checkpoint folder in the cache, loadable with catlens.load_model.\n\n"
+                    + _FINETUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help=f"preset: {', '.join(CONFIGS)} (default: %(default)s)")
+    p.add_argument("--method", default=None, help=f"override: {', '.join(METHODS)}")
+    p.add_argument("--init", default=None, help=f"override the new-token initialisation: {', '.join(INITS)}")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: the preset's)")
+    p.add_argument("--single-token", action="store_true", help="binary variant: one [refuse] token")
+    p.add_argument("--steps", type=int, default=None, help="override the number of optimiser steps")
+    p.add_argument("--seed", type=int, default=None, help="override the training seed")
+    p.add_argument("--base", default=None, help="model to fine-tune (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="device to train on, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default=None, help=f"weight dtype: {', '.join(DTYPES)} (default: float32)")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CATLENS_DATA_DIR or "
+                                                    "../shared/data; the built-in prompts when absent)")
+    p.add_argument("--out", default=None, help="output folder (default: <cache>/finetunes/refusal-<config>)")
+    p.add_argument("--cache-dir", default=None, help="cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any FinetuneConfig field; VALUE is JSON when it parses, else a string "
+                        "(e.g. --set lr=1e-4 --set prototype_anchor=null); repeatable")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder / interrupted run")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from catlens.finetune import finetune, get_config, parse_overrides
+
+    categories = None
+    if args.categories:
+        categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: give a positive number of steps.")
+    extra = parse_overrides(args.set)  # typed and checked here, before any data or model is touched
+    config = get_config(args.config, method=args.method, init=args.init, categories=categories,
+                        single_token=True if args.single_token else None, steps=args.steps, seed=args.seed,
+                        base=args.base, device=args.device, dtype=args.dtype)
+    config = config.replace(**extra) if extra else config
+    folder = finetune(config, data_dir=args.data_dir, out=args.out, overwrite=args.overwrite, resume=args.resume,
+                      cache=args.cache_dir)
+    print(folder)
+    return 0
+
+
 class _wide_pandas:
     def __enter__(self) -> None:
         import pandas as pd
@@ -283,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from catlens.runs import configure_process
+
+        configure_process(threads=args.threads)
         return int(args.func(args) or 0)
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

@@ -35,8 +35,7 @@ Definitions used here (P1 uses "anisotropy" without defining it; PAPERS.md §5 i
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,7 +50,6 @@ from catlens.directions import Directions
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "limit_threads",
     "separability",
     "fisher_ratio",
     "project_2d",
@@ -78,28 +76,6 @@ _EPS64 = float(np.finfo(np.float64).eps)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextmanager
-def limit_threads(n: int | None) -> Iterator[None]:
-    """Limit BLAS/OpenMP (threadpoolctl) and torch intra-op threads to ``n`` inside the block; None: no change.
-
-    The per-layer problems here are small (hundreds of prompts, hundreds of dims); multi-threaded BLAS on them
-    gains little and on a busy machine can be ten times slower than one thread (measured on the project's 2-core
-    machine). The previous torch setting is restored on exit.
-    """
-    if n is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
     arr = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels).astype(str)
     if arr.ndim != 1 or len(arr) != n:
@@ -166,7 +142,6 @@ def separability(
     C: float = 1.0,
     max_iter: int = 200,
     random_state: int = 0,
-    num_threads: int | None = 1,
     show_progress: bool = True,
 ) -> Any:
     """Linear and cluster separability of ``labels`` at every layer, as a tidy DataFrame.
@@ -188,7 +163,8 @@ def separability(
     * ``fisher_ratio``: see :func:`fisher_ratio`.
 
     Every class needs at least 2 prompts; ``cv_folds`` is lowered to the smallest class size when needed.
-    ``num_threads``: see :func:`limit_threads` (default 1: fastest for these small problems).
+    Threads are the process's (set once by the entry point, :func:`catlens.runs.configure_process`; one thread is
+    fastest for these small problems on a busy machine).
     """
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
@@ -212,33 +188,32 @@ def separability(
     k = None if pca_dims is None else min(pca_dims, d, n - 1)
     y_idx = np.searchsorted(classes, y)
     rows = []
-    with limit_threads(num_threads):
-        for j, layer in enumerate(tqdm(_layers(layers, n_layers), desc=f"separability[{task}]",
-                                       disable=not show_progress)):
-            x = acts[:, j].to(torch.float64)
-            xn = x.numpy()
-            feats = StandardScaler().fit_transform(xn)
-            if k is not None:
-                feats = PCA(n_components=k, svd_solver="randomized" if k < min(n, d) // 2 else "full",
-                            random_state=random_state).fit_transform(feats)
-            cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=random_state)
-            proba = cross_val_predict(LogisticRegression(C=C, max_iter=max_iter), feats, y_idx, cv=cv,
-                                      method="predict_proba")
-            acc = float((proba.argmax(1) == y_idx).mean())
-            if len(classes) == 2:
-                auroc = float(roc_auc_score(y_idx, proba[:, 1]))
-            else:
-                auroc = float(roc_auc_score(y_idx, proba, multi_class="ovr", average="macro"))
-            values = {
-                "probe_accuracy": acc,
-                "probe_auroc": auroc,
-                "silhouette": float(silhouette_score(xn, y)),
-                "davies_bouldin": float(davies_bouldin_score(xn, y)),
-                "calinski_harabasz": float(calinski_harabasz_score(xn, y)),
-                "fisher_ratio": fisher_ratio(x, y),
-            }
-            rows += [{"task": task, "layer": layer, "metric": m, "value": v, "n_prompts": n,
-                      "n_classes": len(classes)} for m, v in values.items()]
+    for j, layer in enumerate(tqdm(_layers(layers, n_layers), desc=f"separability[{task}]",
+                                   disable=not show_progress)):
+        x = acts[:, j].to(torch.float64)
+        xn = x.numpy()
+        feats = StandardScaler().fit_transform(xn)
+        if k is not None:
+            feats = PCA(n_components=k, svd_solver="randomized" if k < min(n, d) // 2 else "full",
+                        random_state=random_state).fit_transform(feats)
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=random_state)
+        proba = cross_val_predict(LogisticRegression(C=C, max_iter=max_iter), feats, y_idx, cv=cv,
+                                  method="predict_proba")
+        acc = float((proba.argmax(1) == y_idx).mean())
+        if len(classes) == 2:
+            auroc = float(roc_auc_score(y_idx, proba[:, 1]))
+        else:
+            auroc = float(roc_auc_score(y_idx, proba, multi_class="ovr", average="macro"))
+        values = {
+            "probe_accuracy": acc,
+            "probe_auroc": auroc,
+            "silhouette": float(silhouette_score(xn, y)),
+            "davies_bouldin": float(davies_bouldin_score(xn, y)),
+            "calinski_harabasz": float(calinski_harabasz_score(xn, y)),
+            "fisher_ratio": fisher_ratio(x, y),
+        }
+        rows += [{"task": task, "layer": layer, "metric": m, "value": v, "n_prompts": n,
+                  "n_classes": len(classes)} for m, v in values.items()]
     return pd.DataFrame(rows)
 
 
@@ -284,7 +259,6 @@ def projections(
     method: Literal["pca", "tsne"] = "pca",
     perplexity: float = 10.0,
     random_state: int = 0,
-    num_threads: int | None = 1,
     show_progress: bool = True,
 ) -> Any:
     """2-D projections at the layers ``which`` (labels; default all) as one tidy table.
@@ -307,9 +281,8 @@ def projections(
         raise ValueError(f"layers {missing} are not among the activation layers {labels}.")
     frames = []
     for layer in tqdm(wanted, desc=f"projection[{method}]", disable=not show_progress):
-        with limit_threads(num_threads):
-            xy, info = project_2d(acts[:, labels.index(layer)], method=method, perplexity=perplexity,
-                                  random_state=random_state)
+        xy, info = project_2d(acts[:, labels.index(layer)], method=method, perplexity=perplexity,
+                              random_state=random_state)
         df = pd.DataFrame({"method": method, "layer": layer, "x": xy[:, 0], "y": xy[:, 1]})
         if method == "pca":
             df["var_x"], df["var_y"] = info["explained_variance_ratio"]
@@ -393,7 +366,6 @@ def probe_weights(
     positive: str,
     C: float = 1.0,
     max_iter: int = 500,
-    num_threads: int | None = 1,
     show_progress: bool = True,
 ) -> Float[Tensor, "layer d_model"]:
     """Weight vector of a logistic probe ``positive`` vs the rest at every layer, in raw residual coordinates.
@@ -413,12 +385,11 @@ def probe_weights(
     yb = (y == positive).astype(int)
     _class_counts(yb.astype(str), 2, "probe_weights")
     out = torch.empty(n_layers, d, dtype=torch.float64)
-    with limit_threads(num_threads):
-        for j in tqdm(range(n_layers), desc="probe weights", disable=not show_progress):
-            scaler = StandardScaler().fit(acts[:, j].to(torch.float64).numpy())
-            z = scaler.transform(acts[:, j].to(torch.float64).numpy())
-            w = LogisticRegression(C=C, max_iter=max_iter).fit(z, yb).coef_[0]
-            out[j] = torch.from_numpy(w / scaler.scale_)
+    for j in tqdm(range(n_layers), desc="probe weights", disable=not show_progress):
+        scaler = StandardScaler().fit(acts[:, j].to(torch.float64).numpy())
+        z = scaler.transform(acts[:, j].to(torch.float64).numpy())
+        w = LogisticRegression(C=C, max_iter=max_iter).fit(z, yb).coef_[0]
+        out[j] = torch.from_numpy(w / scaler.scale_)
     return out.to(torch.float32)
 
 
@@ -515,7 +486,6 @@ def anisotropy(
     layers: Sequence[int] | None = None,
     top_k: Sequence[int] = (1, 10),
     ridge: float = 0.0,
-    num_threads: int | None = 1,
     show_progress: bool = True,
 ) -> Any:
     """:func:`anisotropy_measures` at every layer. Tidy columns: ``layer, measure, value, n_prompts, d_model``."""
@@ -523,10 +493,9 @@ def anisotropy(
 
     n, n_layers, d = acts.shape
     rows = []
-    with limit_threads(num_threads):
-        for j, layer in enumerate(tqdm(_layers(layers, n_layers), desc="anisotropy", disable=not show_progress)):
-            for m, v in anisotropy_measures(acts[:, j], top_k=top_k, ridge=ridge).items():
-                rows.append({"layer": layer, "measure": m, "value": v, "n_prompts": n, "d_model": d})
+    for j, layer in enumerate(tqdm(_layers(layers, n_layers), desc="anisotropy", disable=not show_progress)):
+        for m, v in anisotropy_measures(acts[:, j], top_k=top_k, ridge=ridge).items():
+            rows.append({"layer": layer, "measure": m, "value": v, "n_prompts": n, "d_model": d})
     return pd.DataFrame(rows)
 
 
@@ -652,7 +621,6 @@ def fit_whitener(
     shrinkage: None | Literal["ledoit_wolf"] | float = None,
     restrict_to_span: bool = False,
     warn: bool = True,
-    num_threads: int | None = 1,
 ) -> Whitener:
     """Fit a whitening map on activations (P1: benign prompts, PAPERS.md §2.3 I and §5 item 10).
 
@@ -672,12 +640,10 @@ def fit_whitener(
     ``W_inv`` is the pseudo-inverse and ``whiten``/``unwhiten`` invert each other on ``mean + span``), or
     shrinkage, which gives the off-span directions the variance ``delta tr(Sigma)/d`` instead of 0.
     ``eps=0`` with a rank-deficient, unshrunk covariance and no restriction is refused (the map is infinite).
-    ``warn=False`` silences the rank warning (e.g. after the first of many layers); ``num_threads``: see
-    :func:`limit_threads`.
+    ``warn=False`` silences the rank warning (e.g. after the first of many layers).
     """
-    with limit_threads(num_threads):
-        return _fit_whitener(benign_acts, method=method, eps=eps, shrinkage=shrinkage,
-                             restrict_to_span=restrict_to_span, warn=warn)
+    return _fit_whitener(benign_acts, method=method, eps=eps, shrinkage=shrinkage,
+                         restrict_to_span=restrict_to_span, warn=warn)
 
 
 def _fit_whitener(benign_acts: Tensor, *, method: str, eps: float, shrinkage: Any, restrict_to_span: bool,

@@ -366,11 +366,18 @@ class LensModel:
         raise ValueError(unknown_name_message("prompt format fmt", fmt, FORMATS))
 
     def _chat(self, text: str, system: str | None) -> str:
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": text}]
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"model {self.name!r} has no chat template; use fmt='raw' or 'p1_header'.")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, text, system)
+
+    # architecture-generic module access (any transformers causal LM, not only Llama paths) -------------------
+    def blocks(self) -> Any:
+        """The decoder blocks of the wrapped Hugging Face model (:func:`decoder_blocks`)."""
+        return decoder_blocks(self.hf)
+
+    def unembed(self) -> Any:
+        """The output embedding (unembedding) module of the wrapped Hugging Face model."""
+        return self.hf.get_output_embeddings()
 
     @property
     def assistant_header(self) -> str:
@@ -424,6 +431,23 @@ class LensModel:
                 f"source={self.provenance.get('source', {}).get('kind')})")
 
 
+def render_chat(tokenizer: Any, text: str, system: str | None = None) -> str:
+    """The chat template with the generation prompt: the one chat rendering (``LensModel.format(fmt="chat")``,
+    the fine-tune's training prompts and self-distillation)."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def decoder_blocks(hf: Any) -> Any:
+    """The list of decoder blocks of a Hugging Face causal LM (``get_decoder().layers``; Llama, Mistral, Qwen,
+    Gemma, ...), through any wrapper that forwards ``get_decoder`` (e.g. a peft model)."""
+    layers = getattr(hf.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(hf).__name__} has no get_decoder().layers; catlens cannot address its blocks.")
+    return layers
+
+
 def tokenize_left(tokenizer: Any, rendered: Sequence[str], device: torch.device | str = "cpu"
                   ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Tokenise already-rendered strings with left padding (the tokenizer's padding side is restored); no special
@@ -449,9 +473,11 @@ def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], 
         source.update(json.loads((folder / "catlens_source.json").read_text()), kind="embedded", folder=str(folder))
         return source
     source["folder"] = str(folder)
-    manifest = folder / "catlens_finetune.json"
-    if manifest.exists():
-        source["finetune"] = json.loads(manifest.read_text())
+    from catlens.finetune.manifest import read_manifest
+
+    finetune = read_manifest(folder)
+    if finetune is not None:
+        source["finetune"] = finetune
     weights = sorted(folder.glob("*.safetensors"))
     if weights:
         source["weights_sha256"] = {w.name: sha256_file(w) for w in weights}
@@ -459,17 +485,15 @@ def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], 
 
 
 def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
-               cache: str | os.PathLike[str] | None = None, revision: str | None = None,
-               n_threads: int | None = None) -> LensModel:
-    """Load a chat model as a :class:`LensModel` (see the module docstring for ``spec``)."""
+               cache: str | os.PathLike[str] | None = None, revision: str | None = None) -> LensModel:
+    """Load a chat model as a :class:`LensModel` (see the module docstring for ``spec``). Threads are the
+    process's: entry points set them once (:func:`catlens.runs.configure_process`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     device = check_device(device)
     kind, where = resolve_spec(spec, cache)
     if kind == "hub":
         _check_hub_reachable(where, revision)
-    if n_threads is not None:
-        torch.set_num_threads(n_threads)
     t0 = time.perf_counter()
     if kind == "embedded":
         folder = embedded_checkpoint(where, cache)

@@ -107,6 +107,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_process(threads: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Set the process-wide state once, in an entry point (the CLI, an analysis or bench script), never in library
+    code: torch's CPU threads (``threads``, else ``$OMP_NUM_THREADS``, else torch's default) and, with ``seed``,
+    the global seeds (:func:`seed_everything`). Two jobs sharing a 2-core machine should each run with
+    ``threads=1`` (``bench/bench_concurrency.py``). Returns the settings for a manifest."""
+    import torch
+
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        try:
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        except ValueError:
+            raise ValueError(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']!r} is not a whole number; unset it "
+                             f"or set e.g. OMP_NUM_THREADS=1.") from None
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r}: give a whole number >= 1 (e.g. --threads 1).")
+        torch.set_num_threads(threads)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            threadpool_limits(limits=threads)  # numpy / scikit-learn BLAS pools, for the rest of the process
+    if seed is not None:
+        seed_everything(seed)
+    return {"threads": torch.get_num_threads(), "seed": seed}
+
+
 def package_version(name: str) -> str | None:
     """The installed version of distribution ``name``, or ``None`` when it is not installed.
 

@@ -21,6 +21,7 @@ from catlens.finetune import (
     make_schedule,
     prompt_form,
     prototype_rows,
+    read_manifest,
 )
 from catlens.prompts import Prompt, PromptSet, check_leakage
 
@@ -216,7 +217,7 @@ def test_finetune_tiny_end_to_end(tiny_model_dir, tmp_path):
         captured.setdefault("log", []).append(stats)
 
     out = finetune(cfg, data=data, out=tmp_path / "a", cache=tmp_path / "cache", show_progress=False, callback=grab)
-    manifest = json.loads((out / "catlens_finetune.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["config_hash"] == cfg.hash and manifest["data_hash"] == data.content_hash
     tokens = RefusalTokens.from_dict(manifest["tokens"])
     assert tokens.all_tokens == ("[refuse:privacy]", "[refuse:cybercrime]", "[respond]")
@@ -283,7 +284,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_model_dir, tmp_pa
         finetune(cfg, data=data, out=tmp_path / "cut", cache=tmp_path / "cache", show_progress=False)
     resumed = finetune(cfg, data=data, out=tmp_path / "cut", cache=tmp_path / "cache", show_progress=False,
                        resume=True)
-    manifest = json.loads((resumed / "catlens_finetune.json").read_text())
+    manifest = read_manifest(resumed)
     assert manifest["training"]["resumed_from_step"] == 2
     wa, wb = _weights(whole), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -323,10 +324,10 @@ def test_existing_output_folder_needs_overwrite(tmp_path):
 def test_cli_registers_finetune():
     import argparse
 
-    from catlens.finetune import _cmd_finetune, add_cli
+    from catlens.cli import _add_finetune_parser, _cmd_finetune
 
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    _add_finetune_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "--config", "quick", "--method", "lora", "--steps", "3", "--overwrite"])
     assert (args.config, args.method, args.steps, args.overwrite, args.func) == ("quick", "lora", 3, True,
                                                                                 _cmd_finetune)
@@ -341,3 +342,289 @@ def test_cli_registers_finetune():
     bad = parser.parse_args(["finetune", "--categories", "privacy,privcy"])
     with pytest.raises(ValueError, match="Did you mean: privacy"):
         _cmd_finetune(bad)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs (issue 12)
+@pytest.mark.parametrize("field, value, expected", [
+    ("lr", float("inf"), "non-finite"), ("lr", float("nan"), "non-finite"), ("new_token_lr", float("inf"), "non-finite"),
+    ("lr", 3.0, r"in \(0, 1.0\]"), ("lora_alpha", float("inf"), "non-finite"), ("first_token_weight", -1.0, "> 0"),
+    ("prototype_contrast", float("nan"), "non-finite"),
+])
+def test_config_rejects_non_finite_and_out_of_range_numbers_at_construction(field, value, expected):
+    with pytest.raises(ValueError, match=expected) as err:
+        FinetuneConfig(**{field: value})
+    assert f"FinetuneConfig.{field}" in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("steps", 2.7, "expected an integer"), ("steps", "abc", "expected an integer"), ("lr", "abc", "finite number"),
+    ("single_token", 1, "true or false"), ("categories", "privacy", "list of names"), ("seed", True, "integer"),
+])
+def test_config_field_types(field, value, expected):
+    # FinetuneConfig.__post_init__ runs check_value on every field (under the test suite's runtime type checker
+    # a wrong type is already refused by the generated __init__)
+    from catlens.finetune import check_value
+
+    with pytest.raises(ValueError, match=expected) as err:
+        check_value(field, value)
+    assert f"FinetuneConfig.{field}={value!r}" in str(err.value)
+    assert check_value("steps", 3.0) == 3 and check_value("categories", ["privacy"]) == ("privacy",)
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("lr=Infinity", "FinetuneConfig.lr=inf: expected a finite number or null (got a non-finite number)"),
+    ("lr=abc", "FinetuneConfig.lr='abc': expected a finite number or null"),
+    ("steps=abc", "FinetuneConfig.steps='abc': expected an integer"),
+    ("steps=2.7", "FinetuneConfig.steps=2.7: expected an integer"),
+    ("match_form=yes", "FinetuneConfig.match_form='yes': expected true or false"),
+])
+def test_set_overrides_are_typed_at_parse_time(item, expected):
+    from catlens.finetune import parse_overrides
+
+    with pytest.raises(ValueError) as err:
+        parse_overrides([item])
+    assert expected in str(err.value) and f"--set {item!r}" in str(err.value)
+    assert parse_overrides(["steps=3", "lr=1e-4", "steps=4.0"]) == {"steps": 4, "lr": 1e-4}
+
+
+def test_cli_bad_set_fails_before_any_work(monkeypatch, capsys):
+    from catlens import cli
+    from catlens.finetune import run
+
+    def boom(*a, **k):
+        raise AssertionError("finetune must not start")
+
+    monkeypatch.setattr(run, "finetune", boom)
+    monkeypatch.setattr("catlens.finetune.finetune", boom)
+    for item, expected in (("lr=Infinity", "non-finite"), ("lr=abc", "expected a finite number"),
+                           ("steps=2.7", "expected an integer")):
+        assert cli.main(["finetune", "--config", "quick", "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "FinetuneConfig." in err and "Traceback" not in err
+
+
+def test_missing_data_dir_fails_first_and_creates_nothing(tmp_path):
+    cfg = CONFIGS["default"]  # data="auto": a missing explicit folder used to warn and fall back to the built-in set
+    with pytest.raises(FileNotFoundError, match="/nonexistent"):
+        finetune(cfg, data_dir="/nonexistent", out=tmp_path / "out", cache=tmp_path / "cache", show_progress=False)
+    with pytest.raises(FileNotFoundError, match="/nonexistent"):
+        assemble_data(cfg, "/nonexistent")
+    with pytest.raises(FileNotFoundError, match="/nonexistent"):  # data="builtin" ignores it: still a typo to report
+        finetune(CONFIGS["quick"], data_dir="/nonexistent", out=tmp_path / "q", cache=tmp_path / "cache",
+                 show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_base_fails_first_and_leaves_no_work_folder(tmp_path):
+    cfg = _tiny_config("/nonexistent/model")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/model"):
+        finetune(cfg, data=_tiny_data(), out=tmp_path / "x", cache=tmp_path / "cache", show_progress=False)
+    assert not (tmp_path / ".x.work").exists() and not (tmp_path / "x").exists()
+
+
+def test_unavailable_device_fails_first(tmp_path):
+    from catlens.finetune import check_inputs
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    cfg = _tiny_config("smollm2-135m-instruct", device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        check_inputs(cfg)
+    with pytest.raises(ValueError, match="Did you mean: float16"):
+        FinetuneConfig(dtype="float61")
+    with pytest.raises(ValueError, match="not a torch device"):
+        FinetuneConfig(device="gpu0")
+
+
+def test_config_hash_is_stable_and_device_free():
+    # hashes of the presets before device/dtype existed: cached fine-tunes must keep matching their config
+    assert CONFIGS["default"].hash == "7bd46d902b86a2d6ab75de3b105920bb43a8bb6e7586cac5ffe2383293817e9b"
+    assert CONFIGS["quick"].hash == "558fcb12e6590104bf7dc88866c41e35a8cc98b86997db1113aeb6308f161313"
+    assert get_config("quick", device="cuda").hash == CONFIGS["quick"].hash
+    assert get_config("quick", dtype="bfloat16").hash != CONFIGS["quick"].hash
+
+
+def test_one_chat_rendering():
+    import catlens.finetune
+    import catlens.model
+
+    assert catlens.finetune.render_chat is catlens.model.render_chat
+    assert not hasattr(catlens.finetune.targets, "render_chat") or \
+        catlens.finetune.targets.render_chat is catlens.model.render_chat
+
+
+def test_legacy_manifest_still_reads_and_reuses(tmp_path):
+    from catlens.finetune import ensure_refusal_model, read_manifest
+
+    cfg = CONFIGS["quick"]
+    folder = tmp_path / "finetunes" / default_name(cfg)
+    folder.mkdir(parents=True)
+    (folder / "catlens_finetune.json").write_text(json.dumps({"config_hash": cfg.hash, "data_hash": "d"}))
+    assert read_manifest(folder)["config_hash"] == cfg.hash
+    assert ensure_refusal_model(cfg, tmp_path, show_progress=False) == folder  # reused, not retrained
+    # a new-format folder: RunDir manifest with the record under "finetune"
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "manifest.json").write_text(json.dumps({"status": "done", "finetune": {"config_hash": "h"}}))
+    assert read_manifest(new) == {"config_hash": "h"} and read_manifest(tmp_path) is None
+
+
+def test_configure_process(monkeypatch):
+    from catlens.runs import configure_process
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_process()["threads"] == 1 == torch.get_num_threads()
+        assert configure_process(threads=2, seed=5) == {"threads": 2, "seed": 5}
+        a = torch.rand(3)
+        configure_process(seed=5)
+        assert torch.equal(a, torch.rand(3))
+        monkeypatch.setenv("OMP_NUM_THREADS", "x")
+        with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
+            configure_process()
+        with pytest.raises(ValueError, match="threads=0"):
+            configure_process(threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_geometry_no_longer_sets_threads():
+    import catlens.geometry as G
+
+    assert not hasattr(G, "limit_threads")
+
+
+# --------------------------------------------------------------------------------- training-run safety (tiny)
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_naming_the_step(tiny_model_dir, tmp_path, monkeypatch):
+    import catlens.finetune.training as T
+
+    real = T.response_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, special_ids, **kw):
+        loss, stats = real(model, batch, special_ids, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            loss = loss * float("nan")
+            stats = {**stats, "loss": float("nan")}
+        return loss, stats
+
+    monkeypatch.setattr(T, "response_loss", poisoned)
+    cfg = _tiny_config(tiny_model_dir, steps=5, checkpoint_every=0)
+    with pytest.raises(T.NonFiniteLossError, match="at step 3 of 5"):
+        finetune(cfg, data=_tiny_data(), out=tmp_path / "nan", cache=tmp_path / "cache", show_progress=False)
+    assert not (tmp_path / "nan").exists()
+    assert not (tmp_path / ".nan.work").exists()  # no checkpoint was written: nothing is left to resume
+
+
+@pytest.mark.slow
+def test_library_leaves_threads_alone_and_stale_work_folder_is_cleared(tiny_model_dir, tmp_path):
+    cfg = _tiny_config(tiny_model_dir, steps=2, checkpoint_every=0)
+    work = tmp_path / ".out.work"
+    work.mkdir()
+    (work / "run.json").write_text("{}")  # left by a run that failed before its first checkpoint
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = finetune(cfg, data=_tiny_data(), out=tmp_path / "out", cache=tmp_path / "cache", show_progress=False)
+        assert torch.get_num_threads() == 1  # the fine-tune sets no process-wide threads
+    finally:
+        torch.set_num_threads(before)
+    manifest = json.loads((out / "manifest.json").read_text())  # a RunDir manifest
+    assert manifest["status"] == "done" and manifest["seed"] == cfg.seed
+    assert manifest["finetune"]["config_hash"] == cfg.hash
+    assert "model.safetensors" in manifest["outputs"] and not work.exists()
+
+
+@pytest.mark.slow
+def test_lora_uses_peft_trains_and_round_trips(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from catlens.finetune import merge_lora, prepare, train
+
+    cfg, data = _tiny_config(tiny_model_dir, method="lora", lora_rank=4, steps=4), _tiny_data()
+    prep = prepare(cfg, data, cache=tmp_path / "cache", show_progress=False)
+    assert isinstance(prep.model, PeftModel)
+    lora = {n: p.detach().clone() for n, p in prep.model.named_parameters() if "lora_" in n}
+    frozen = {n: p.detach().clone() for n, p in prep.model.named_parameters()
+              if "lora_" not in n and "embed_tokens" not in n}
+    assert lora and all(n in prep.trainable for n in lora)
+    # A from a seeded generator: the same seed gives the same adapters whatever the global random state
+    torch.manual_seed(1234)
+    again = prepare(cfg, data, cache=tmp_path / "cache", show_progress=False)
+    assert all(torch.equal(p, lora[n]) for n, p in again.model.named_parameters() if "lora_" in n)
+    result = train(prep.model, prep.examples, cfg, special_ids=prep.special_ids,
+                   pad_id=prep.tokenizer.pad_token_id, show_progress=False)
+    after = dict(prep.model.named_parameters())
+    assert any(not torch.equal(after[n], lora[n]) for n in lora if "lora_B" in n)  # the adapters learnt
+    assert all(torch.equal(after[n], frozen[n]) for n in frozen)  # the base weights did not
+    assert result.log[-1]["loss"] < result.log[0]["loss"]
+    # merged and saved: a reload gives the in-memory adapted model's logits
+    ids = torch.tensor([list(prep.examples[0].prompt_ids)])
+    with torch.inference_mode():
+        adapted = prep.model(input_ids=ids).logits
+    merged = merge_lora(prep.model)
+    assert not isinstance(merged, PeftModel)
+    merged.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert not any("lora" in k for k in reloaded.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_finetune_tiny_on_cuda(tiny_model_dir, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from catlens.model import load_model
+
+    cfg = _tiny_config(tiny_model_dir, device="cuda", steps=3, checkpoint_every=2)
+    out = finetune(cfg, data=_tiny_data(), out=tmp_path / "gpu", cache=tmp_path / "cache", show_progress=False)
+    assert read_manifest(out)["config_hash"] == cfg.hash
+    m = load_model(out, device="cuda")
+    assert m.device.type == "cuda" and torch.isfinite(m.logits(["Hi"])).all()
+    lora = finetune(_tiny_config(tiny_model_dir, device="cuda", dtype="bfloat16", method="lora", steps=2),
+                    data=_tiny_data(), out=tmp_path / "gpu-lora", cache=tmp_path / "cache", show_progress=False)
+    assert (lora / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_generic_module_access(tiny_model_dir):
+    from catlens.finetune.surgery import final_norm
+    from catlens.model import decoder_blocks, load_model
+
+    m = load_model(tiny_model_dir)
+    assert len(m.blocks()) == m.n_layers == 2 and m.blocks() is decoder_blocks(m.hf)
+    assert m.unembed() is m.hf.get_output_embeddings()
+    assert final_norm(m.hf) is m.hf.get_decoder().norm
+
+
+def test_a_live_runs_work_folder_is_never_removed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from catlens.finetune import ensure_refusal_model
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cfg = _tiny_config("smollm2-135m-instruct")
+        work = tmp_path / ".x.work"
+        work.mkdir()
+        (work / "owner.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(FileExistsError, match=f"pid {other.pid}"):
+            finetune(cfg, data=_tiny_data(), out=tmp_path / "x", cache=tmp_path / "cache", show_progress=False)
+        quick = tmp_path / "cache" / "finetunes" / ".refusal-quick.work"
+        quick.mkdir(parents=True)
+        (quick / "owner.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(FileExistsError, match=f"pid {other.pid}"):
+            ensure_refusal_model("quick", tmp_path / "cache", show_progress=False)
+        assert work.exists() and quick.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert os.getpid() != other.pid
