@@ -376,7 +376,7 @@ def test_from_directions_and_request_vectors(tiny_lm):
     (lambda d: Intervention("resid_post", 1, torch.ones(d), positions="last"), ValueError, "renamed"),
     (lambda d: Intervention("resid_post", 1, torch.ones(d), coeff=float("nan")), ValueError, "not finite"),
     (lambda d: Intervention("resid_post", 1, torch.ones(d), coeff=float("inf")), ValueError, "not finite"),
-    (lambda d: Intervention("resid_post", 1, torch.ones(d), coeff="2"), TypeError, "must be a number"),
+    (lambda d: Intervention("resid_post", 1, torch.ones(d), coeff="2"), TypeError, "coeff"),
     (lambda d: Intervention("resid_post", 1, torch.zeros(d), kind="ablate"), ValueError, "non-zero"),
     (lambda d: Intervention("resid_post", 1, torch.tensor([1.0, float("nan")])), ValueError, "NaN"),
     (lambda d: Intervention("resid_post", 1, torch.ones(d), scale="norm"), ValueError, "ref_norm"),
