@@ -550,7 +550,7 @@ def add_cli(sub: Any) -> None:
 def _cmd_generate(args: Any) -> int:
     import pandas as pd
 
-    from catlens.judges import JUDGES, get_judge
+    from catlens.judges import JUDGES, agreement_table, judge_records
     from catlens.metrics import rate_table
     from catlens.model import load_model, resolve_spec
     from catlens.prompts import load_prompts
@@ -584,11 +584,18 @@ def _cmd_generate(args: Any) -> int:
                        allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
     tokens, _ = _refusal_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
-    judge = get_judge(name, tokens=tokens) if name == "refusal_token" else get_judge(name)
-    verdicts = judge(records)
-    lines = [json.dumps({**{k: v for k, v in r.items() if k != "seconds"}, "refused": v, "judge": name})
-             for r, v in zip(records, verdicts)]
+    # every judge that applies to this model runs; the default one fills 'refused', the others go into the
+    # agreement table (percent agreement and Cohen's kappa)
+    names = list(dict.fromkeys([name, *(["refusal_token", "logit_score"] if tokens is not None else []), "substring"]))
+    judged = judge_records(records, names, options={"refusal_token": {"tokens": tokens}} if tokens is not None else {})
+    verdicts = [bool(v) for v in judged[f"refused_{name}"]]
+    lines = [json.dumps({**{k: v for k, v in r.items() if k != "seconds"}, "refused": v, "judge": name,
+                         **{c: bool(judged[c].iloc[i]) for c in judged.columns if c.startswith("refused_")}})
+             for i, (r, v) in enumerate(zip(records, verdicts))]
     write_text_atomic(out / "responses.jsonl", "\n".join(lines) + "\n")
+    if len(names) > 1:
+        agreement = agreement_table(judged)
+        write_text_atomic(out / "judge_agreement.csv", agreement.to_csv(index=False))
     frame = pd.DataFrame({"label": [r["label"] or "unlabelled" for r in records],
                           "category": [r["category"] or "(none)" for r in records],
                           "dataset": [r["source"] or args.prompts for r in records], "refused": verdicts})

@@ -36,6 +36,9 @@ def test_generate_command_applies_a_saved_policy(tiny_lm, tiny_lm_dir, prompt_fi
     assert [r["token_ids"] for r in plain] != [r["token_ids"] for r in steered]
     rates = (tmp_path / "steered" / "rates.csv").read_text()
     assert "ci_low" in rates and "pooled" in rates
+    agreement = (tmp_path / "steered" / "judge_agreement.csv").read_text()
+    assert "kappa" in agreement and "refused_substring" in agreement
+    assert all("refused_substring" in r and "refused_logit_score" in r for r in steered)
     # rerunning the finished command returns the same records without generating again
     before = (tmp_path / "steered" / "generations.jsonl").read_bytes()
     assert main([*base, "--policy", str(tmp_path / "pol"), "--out", str(tmp_path / "steered")]) == 0
