@@ -4,6 +4,7 @@
     catlens data list|validate           list or validate the benchmark datasets in the data directory
     catlens cache --out runs/acts        collect activations for a prompt set into a resumable store
     catlens finetune --config quick      train the refusal-token model (see `catlens finetune -h`)
+    catlens report runs/main             rebuild runs/main/report.html from the saved tables
 
 Bad input exits with code 2 and a one-line reason.
 """
@@ -95,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store folder (rerun to resume)")
     p.set_defaults(func=_cmd_cache)
 
+    p = sub.add_parser("report", help="rebuild report.html of a run folder from its saved tables",
+                       description="One self-contained report.html from a run folder's tables (no model is "
+                                   "loaded).\n\nExamples:\n  catlens report runs/main\n"
+                                   "  catlens report runs/main --out /tmp/report.html --screenshot report.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="run folder (e.g. runs/main)")
+    p.add_argument("--out", default=None, help="page to write (default: RUN_DIR/report.html)")
+    p.add_argument("--screenshot", default=None, metavar="PNG", help="also a full-page PNG (needs playwright and "
+                                                                     "a Chromium)")
+    p.set_defaults(func=_cmd_report)
+
     try:
         from catlens.finetune import add_cli
     except ImportError:  # fine-tuning module not available in this build
@@ -163,6 +175,20 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     store = collect(model, prompts, sites=sites, layers=layers, positions=positions,
                     fmt=args.fmt, batch_size=args.batch_size, shard_size=args.shard_size, out=args.out)
     print(f"{store!r}\nwrote {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from catlens.report import build_report, screenshot
+
+    rep = build_report(args.run_dir, out=args.out)
+    for s in rep.sections:
+        print(f"{s.id:<14} {s.status:<8} {len(s.figures)} figure(s)" + (f"  missing: {', '.join(s.missing)}"
+                                                                       if s.missing else ""))
+    print(f"wrote {rep.path}")
+    if args.screenshot:
+        errors = screenshot(rep.path, args.screenshot)
+        print(f"wrote {args.screenshot}" + (f" ({len(errors)} browser console error(s))" if errors else ""))
     return 0
 
 

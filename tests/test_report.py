@@ -1,0 +1,258 @@
+"""The run report: every section from small synthetic tables, "not run" sections without them, the command's exit
+codes, and the page in a real headless Chromium (skipped, with the reason, when none is installed)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from catlens import report as R
+from catlens.cli import main as cli_main
+
+CHROMIUM = os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+try:
+    import playwright.sync_api  # noqa: F401
+
+    _HAVE_PLAYWRIGHT = True
+except ImportError:
+    _HAVE_PLAYWRIGHT = False
+browser = pytest.mark.skipif(
+    not (_HAVE_PLAYWRIGHT and Path(CHROMIUM).exists()),
+    reason="needs playwright (the dev extra) and Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+
+CATS = ["violence", "cyber", "<fraud & co>"]  # a category with markup: it must be escaped, not rendered
+LAYERS = [0, 1, 2, 3]
+
+
+def _save(folder: Path, name: str, df: pd.DataFrame) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(folder / f"{name}.parquet", index=False)
+
+
+def make_run(root: Path, *, placeholders: bool = True) -> Path:
+    """A run folder with every table the report reads, a few rows each."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {"config": {"out": str(root), "quick": True}, "command": ["analyses/main.py", "--out", str(root)],
+                "created": "2026-12-01T00:00:00+00:00", "seed": 0, "versions": {"torch": "2.13.0"},
+                "git_commit": "0123456789abcdef", "git_dirty": False, "status": "done",
+                "stages": {"eval": {"folder": "eval", "seconds": 76.0},
+                           "geometry": {"folder": "geometry", "seconds": 102.5},
+                           "finetune": {"folder": "/cache/finetunes/refusal-quick", "seconds": 84.0}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "summary.json").write_text(json.dumps({"model": "/cache/finetunes/refusal-quick", "seconds": 262.5}))
+
+    ev = root / "eval"
+    ev.mkdir()
+    (ev / "manifest.json").write_text(json.dumps({"status": "done", "git_commit": "0123456789abcdef",
+                                                  "models": {"finetune": {"name": "refusal-quick"}},
+                                                  "data": {"harmful_heldout": {"n": 40, "content_hash": "ab" * 8}}}))
+    per_cat = pd.DataFrame([{"category": c, "n_scored": 10, "refused_first_token": 0.9, "right_category_first_token":
+                             0.8, "n_generated": 5, "refused_generated": 0.8, "right_category_generated": 0.6}
+                            for c in CATS])
+    per_cat = pd.concat([per_cat, pd.DataFrame([{"category": "ALL", "n_scored": 30, "refused_first_token": 0.9123,
+                                                 "right_category_first_token": 0.8, "n_generated": 15,
+                                                 "refused_generated": 0.8, "right_category_generated": 0.6}])])
+    _save(ev, "per_category", per_cat)
+    _save(ev, "over_refusal", pd.DataFrame({"set": ["alpaca_test", "xstest_safe"], "n": [20, 20],
+                                            "over_refusal_first_token": [0.05, 0.3],
+                                            "over_refusal_generated": [0.05, 0.35],
+                                            "mean_refusal_score": [0.04, 0.3]}))
+    _save(ev, "auroc", pd.DataFrame({"harmful": "harmful_heldout", "benign": ["alpaca_test", "xstest_safe"],
+                                     "auroc": [0.99, 0.8], "n_harmful": 30, "n_benign": 20}))
+    _save(ev, "fluency", pd.DataFrame([{"perplexity_finetuned_answers_under_stock": 3.1,
+                                        "perplexity_stock_answers_under_stock": 2.5, "n_answers": 12,
+                                        "repeated_special_rate_gated": 0.0}]))
+    (ev / "summary.json").write_text(json.dumps({"harmful_refusal_generated": 0.8, "targets": {
+        "harmful_refusal": ">= 0.95", "repeated_special_rate": "== 0"}, "repeated_special_rate_gated": 0.0}))
+
+    geo = root / "geometry"
+    sep = [{"task": task, "layer": layer, "metric": m, "value": float(rng.uniform(0.1, 0.9)), "n_prompts": 40,
+            "n_classes": 2} for task in ("harmful_vs_benign", "harmful_category") for layer in LAYERS
+           for m in ("probe_accuracy", "probe_auroc", "silhouette", "davies_bouldin", "fisher_ratio")]
+    _save(geo, "separability", pd.DataFrame(sep))
+    cos = [{"direction": d, "layer": layer, "space": s, "category_a": a, "category_b": b,
+            "cosine": 1.0 if a == b else float(rng.uniform(-0.3, 0.8))}
+           for d in ("one_vs_benign", "p1") for layer in LAYERS
+           for s in ("raw", "whitened", "basis_whitened", "basis_residual") for a in CATS for b in CATS]
+    _save(geo, "cosine", pd.DataFrame(cos))
+    an = [{"subset": sub, "layer": layer, "measure": m, "value": float(rng.uniform(1, 50)), "n_prompts": 40,
+           "d_model": 16} for sub in ("all", "harmful") for layer in LAYERS
+          for m in ("mean_pairwise_cosine", "top1_variance_share", "effective_rank", "condition_number")]
+    _save(geo, "anisotropy", pd.DataFrame(an))
+    _save(geo, "whitening", pd.DataFrame([{"layer": layer, "method": "zca", "eps": 1e-4, "shrinkage": None,
+                                           "restrict_to_span": False, "n_samples": 12, "rank": 11,
+                                           "rank_deficient": True, "d_model": 16} for layer in LAYERS]))
+    _save(geo, "basis_alignment", pd.DataFrame([{"direction": "p1", "layer": layer, "category": c,
+                                                 "cos_basis_whitened": 0.9, "cos_basis_residual": 0.7,
+                                                 "off_span_share": 0.1, "r_diag": 1.0,
+                                                 "lapack_sign_flipped": False} for layer in LAYERS for c in CATS]))
+    _save(geo, "model_diff", pd.DataFrame([{"direction": d, "category": c, "layer": layer,
+                                            "cosine": float(rng.uniform(0.5, 1.0)), "model_a": "tuned",
+                                            "model_b": "stock"} for d in ("one_vs_benign", "p1") for c in CATS
+                                           for layer in LAYERS]))
+    if not placeholders:
+        return root
+    p1 = root / "p1"
+    _save(p1, "tradeoff", pd.DataFrame([{"method": m, "setting": f"alpha={a}", "harmful_refusal": h,
+                                         "harmful_refusal_low": h - 0.05, "harmful_refusal_high": min(1, h + 0.05),
+                                         "benign_refusal": b, "benign_refusal_low": max(0, b - 0.04),
+                                         "benign_refusal_high": b + 0.04, "n_harmful": 100, "n_benign": 100,
+                                         "interval": "95% Wilson"}
+                                        for m, pts in {"p1": [(0, 0.5, 0.05), (1, 0.8, 0.1), (2, 0.95, 0.3)],
+                                                       "p2": [(0, 0.5, 0.05), (1, 0.7, 0.2)]}.items()
+                                        for a, h, b in pts]))
+    _save(p1, "safety_table", pd.DataFrame([{"method": m, "benchmark": bm, "metric": "refusal_rate",
+                                             "value": v, "ci_low": v - 0.05, "ci_high": v + 0.04, "n": 100,
+                                             "stands_for": "first-token refusal, for a judge's verdict"}
+                                            for m, v0 in (("stock", 0.1), ("tuned", 0.8))
+                                            for bm, v in (("catqa", v0), ("xstest_unsafe", v0 + 0.05))]))
+    fpr = np.linspace(0, 1, 11)
+    _save(p1, "probe_roc", pd.DataFrame([{"probe": f"layer {layer}", "fpr": f, "tpr": float(f ** (1 / k)),
+                                          "auroc": round(k / (k + 1), 3), "n_pos": 50, "n_neg": 50}
+                                         for layer, k in ((5, 2), (15, 4)) for f in fpr]))
+    _save(root / "sweep", "sweep", pd.DataFrame([{"sweep": "coefficient", "x": x, "method": m,
+                                                  "metric": metric, "value": v + 0.1 * x, "ci_low": v + 0.1 * x - 0.02,
+                                                  "ci_high": v + 0.1 * x + 0.02}
+                                                 for m, v in (("p1", 0.2), ("p2", 0.1)) for x in (0.0, 1.0, 2.0)
+                                                 for metric in ("harmful_refusal", "benign_refusal")]))
+    _save(root / "p2", "p2_table", pd.DataFrame([{"category": c, "method": m, "metric": metric, "value": v,
+                                                  "ci_low": v - 0.05, "ci_high": v + 0.05, "n": 30}
+                                                 for c in CATS for m, v in (("none", 0.6), ("guided", 0.2))
+                                                 for metric in ("unsafe_rate", "helpfulness")]))
+    _save(root / "specificity", "specificity_matrix", pd.DataFrame(
+        [{"steered_category": a, "evaluated_category": b, "metric": "refusal_change", "value": 0.5 if a == b else 0.1,
+          "n": 20, "stands_for": "first-token refusal change, for judged refusal change"} for a in CATS for b in CATS]))
+    _save(p1, "judge_agreement", pd.DataFrame([{"judge_a": "first_token", "judge_b": "generated", "set": "catqa",
+                                                "n": 40, "agreement": 0.9, "cohen_kappa": 0.7}]))
+    _save(root / "p2", "judge_agreement", pd.DataFrame([{"judge_a": "keyword", "judge_b": "llama_guard",
+                                                         "set": "catqa", "n": 40, "agreement": 0.8,
+                                                         "cohen_kappa": 0.4}]))
+    return root
+
+
+@pytest.fixture
+def full_run(tmp_path) -> Path:
+    return make_run(tmp_path / "run")
+
+
+def test_every_section_renders_from_synthetic_tables(full_run):
+    rep = R.build_report(full_run)
+    assert rep.path == full_run / "report.html" and rep.path.exists()
+    status = {s.id: s.status for s in rep.sections}
+    assert status == {s: "ok" for s in ("run", "finetune", "separability", "cosine", "anisotropy", "whitening",
+                                         "model_diff", "p1", "probe_roc", "sweep", "p2", "specificity", "judges")}
+    page = rep.path.read_text()
+    assert rep.n_figures == sum(len(s.figures) for s in rep.sections) >= 13
+    assert page.count("<script type=\"text/javascript\">/**") <= 1  # plotly.js inlined once
+    assert "<script src" not in page and 'src="http' not in page  # no network needed (plotly.js inline)
+    assert "&lt;fraud &amp; co&gt;" in page and "<fraud & co>" not in page  # escaped
+    # numbers in the text come from the tables
+    assert "refused 0.912 (first token, n=30)" in page
+    assert "stands for" in page and "stands_for" in page
+    assert "0.800 [0.750, 0.840]" in page  # intervals shown
+
+
+def test_sections_say_not_run_with_the_command(tmp_path):
+    run = make_run(tmp_path / "run", placeholders=False)
+    rep = R.build_report(run)
+    status = {s.id: s.status for s in rep.sections}
+    assert status["model_diff"] == "ok"
+    for sid in ("p1", "probe_roc", "sweep", "p2", "specificity", "judges"):
+        assert status[sid] == "not run", sid
+    page = rep.path.read_text()
+    assert "p1/tradeoff.parquet" in page and "specificity/specificity_matrix.parquet" in page
+    assert "Produce with:" in page
+
+
+def test_partial_and_broken_tables(tmp_path):
+    run = make_run(tmp_path / "run", placeholders=False)
+    (run / "geometry" / "basis_alignment.parquet").unlink()
+    _save(run / "p2", "p2_table", pd.DataFrame({"category": ["a"], "value": [1.0]}))  # no method/metric
+    rep = R.build_report(run)
+    status = {s.id: s.status for s in rep.sections}
+    assert status["whitening"] == "partial"
+    assert status["p2"] == "error"
+    assert "has no column(s)" in rep.path.read_text()
+
+
+def test_csv_tables_are_read(tmp_path):
+    run = tmp_path / "run"
+    (run / "p2").mkdir(parents=True)
+    pd.DataFrame({"category": ["a", "b"], "method": "guided", "metric": "unsafe_rate", "value": [0.1, 0.2]}).to_csv(
+        run / "p2" / "p2_table.csv", index=False)
+    rep = R.build_report(run)
+    assert {s.id: s.status for s in rep.sections}["p2"] == "ok"
+
+
+def test_cli_report_on_empty_folder_and_bad_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["report", str(empty)]) == 0
+    page = (empty / "report.html").read_text()
+    assert page.count('data-status="not run"') == len(R.SECTIONS)
+    assert "manifest.json" in page and "eval/per_category.parquet" in page
+    assert "<script" not in page  # no figure, so no plotly.js either
+    out = capsys.readouterr().out
+    assert "report.html" in out and "not run" in out
+
+    assert cli_main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "catlens report" in err
+    afile = tmp_path / "a.txt"
+    afile.write_text("x")
+    assert cli_main(["report", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def _open(page_path: Path, pw_page) -> list[str]:
+    errors: list[str] = []
+    pw_page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pw_page.on("pageerror", lambda e: errors.append(str(e)))
+    pw_page.goto(page_path.resolve().as_uri())
+    pw_page.wait_for_load_state("load")
+    return errors
+
+
+@browser
+def test_report_renders_in_headless_chromium(full_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    rep = R.build_report(full_run)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = b.new_page(viewport={"width": 1400, "height": 900})
+            errors = _open(rep.path, page)
+            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= "
+                                   f"{rep.n_figures}", timeout=30_000)
+            assert page.locator(".js-plotly-plot").count() == rep.n_figures
+            for s in rep.sections:
+                sec = page.locator(f"section#{s.id}")
+                assert sec.count() == 1 and sec.is_visible(), s.id
+                assert sec.locator(".js-plotly-plot").count() == len(s.figures), s.id
+                assert sec.locator(".js-plotly-plot .main-svg").count() >= len(s.figures), s.id
+            # every figure drew something: traces in its svg
+            n_drawn = page.evaluate("Array.from(document.querySelectorAll('.js-plotly-plot')).filter("
+                                    "d => d.querySelector('.main-svg') && (d.data || []).length > 0).length")
+            assert n_drawn == rep.n_figures
+            assert page.locator("section#p1 td", has_text="<fraud & co>").count() == 0
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            assert errors == []
+        finally:
+            b.close()
+
+
+@browser
+def test_not_run_page_and_screenshot_helper(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rep = R.build_report(empty)
+    errors = R.screenshot(rep.path, tmp_path / "empty.png", executable=CHROMIUM)
+    assert errors == [] and (tmp_path / "empty.png").stat().st_size > 1_000
