@@ -347,7 +347,7 @@ def section_run(t: Tables) -> SectionResult:
             stage_manifest = json.loads((sub / "manifest.json").read_text())
         models = stage_manifest.get("models") or {}
         stage_rows.append({"stage": name, "folder": folder, "seconds": info.get("seconds"),
-                           "status": stage_manifest.get("status", "–" if sub.is_dir() else "(outside the run)"),
+                           "status": stage_manifest.get("status", "present" if sub.exists() else "missing"),
                            "git_commit": (stage_manifest.get("git_commit") or "")[:12],
                            "models": ", ".join(f"{k}: {(v or {}).get('name', '?')}" for k, v in models.items()
                                                if isinstance(v, Mapping))})
@@ -419,7 +419,8 @@ def section_finetune(t: Tables) -> SectionResult:
         sec.block(figure=fig, table=a, table_title="auroc")
     if "fluency" in tabs:
         f = tabs["fluency"]
-        long = pd.DataFrame([{"metric": k, "value": v} for k, v in f.iloc[0].items()]) if len(f) else f
+        long = pd.DataFrame([{"metric": k, "value": v} for k, v in f.to_dict("records")[0].items()],
+                            dtype=object) if len(f) else f
         sec.block(table=long, table_title="fluency")
     targets = summary.get("targets")
     if isinstance(targets, Mapping):
@@ -699,12 +700,10 @@ def section_p1(t: Tables) -> SectionResult:
         st = tabs["safety_table"]
         _require(st, ["method", "benchmark", "metric", "value", "ci_low", "ci_high", "stands_for"], "safety_table")
         fig = plotting.bars(st.assign(label=st["benchmark"].astype(str) + " · " + st["metric"].astype(str)),
-                            x="label", y="value", color="method", text_format=".2f",
+                            x="label", y="value", color="method", text_format=None,
                             title="Safety table (bars: value, whiskers: interval)")
-        for trace in fig.data:
-            part = st[st["method"].astype(str) == trace.name]
-            trace.error_y = {"type": "data", "symmetric": False, "array": part["ci_high"] - part["value"],
-                             "arrayminus": part["value"] - part["ci_low"]}
+        _error_bars(fig, st.assign(label=st["benchmark"].astype(str) + " · " + st["metric"].astype(str)),
+                    x="label", color="method")
         shown = _with_interval(st, "value", "ci_low", "ci_high", "value_interval")
         keep = [c for c in ("method", "benchmark", "metric", "value_interval", "n", "interval", "stands_for")
                 if c in shown.columns]
@@ -739,7 +738,9 @@ def section_probe_roc(t: Tables) -> SectionResult:
     tab = roc.groupby("probe", sort=False).agg(**agg).reset_index()
     top = tab.loc[tab["auroc"].idxmax()]
     sec.text(f"Best probe: {top['probe']} (AUROC {fmt(top['auroc'])}).")
-    sec.block(figure=fig, table=tab, table_title="probe_roc")
+    sec.block(figure=fig, table=tab, table_title="probe_roc",
+              stands_for={"auroc": "threshold-free quality of the probe as a harmful/refusal detector (area under "
+                                   "its ROC)"})
     return sec.result()
 
 
@@ -784,17 +785,33 @@ def section_p2(t: Tables) -> SectionResult:
     fig = plotting.bars(p2, x="category", y="value", color="method", facet_col="metric", facet_col_wrap=2,
                         text_format=None, title="P2 per-category results")
     if {"ci_low", "ci_high"} <= set(p2.columns):
-        for trace in fig.data:  # plotly express names the trace by its colour value; one trace per facet panel
-            part = p2[(p2["method"].astype(str) == trace.name)]
-            part = part[part["category"].astype(str).isin([str(v) for v in trace.x])]
-            if len(part) == len(trace.x):
-                trace.error_y = {"type": "data", "symmetric": False, "array": part["ci_high"] - part["value"],
-                                 "arrayminus": part["value"] - part["ci_low"]}
+        _error_bars(fig, p2, x="category", color="method", facet="metric")
     shown = _with_interval(p2, "value", "ci_low", "ci_high", "value_interval")
     keep = [c for c in ("category", "method", "metric", "value_interval" if "value_interval" in shown else "value",
                         "n", "stands_for") if c in shown.columns]
     sec.block(figure=fig, table=shown[keep], table_title="p2_table")
     return sec.result()
+
+
+def _error_bars(fig: Any, df: Any, *, x: str, color: str, facet: str | None = None) -> None:
+    """Asymmetric error bars ``ci_low``..``ci_high`` on the traces of a plotly-express bar figure (one trace per
+    colour value and facet panel; the panel is read from the trace's hover template, ``facet=value``)."""
+    import re
+
+    for trace in fig.data:
+        part = df[df[color].astype(str) == str(trace.name)]
+        if facet is not None:
+            m = re.search(rf"{re.escape(facet)}=([^<]*)", trace.hovertemplate or "")
+            if m is None:
+                continue
+            part = part[part[facet].astype(str) == m.group(1)]
+        by_x = {str(k): r for k, r in zip(part[x].astype(str), part.itertuples(index=False))}
+        rows = [by_x.get(str(v)) for v in trace.x]
+        if any(r is None for r in rows):
+            continue
+        trace.error_y = {"type": "data", "symmetric": False,
+                         "array": [getattr(r, "ci_high") - getattr(r, "value") for r in rows],
+                         "arrayminus": [getattr(r, "value") - getattr(r, "ci_low") for r in rows]}
 
 
 def section_specificity(t: Tables) -> SectionResult:
@@ -815,8 +832,9 @@ def section_specificity(t: Tables) -> SectionResult:
     cats = list(dict.fromkeys([*data["steered_category"], *data["evaluated_category"]]))
     lim = float(data["value"].abs().max()) or 1.0
     fig = plotting.heatmap(data, x="evaluated_category", y="steered_category", z="value", order=cats, zmin=-lim,
-                           zmax=lim, zmid=0.0, text_format=".2f", title=f"Specificity: {metric} (rows: steered "
-                                                                        f"direction; columns: evaluated prompts)")
+                           zmax=lim, zmid=0.0, text_format=".2f", title=f"Specificity: {metric}")
+    fig.update_xaxes(title_text="evaluated prompts")
+    fig.update_yaxes(title_text="steered direction")
     rows = []
     for c, g in data.groupby("steered_category", sort=False):
         diag = g[g["evaluated_category"] == c]["value"]
@@ -920,12 +938,13 @@ padding:6px 18px 14px}section h2{font-size:18px;margin:10px 0}
 section.not-run{background:#f4f4f4;color:#666}
 .block{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start;margin:10px 0;
 border-top:1px solid #eee;padding-top:10px}.fig{flex:0 0 auto;max-width:100%;overflow-x:auto}
-.tbl{flex:1 1 380px;min-width:320px;max-width:100%}
+.tbl{flex:0 1 auto;max-width:100%}
 .scroll{max-height:520px;overflow:auto}
 table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;
 vertical-align:top}th{background:#f0f0f0;position:sticky;top:0}td.num{text-align:right;
 font-variant-numeric:tabular-nums}
-h4{margin:4px 0 6px;font-size:13px}.caption{font-size:12px;color:#555}.stands code{color:#333}
+h4{margin:4px 0 6px;font-size:13px;max-width:560px}.caption{font-size:12px;color:#555;max-width:560px}
+.stands code{color:#333}
 .missing{font-size:13px}.missing code.cmd{background:#eee;padding:2px 4px}.error{color:#C44E52}
 .note{font-size:12px;color:#777}
 """

@@ -20,9 +20,13 @@ try:
     _HAVE_PLAYWRIGHT = True
 except ImportError:
     _HAVE_PLAYWRIGHT = False
-browser = pytest.mark.skipif(
+_skip_browser = pytest.mark.skipif(
     not (_HAVE_PLAYWRIGHT and Path(CHROMIUM).exists()),
     reason="needs playwright (the dev extra) and Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+
+
+def browser(fn):
+    return pytest.mark.browser(_skip_browser(fn))
 
 CATS = ["violence", "cyber", "<fraud & co>"]  # a category with markup: it must be escaped, not rendered
 LAYERS = [0, 1, 2, 3]
@@ -256,3 +260,33 @@ def test_not_run_page_and_screenshot_helper(tmp_path):
     rep = R.build_report(empty)
     errors = R.screenshot(rep.path, tmp_path / "empty.png", executable=CHROMIUM)
     assert errors == [] and (tmp_path / "empty.png").stat().st_size > 1_000
+
+
+def test_report_loads_no_model(full_run):
+    """The page comes from the tables alone: building it imports neither torch nor the model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from catlens.report import build_report; build_report(sys.argv[1]); "
+            "bad = [m for m in ('torch', 'transformers', 'transformer_lens', 'catlens.model') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(full_run)], check=True, cwd=Path(R.__file__).parents[1],
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_main_job_ends_with_the_report_stage(tmp_path):
+    import importlib.util
+
+    from catlens.runs import RunDir
+
+    spec = importlib.util.spec_from_file_location("catlens_main_for_test",
+                                                  Path(R.__file__).parents[1] / "analyses" / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    run = RunDir(make_run(tmp_path / "run", placeholders=False))
+    main._report(run)
+    assert (run.path / "report.html").exists()
+    assert run.manifest["stages"]["report"]["folder"] == "report.html"
+    (run.path / "geometry" / "cosine.parquet").write_text("not parquet")  # a broken table: page still written
+    main._report(run)
+    assert 'id="cosine" class="section error"' in (run.path / "report.html").read_text()
