@@ -121,6 +121,9 @@ STANDS_FOR: dict[str, str] = {
     "model_diff_cosine": "how little the fine-tune changed a category direction (1 = unchanged)",
     # placeholders
     "harmful_refusal": "safety: refusal rate on held-out harmful prompts",
+    "right_category": "category-specific refusal: the refusal names the prompt's harm category",
+    "alpaca_over_refusal": "over-refusal of ordinary requests (Alpaca test set, generated decision)",
+    "xstest_safe_over_refusal": "over-refusal of safe prompts that look harmful (XSTest safe, generated decision)",
     "benign_refusal": "over-refusal: refusal rate on benign prompts (the helpfulness cost)",
     "agreement": "how far one refusal decision can stand in for the other (share of equal decisions)",
     "cohen_kappa": "agreement beyond chance",
@@ -338,7 +341,7 @@ def section_run(t: Tables) -> SectionResult:
         sec.block(table=_kv_table(config.items()), table_title="Configuration")
 
     # stages: timings from the run manifest, status/model/data from each stage's own manifest
-    stage_rows, data_rows = [], []
+    stage_rows, data_rows, model_rows, finetune_pairs = [], [], [], []
     for name, info in (manifest.get("stages") or {}).items():
         folder = str(info.get("folder", ""))
         sub = t.root / folder
@@ -346,6 +349,29 @@ def section_run(t: Tables) -> SectionResult:
         if sub.is_dir() and (sub / "manifest.json").is_file():
             stage_manifest = json.loads((sub / "manifest.json").read_text())
         models = stage_manifest.get("models") or {}
+        for role, m in models.items():
+            if isinstance(m, Mapping):
+                src = m.get("source") or {}
+                model_rows.append({"stage": name, "role": role, "name": m.get("name"),
+                                   "source": f"{src.get('kind', '')}: {src.get('spec', src.get('path', ''))}"
+                                   if isinstance(src, Mapping) else str(src),
+                                   "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "dtype": m.get("dtype"),
+                                   "device": m.get("device")})
+        ft = sub / "catlens_finetune.json"  # a fine-tune folder (the finetune stage points into the model cache)
+        if sub.is_dir() and ft.is_file() and not finetune_pairs:
+            f = json.loads(ft.read_text())
+            tr, data = f.get("training") or {}, f.get("data") or {}
+            finetune_pairs = [("name", f.get("name")), ("folder", str(sub)), ("base", (f.get("base") or {}).get("spec")),
+                              ("method", (f.get("method") or {}).get("name")), ("data origin", data.get("origin")),
+                              ("categories", data.get("categories")),
+                              ("harmful prompts", (data.get("harmful") or {}).get("n")),
+                              ("benign prompts", (data.get("benign") or {}).get("n")),
+                              ("steps", tr.get("steps")), ("epochs", tr.get("epochs")),
+                              ("final loss", tr.get("final_loss")),
+                              ("distill seconds", tr.get("distill_seconds")),
+                              ("train seconds", tr.get("train_seconds")), ("total seconds", f.get("total_seconds")),
+                              ("config hash", f.get("config_hash")), ("data hash", f.get("data_hash")),
+                              ("git commit", f.get("git_commit"))]
         stage_rows.append({"stage": name, "folder": folder, "seconds": info.get("seconds"),
                            "status": stage_manifest.get("status", "present" if sub.exists() else "missing"),
                            "git_commit": (stage_manifest.get("git_commit") or "")[:12],
@@ -369,6 +395,10 @@ def section_run(t: Tables) -> SectionResult:
         sec.block(figure=fig, table=stages, table_title="Stages")
     else:
         sec.text("The run manifest records no stages.")
+    if model_rows:
+        sec.block(table=pd.DataFrame(model_rows), table_title="Models (from the stage manifests)")
+    if finetune_pairs:
+        sec.block(table=_kv_table(finetune_pairs), table_title="Fine-tune (catlens_finetune.json)")
     if data_rows:
         sec.block(table=pd.DataFrame(data_rows), table_title="Data (from the stage manifests)")
     return sec.result()
@@ -433,8 +463,21 @@ def section_finetune(t: Tables) -> SectionResult:
                 if alt is None and r["metric"] == "repeated_special_rate":
                     alt = summary.get("repeated_special_rate_gated")
                 r["value"] = alt
+            r["met"] = _target_met(r["value"], str(r["target"]))
         sec.block(table=pd.DataFrame(rows), table_title="Targets (eval/summary.json)", caption=note)
     return sec.result()
+
+
+def _target_met(value: Any, target: str) -> str:
+    """``"yes"``/``"no"`` for a target written like ``">= 0.95"``, ``"aim <= 0.40"`` or ``"== 0"``; ``"?"`` else."""
+    import operator
+    import re
+
+    m = re.search(r"(>=|<=|==|>|<)\s*(-?[0-9.]+)", target)
+    if m is None or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):
+        return "?"
+    ops = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
+    return "yes" if ops[m.group(1)](float(value), float(m.group(2))) else "no"
 
 
 def _best_layers(sep: Any) -> Any:

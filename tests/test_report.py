@@ -41,19 +41,27 @@ def make_run(root: Path, *, placeholders: bool = True) -> Path:
     """A run folder with every table the report reads, a few rows each."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
+    ft = root.parent / "finetunes" / "refusal-quick"  # the fine-tune lives in the model cache, outside the run
+    ft.mkdir(parents=True, exist_ok=True)
+    (ft / "catlens_finetune.json").write_text(json.dumps({
+        "name": "refusal-quick", "base": {"spec": "smollm2-135m-instruct"}, "method": {"name": "lora"},
+        "data": {"origin": "builtin", "harmful": {"n": 120}, "benign": {"n": 80}},
+        "training": {"steps": 60, "train_seconds": 70.5, "final_loss": 0.25}, "total_seconds": 84.0}))
     manifest = {"config": {"out": str(root), "quick": True}, "command": ["analyses/main.py", "--out", str(root)],
                 "created": "2026-12-01T00:00:00+00:00", "seed": 0, "versions": {"torch": "2.13.0"},
                 "git_commit": "0123456789abcdef", "git_dirty": False, "status": "done",
                 "stages": {"eval": {"folder": "eval", "seconds": 76.0},
                            "geometry": {"folder": "geometry", "seconds": 102.5},
-                           "finetune": {"folder": "/cache/finetunes/refusal-quick", "seconds": 84.0}}}
+                           "finetune": {"folder": str(ft), "seconds": 84.0}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "summary.json").write_text(json.dumps({"model": "/cache/finetunes/refusal-quick", "seconds": 262.5}))
 
     ev = root / "eval"
     ev.mkdir()
     (ev / "manifest.json").write_text(json.dumps({"status": "done", "git_commit": "0123456789abcdef",
-                                                  "models": {"finetune": {"name": "refusal-quick"}},
+                                                  "models": {"finetune": {"name": "refusal-quick", "n_layers": 30,
+                                                                          "source": {"kind": "folder",
+                                                                                     "spec": str(ft)}}},
                                                   "data": {"harmful_heldout": {"n": 40, "content_hash": "ab" * 8}}}))
     per_cat = pd.DataFrame([{"category": c, "n_scored": 10, "refused_first_token": 0.9, "right_category_first_token":
                              0.8, "n_generated": 5, "refused_generated": 0.8, "right_category_generated": 0.6}
@@ -159,6 +167,9 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     assert "refused 0.912 (first token, n=30)" in page
     assert "stands for" in page and "stands_for" in page
     assert "0.800 [0.750, 0.840]" in page  # intervals shown
+    assert "Fine-tune (catlens_finetune.json)" in page and "refusal-quick" in page and "70.5" in page
+    targets = page.split("Targets (eval/summary.json)")[1].split("</table>")[0]
+    assert "<td>no</td>" in targets and "<td>yes</td>" in targets  # 0.8 misses >= 0.95; 0.0 meets == 0
 
 
 def test_sections_say_not_run_with_the_command(tmp_path):
