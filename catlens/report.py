@@ -35,7 +35,8 @@ judge agreement       any ``*/``              ``judge_agreement`` (every one fou
 Schemas of the tables that no analysis writes yet (tidy: one row per observation; Parquet or CSV; columns marked
 "optional" may be left out; ``ci_low``/``ci_high`` are the bounds of an interval, e.g. a 95% Wilson or bootstrap
 interval, with the kind named in ``interval``; ``stands_for`` says what a proxy metric stands in for, e.g.
-"first-token refusal decision, stands for a judge's refusal verdict on the generated answer"):
+"first-token refusal decision, stands for a judge's refusal verdict on the generated answer" -- give it for every
+proxy: without it the page can only fill in the metrics :data:`STANDS_FOR` knows and shows "–" for the rest):
 
 ``p1/tradeoff`` -- P1 Figure 1, one point per method and setting (e.g. a steering coefficient):
     ``method`` str, ``setting`` str (the label written on the point), ``harmful_refusal`` float in [0, 1],
@@ -262,11 +263,12 @@ def _missing_html(missing: Sequence[str], command: str) -> str:
 def table_html(df: Any, *, title: str = "", caption: str = "", stands_for: Mapping[str, str] | None = None,
                max_rows: int = MAX_TABLE_ROWS) -> str:
     """An escaped HTML table of a DataFrame. Proxy columns (in ``stands_for`` or :data:`STANDS_FOR`) get a caption
-    line each; a long table with a ``metric`` column and no ``stands_for`` column gets one."""
+    line each; a long table with a ``metric`` column and no ``stands_for`` column gets one, filled from
+    :data:`STANDS_FOR` ("–" for a metric it does not know)."""
     lookup = {**STANDS_FOR, **(stands_for or {})}
     df = df.reset_index(drop=True)
-    if "metric" in df.columns and "stands_for" not in df.columns and df["metric"].isin(lookup).any():
-        df = df.assign(stands_for=[lookup.get(str(m), "") for m in df["metric"]])
+    if "metric" in df.columns and "stands_for" not in df.columns:  # long table: say it per row ("–": not stated)
+        df = df.assign(stands_for=[lookup.get(str(m), "–") for m in df["metric"]])
     notes = [(c, lookup[c]) for c in df.columns if c in lookup]
     shown = df.head(max_rows)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)

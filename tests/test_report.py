@@ -160,7 +160,9 @@ def test_every_section_renders_from_synthetic_tables(full_run):
                                          "model_diff", "p1", "probe_roc", "sweep", "p2", "specificity", "judges")}
     page = rep.path.read_text()
     assert rep.n_figures == sum(len(s.figures) for s in rep.sections) >= 13
-    assert page.count("<script type=\"text/javascript\">/**") <= 1  # plotly.js inlined once
+    from plotly.offline import get_plotlyjs
+
+    assert page.count(get_plotlyjs()[:300]) == 1  # plotly.js inlined once
     assert "<script src" not in page and 'src="http' not in page  # no network needed (plotly.js inline)
     assert "&lt;fraud &amp; co&gt;" in page and "<fraud & co>" not in page  # escaped
     # numbers in the text come from the tables
@@ -170,6 +172,24 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     assert "Fine-tune (catlens_finetune.json)" in page and "refusal-quick" in page and "70.5" in page
     targets = page.split("Targets (eval/summary.json)")[1].split("</table>")[0]
     assert "<td>no</td>" in targets and "<td>yes</td>" in targets  # 0.8 misses >= 0.95; 0.0 meets == 0
+
+
+def test_every_proxy_column_says_what_it_stands_for(full_run):
+    import re
+
+    page = R.build_report(full_run).path.read_text()
+    blocks = page.split('<div class="tbl">')[1:]
+    checked = 0
+    for block in blocks:
+        block = block.split('<div class="block">')[0]
+        headers = re.findall(r"<th>([^<]*)</th>", block)
+        for name in headers:
+            if name in R.STANDS_FOR:
+                assert f"<code>{name}</code> stands for" in block, name
+                checked += 1
+        if "metric" in headers:  # long tables: one stands_for per row whose metric is a proxy
+            assert "stands_for" in headers
+    assert checked >= 10
 
 
 def test_sections_say_not_run_with_the_command(tmp_path):
