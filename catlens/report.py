@@ -99,8 +99,8 @@ STANDS_FOR: dict[str, str] = {
     "perplexity_stock_answers_under_stock": "reference fluency: the stock model's own answers under itself",
     "swallowed_first_word_rate": "damaged answers (text after [respond] starts with whitespace or punctuation)",
     # geometry/ (analyses/geometry.py, definitions in catlens/geometry.py)
-    "probe_accuracy": "linear decodability (cross-validated logistic probe on 32 PCs); presence of the "
-                      "information, not its use by the model",
+    "probe_accuracy": "linear decodability (cross-validated logistic probe on the top principal components); "
+                      "presence of the information, not its use by the model",
     "probe_auroc": "linear decodability, threshold-free (cross-validated probe AUROC)",
     "silhouette": "how well the prompts cluster by class in raw activations (Euclidean)",
     "davies_bouldin": "cluster overlap (lower = better separated)",
