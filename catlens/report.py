@@ -59,8 +59,10 @@ proxy: without it the page can only fill in the metrics :data:`STANDS_FOR` knows
 ``specificity/specificity_matrix`` -- steering one category's direction, measured on every category's prompts:
     ``steered_category`` str, ``evaluated_category`` str, ``metric`` str (e.g. "refusal_change"), ``value``
     float, optional ``n`` int, optional ``stands_for`` str. Specificity = diagonal minus mean off-diagonal.
-``<stage>/judge_agreement`` -- agreement between refusal decisions: ``judge_a``, ``judge_b`` str, ``set`` str,
-    ``n`` int, ``agreement`` float (share of equal decisions), ``cohen_kappa`` float, optional ``stands_for``.
+``<stage>/judge_agreement`` -- agreement between refusal decisions, as ``catlens.judges.agreement_table`` writes it:
+    ``judge_a``, ``judge_b`` str, ``n`` int, ``agreement`` float (share of equal verdicts), ``kappa`` float (Cohen's;
+    ``cohen_kappa`` is read too), optional ``set`` str (which prompts), any further columns (e.g. ``both``,
+    ``only_a``, ``only_b``, ``neither``) shown as they are.
 """
 
 import dataclasses
@@ -127,7 +129,7 @@ STANDS_FOR: dict[str, str] = {
     "xstest_safe_over_refusal": "over-refusal of safe prompts that look harmful (XSTest safe, generated decision)",
     "benign_refusal": "over-refusal: refusal rate on benign prompts (the helpfulness cost)",
     "agreement": "how far one refusal decision can stand in for the other (share of equal decisions)",
-    "cohen_kappa": "agreement beyond chance",
+    "kappa": "agreement beyond chance (Cohen's kappa)",
 }
 
 
@@ -254,9 +256,18 @@ class _Section:
         return SectionResult(self.id, self.title, status, body, self.figures, self.missing, self.command)
 
 
+def _todo(tables: str) -> str:
+    """The "command" of a placeholder section: no analysis writes its tables yet."""
+    return (f"TODO: no analysis writes {tables} yet; save them in <run folder> as Parquet or CSV with the schema "
+            f"in the catlens/report.py docstring")
+
+
 def _missing_html(missing: Sequence[str], command: str) -> str:
     items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in missing)
-    cmd = f'<p>Produce with: <code class="cmd">{html.escape(command)}</code></p>' if command else ""
+    if command.startswith("TODO: "):
+        cmd = f'<p class="todo">{html.escape(command[len("TODO: "):])}.</p>'
+    else:
+        cmd = f'<p>Produce with: <code class="cmd">{html.escape(command)}</code></p>' if command else ""
     return f'<div class="missing"><p><b>not run</b>: missing</p><ul>{items}</ul>{cmd}</div>'
 
 
@@ -354,14 +365,13 @@ def section_run(t: Tables) -> SectionResult:
         for role, m in models.items():
             if isinstance(m, Mapping):
                 src = m.get("source") or {}
-                model_rows.append({"stage": name, "role": role, "name": m.get("name"),
+                model_rows.append({"stage": name, "role": role, "name": m.get("name") or m.get("spec"),
                                    "source": f"{src.get('kind', '')}: {src.get('spec', src.get('path', ''))}"
                                    if isinstance(src, Mapping) else str(src),
                                    "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "dtype": m.get("dtype"),
                                    "device": m.get("device")})
-        ft = sub / "catlens_finetune.json"  # a fine-tune folder (the finetune stage points into the model cache)
-        if sub.is_dir() and ft.is_file() and not finetune_pairs:
-            f = json.loads(ft.read_text())
+        f = _finetune_record(sub)  # a fine-tune folder (the finetune stage points into the model cache)
+        if f is not None and not finetune_pairs:
             tr, data = f.get("training") or {}, f.get("data") or {}
             finetune_pairs = [("name", f.get("name")), ("folder", str(sub)), ("base", (f.get("base") or {}).get("spec")),
                               ("method", (f.get("method") or {}).get("name")), ("data origin", data.get("origin")),
@@ -400,10 +410,26 @@ def section_run(t: Tables) -> SectionResult:
     if model_rows:
         sec.block(table=pd.DataFrame(model_rows), table_title="Models (from the stage manifests)")
     if finetune_pairs:
-        sec.block(table=_kv_table(finetune_pairs), table_title="Fine-tune (catlens_finetune.json)")
+        sec.block(table=_kv_table(finetune_pairs), table_title="Fine-tune (its folder's manifest)")
     if data_rows:
         sec.block(table=pd.DataFrame(data_rows), table_title="Data (from the stage manifests)")
     return sec.result()
+
+
+def _finetune_record(folder: Path) -> dict[str, Any] | None:
+    """A fine-tune folder's record: ``manifest.json`` with the record under ``finetune`` (RunDir fine-tunes), or
+    the legacy ``catlens_finetune.json``; None when ``folder`` is no fine-tune."""
+    for name, key in (("manifest.json", "finetune"), ("catlens_finetune.json", None)):
+        p = folder / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            record = data.get(key) if key else data
+            if isinstance(record, dict) and ("training" in record or "base" in record):
+                return record
+    return None
 
 
 def section_finetune(t: Tables) -> SectionResult:
@@ -703,8 +729,7 @@ def section_p1(t: Tables) -> SectionResult:
     from catlens import plotting
 
     sec = _Section("p1", "P1: safety/over-refusal trade-off (Figure 1) and safety table",
-                   "python analyses/p1.py --out <run folder>/p1   (tables p1/tradeoff, p1/safety_table; "
-                   "schemas in catlens/report.py)")
+                   _todo("p1/tradeoff and p1/safety_table"))
     tabs = _need(t, sec, "p1", ["tradeoff", "safety_table"])
     if not tabs:
         return sec.result()
@@ -761,7 +786,7 @@ def section_probe_roc(t: Tables) -> SectionResult:
 
     from catlens import plotting
 
-    sec = _Section("probe_roc", "Probe ROC", "python analyses/p1.py --out <run folder>/p1   (table p1/probe_roc)")
+    sec = _Section("probe_roc", "Probe ROC", _todo("p1/probe_roc"))
     tabs = _need(t, sec, "p1", ["probe_roc"])
     if not tabs:
         return sec.result()
@@ -792,7 +817,7 @@ def section_probe_roc(t: Tables) -> SectionResult:
 def section_sweep(t: Tables) -> SectionResult:
     from catlens import plotting
 
-    sec = _Section("sweep", "Sweeps", "python analyses/sweep.py --out <run folder>/sweep   (table sweep/sweep)")
+    sec = _Section("sweep", "Sweeps", _todo("sweep/sweep"))
     tabs = _need(t, sec, "sweep", ["sweep"])
     if not tabs:
         return sec.result()
@@ -821,7 +846,7 @@ def section_p2(t: Tables) -> SectionResult:
     from catlens import plotting
 
     sec = _Section("p2", "P2: category-wise steering, per category",
-                   "python analyses/p2.py --out <run folder>/p2   (table p2/p2_table)")
+                   _todo("p2/p2_table"))
     tabs = _need(t, sec, "p2", ["p2_table"])
     if not tabs:
         return sec.result()
@@ -865,8 +890,7 @@ def section_specificity(t: Tables) -> SectionResult:
     from catlens import plotting
 
     sec = _Section("specificity", "Specificity of category steering",
-                   "python analyses/specificity.py --out <run folder>/specificity   (table "
-                   "specificity/specificity_matrix)")
+                   _todo("specificity/specificity_matrix"))
     tabs = _need(t, sec, "specificity", ["specificity_matrix"])
     if not tabs:
         return sec.result()
@@ -905,7 +929,7 @@ def section_judges(t: Tables) -> SectionResult:
     from catlens import plotting
 
     sec = _Section("judges", "Judge agreement",
-                   "any analysis that judges responses writes <stage>/judge_agreement (schema in catlens/report.py)")
+                   _todo("<stage>/judge_agreement (e.g. catlens.judges.agreement_table of the judged generations)"))
     found = sorted({p for pat in ("judge_agreement.parquet", "*/judge_agreement.parquet", "judge_agreement.csv",
                                   "*/judge_agreement.csv") for p in t.root.glob(pat)})
     seen, frames = set(), []
@@ -915,7 +939,9 @@ def section_judges(t: Tables) -> SectionResult:
             continue
         seen.add(key)
         df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
-        _require(df, ["judge_a", "judge_b", "n", "agreement", "cohen_kappa"], t.rel(p))
+        if "kappa" not in df.columns and "cohen_kappa" in df.columns:
+            df = df.rename(columns={"cohen_kappa": "kappa"})
+        _require(df, ["judge_a", "judge_b", "n", "agreement", "kappa"], t.rel(p))
         frames.append(df.assign(stage=str(p.parent.relative_to(t.root)) if p.parent != t.root else "."))
     if not frames:
         sec.missing.append("*/judge_agreement.parquet")
@@ -924,14 +950,15 @@ def section_judges(t: Tables) -> SectionResult:
     label = ja["judge_a"].astype(str) + " vs " + ja["judge_b"].astype(str)
     if "set" in ja.columns:
         label = label + " (" + ja["set"].astype(str) + ")"
-    long = ja.assign(pair=label).melt(id_vars=["pair", "stage"], value_vars=["agreement", "cohen_kappa"],
+    long = ja.assign(pair=label).melt(id_vars=["pair", "stage"], value_vars=["agreement", "kappa"],
                                       var_name="metric", value_name="value")
     fig = plotting.bars(long, x="pair", y="value", color="metric", range_y=(min(0.0, float(long["value"].min())),
                                                                            1.05),
                         title="Agreement between refusal decisions")
-    worst = ja.loc[ja["cohen_kappa"].idxmin()]
-    sec.text(f"Lowest agreement beyond chance: {worst['judge_a']} vs {worst['judge_b']} "
-             f"(kappa {fmt(worst['cohen_kappa'])}, agreement {fmt(worst['agreement'])}, n={fmt(worst['n'])}).")
+    if ja["kappa"].notna().any():
+        worst = ja.loc[ja["kappa"].idxmin()]
+        sec.text(f"Lowest agreement beyond chance: {worst['judge_a']} vs {worst['judge_b']} "
+                 f"(kappa {fmt(worst['kappa'])}, agreement {fmt(worst['agreement'])}, n={fmt(worst['n'])}).")
     keep = ["stage", *[c for c in ja.columns if c != "stage"]]
     sec.block(figure=fig, table=ja[keep], table_title="judge_agreement")
     return sec.result()
@@ -991,7 +1018,7 @@ font-variant-numeric:tabular-nums}
 h4{margin:4px 0 6px;font-size:13px;max-width:560px}.caption{font-size:12px;color:#555;max-width:560px}
 .stands code{color:#333}
 .missing{font-size:13px}.missing code.cmd{background:#eee;padding:2px 4px}.error{color:#C44E52}
-.note{font-size:12px;color:#777}
+.note{font-size:12px;color:#777}.todo{font-size:13px;color:#555}
 """
 
 
@@ -1032,6 +1059,8 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
             results.append(SectionResult(sid, title, "error",
                                          f"<p class='error'>could not be drawn: {html.escape(type(e).__name__)}: "
                                          f"{html.escape(str(e))}</p>"))
+    for s in results:  # the commands name this run folder
+        s.body = s.body.replace(html.escape("<run folder>"), html.escape(str(root)))
     n_fig = sum(len(s.figures) for s in results)
     page_sections = []
     k_global = 0

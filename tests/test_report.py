@@ -139,8 +139,9 @@ def make_run(root: Path, *, placeholders: bool = True) -> Path:
     _save(root / "specificity", "specificity_matrix", pd.DataFrame(
         [{"steered_category": a, "evaluated_category": b, "metric": "refusal_change", "value": 0.5 if a == b else 0.1,
           "n": 20, "stands_for": "first-token refusal change, for judged refusal change"} for a in CATS for b in CATS]))
-    _save(p1, "judge_agreement", pd.DataFrame([{"judge_a": "first_token", "judge_b": "generated", "set": "catqa",
-                                                "n": 40, "agreement": 0.9, "cohen_kappa": 0.7}]))
+    _save(p1, "judge_agreement", pd.DataFrame([{"judge_a": "refused_first_token", "judge_b": "refused_substring",
+                                                "n": 40, "agreement": 0.9, "percent_agreement": 90.0, "kappa": 0.7,
+                                                "both": 20, "only_a": 2, "only_b": 2, "neither": 16}]))
     _save(root / "p2", "judge_agreement", pd.DataFrame([{"judge_a": "keyword", "judge_b": "llama_guard",
                                                          "set": "catqa", "n": 40, "agreement": 0.8,
                                                          "cohen_kappa": 0.4}]))
@@ -169,7 +170,7 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     assert "refused 0.912 (first token, n=30)" in page
     assert "stands for" in page and "stands_for" in page
     assert "0.800 [0.750, 0.840]" in page  # intervals shown
-    assert "Fine-tune (catlens_finetune.json)" in page and "refusal-quick" in page and "70.5" in page
+    assert "Fine-tune (its folder&#x27;s manifest)" in page and "refusal-quick" in page and "70.5" in page
     targets = page.split("Targets (eval/summary.json)")[1].split("</table>")[0]
     assert "<td>no</td>" in targets and "<td>yes</td>" in targets  # 0.8 misses >= 0.95; 0.0 meets == 0
 
@@ -201,7 +202,8 @@ def test_sections_say_not_run_with_the_command(tmp_path):
         assert status[sid] == "not run", sid
     page = rep.path.read_text()
     assert "p1/tradeoff.parquet" in page and "specificity/specificity_matrix.parquet" in page
-    assert "Produce with:" in page
+    assert "no analysis writes p1/tradeoff and p1/safety_table yet" in page  # placeholders say so, no made-up command
+    assert f"save them in {run}" in page
 
 
 def test_partial_and_broken_tables(tmp_path):
@@ -231,6 +233,7 @@ def test_cli_report_on_empty_folder_and_bad_folder(tmp_path, capsys):
     page = (empty / "report.html").read_text()
     assert page.count('data-status="not run"') == len(R.SECTIONS)
     assert "manifest.json" in page and "eval/per_category.parquet" in page
+    assert f"Produce with: <code class=\"cmd\">python analyses/geometry.py --out {empty}/geometry</code>" in page
     assert "<script" not in page  # no figure, so no plotly.js either
     out = capsys.readouterr().out
     assert "report.html" in out and "not run" in out
