@@ -155,9 +155,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
+        if value.is_integer() and 10 <= abs(value) < 1e15:  # counts and seconds stored as floats
+            return str(int(value))
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
             return f"{value:.{digits}g}"
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) >= 100 else f"{value:.{digits}f}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) >= 10 else f"{value:.{digits}f}"
     if isinstance(value, (list, tuple)):
         return ", ".join(fmt(v) for v in value)
     if isinstance(value, dict):
