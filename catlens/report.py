@@ -687,7 +687,7 @@ def section_whitening(t: Tables) -> SectionResult:
 def section_model_diff(t: Tables) -> SectionResult:
     from catlens import plotting
 
-    sec = _Section("model_diff", "Model diffing: fine-tune vs stock directions",
+    sec = _Section("model_diff", "Model diffing: the category directions of two models",
                    "python analyses/geometry.py --model <fine-tune> --other-model smollm2-135m-instruct "
                    "--out <run folder>/geometry")
     tabs = _need(t, sec, "geometry", ["model_diff"])
@@ -697,8 +697,9 @@ def section_model_diff(t: Tables) -> SectionResult:
     _require(md, ["direction", "category", "layer", "cosine"], "model_diff")
     layer = int(md.groupby("layer")["cosine"].mean().idxmin())
     at = md[md["layer"] == layer]
-    names = (f"{at['model_a'].iloc[0]} vs {at['model_b'].iloc[0]}" if {"model_a", "model_b"} <= set(md.columns)
-             else "two models")
+    a_name, b_name = ((str(at["model_a"].iloc[0]), str(at["model_b"].iloc[0]))
+                      if {"model_a", "model_b"} <= set(md.columns) else ("model A", "model B"))
+    names = f"{a_name} vs {b_name}"
     sec.text(f"The two models' directions differ most at layer {layer} (mean cosine "
              f"{fmt(float(at['cosine'].mean()))} over directions and categories; {names}).")
     lo = min(0.0, float(at["cosine"].min()))
@@ -706,7 +707,7 @@ def section_model_diff(t: Tables) -> SectionResult:
                         title=f"Cosine between the models' category directions, layer {layer}")
     tab = at.pivot_table(index="category", columns="direction", values="cosine").reset_index()
     tab.columns.name = None
-    sec.block(figure=fig, table=tab, table_title=f"cos(v_c fine-tune, v_c stock) at layer {layer}",
+    sec.block(figure=fig, table=tab, table_title=f"cos(v_c of {a_name}, v_c of {b_name}) at layer {layer}",
               caption="Every value is a model-diffing cosine.",
               stands_for={c: STANDS_FOR["model_diff_cosine"] for c in tab.columns if c != "category"})
     fig2 = plotting.line(md, x="layer", y="cosine", color="category", facet_col="direction", facet_col_wrap=3,

@@ -324,3 +324,29 @@ def test_main_job_ends_with_the_report_stage(tmp_path):
     (run.path / "geometry" / "cosine.parquet").write_text("not parquet")  # a broken table: page still written
     main._report(run)
     assert 'id="cosine" class="section error"' in (run.path / "report.html").read_text()
+
+
+def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path):
+    """The geometry sections read the tables analyses/geometry.py really writes (planted activations, no model)."""
+    from test_analyses_geometry import D_MODEL, LAYERS, _load, _synthetic
+
+    analysis = _load(Path(R.__file__).parents[1] / "analyses" / "geometry.py")
+
+    def fake_load(args, *, model_spec, acts_path):
+        other = model_spec == "other-model"
+        acts, index = _synthetic(seed=1 if other else 0, rotate=other)
+        return analysis.Activations(acts=acts, index=index, layers=LAYERS,
+                                    model={"name": model_spec, "n_layers": len(LAYERS), "d_model": D_MODEL},
+                                    data={"prompts": "synthetic", "positions": ["last"], "fmt": "chat"})
+
+    analysis.load_activations = fake_load
+    run = tmp_path / "run"
+    analysis.main(analysis.parse_args(["--out", str(run / "geometry"), "--model", "main-model", "--other-model",
+                                       "other-model", "--tsne-layers", "none", "--cv-folds", "3", "--pca-dims", "8"]))
+    rep = R.build_report(run)
+    status = {s.id: s.status for s in rep.sections}
+    for sid in ("separability", "cosine", "anisotropy", "whitening", "model_diff"):
+        assert status[sid] == "ok", (sid, [s.body for s in rep.sections if s.id == sid])
+    assert status["run"] == "not run" and status["finetune"] == "not run"
+    page = rep.path.read_text()
+    assert "main-model vs other-model" in page
