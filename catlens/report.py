@@ -357,14 +357,9 @@ def section_run(t: Tables) -> SectionResult:
 
     # stages: timings from the run manifest, status/model/data from each stage's own manifest
     stage_rows, data_rows, model_rows, finetune_pairs = [], [], [], []
-    for name, info in (manifest.get("stages") or {}).items():
-        folder = str(info.get("folder", ""))
-        sub = t.root / folder
-        stage_manifest = {}
-        if sub.is_dir() and (sub / "manifest.json").is_file():
-            stage_manifest = json.loads((sub / "manifest.json").read_text())
-        models = stage_manifest.get("models") or {}
-        for role, m in models.items():
+
+    def models_and_data(name: str, m_: Mapping[str, Any]) -> None:
+        for role, m in (m_.get("models") or {}).items():
             if isinstance(m, Mapping):
                 src = m.get("source") or {}
                 model_rows.append({"stage": name, "role": role, "name": m.get("name") or m.get("spec"),
@@ -372,6 +367,20 @@ def section_run(t: Tables) -> SectionResult:
                                    if isinstance(src, Mapping) else str(src),
                                    "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "dtype": m.get("dtype"),
                                    "device": m.get("device")})
+        for dname, d in (m_.get("data") or {}).items():
+            if isinstance(d, Mapping):
+                data_rows.append({"stage": name, "data": dname, "n": d.get("n", d.get("n_prompts")),
+                                  "hash": str(d.get("content_hash") or d.get("prompts_sha256") or "")[:12],
+                                  "prompts": d.get("prompts") or ""})
+
+    for name, info in (manifest.get("stages") or {}).items():
+        folder = str(info.get("folder", ""))
+        sub = t.root / folder
+        stage_manifest = {}
+        if sub.is_dir() and (sub / "manifest.json").is_file():
+            stage_manifest = json.loads((sub / "manifest.json").read_text())
+        models = stage_manifest.get("models") or {}
+        models_and_data(name, stage_manifest)
         f = _finetune_record(sub)  # a fine-tune folder (the finetune stage points into the model cache)
         if f is not None and not finetune_pairs:
             tr, data = f.get("training") or {}, f.get("data") or {}
@@ -391,11 +400,8 @@ def section_run(t: Tables) -> SectionResult:
                            "git_commit": (stage_manifest.get("git_commit") or "")[:12],
                            "models": ", ".join(f"{k}: {(v or {}).get('name', '?')}" for k, v in models.items()
                                                if isinstance(v, Mapping))})
-        for dname, d in (stage_manifest.get("data") or {}).items():
-            if isinstance(d, Mapping):
-                data_rows.append({"stage": name, "data": dname, "n": d.get("n", d.get("n_prompts")),
-                                  "hash": str(d.get("content_hash") or d.get("prompts_sha256") or "")[:12],
-                                  "prompts": d.get("prompts") or ""})
+    if not stage_rows:  # a single stage's folder (e.g. runs/main/geometry): its own models and data
+        models_and_data(".", manifest)
     if stage_rows:
         stages = pd.DataFrame(stage_rows)
         timed = stages[pd.to_numeric(stages["seconds"], errors="coerce").notna()]
@@ -408,7 +414,7 @@ def section_run(t: Tables) -> SectionResult:
             fig.update_layout(width=460, height=340)
         sec.block(figure=fig, table=stages, table_title="Stages")
     else:
-        sec.text("The run manifest records no stages.")
+        sec.text("The manifest records no stages (a single analysis's folder, or a run still in its first stage).")
     if model_rows:
         sec.block(table=pd.DataFrame(model_rows), table_title="Models (from the stage manifests)")
     if finetune_pairs:

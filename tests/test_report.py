@@ -350,3 +350,15 @@ def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path):
     assert status["run"] == "not run" and status["finetune"] == "not run"
     page = rep.path.read_text()
     assert "main-model vs other-model" in page
+
+
+def test_a_stage_folder_given_directly(full_run):
+    (full_run / "geometry" / "manifest.json").write_text(json.dumps({
+        "status": "done", "git_commit": "fedcba9876543210", "models": {"model": {"name": "tuned", "d_model": 16}},
+        "data": {"activations": {"prompts": "builtin", "n_prompts": 40}}}))
+    rep = R.build_report(full_run / "geometry")
+    status = {s.id: s.status for s in rep.sections}
+    assert status["run"] == status["separability"] == status["model_diff"] == "ok"
+    assert status["finetune"] == "not run"
+    page = rep.path.read_text()
+    assert "Models (from the stage manifests)" in page and "tuned" in page and "builtin" in page
