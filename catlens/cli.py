@@ -187,6 +187,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
                                                                        if s.missing else ""))
     print(f"wrote {rep.path}")
     if args.screenshot:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--screenshot needs playwright (pip install playwright, part of the dev extra) and a "
+                             f"Chromium (apt-get install -y chromium); {rep.path} was written.") from None
         errors = screenshot(rep.path, args.screenshot)
         print(f"wrote {args.screenshot}" + (f" ({len(errors)} browser console error(s))" if errors else ""))
     return 0

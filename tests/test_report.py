@@ -288,12 +288,15 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
 
 
 @browser
-def test_not_run_page_and_screenshot_helper(tmp_path):
+def test_not_run_page_and_screenshot_helper(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     rep = R.build_report(empty)
     errors = R.screenshot(rep.path, tmp_path / "empty.png", executable=CHROMIUM)
     assert errors == [] and (tmp_path / "empty.png").stat().st_size > 1_000
+    monkeypatch.setenv("CATLENS_CHROMIUM", CHROMIUM)
+    assert cli_main(["report", str(empty), "--screenshot", str(tmp_path / "cli.png")]) == 0
+    assert (tmp_path / "cli.png").stat().st_size > 1_000 and "console error" not in capsys.readouterr().out
 
 
 def test_report_loads_no_model(full_run):
