@@ -415,6 +415,17 @@ def section_run(t: Tables) -> SectionResult:
         sec.block(figure=fig, table=stages, table_title="Stages")
     else:
         sec.text("The manifest records no stages (a single analysis's folder, or a run still in its first stage).")
+    figures = manifest.get("figures")
+    if isinstance(figures, Mapping):  # the figure scripts' own pages (analyses/main.py records them)
+        links = []
+        for key, path in figures.items():
+            p = Path(str(path))
+            if p.suffix == ".html":  # link relative to the page, wherever the job was started from
+                local = t.root / "figures" / p.name
+                href = f"figures/{p.name}" if local.is_file() else p.resolve().as_uri()
+                links.append(f'<li><a href="{html.escape(href)}">{html.escape(str(key))}</a></li>')
+        if links:
+            sec.parts.append(f"<h4>Figure pages (figures/)</h4><ul class='links'>{''.join(links)}</ul>")
     if model_rows:
         sec.block(table=pd.DataFrame(model_rows), table_title="Models (from the stage manifests)")
     if finetune_pairs:

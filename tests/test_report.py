@@ -52,7 +52,11 @@ def make_run(root: Path, *, placeholders: bool = True) -> Path:
                 "git_commit": "0123456789abcdef", "git_dirty": False, "status": "done",
                 "stages": {"eval": {"folder": "eval", "seconds": 76.0},
                            "geometry": {"folder": "geometry", "seconds": 102.5},
-                           "finetune": {"folder": str(ft), "seconds": 84.0}}}
+                           "finetune": {"folder": str(ft), "seconds": 84.0}},
+                "figures": {"fig_cosine:html": f"runs/{root.name}/figures/fig_cosine.html",
+                            "fig_cosine:png": f"runs/{root.name}/figures/fig_cosine.png"}}
+    (root / "figures").mkdir()
+    (root / "figures" / "fig_cosine.html").write_text("<html></html>")
     (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "summary.json").write_text(json.dumps({"model": "/cache/finetunes/refusal-quick", "seconds": 262.5}))
 
@@ -170,7 +174,8 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     assert "refused 0.912 (first token, n=30)" in page
     assert "stands for" in page and "stands_for" in page
     assert "0.800 [0.750, 0.840]" in page  # intervals shown
-    assert "Fine-tune (its folder&#x27;s manifest)" in page and "refusal-quick" in page and "70.5" in page
+    assert "Fine-tune (its folder&#x27;s manifest)" in page
+    assert '<a href="figures/fig_cosine.html">fig_cosine:html</a>' in page and "fig_cosine:png" not in page and "refusal-quick" in page and "70.5" in page
     targets = page.split("Targets (eval/summary.json)")[1].split("</table>")[0]
     assert "<td>no</td>" in targets and "<td>yes</td>" in targets  # 0.8 misses >= 0.95; 0.0 meets == 0
 
