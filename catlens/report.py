@@ -967,9 +967,9 @@ def section_judges(t: Tables) -> SectionResult:
         sec.missing.append("*/judge_agreement.parquet")
         return sec.result()
     ja = pd.concat(frames, ignore_index=True)
-    label = ja["judge_a"].astype(str) + " vs " + ja["judge_b"].astype(str)
-    if "set" in ja.columns:
-        label = label + " (" + ja["set"].astype(str) + ")"
+    sets = ja["set"] if "set" in ja.columns else [None] * len(ja)
+    label = [f"{a} vs {b}" + (f" ({s_})" if isinstance(s_, str) and s_ else "") + (f" [{st}]" if st != "." else "")
+             for a, b, s_, st in zip(ja["judge_a"], ja["judge_b"], sets, ja["stage"])]
     long = ja.assign(pair=label).melt(id_vars=["pair", "stage"], value_vars=["agreement", "kappa"],
                                       var_name="metric", value_name="value")
     fig = plotting.bars(long, x="pair", y="value", color="metric", range_y=(min(0.0, float(long["value"].min())),

@@ -178,6 +178,9 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     assert '<a href="figures/fig_cosine.html">fig_cosine:html</a>' in page and "fig_cosine:png" not in page and "refusal-quick" in page and "70.5" in page
     targets = page.split("Targets (eval/summary.json)")[1].split("</table>")[0]
     assert "<td>no</td>" in targets and "<td>yes</td>" in targets  # 0.8 misses >= 0.95; 0.0 meets == 0
+    judges = next(s for s in rep.sections if s.id == "judges").figures[0]
+    assert list(judges.data[0].x) == ["refused_first_token vs refused_substring [p1]",
+                                      "keyword vs llama_guard (catqa) [p2]"]
 
 
 def test_every_proxy_column_says_what_it_stands_for(full_run):
