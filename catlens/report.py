@@ -26,7 +26,7 @@ whitening             ``geometry/``           ``whitening``, ``basis_alignment``
 model diffing         ``geometry/``           ``model_diff`` (geometry with ``--other-model``)
 P1 trade-off          ``p1/``                 ``tradeoff``, ``safety_table``
 probe ROC             ``p1/``                 ``probe_roc``
-sweeps                ``sweep/``              ``sweep``
+sweeps                ``sweep/``              ``sweep`` (``analyses/steer_sweep.py``, or the generic schema)
 P2 per category       ``p2/``                 ``p2_table``
 specificity           ``specificity/``        ``specificity_matrix``
 judge agreement       any ``*/``              ``judge_agreement`` (every one found)
@@ -50,7 +50,10 @@ proxy: without it the page can only fill in the metrics :data:`STANDS_FOR` knows
 ``p1/probe_roc`` -- ROC curves of refusal probes: ``probe`` str (e.g. "layer 15 logistic"), ``fpr``, ``tpr`` float
     (one row per threshold, sorted by fpr within a probe), ``auroc`` float (repeated on each row of a probe),
     optional ``n_pos``, ``n_neg`` int, optional ``stands_for`` str.
-``sweep/sweep`` -- hyper-parameter sweeps: ``sweep`` str (the knob, e.g. "coefficient", "layer"), ``x`` float
+``sweep/sweep`` -- either the table ``analyses/steer_sweep.py`` writes (``method``, ``layer``, ``toward``, ``away``,
+    ``refusal``/``over_refusal`` with ``_ci_low``/``_ci_high``, ``ppl_ratio``, ``ppl_stands_for``, ``pareto``,
+    ``chosen``, ``judge``, ``split``; drawn as refusal vs over-refusal), or a generic long table of
+    hyper-parameter sweeps: ``sweep`` str (the knob, e.g. "coefficient", "layer"), ``x`` float
     (its value), ``method`` str, ``metric`` str, ``value`` float, optional ``ci_low``, ``ci_high`` float,
     optional ``stands_for`` str.
 ``p2/p2_table`` -- P2 per-category results: ``category`` str, ``method`` str (e.g. "none", "unsupervised",
@@ -837,11 +840,15 @@ def section_probe_roc(t: Tables) -> SectionResult:
 def section_sweep(t: Tables) -> SectionResult:
     from catlens import plotting
 
-    sec = _Section("sweep", "Sweeps", _todo("sweep/sweep"))
+    sec = _Section("sweep", "Sweeps", "python analyses/steer_sweep.py --model <refusal-tuned folder> "
+                                      "--out <run folder>/sweep")
     tabs = _need(t, sec, "sweep", ["sweep"])
     if not tabs:
         return sec.result()
     sw = tabs["sweep"]
+    if {"method", "layer", "refusal", "over_refusal"} <= set(sw.columns) and "metric" not in sw.columns:
+        _steer_sweep(sec, sw)
+        return sec.result()
     _require(sw, ["sweep", "x", "method", "metric", "value"], "sweep")
     data = sw.assign(panel=sw["sweep"].astype(str) + ": " + sw["metric"].astype(str))
     error = None
@@ -860,6 +867,47 @@ def section_sweep(t: Tables) -> SectionResult:
 
     sec.block(figure=fig, table=pd.DataFrame(rows), table_title="Extremes of each sweep")
     return sec.result()
+
+
+def _steer_sweep(sec: _Section, sw: Any) -> None:
+    """analyses/steer_sweep.py's table (one row per method, layer, toward, away; Wilson intervals): refusal on
+    harmful against over-refusal on benign validation prompts, one point per setting, the chosen one marked."""
+    import plotly.graph_objects as go
+
+    from catlens import plotting
+
+    fig = go.Figure()
+    for (method, layer), g in sw.groupby(["method", "layer"], sort=False):
+        ex = ({"type": "data", "symmetric": False, "array": g["over_refusal_ci_high"] - g["over_refusal"],
+               "arrayminus": g["over_refusal"] - g["over_refusal_ci_low"]} if "over_refusal_ci_low" in g else None)
+        ey = ({"type": "data", "symmetric": False, "array": g["refusal_ci_high"] - g["refusal"],
+               "arrayminus": g["refusal"] - g["refusal_ci_low"]} if "refusal_ci_low" in g else None)
+        fig.add_trace(go.Scatter(x=g["over_refusal"], y=g["refusal"], mode="markers", name=f"{method}, layer {layer}",
+                                 error_x=ex, error_y=ey,
+                                 text=[f"toward {fmt(a)}, away {fmt(b)}" for a, b in zip(g["toward"], g["away"])]))
+    chosen = sw[sw["chosen"].astype(bool)] if "chosen" in sw.columns else sw.iloc[:0]
+    if len(chosen):
+        fig.add_trace(go.Scatter(x=chosen["over_refusal"], y=chosen["refusal"], mode="markers", name="chosen",
+                                 marker={"symbol": "star", "size": 16, "color": "black"}))
+        c = chosen.iloc[0]
+        sec.text(f"Chosen on {c.get('split', 'val')}: {c['method']}, layer {c['layer']}, toward {fmt(c['toward'])}, "
+                 f"away {fmt(c['away'])}: refusal {_interval(c['refusal'], c.get('refusal_ci_low'), c.get('refusal_ci_high'))}"
+                 f", over-refusal {_interval(c['over_refusal'], c.get('over_refusal_ci_low'), c.get('over_refusal_ci_high'))}"
+                 f" (judge {c.get('judge', '?')}).")
+    fig.update_layout(template=plotting.template(), width=640, height=480,
+                      title="Steering sweep: refusal (harmful) vs over-refusal (benign), validation prompts",
+                      xaxis={"title": "over-refusal (benign)"}, yaxis={"title": "refusal (harmful)"})
+    shown = sw[sw["pareto"].astype(bool) | sw.get("chosen", False).astype(bool)] if "pareto" in sw.columns else sw
+    shown = _with_interval(shown, "refusal", "refusal_ci_low", "refusal_ci_high", "refusal_interval")
+    shown = _with_interval(shown, "over_refusal", "over_refusal_ci_low", "over_refusal_ci_high",
+                           "over_refusal_interval")
+    keep = [c for c in ("method", "layer", "toward", "away", "refusal_interval", "over_refusal_interval", "ppl_ratio",
+                        "admissible", "chosen", "judge") if c in shown.columns]
+    notes = {"refusal_interval": "safety: refusal on harmful validation prompts, as the judge decides",
+             "over_refusal_interval": STANDS_FOR["benign_refusal"]}
+    if "ppl_stands_for" in sw.columns:
+        notes["ppl_ratio"] = str(sw["ppl_stands_for"].iloc[0]) + " (ratio to the unsteered answers)"
+    sec.block(figure=fig, table=shown[keep], table_title="Pareto-optimal and chosen settings", stands_for=notes)
 
 
 def section_p2(t: Tables) -> SectionResult:

@@ -373,3 +373,22 @@ def test_a_stage_folder_given_directly(full_run):
     assert status["finetune"] == "not run"
     page = rep.path.read_text()
     assert "Models (from the stage manifests)" in page and "tuned" in page and "builtin" in page
+
+
+def test_sweep_section_reads_the_steer_sweep_table(tmp_path):
+    rows = []
+    for layer in (20, 24):
+        for toward, away, r, o in ((None, None, 0.5, 0.1), (0.1, None, 0.8, 0.12), (0.2, -0.1, 0.95, 0.3)):
+            rows.append({"method": "one_vs_benign", "layer": layer, "toward": toward, "away": away, "refusal": r,
+                         "refusal_ci_low": r - 0.1, "refusal_ci_high": min(1.0, r + 0.05), "over_refusal": o,
+                         "over_refusal_ci_low": max(0.0, o - 0.05), "over_refusal_ci_high": o + 0.1,
+                         "ppl_ratio": 1.05, "admissible": True, "pareto": toward is not None, "chosen": False,
+                         "ppl_stands_for": "coherence: perplexity of benign answers under the unsteered model",
+                         "judge": "refusal_token", "split": "val"})
+    rows[1]["chosen"] = True
+    _save(tmp_path / "run" / "sweep", "sweep", pd.DataFrame(rows))
+    rep = R.build_report(tmp_path / "run")
+    sec = next(s for s in rep.sections if s.id == "sweep")
+    assert sec.status == "ok" and len(sec.figures) == 1
+    assert "Chosen on val: one_vs_benign, layer 20, toward 0.100" in sec.body
+    assert "0.800 [0.700, 0.850]" in sec.body and "<code>ppl_ratio</code> stands for coherence" in sec.body
