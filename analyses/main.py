@@ -14,9 +14,12 @@ checkpoint):
 2. ``eval``      ``analyses/finetune_eval.py``: held-out refusal, category accuracy, over-refusal, AUROC, fluency;
 3. ``geometry``  ``analyses/geometry.py`` on the tuned model over the built-in prompts, all layers, with the stock
                  model as the model-diffing partner;
-4. ``figures``   every ``figures/fig_*.py`` on the geometry run (HTML, plus PNG when Chromium is installed).
+4. ``figures``   every ``figures/fig_*.py`` on the geometry run (HTML, plus PNG when Chromium is installed);
+5. ``report``    ``catlens.report.build_report``: <out>/report.html, one self-contained page from the saved tables
+                 (rebuilt every time; the same as ``catlens report <out>``).
 
-Writes: <out>/manifest.json, <out>/summary.json and the stage folders eval/, geometry/, figures/.
+Writes: <out>/manifest.json, <out>/summary.json, <out>/report.html and the stage folders eval/, geometry/,
+figures/.
 """
 
 import argparse
@@ -118,8 +121,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = _summary(args.out, model_spec, time.perf_counter() - t0)
     run.save_json("summary", summary)
     run.finish(**{k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    _report(run)
     _print_summary(summary)
     return summary
+
+
+def _report(run: RunDir) -> None:
+    """The final, cheap stage: rebuild report.html from the tables (never fails the job; a failure is logged)."""
+    from catlens.report import build_report
+
+    t = time.perf_counter()
+    try:
+        rep = build_report(run.path)
+    except Exception:  # noqa: BLE001 - the results are saved; a broken page must not turn the run into a failure
+        log.exception("stage report: report.html could not be built; rerun `catlens report %s`", run.path)
+        return
+    run.update_manifest(stages={"report": {"folder": rep.path.name, "seconds": round(time.perf_counter() - t, 1)}})
+    log.info("stage report -> %s (%d figures; %s)", rep.path, rep.n_figures,
+             ", ".join(f"{s.id} {s.status}" for s in rep.sections if s.status != "ok") or "every section ok")
 
 
 def _summary(out: Path, model_spec: str, seconds: float) -> dict[str, Any]:

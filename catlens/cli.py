@@ -5,6 +5,7 @@
     catlens cache --out runs/acts        collect activations for a prompt set into a resumable store
     catlens finetune --config quick      train the refusal-token model (see `catlens finetune -h`)
     catlens generate --prompts builtin   generate (optionally steered by --policy) and judge the answers
+    catlens report runs/main             rebuild runs/main/report.html from the saved tables
 
 Threads: --threads N (default: $OMP_NUM_THREADS, else torch's default); two jobs on a 2-core machine each want
 --threads 1.
@@ -171,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other arguments")
     p.set_defaults(func=_cmd_cache)
 
+    p = sub.add_parser("report", help="rebuild report.html of a run folder from its saved tables",
+                       description="One self-contained report.html from a run folder's tables (no model is "
+                                   "loaded).\n\nExamples:\n  catlens report runs/main\n"
+                                   "  catlens report runs/main --out /tmp/report.html --screenshot report.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="run folder (e.g. runs/main)")
+    p.add_argument("--out", default=None, help="page to write (default: RUN_DIR/report.html)")
+    p.add_argument("--screenshot", default=None, metavar="PNG", help="also a full-page PNG (needs playwright and "
+                                                                     "a Chromium)")
+    p.set_defaults(func=_cmd_report)
+
     _add_finetune_parser(sub)
     from catlens.generation import add_cli as add_generate_cli
 
@@ -323,6 +335,25 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     folder = finetune(config, data_dir=args.data_dir, out=args.out, overwrite=args.overwrite, resume=args.resume,
                       cache=args.cache_dir)
     print(folder)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from catlens.report import build_report, screenshot
+
+    rep = build_report(args.run_dir, out=args.out)
+    for s in rep.sections:
+        print(f"{s.id:<14} {s.status:<8} {len(s.figures)} figure(s)" + (f"  missing: {', '.join(s.missing)}"
+                                                                       if s.missing else ""))
+    print(f"wrote {rep.path}")
+    if args.screenshot:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--screenshot needs playwright (pip install playwright, part of the dev extra) and a "
+                             f"Chromium (apt-get install -y chromium); {rep.path} was written.") from None
+        errors = screenshot(rep.path, args.screenshot)
+        print(f"wrote {args.screenshot}" + (f" ({len(errors)} browser console error(s))" if errors else ""))
     return 0
 
 

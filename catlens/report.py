@@ -1,0 +1,1187 @@
+"""One self-contained ``report.html`` per run folder, rebuilt from the saved tables alone (no model is loaded).
+
+    catlens report runs/main                 # writes runs/main/report.html
+    catlens report runs/main --out /tmp/r.html --screenshot docs/report.png
+
+The page has one section per result. Each section is a small function that looks for its tables, and draws its
+figure (plotly, built with :mod:`catlens.plotting`) next to the table it summarises; when the tables are absent the
+section says "not run" and gives the command that produces them. plotly.js is inlined once in the page head, so
+the file opens without network. Every text on the page is HTML-escaped; every number in the text is read from a
+table. A metric that stands in for something it does not measure directly (a proxy) is shown with what it stands
+for: a ``stands_for`` column in long tables, a caption under wide ones (see :data:`STANDS_FOR`).
+
+Where tables are looked for: ``<run>/<stage>/<name>.parquet`` (or ``.csv``), and ``<run>/<name>.parquet`` so a
+stage folder can be given directly. Sections and their tables:
+
+====================  ======================  ===================================================================
+section               stage folder            tables
+====================  ======================  ===================================================================
+what was run          ``.``, every stage      ``manifest.json`` (run and stages), ``summary.json``
+fine-tune results     ``eval/``               ``per_category``, ``over_refusal``, ``auroc``, ``fluency``,
+                                              ``summary.json`` (``analyses/finetune_eval.py``)
+separability          ``geometry/``           ``separability`` (``analyses/geometry.py``)
+cosines               ``geometry/``           ``cosine`` (+ ``separability`` to choose the layer)
+anisotropy            ``geometry/``           ``anisotropy``
+whitening             ``geometry/``           ``whitening``, ``basis_alignment``
+model diffing         ``geometry/``           ``model_diff`` (geometry with ``--other-model``)
+P1 trade-off          ``p1/``                 ``tradeoff``, ``safety_table``
+probe ROC             ``p1/``                 ``probe_roc``
+sweeps                ``sweep/``              ``sweep`` (``analyses/steer_sweep.py``, or the generic schema)
+P2 per category       ``p2/``                 ``p2_table``
+specificity           ``specificity/``        ``specificity_matrix``
+judge agreement       any ``*/``              ``judge_agreement`` (every one found)
+====================  ======================  ===================================================================
+
+Schemas of the tables that no analysis writes yet (tidy: one row per observation; Parquet or CSV; columns marked
+"optional" may be left out; ``ci_low``/``ci_high`` are the bounds of an interval, e.g. a 95% Wilson or bootstrap
+interval, with the kind named in ``interval``; ``stands_for`` says what a proxy metric stands in for, e.g.
+"first-token refusal decision, stands for a judge's refusal verdict on the generated answer" -- give it for every
+proxy: without it the page can only fill in the metrics :data:`STANDS_FOR` knows and shows "–" for the rest):
+
+``p1/tradeoff`` -- P1 Figure 1, one point per method and setting (e.g. a steering coefficient):
+    ``method`` str, ``setting`` str (the label written on the point), ``harmful_refusal`` float in [0, 1],
+    ``harmful_refusal_low``, ``harmful_refusal_high`` float, ``benign_refusal`` float in [0, 1],
+    ``benign_refusal_low``, ``benign_refusal_high`` float, ``n_harmful``, ``n_benign`` int,
+    optional ``interval`` str, optional ``stands_for`` str (how refusal was decided).
+    Drawn as harmful refusal (y, safety) against benign refusal (x, over-refusal) with both intervals.
+``p1/safety_table`` -- one row per model/method, benchmark and metric:
+    ``method`` str, ``benchmark`` str, ``metric`` str, ``value`` float, ``ci_low``, ``ci_high`` float, ``n`` int,
+    ``stands_for`` str, optional ``interval`` str.
+``p1/probe_roc`` -- ROC curves of refusal probes: ``probe`` str (e.g. "layer 15 logistic"), ``fpr``, ``tpr`` float
+    (one row per threshold, sorted by fpr within a probe), ``auroc`` float (repeated on each row of a probe),
+    optional ``n_pos``, ``n_neg`` int, optional ``stands_for`` str.
+``sweep/sweep`` -- either the table ``analyses/steer_sweep.py`` writes (``method``, ``layer``, ``toward``, ``away``,
+    ``refusal``/``over_refusal`` with ``_ci_low``/``_ci_high``, ``ppl_ratio``, ``ppl_stands_for``, ``pareto``,
+    ``chosen``, ``judge``, ``split``; drawn as refusal vs over-refusal), or a generic long table of
+    hyper-parameter sweeps: ``sweep`` str (the knob, e.g. "coefficient", "layer"), ``x`` float
+    (its value), ``method`` str, ``metric`` str, ``value`` float, optional ``ci_low``, ``ci_high`` float,
+    optional ``stands_for`` str.
+``p2/p2_table`` -- P2 per-category results: ``category`` str, ``method`` str (e.g. "none", "unsupervised",
+    "pruned", "guided"), ``metric`` str (e.g. "unsafe_rate", "helpfulness"), ``value`` float, optional
+    ``ci_low``, ``ci_high`` float, ``n`` int, optional ``stands_for`` str.
+``specificity/specificity_matrix`` -- steering one category's direction, measured on every category's prompts:
+    ``steered_category`` str, ``evaluated_category`` str, ``metric`` str (e.g. "refusal_change"), ``value``
+    float, optional ``n`` int, optional ``stands_for`` str. Specificity = diagonal minus mean off-diagonal.
+``<stage>/judge_agreement`` -- agreement between refusal decisions, as ``catlens.judges.agreement_table`` writes it:
+    ``judge_a``, ``judge_b`` str, ``n`` int, ``agreement`` float (share of equal verdicts), ``kappa`` float (Cohen's;
+    ``cohen_kappa`` is read too), optional ``set`` str (which prompts), any further columns (e.g. ``both``,
+    ``only_a``, ``only_b``, ``neither``) shown as they are.
+"""
+
+import dataclasses
+import html
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_report", "Report", "SectionResult", "STANDS_FOR", "SECTIONS", "screenshot"]
+
+REPORT_NAME = "report.html"
+MAX_TABLE_ROWS = 60
+
+# What a proxy column or metric stands for. Keys are column names (wide tables) or metric names (long tables).
+STANDS_FOR: dict[str, str] = {
+    # eval/ (analyses/finetune_eval.py)
+    "refused_first_token": "refusal of the generated answer (decided at the first response position: the most "
+                           "probable refusal token beats [respond])",
+    "right_category_first_token": "the generated answer opening with the right category token (first-token "
+                                  "argmax among the refusal tokens)",
+    "refused_generated": "refusal as a reader would judge it (the greedy answer opens with a refusal token)",
+    "right_category_generated": "the right category named in the refusal (token the greedy answer opens with)",
+    "over_refusal_first_token": "over-refusal of the generated answer (first-token decision)",
+    "over_refusal_generated": "over-refusal as a reader would judge it (greedy answer opens with a refusal token)",
+    "mean_refusal_score": "the model's propensity to refuse (summed refusal-token probability at the first "
+                          "response position)",
+    "auroc": "how well the logit refusal score ranks harmful above benign prompts (threshold-free detector quality)",
+    "perplexity_finetuned_answers_under_stock": "fluency of the fine-tune's answers (perplexity under the stock "
+                                                "model; compare with the stock model's own answers)",
+    "perplexity_stock_answers_under_stock": "reference fluency: the stock model's own answers under itself",
+    "swallowed_first_word_rate": "damaged answers (text after [respond] starts with whitespace or punctuation)",
+    # geometry/ (analyses/geometry.py, definitions in catlens/geometry.py)
+    "probe_accuracy": "linear decodability (cross-validated logistic probe on the top principal components); "
+                      "presence of the information, not its use by the model",
+    "probe_auroc": "linear decodability, threshold-free (cross-validated probe AUROC)",
+    "silhouette": "how well the prompts cluster by class in raw activations (Euclidean)",
+    "davies_bouldin": "cluster overlap (lower = better separated)",
+    "fisher_ratio": "between-class over within-class spread",
+    "calinski_harabasz": "between- over within-class dispersion, scaled by class and prompt counts",
+    "cosine": "overlap (entanglement) of two category directions",
+    "mean_offdiag_cosine": "entanglement of the category directions (mean cosine between different categories)",
+    "mean_pairwise_cosine": "anisotropy: the common direction all activations share (0 when isotropic)",
+    "top1_variance_share": "anisotropy: variance in the top principal direction",
+    "top10_variance_share": "anisotropy: variance in the top 10 principal directions",
+    "effective_rank": "how many dimensions the activations really use (exp of the spectral entropy)",
+    "condition_number": "ill-conditioning of the covariance the whitener inverts",
+    "log10_condition_number": "ill-conditioning of the covariance the whitener inverts (log10)",
+    "mean_norm_ratio": "anisotropy as a common offset (norm of the mean over mean norm)",
+    "max_dim_share": "massive activations (largest single-dimension share of the squared norm)",
+    "cos_basis_residual": "how much P1's orthonormal basis vector (mapped back to the residual stream) still "
+                          "points along its category direction",
+    "off_span_share": "share of a direction outside the span the whitener was fitted on",
+    "model_diff_cosine": "how little the fine-tune changed a category direction (1 = unchanged)",
+    # placeholders
+    "harmful_refusal": "safety: refusal rate on held-out harmful prompts",
+    "right_category": "category-specific refusal: the refusal names the prompt's harm category",
+    "alpaca_over_refusal": "over-refusal of ordinary requests (Alpaca test set, generated decision)",
+    "xstest_safe_over_refusal": "over-refusal of safe prompts that look harmful (XSTest safe, generated decision)",
+    "benign_refusal": "over-refusal: refusal rate on benign prompts (the helpfulness cost)",
+    "agreement": "how far one refusal decision can stand in for the other (share of equal decisions)",
+    "kappa": "agreement beyond chance (Cohen's kappa)",
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def esc(value: Any) -> str:
+    """Escaped text of any value (numbers formatted)."""
+    return html.escape(fmt(value), quote=True)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Human form of a table value: floats with ``digits`` significant decimals, NaN as an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            value = value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value.is_integer() and 10 <= abs(value) < 1e15:  # counts and seconds stored as floats
+            return str(int(value))
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) >= 10 else f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _interval(value: Any, low: Any, high: Any) -> str:
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+@dataclasses.dataclass
+class Tables:
+    """Finds tables under a run folder: ``<run>/<stage>/<name>`` or ``<run>/<name>``, Parquet before CSV."""
+
+    root: Path
+
+    def path(self, stage: str, name: str) -> Path | None:
+        for folder in (self.root / stage, self.root) if stage not in ("", ".") else (self.root,):
+            for suffix in (".parquet", ".csv"):
+                candidate = folder / f"{name}{suffix}"
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    def load(self, stage: str, name: str) -> Any:
+        import pandas as pd
+
+        p = self.path(stage, name)
+        if p is None:
+            return None
+        return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+
+    def json(self, stage: str, name: str) -> dict[str, Any] | None:
+        for folder in (self.root / stage, self.root) if stage not in ("", ".") else (self.root,):
+            p = folder / f"{name}.json"
+            if p.is_file():
+                try:
+                    return json.loads(p.read_text())
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p} is not valid JSON ({e}).") from None
+        return None
+
+    def rel(self, p: Path) -> str:
+        try:
+            return str(p.relative_to(self.root))
+        except ValueError:
+            return str(p)
+
+
+@dataclasses.dataclass
+class SectionResult:
+    """One rendered section: ``status`` is ``ok``, ``partial`` (some tables missing), ``not run`` or ``error``."""
+
+    id: str
+    title: str
+    status: str
+    body: str
+    figures: list[Any] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    command: str = ""
+
+
+class _Section:
+    """Collects the blocks of one section; figures are kept as objects and rendered once the page knows their
+    order (plotly.js is inlined once in the head)."""
+
+    def __init__(self, sid: str, title: str, command: str) -> None:
+        self.id, self.title, self.command = sid, title, command
+        self.parts: list[str] = []
+        self.figures: list[Any] = []
+        self.missing: list[str] = []
+
+    def text(self, text: str) -> None:
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def block(self, *, figure: Any = None, table: Any = None, caption: str = "", table_title: str = "",
+              stands_for: Mapping[str, str] | None = None) -> None:
+        """A figure next to the table it summarises (either may be None)."""
+        inner = []
+        if figure is not None:
+            self.figures.append(figure)
+            inner.append(f'<div class="fig" data-figure="{len(self.figures) - 1}">{{FIGURE:{self.id}:'
+                         f'{len(self.figures) - 1}}}</div>')
+        if table is not None:
+            rendered = table_html(table, title=table_title, caption=caption, stands_for=stands_for)
+            inner.append(f'<div class="tbl">{rendered}</div>')
+        self.parts.append(f'<div class="block">{"".join(inner)}</div>')
+
+    def result(self, status: str | None = None) -> SectionResult:
+        if status is None:
+            status = "ok" if not self.missing else ("partial" if self.parts else "not run")
+        body = "".join(self.parts)
+        if self.missing:
+            body += _missing_html(self.missing, self.command)
+        return SectionResult(self.id, self.title, status, body, self.figures, self.missing, self.command)
+
+
+def _todo(tables: str) -> str:
+    """The "command" of a placeholder section: no analysis writes its tables yet."""
+    return (f"TODO: no analysis writes {tables} yet; save them in <run folder> as Parquet or CSV with the schema "
+            f"in the catlens/report.py docstring")
+
+
+def _missing_html(missing: Sequence[str], command: str) -> str:
+    items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in missing)
+    if command.startswith("TODO: "):
+        cmd = f'<p class="todo">{html.escape(command[len("TODO: "):])}.</p>'
+    else:
+        cmd = f'<p>Produce with: <code class="cmd">{html.escape(command)}</code></p>' if command else ""
+    return f'<div class="missing"><p><b>not run</b>: missing</p><ul>{items}</ul>{cmd}</div>'
+
+
+def table_html(df: Any, *, title: str = "", caption: str = "", stands_for: Mapping[str, str] | None = None,
+               max_rows: int = MAX_TABLE_ROWS) -> str:
+    """An escaped HTML table of a DataFrame. Proxy columns (in ``stands_for`` or :data:`STANDS_FOR`) get a caption
+    line each; a long table with a ``metric`` column and no ``stands_for`` column gets one, filled from
+    :data:`STANDS_FOR` ("–" for a metric it does not know)."""
+    lookup = {**STANDS_FOR, **(stands_for or {})}
+    df = df.reset_index(drop=True)
+    if "metric" in df.columns and "stands_for" not in df.columns:  # long table: say it per row ("–": not stated)
+        df = df.assign(stands_for=[lookup.get(str(m), "–") for m in df["metric"]])
+    notes = [(c, lookup[c]) for c in df.columns if c in lookup]
+    shown = df.head(max_rows)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    rows = []
+    for rec in shown.itertuples(index=False):
+        cells = []
+        for c, v in zip(shown.columns, rec):
+            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{esc(v)}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    more = f"<p class='note'>{len(df) - max_rows} more rows in the table file.</p>" if len(df) > max_rows else ""
+    cap = []
+    if caption:
+        cap.append(f"<p>{html.escape(caption)}</p>")
+    if notes:
+        cap.append("<p class='stands'>" + "<br>".join(
+            f"<code>{html.escape(str(c))}</code> stands for {html.escape(t)}" for c, t in notes) + "</p>")
+    ttl = f"<h4>{html.escape(title)}</h4>" if title else ""
+    return (f"{ttl}<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"</div>{more}<div class='caption'>{''.join(cap)}</div>")
+
+
+def _kv_table(pairs: Iterable[tuple[str, Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame([{"field": k, "value": fmt(v)} for k, v in pairs if v not in (None, "", {}, [])])
+
+
+def _require(df: Any, columns: Sequence[str], name: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"table {name!r} has no column(s) {missing}; it has {list(df.columns)} (schemas: "
+                         f"catlens/report.py docstring).")
+
+
+def _need(t: Tables, sec: _Section, stage: str, names: Sequence[str]) -> dict[str, Any]:
+    """Load the named tables; record the absent ones in the section."""
+    out = {}
+    for name in names:
+        df = t.load(stage, name)
+        if df is None:
+            sec.missing.append(f"{stage}/{name}.parquet" if stage not in ("", ".") else f"{name}.parquet")
+        else:
+            out[name] = df
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def section_run(t: Tables) -> SectionResult:
+    """What was run: model, data, config, git commit, timings (manifests and summary.json)."""
+    import pandas as pd
+
+    sec = _Section("run", "What was run", "python analyses/main.py --out <run folder>")
+    manifest = t.json(".", "manifest")
+    summary = t.json(".", "summary")
+    if manifest is None:
+        sec.missing.append("manifest.json")
+        return sec.result("not run")
+    versions = manifest.get("versions") or {}
+    commit = manifest.get("git_commit")
+    dirty = " (uncommitted changes)" if manifest.get("git_dirty") else ""
+    model = (summary or {}).get("model") or (manifest.get("models") or {}).get("model", {}).get("name")
+    pairs = [("status", manifest.get("status")), ("command", " ".join(map(str, manifest.get("command") or []))),
+             ("model", model), ("git commit", f"{commit}{dirty}" if commit else None),
+             ("created", manifest.get("created")), ("finished", manifest.get("finished")),
+             ("resumed", manifest.get("resumed")), ("seed", manifest.get("seed")),
+             ("total seconds", (summary or {}).get("seconds"))]
+    pairs += [(f"version {k}", v) for k, v in versions.items()]
+    sec.block(table=_kv_table(pairs), table_title="Run")
+    config = manifest.get("config")
+    if isinstance(config, Mapping) and config:
+        sec.block(table=_kv_table(config.items()), table_title="Configuration")
+
+    # stages: timings from the run manifest, status/model/data from each stage's own manifest
+    stage_rows, data_rows, model_rows, finetune_pairs = [], [], [], []
+
+    def models_and_data(name: str, m_: Mapping[str, Any]) -> None:
+        for role, m in (m_.get("models") or {}).items():
+            if isinstance(m, Mapping):
+                src = m.get("source") or {}
+                model_rows.append({"stage": name, "role": role, "name": m.get("name") or m.get("spec"),
+                                   "source": f"{src.get('kind', '')}: {src.get('spec', src.get('path', ''))}"
+                                   if isinstance(src, Mapping) else str(src),
+                                   "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "dtype": m.get("dtype"),
+                                   "device": m.get("device")})
+        for dname, d in (m_.get("data") or {}).items():
+            if isinstance(d, Mapping):
+                data_rows.append({"stage": name, "data": dname, "n": d.get("n", d.get("n_prompts")),
+                                  "hash": str(d.get("content_hash") or d.get("prompts_sha256") or "")[:12],
+                                  "prompts": d.get("prompts") or ""})
+
+    for name, info in (manifest.get("stages") or {}).items():
+        folder = str(info.get("folder", ""))
+        sub = t.root / folder
+        stage_manifest = {}
+        if sub.is_dir() and (sub / "manifest.json").is_file():
+            stage_manifest = json.loads((sub / "manifest.json").read_text())
+        models = stage_manifest.get("models") or {}
+        models_and_data(name, stage_manifest)
+        f = _finetune_record(sub)  # a fine-tune folder (the finetune stage points into the model cache)
+        if f is not None and not finetune_pairs:
+            tr, data = f.get("training") or {}, f.get("data") or {}
+            finetune_pairs = [("name", f.get("name")), ("folder", str(sub)), ("base", (f.get("base") or {}).get("spec")),
+                              ("method", (f.get("method") or {}).get("name")), ("data origin", data.get("origin")),
+                              ("categories", data.get("categories")),
+                              ("harmful prompts", (data.get("harmful") or {}).get("n")),
+                              ("benign prompts", (data.get("benign") or {}).get("n")),
+                              ("steps", tr.get("steps")), ("epochs", tr.get("epochs")),
+                              ("final loss", tr.get("final_loss")),
+                              ("distill seconds", tr.get("distill_seconds")),
+                              ("train seconds", tr.get("train_seconds")), ("total seconds", f.get("total_seconds")),
+                              ("config hash", f.get("config_hash")), ("data hash", f.get("data_hash")),
+                              ("git commit", f.get("git_commit"))]
+        stage_rows.append({"stage": name, "folder": folder, "seconds": info.get("seconds"),
+                           "status": stage_manifest.get("status", "present" if sub.exists() else "missing"),
+                           "git_commit": (stage_manifest.get("git_commit") or "")[:12],
+                           "models": ", ".join(f"{k}: {(v or {}).get('name', '?')}" for k, v in models.items()
+                                               if isinstance(v, Mapping))})
+    if not stage_rows:  # a single stage's folder (e.g. runs/main/geometry): its own models and data
+        models_and_data(".", manifest)
+    if stage_rows:
+        stages = pd.DataFrame(stage_rows)
+        timed = stages[pd.to_numeric(stages["seconds"], errors="coerce").notna()]
+        fig = None
+        if len(timed):
+            from catlens import plotting
+
+            fig = plotting.bars(timed.assign(minutes=pd.to_numeric(timed["seconds"]) / 60), x="stage", y="minutes",
+                                title="Stage wall time (minutes)", text_format=".1f")
+            fig.update_layout(width=460, height=340)
+        sec.block(figure=fig, table=stages, table_title="Stages")
+    else:
+        sec.text("The manifest records no stages (a single analysis's folder, or a run still in its first stage).")
+    figures = manifest.get("figures")
+    if isinstance(figures, Mapping):  # the figure scripts' own pages (analyses/main.py records them)
+        links = []
+        for key, path in figures.items():
+            p = Path(str(path))
+            if p.suffix == ".html":  # link relative to the page, wherever the job was started from
+                local = t.root / "figures" / p.name
+                href = f"figures/{p.name}" if local.is_file() else p.resolve().as_uri()
+                links.append(f'<li><a href="{html.escape(href)}">{html.escape(str(key))}</a></li>')
+        if links:
+            sec.parts.append(f"<h4>Figure pages (figures/)</h4><ul class='links'>{''.join(links)}</ul>")
+    if model_rows:
+        sec.block(table=pd.DataFrame(model_rows), table_title="Models (from the stage manifests)")
+    if finetune_pairs:
+        sec.block(table=_kv_table(finetune_pairs), table_title="Fine-tune (its folder's manifest)")
+    if data_rows:
+        sec.block(table=pd.DataFrame(data_rows), table_title="Data (from the stage manifests)")
+    return sec.result()
+
+
+def _finetune_record(folder: Path) -> dict[str, Any] | None:
+    """A fine-tune folder's record: ``manifest.json`` with the record under ``finetune`` (RunDir fine-tunes), or
+    the legacy ``catlens_finetune.json``; None when ``folder`` is no fine-tune."""
+    for name, key in (("manifest.json", "finetune"), ("catlens_finetune.json", None)):
+        p = folder / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            record = data.get(key) if key else data
+            if isinstance(record, dict) and ("training" in record or "base" in record):
+                return record
+    return None
+
+
+def section_finetune(t: Tables) -> SectionResult:
+    """Fine-tune results: held-out refusal per category, over-refusal, AUROC, fluency (eval/)."""
+    import pandas as pd
+
+    from catlens import plotting
+
+    sec = _Section("finetune", "Fine-tune results (held-out evaluation)",
+                   "python analyses/finetune_eval.py --config default --out <run folder>/eval")
+    tabs = _need(t, sec, "eval", ["per_category", "over_refusal", "auroc", "fluency"])
+    if not tabs:
+        return sec.result()
+    summary = t.json("eval", "summary") or {}
+    if "per_category" in tabs:
+        pc = tabs["per_category"]
+        _require(pc, ["category", "refused_first_token", "right_category_first_token"], "per_category")
+        allrow = pc[pc["category"] == "ALL"]
+        if len(allrow):
+            r = allrow.iloc[0]
+            sec.text(f"Held-out harmful prompts: refused {fmt(r['refused_first_token'])} (first token, "
+                     f"n={fmt(r.get('n_scored'))}) and {fmt(r.get('refused_generated'))} (generated, "
+                     f"n={fmt(r.get('n_generated'))}); right category {fmt(r['right_category_first_token'])} "
+                     f"(first token) and {fmt(r.get('right_category_generated'))} (generated).")
+        cols = [c for c in ("refused_first_token", "right_category_first_token", "refused_generated",
+                            "right_category_generated") if c in pc.columns]
+        long = pc[pc["category"] != "ALL"].melt(id_vars=["category"], value_vars=cols, var_name="metric",
+                                                 value_name="rate")
+        fig = plotting.bars(long, x="category", y="rate", color="metric", range_y=(0.0, 1.05),
+                            title="Held-out harmful prompts: refusal and right category, per category")
+        sec.block(figure=fig, table=pc, table_title="per_category")
+    if "over_refusal" in tabs:
+        o = tabs["over_refusal"]
+        _require(o, ["set"], "over_refusal")
+        cols = [c for c in ("over_refusal_first_token", "over_refusal_generated") if c in o.columns]
+        long = o.melt(id_vars=["set"], value_vars=cols, var_name="metric", value_name="rate")
+        fig = plotting.bars(long, x="set", y="rate", color="metric", range_y=(0.0, 1.05),
+                            title="Over-refusal on benign sets") if len(long) else None
+        sec.block(figure=fig, table=o, table_title="over_refusal")
+    if "auroc" in tabs:
+        a = tabs["auroc"]
+        _require(a, ["benign", "auroc"], "auroc")
+        fig = plotting.bars(a, x="benign", y="auroc", range_y=(0.0, 1.05),
+                            title="AUROC of the logit refusal score: held-out harmful vs each benign set")
+        sec.block(figure=fig, table=a, table_title="auroc")
+    if "fluency" in tabs:
+        f = tabs["fluency"]
+        long = pd.DataFrame([{"metric": k, "value": v} for k, v in f.to_dict("records")[0].items()],
+                            dtype=object) if len(f) else f
+        sec.block(table=long, table_title="fluency")
+    targets = summary.get("targets")
+    if isinstance(targets, Mapping):
+        rows = [{"metric": k, "value": summary.get(k), "target": v} for k, v in targets.items()]
+        note = ("harmful_refusal and right_category targets are read against the generated decisions "
+                "(harmful_refusal_generated, right_category_generated) where the summary has no plain value.")
+        for r in rows:
+            if r["value"] is None:
+                alt = summary.get(f"{r['metric']}_generated")
+                if alt is None and r["metric"] == "repeated_special_rate":
+                    alt = summary.get("repeated_special_rate_gated")
+                r["value"] = alt
+            r["met"] = _target_met(r["value"], str(r["target"]))
+        sec.block(table=pd.DataFrame(rows), table_title="Targets (eval/summary.json)", caption=note)
+    return sec.result()
+
+
+def _target_met(value: Any, target: str) -> str:
+    """``"yes"``/``"no"`` for a target written like ``">= 0.95"``, ``"aim <= 0.40"`` or ``"== 0"``; ``"?"`` else."""
+    import operator
+    import re
+
+    m = re.search(r"(>=|<=|==|>|<)\s*(-?[0-9.]+)", target)
+    if m is None or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):
+        return "?"
+    ops = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
+    return "yes" if ops[m.group(1)](float(value), float(m.group(2))) else "no"
+
+
+def _best_layers(sep: Any) -> Any:
+    import pandas as pd
+
+    rows = []
+    for (task, metric), g in sep.groupby(["task", "metric"], sort=False):
+        g = g.dropna(subset=["value"])
+        if not len(g):
+            continue
+        lower = metric == "davies_bouldin"
+        best = g.loc[g["value"].idxmin() if lower else g["value"].idxmax()]
+        rows.append({"task": task, "metric": metric, "best_layer": int(best["layer"]), "value": best["value"],
+                     "better": "lower" if lower else "higher"})
+    return pd.DataFrame(rows)
+
+
+SEPARABILITY_METRICS = ("probe_accuracy", "probe_auroc", "silhouette", "davies_bouldin", "fisher_ratio")
+
+
+def section_separability(t: Tables) -> SectionResult:
+    from catlens import plotting
+
+    sec = _Section("separability", "Separability by layer", "python analyses/geometry.py --out <run folder>/geometry")
+    tabs = _need(t, sec, "geometry", ["separability"])
+    if not tabs:
+        return sec.result()
+    sep = tabs["separability"]
+    _require(sep, ["task", "layer", "metric", "value"], "separability")
+    data = sep[sep["metric"].isin(SEPARABILITY_METRICS)]
+    best = _best_layers(data)
+    sil = best[(best["task"] == "harmful_category") & (best["metric"] == "silhouette")]
+    if len(sil):
+        r = sil.iloc[0]
+        sec.text(f"Harm categories cluster best at layer {fmt(r['best_layer'])} (silhouette {fmt(r['value'])}).")
+    auc = best[(best["task"] == "harmful_vs_benign") & (best["metric"] == "probe_auroc")]
+    if len(auc):
+        r = auc.iloc[0]
+        sec.text(f"Harmful vs benign is most linearly decodable at layer {fmt(r['best_layer'])} "
+                 f"(probe AUROC {fmt(r['value'])}).")
+    fig = plotting.line(data, x="layer", y="value", color="task", facet_col="metric", facet_col_wrap=3,
+                        title="Separability by layer (probe: cross-validated; clusters: raw activations)",
+                        labels={"value": ""})
+    sec.block(figure=fig, table=best, table_title="Best layer per task and metric")
+    return sec.result()
+
+
+def _default_layer(cosine: Any, sep: Any) -> int:
+    if sep is not None and {"task", "metric", "value", "layer"} <= set(sep.columns):
+        sil = sep[(sep["task"] == "harmful_category") & (sep["metric"] == "silhouette")].dropna(subset=["value"])
+        sil = sil[sil["layer"].isin(set(cosine["layer"]))]
+        if len(sil):
+            return int(sil.loc[sil["value"].idxmax(), "layer"])
+    layers = sorted(cosine["layer"].unique())
+    return int(layers[len(layers) // 2])
+
+
+def section_cosine(t: Tables) -> SectionResult:
+    from catlens import plotting
+
+    sec = _Section("cosine", "Cosines between category directions (raw, whitened, orthonormal basis)",
+                   "python analyses/geometry.py --out <run folder>/geometry")
+    tabs = _need(t, sec, "geometry", ["cosine"])
+    if not tabs:
+        return sec.result()
+    cos = tabs["cosine"]
+    _require(cos, ["direction", "layer", "space", "category_a", "category_b", "cosine"], "cosine")
+    layer = _default_layer(cos, t.load("geometry", "separability"))
+    direction = "one_vs_benign" if "one_vs_benign" in set(cos["direction"]) else sorted(cos["direction"].unique())[0]
+    off = cos[cos["category_a"] != cos["category_b"]]
+    by_layer = off.groupby(["direction", "space", "layer"], as_index=False)["cosine"].mean().rename(
+        columns={"cosine": "mean_offdiag_cosine"})
+    at = by_layer[by_layer["layer"] == layer].pivot_table(index="direction", columns="space",
+                                                          values="mean_offdiag_cosine").reset_index()
+    at.columns.name = None
+    row = by_layer[(by_layer["layer"] == layer) & (by_layer["direction"] == direction)]
+    if len(row):
+        vals = {r["space"]: r["mean_offdiag_cosine"] for _, r in row.iterrows()}
+        sec.text(f"At layer {layer} (best category silhouette), {direction}: mean off-diagonal cosine "
+                 + ", ".join(f"{k} {fmt(v)}" for k, v in vals.items()) + ".")
+    spaces = ("raw", "whitened", "basis_whitened", "basis_residual")
+    data = cos[(cos["direction"] == direction) & (cos["layer"] == layer)]
+    data = data.sort_values("space", key=lambda s: s.map({x: i for i, x in enumerate(spaces)}), kind="stable")
+    cats = list(dict.fromkeys(data["category_a"]))
+    fig = plotting.heatmap(data, x="category_b", y="category_a", z="cosine", facet="space", order=cats, zmin=-1.0,
+                           zmax=1.0, zmid=0.0, facet_cols=2, text_format=".1f" if len(cats) > 6 else ".2f",
+                           title=f"Cosine between category directions: {direction}, layer {layer}")
+    sec.block(figure=fig, table=at, table_title=f"Mean off-diagonal cosine at layer {layer}",
+              stands_for={c: STANDS_FOR["mean_offdiag_cosine"] for c in spaces if c in at.columns})
+    fig2 = plotting.line(by_layer, x="layer", y="mean_offdiag_cosine", color="direction", facet_col="space",
+                         facet_col_wrap=2, title="Mean off-diagonal cosine between category directions, by layer")
+    summary = by_layer.groupby(["direction", "space"])["mean_offdiag_cosine"].agg(["min", "mean", "max"]).reset_index()
+    summary = summary.rename(columns={"min": "min_over_layers", "mean": "mean_over_layers",
+                                      "max": "max_over_layers"})
+    sec.block(figure=fig2, table=summary, table_title="Mean off-diagonal cosine over layers",
+              caption="Each value is a mean off-diagonal cosine (entanglement of the category directions).")
+    return sec.result()
+
+
+ANISOTROPY_MEASURES = ("mean_pairwise_cosine", "top1_variance_share", "top10_variance_share", "effective_rank",
+                       "condition_number", "mean_norm_ratio", "max_dim_share")
+
+
+def section_anisotropy(t: Tables) -> SectionResult:
+    import numpy as np
+
+    from catlens import plotting
+
+    sec = _Section("anisotropy", "Anisotropy by layer", "python analyses/geometry.py --out <run folder>/geometry")
+    tabs = _need(t, sec, "geometry", ["anisotropy"])
+    if not tabs:
+        return sec.result()
+    an = tabs["anisotropy"]
+    _require(an, ["subset", "layer", "measure", "value"], "anisotropy")
+    data = an[an["measure"].isin(ANISOTROPY_MEASURES)].copy()
+    cond = data["measure"] == "condition_number"
+    data.loc[cond, "value"] = np.log10(data.loc[cond, "value"].astype(float))
+    data.loc[cond, "measure"] = "log10_condition_number"
+    fig = plotting.line(data, x="layer", y="value", color="subset", facet_col="measure", facet_col_wrap=4,
+                        title="Anisotropy of activations by layer", labels={"value": ""})
+    layers = sorted(data["layer"].unique())
+    picks = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    subset = "all" if "all" in set(data["subset"]) else sorted(data["subset"].unique())[0]
+    tab = data[(data["subset"] == subset) & data["layer"].isin(picks)].pivot_table(
+        index="measure", columns="layer", values="value").reset_index()
+    tab.columns = ["metric", *[f"layer {c}" for c in tab.columns[1:]]]
+    mpc = data[(data["subset"] == subset) & (data["measure"] == "mean_pairwise_cosine")]
+    if len(mpc):
+        top = mpc.loc[mpc["value"].idxmax()]
+        sec.text(f"Mean pairwise cosine of the {subset} prompts peaks at layer {fmt(int(top['layer']))} "
+                 f"({fmt(top['value'])}; 0 for isotropic activations).")
+    sec.block(figure=fig, table=tab, table_title=f"Subset {subset!s} at the first, middle and last layer")
+    return sec.result()
+
+
+def section_whitening(t: Tables) -> SectionResult:
+    import pandas as pd
+
+    from catlens import plotting
+
+    sec = _Section("whitening", "Whitening and P1's orthonormal basis",
+                   "python analyses/geometry.py --out <run folder>/geometry")
+    tabs = _need(t, sec, "geometry", ["whitening", "basis_alignment"])
+    if not tabs:
+        return sec.result()
+    if "whitening" in tabs:
+        w = tabs["whitening"]
+        _require(w, ["layer", "rank"], "whitening")
+        first = w.iloc[0]
+        n_def = int(w["rank_deficient"].astype(bool).sum()) if "rank_deficient" in w else 0
+        sec.text(f"Whitener: {fmt(first.get('method'))}, eps {fmt(first.get('eps'))}, shrinkage "
+                 f"{fmt(first.get('shrinkage'))}, fitted on {fmt(first.get('n_samples'))} benign prompts; rank "
+                 f"{fmt(int(w['rank'].min()))}–{fmt(int(w['rank'].max()))} of d_model {fmt(first.get('d_model'))}; "
+                 f"rank-deficient at {n_def} of {len(w)} layers.")
+        long = w.melt(id_vars=["layer"], value_vars=[c for c in ("rank", "n_samples", "d_model") if c in w],
+                      var_name="quantity", value_name="count")
+        fig = plotting.line(long, x="layer", y="count", color="quantity", title="Whitener rank by layer")
+        fig.update_layout(width=560, height=380)
+        sec.block(figure=fig, table=w, table_title="whitening")
+    if "basis_alignment" in tabs:
+        b = tabs["basis_alignment"]
+        _require(b, ["direction", "layer", "cos_basis_residual"], "basis_alignment")
+        value_cols = [c for c in ("cos_basis_residual", "off_span_share") if c in b.columns]
+        mean = b.groupby(["direction", "layer"], as_index=False)[value_cols].mean()
+        long = mean.melt(id_vars=["direction", "layer"], value_vars=value_cols, var_name="metric",
+                         value_name="mean")
+        fig = plotting.line(long, x="layer", y="mean", color="direction", facet_col="metric",
+                            title="P1 basis vs category directions, mean over categories, by layer")
+        tab = b.groupby("direction")[value_cols].agg(["min", "mean"])
+        tab.columns = [f"{a}_{s}" for a, s in tab.columns]
+        tab = tab.reset_index()
+        sec.block(figure=fig, table=tab, table_title="basis_alignment over layers and categories",
+                  stands_for={f"{c}_{s}": STANDS_FOR[c] for c in value_cols for s in ("min", "mean")})
+    return sec.result()
+
+
+def section_model_diff(t: Tables) -> SectionResult:
+    from catlens import plotting
+
+    sec = _Section("model_diff", "Model diffing: the category directions of two models",
+                   "python analyses/geometry.py --model <fine-tune> --other-model smollm2-135m-instruct "
+                   "--out <run folder>/geometry")
+    tabs = _need(t, sec, "geometry", ["model_diff"])
+    if not tabs:
+        return sec.result()
+    md = tabs["model_diff"]
+    _require(md, ["direction", "category", "layer", "cosine"], "model_diff")
+    layer = int(md.groupby("layer")["cosine"].mean().idxmin())
+    at = md[md["layer"] == layer]
+    a_name, b_name = ((str(at["model_a"].iloc[0]), str(at["model_b"].iloc[0]))
+                      if {"model_a", "model_b"} <= set(md.columns) else ("model A", "model B"))
+    names = f"{a_name} vs {b_name}"
+    sec.text(f"The two models' directions differ most at layer {layer} (mean cosine "
+             f"{fmt(float(at['cosine'].mean()))} over directions and categories; {names}).")
+    lo = min(0.0, float(at["cosine"].min()))
+    fig = plotting.bars(at, x="category", y="cosine", color="direction", range_y=(lo, 1.0), text_format=None,
+                        title=f"Cosine between the models' category directions, layer {layer}")
+    tab = at.pivot_table(index="category", columns="direction", values="cosine").reset_index()
+    tab.columns.name = None
+    sec.block(figure=fig, table=tab, table_title=f"cos(v_c of {a_name}, v_c of {b_name}) at layer {layer}",
+              caption="Every value is a model-diffing cosine.",
+              stands_for={c: STANDS_FOR["model_diff_cosine"] for c in tab.columns if c != "category"})
+    fig2 = plotting.line(md, x="layer", y="cosine", color="category", facet_col="direction", facet_col_wrap=3,
+                         title="Cosine between the models' category directions, by layer")
+    summ = md.groupby("direction")["cosine"].agg(["min", "mean", "max"]).reset_index()
+    summ["layer_of_min"] = [int(md[md["direction"] == d].groupby("layer")["cosine"].mean().idxmin())
+                            for d in summ["direction"]]
+    sec.block(figure=fig2, table=summ, table_title="Over layers and categories",
+              stands_for={c: STANDS_FOR["model_diff_cosine"] for c in ("min", "mean", "max")})
+    return sec.result()
+
+
+def _with_interval(df: Any, value: str, low: str, high: str, name: str) -> Any:
+    if low in df.columns and high in df.columns:
+        df = df.assign(**{name: [_interval(v, lo, hi) for v, lo, hi in zip(df[value], df[low], df[high])]})
+    return df
+
+
+def section_p1(t: Tables) -> SectionResult:
+    import plotly.graph_objects as go
+
+    from catlens import plotting
+
+    sec = _Section("p1", "P1: safety/over-refusal trade-off (Figure 1) and safety table",
+                   _todo("p1/tradeoff and p1/safety_table"))
+    tabs = _need(t, sec, "p1", ["tradeoff", "safety_table"])
+    if not tabs:
+        return sec.result()
+    if "tradeoff" in tabs:
+        tr = tabs["tradeoff"]
+        cols = ["method", "setting", "harmful_refusal", "harmful_refusal_low", "harmful_refusal_high",
+                "benign_refusal", "benign_refusal_low", "benign_refusal_high"]
+        _require(tr, cols, "tradeoff")
+        fig = go.Figure()
+        for method, g in tr.groupby("method", sort=False):
+            fig.add_trace(go.Scatter(
+                x=g["benign_refusal"], y=g["harmful_refusal"], mode="lines+markers+text", name=str(method),
+                text=[str(s) for s in g["setting"]], textposition="top center",
+                error_x={"type": "data", "symmetric": False, "array": g["benign_refusal_high"] - g["benign_refusal"],
+                         "arrayminus": g["benign_refusal"] - g["benign_refusal_low"]},
+                error_y={"type": "data", "symmetric": False,
+                         "array": g["harmful_refusal_high"] - g["harmful_refusal"],
+                         "arrayminus": g["harmful_refusal"] - g["harmful_refusal_low"]}))
+        fig.update_layout(template=plotting.template(), width=620, height=480,
+                          title="Harmful refusal (safety) vs benign refusal (over-refusal)",
+                          xaxis={"title": "benign refusal (over-refusal)", "range": [-0.02, 1.02]},
+                          yaxis={"title": "harmful refusal", "range": [-0.02, 1.05]})
+        shown = _with_interval(tr, "harmful_refusal", "harmful_refusal_low", "harmful_refusal_high",
+                               "harmful_refusal_interval")
+        shown = _with_interval(shown, "benign_refusal", "benign_refusal_low", "benign_refusal_high",
+                               "benign_refusal_interval")
+        keep = [c for c in ("method", "setting", "harmful_refusal_interval", "benign_refusal_interval", "n_harmful",
+                            "n_benign", "interval", "stands_for") if c in shown.columns]
+        best = tr.loc[(tr["harmful_refusal"] - tr["benign_refusal"]).idxmax()]
+        sec.text(f"Widest gap: {best['method']} at {best['setting']}, harmful refusal "
+                 f"{_interval(best['harmful_refusal'], best['harmful_refusal_low'], best['harmful_refusal_high'])}, "
+                 f"benign refusal "
+                 f"{_interval(best['benign_refusal'], best['benign_refusal_low'], best['benign_refusal_high'])}.")
+        sec.block(figure=fig, table=shown[keep], table_title="tradeoff",
+                  stands_for={"harmful_refusal_interval": STANDS_FOR["harmful_refusal"],
+                              "benign_refusal_interval": STANDS_FOR["benign_refusal"]})
+    if "safety_table" in tabs:
+        st = tabs["safety_table"]
+        _require(st, ["method", "benchmark", "metric", "value", "ci_low", "ci_high", "stands_for"], "safety_table")
+        fig = plotting.bars(st.assign(label=st["benchmark"].astype(str) + " · " + st["metric"].astype(str)),
+                            x="label", y="value", color="method", text_format=None,
+                            title="Safety table (bars: value, whiskers: interval)")
+        _error_bars(fig, st.assign(label=st["benchmark"].astype(str) + " · " + st["metric"].astype(str)),
+                    x="label", color="method")
+        shown = _with_interval(st, "value", "ci_low", "ci_high", "value_interval")
+        keep = [c for c in ("method", "benchmark", "metric", "value_interval", "n", "interval", "stands_for")
+                if c in shown.columns]
+        sec.block(figure=fig, table=shown[keep], table_title="safety_table")
+    return sec.result()
+
+
+def section_probe_roc(t: Tables) -> SectionResult:
+    import plotly.graph_objects as go
+
+    from catlens import plotting
+
+    sec = _Section("probe_roc", "Probe ROC", _todo("p1/probe_roc"))
+    tabs = _need(t, sec, "p1", ["probe_roc"])
+    if not tabs:
+        return sec.result()
+    roc = tabs["probe_roc"]
+    _require(roc, ["probe", "fpr", "tpr", "auroc"], "probe_roc")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dot",
+                                                                                     "color": "#999"}))
+    for probe, g in roc.groupby("probe", sort=False):
+        g = g.sort_values(["fpr", "tpr"])
+        fig.add_trace(go.Scatter(x=g["fpr"], y=g["tpr"], mode="lines", name=f"{probe} ({fmt(g['auroc'].iloc[0])})"))
+    fig.update_layout(template=plotting.template(), width=560, height=480, title="ROC of the refusal probes",
+                      xaxis={"title": "false positive rate", "range": [0, 1]},
+                      yaxis={"title": "true positive rate", "range": [0, 1.02]})
+    agg = {"auroc": ("auroc", "first"), "points": ("fpr", "size")}
+    for c in ("n_pos", "n_neg", "stands_for"):
+        if c in roc.columns:
+            agg[c] = (c, "first")
+    tab = roc.groupby("probe", sort=False).agg(**agg).reset_index()
+    top = tab.loc[tab["auroc"].idxmax()]
+    sec.text(f"Best probe: {top['probe']} (AUROC {fmt(top['auroc'])}).")
+    sec.block(figure=fig, table=tab, table_title="probe_roc",
+              stands_for={"auroc": "threshold-free quality of the probe as a harmful/refusal detector (area under "
+                                   "its ROC)"})
+    return sec.result()
+
+
+def section_sweep(t: Tables) -> SectionResult:
+    from catlens import plotting
+
+    sec = _Section("sweep", "Sweeps", "python analyses/steer_sweep.py --model <refusal-tuned folder> "
+                                      "--out <run folder>/sweep")
+    tabs = _need(t, sec, "sweep", ["sweep"])
+    if not tabs:
+        return sec.result()
+    sw = tabs["sweep"]
+    if {"method", "layer", "refusal", "over_refusal"} <= set(sw.columns) and "metric" not in sw.columns:
+        _steer_sweep(sec, sw)
+        return sec.result()
+    _require(sw, ["sweep", "x", "method", "metric", "value"], "sweep")
+    data = sw.assign(panel=sw["sweep"].astype(str) + ": " + sw["metric"].astype(str))
+    error = None
+    if {"ci_low", "ci_high"} <= set(sw.columns):
+        data = data.assign(err=(data["ci_high"] - data["ci_low"]) / 2)
+        error = "err"
+    fig = plotting.line(data, x="x", y="value", color="method", facet_col="panel", facet_col_wrap=3, error_y=error,
+                        title="Sweeps (one panel per knob and metric)", labels={"value": ""})
+    rows = []
+    for (s, m, metric), g in sw.groupby(["sweep", "method", "metric"], sort=False):
+        hi, lo = g.loc[g["value"].idxmax()], g.loc[g["value"].idxmin()]
+        rows.append({"sweep": s, "method": m, "metric": metric, "x_at_max": hi["x"], "max": hi["value"],
+                     "x_at_min": lo["x"], "min": lo["value"],
+                     **({"stands_for": g["stands_for"].iloc[0]} if "stands_for" in g else {})})
+    import pandas as pd
+
+    sec.block(figure=fig, table=pd.DataFrame(rows), table_title="Extremes of each sweep")
+    return sec.result()
+
+
+def _steer_sweep(sec: _Section, sw: Any) -> None:
+    """analyses/steer_sweep.py's table (one row per method, layer, toward, away; Wilson intervals): refusal on
+    harmful against over-refusal on benign validation prompts, one point per setting, the chosen one marked."""
+    import plotly.graph_objects as go
+
+    from catlens import plotting
+
+    fig = go.Figure()
+    for (method, layer), g in sw.groupby(["method", "layer"], sort=False):
+        ex = ({"type": "data", "symmetric": False, "array": g["over_refusal_ci_high"] - g["over_refusal"],
+               "arrayminus": g["over_refusal"] - g["over_refusal_ci_low"]} if "over_refusal_ci_low" in g else None)
+        ey = ({"type": "data", "symmetric": False, "array": g["refusal_ci_high"] - g["refusal"],
+               "arrayminus": g["refusal"] - g["refusal_ci_low"]} if "refusal_ci_low" in g else None)
+        fig.add_trace(go.Scatter(x=g["over_refusal"], y=g["refusal"], mode="markers", name=f"{method}, layer {layer}",
+                                 error_x=ex, error_y=ey,
+                                 text=[f"toward {fmt(a)}, away {fmt(b)}" for a, b in zip(g["toward"], g["away"])]))
+    chosen = sw[sw["chosen"].astype(bool)] if "chosen" in sw.columns else sw.iloc[:0]
+    if len(chosen):
+        fig.add_trace(go.Scatter(x=chosen["over_refusal"], y=chosen["refusal"], mode="markers", name="chosen",
+                                 marker={"symbol": "star", "size": 16, "color": "black"}))
+        c = chosen.iloc[0]
+        sec.text(f"Chosen on {c.get('split', 'val')}: {c['method']}, layer {c['layer']}, toward {fmt(c['toward'])}, "
+                 f"away {fmt(c['away'])}: refusal {_interval(c['refusal'], c.get('refusal_ci_low'), c.get('refusal_ci_high'))}"
+                 f", over-refusal {_interval(c['over_refusal'], c.get('over_refusal_ci_low'), c.get('over_refusal_ci_high'))}"
+                 f" (judge {c.get('judge', '?')}).")
+    fig.update_layout(template=plotting.template(), width=640, height=480,
+                      title="Steering sweep: refusal (harmful) vs over-refusal (benign), validation prompts",
+                      xaxis={"title": "over-refusal (benign)"}, yaxis={"title": "refusal (harmful)"})
+    shown = sw[sw["pareto"].astype(bool) | sw.get("chosen", False).astype(bool)] if "pareto" in sw.columns else sw
+    shown = _with_interval(shown, "refusal", "refusal_ci_low", "refusal_ci_high", "refusal_interval")
+    shown = _with_interval(shown, "over_refusal", "over_refusal_ci_low", "over_refusal_ci_high",
+                           "over_refusal_interval")
+    keep = [c for c in ("method", "layer", "toward", "away", "refusal_interval", "over_refusal_interval", "ppl_ratio",
+                        "admissible", "chosen", "judge") if c in shown.columns]
+    notes = {"refusal_interval": "safety: refusal on harmful validation prompts, as the judge decides",
+             "over_refusal_interval": STANDS_FOR["benign_refusal"]}
+    if "ppl_stands_for" in sw.columns:
+        notes["ppl_ratio"] = str(sw["ppl_stands_for"].iloc[0]) + " (ratio to the unsteered answers)"
+    sec.block(figure=fig, table=shown[keep], table_title="Pareto-optimal and chosen settings", stands_for=notes)
+
+
+def section_p2(t: Tables) -> SectionResult:
+    from catlens import plotting
+
+    sec = _Section("p2", "P2: category-wise steering, per category",
+                   _todo("p2/p2_table"))
+    tabs = _need(t, sec, "p2", ["p2_table"])
+    if not tabs:
+        return sec.result()
+    p2 = tabs["p2_table"]
+    _require(p2, ["category", "method", "metric", "value"], "p2_table")
+    fig = plotting.bars(p2, x="category", y="value", color="method", facet_col="metric", facet_col_wrap=2,
+                        text_format=None, title="P2 per-category results")
+    if {"ci_low", "ci_high"} <= set(p2.columns):
+        _error_bars(fig, p2, x="category", color="method", facet="metric")
+    shown = _with_interval(p2, "value", "ci_low", "ci_high", "value_interval")
+    keep = [c for c in ("category", "method", "metric", "value_interval" if "value_interval" in shown else "value",
+                        "n", "stands_for") if c in shown.columns]
+    sec.block(figure=fig, table=shown[keep], table_title="p2_table")
+    return sec.result()
+
+
+def _error_bars(fig: Any, df: Any, *, x: str, color: str, facet: str | None = None) -> None:
+    """Asymmetric error bars ``ci_low``..``ci_high`` on the traces of a plotly-express bar figure (one trace per
+    colour value and facet panel; the panel is read from the trace's hover template, ``facet=value``)."""
+    import re
+
+    for trace in fig.data:
+        part = df[df[color].astype(str) == str(trace.name)]
+        if facet is not None:
+            m = re.search(rf"{re.escape(facet)}=([^<]*)", trace.hovertemplate or "")
+            if m is None:
+                continue
+            part = part[part[facet].astype(str) == m.group(1)]
+        by_x = {str(k): r for k, r in zip(part[x].astype(str), part.itertuples(index=False))}
+        rows = [by_x.get(str(v)) for v in trace.x]
+        if any(r is None for r in rows):
+            continue
+        trace.error_y = {"type": "data", "symmetric": False,
+                         "array": [getattr(r, "ci_high") - getattr(r, "value") for r in rows],
+                         "arrayminus": [getattr(r, "value") - getattr(r, "ci_low") for r in rows]}
+
+
+def section_specificity(t: Tables) -> SectionResult:
+    import pandas as pd
+
+    from catlens import plotting
+
+    sec = _Section("specificity", "Specificity of category steering",
+                   _todo("specificity/specificity_matrix"))
+    tabs = _need(t, sec, "specificity", ["specificity_matrix"])
+    if not tabs:
+        return sec.result()
+    sm = tabs["specificity_matrix"]
+    _require(sm, ["steered_category", "evaluated_category", "metric", "value"], "specificity_matrix")
+    metric = str(sm["metric"].iloc[0])
+    data = sm[sm["metric"] == metric]
+    cats = list(dict.fromkeys([*data["steered_category"], *data["evaluated_category"]]))
+    lim = float(data["value"].abs().max()) or 1.0
+    fig = plotting.heatmap(data, x="evaluated_category", y="steered_category", z="value", order=cats, zmin=-lim,
+                           zmax=lim, zmid=0.0, text_format=".2f", title=f"Specificity: {metric}")
+    fig.update_xaxes(title_text="evaluated prompts")
+    fig.update_yaxes(title_text="steered direction")
+    rows = []
+    for c, g in data.groupby("steered_category", sort=False):
+        diag = g[g["evaluated_category"] == c]["value"]
+        off = g[g["evaluated_category"] != c]["value"]
+        d = float(diag.iloc[0]) if len(diag) else math.nan
+        o = float(off.mean()) if len(off) else math.nan
+        rows.append({"steered_category": c, "on_target": d, "mean_off_target": o, "specificity": d - o})
+    tab = pd.DataFrame(rows)
+    if "stands_for" in data.columns:
+        tab["stands_for"] = data["stands_for"].iloc[0]
+    sec.text(f"Mean specificity ({metric}, on-target minus mean off-target): {fmt(float(tab['specificity'].mean()))} "
+             f"over {len(tab)} steered categories.")
+    sec.block(figure=fig, table=tab, table_title="On- vs off-target effect per steered category")
+    if sm["metric"].nunique() > 1:
+        sec.text(f"Drawn: metric {metric}; the table also holds " +
+                 ", ".join(sorted(set(map(str, sm["metric"])) - {metric})) + ".")
+    return sec.result()
+
+
+def section_judges(t: Tables) -> SectionResult:
+    import pandas as pd
+
+    from catlens import plotting
+
+    sec = _Section("judges", "Judge agreement",
+                   _todo("<stage>/judge_agreement (e.g. catlens.judges.agreement_table of the judged generations)"))
+    found = sorted({p for pat in ("judge_agreement.parquet", "*/judge_agreement.parquet", "judge_agreement.csv",
+                                  "*/judge_agreement.csv") for p in t.root.glob(pat)})
+    seen, frames = set(), []
+    for p in found:  # parquet before its csv twin
+        key = p.with_suffix("")
+        if key in seen:
+            continue
+        seen.add(key)
+        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+        if "kappa" not in df.columns and "cohen_kappa" in df.columns:
+            df = df.rename(columns={"cohen_kappa": "kappa"})
+        _require(df, ["judge_a", "judge_b", "n", "agreement", "kappa"], t.rel(p))
+        frames.append(df.assign(stage=str(p.parent.relative_to(t.root)) if p.parent != t.root else "."))
+    if not frames:
+        sec.missing.append("*/judge_agreement.parquet")
+        return sec.result()
+    ja = pd.concat(frames, ignore_index=True)
+    sets = ja["set"] if "set" in ja.columns else [None] * len(ja)
+    label = [f"{a} vs {b}" + (f" ({s_})" if isinstance(s_, str) and s_ else "") + (f" [{st}]" if st != "." else "")
+             for a, b, s_, st in zip(ja["judge_a"], ja["judge_b"], sets, ja["stage"])]
+    long = ja.assign(pair=label).melt(id_vars=["pair", "stage"], value_vars=["agreement", "kappa"],
+                                      var_name="metric", value_name="value")
+    fig = plotting.bars(long, x="pair", y="value", color="metric", range_y=(min(0.0, float(long["value"].min())),
+                                                                           1.05),
+                        title="Agreement between refusal decisions")
+    if ja["kappa"].notna().any():
+        worst = ja.loc[ja["kappa"].idxmin()]
+        sec.text(f"Lowest agreement beyond chance: {worst['judge_a']} vs {worst['judge_b']} "
+                 f"(kappa {fmt(worst['kappa'])}, agreement {fmt(worst['agreement'])}, n={fmt(worst['n'])}).")
+    keep = ["stage", *[c for c in ja.columns if c != "stage"]]
+    sec.block(figure=fig, table=ja[keep], table_title="judge_agreement")
+    return sec.result()
+
+
+SECTIONS: tuple[Callable[[Tables], SectionResult], ...] = (
+    section_run, section_finetune, section_separability, section_cosine, section_anisotropy, section_whitening,
+    section_model_diff, section_p1, section_probe_roc, section_sweep, section_p2, section_specificity,
+    section_judges,
+)
+_TITLES = {"section_run": ("run", "What was run"), "section_finetune": ("finetune", "Fine-tune results"),
+           "section_separability": ("separability", "Separability by layer"),
+           "section_cosine": ("cosine", "Cosines between category directions"),
+           "section_anisotropy": ("anisotropy", "Anisotropy by layer"),
+           "section_whitening": ("whitening", "Whitening and P1's orthonormal basis"),
+           "section_model_diff": ("model_diff", "Model diffing"), "section_p1": ("p1", "P1 trade-off"),
+           "section_probe_roc": ("probe_roc", "Probe ROC"), "section_sweep": ("sweep", "Sweeps"),
+           "section_p2": ("p2", "P2 per category"), "section_specificity": ("specificity", "Specificity"),
+           "section_judges": ("judges", "Judge agreement")}
+
+
+# ------------------------------------------------------------------------------------------------ the page
+@dataclasses.dataclass
+class Report:
+    path: Path
+    sections: list[SectionResult]
+    n_figures: int
+
+    @property
+    def missing(self) -> dict[str, list[str]]:
+        return {s.id: s.missing for s in self.sections if s.missing}
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{s.id}={s.status}" for s in self.sections)
+        return f"Report({str(self.path)!r}, figures={self.n_figures}, {states})"
+
+
+_CSS = """
+body{font-family:Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#2d3e50;color:#fff;padding:14px 28px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;font-size:13px;opacity:.85}
+nav{padding:8px 28px;background:#eef1f4;font-size:13px;line-height:1.9}
+nav a{margin-right:14px;color:#2d3e50;text-decoration:none;white-space:nowrap}
+.badge{display:inline-block;font-size:11px;padding:1px 6px;border-radius:8px;margin-left:4px;color:#fff}
+.badge.ok{background:#55A868}.badge.partial{background:#CCB974}.badge.not-run{background:#8C8C8C}
+.badge.error{background:#C44E52}
+main{padding:0 28px 40px}section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:18px 0;
+padding:6px 18px 14px}section h2{font-size:18px;margin:10px 0}
+section.not-run{background:#f4f4f4;color:#666}
+.block{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start;margin:10px 0;
+border-top:1px solid #eee;padding-top:10px}.fig{flex:0 0 auto;max-width:100%;overflow-x:auto}
+.tbl{flex:0 1 auto;max-width:100%}
+.scroll{max-height:520px;overflow:auto}
+table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;
+vertical-align:top}th{background:#f0f0f0;position:sticky;top:0}td.num{text-align:right;
+font-variant-numeric:tabular-nums}
+h4{margin:4px 0 6px;font-size:13px;max-width:560px}.caption{font-size:12px;color:#555;max-width:560px}
+.stands code{color:#333}
+.missing{font-size:13px}.missing code.cmd{background:#eee;padding:2px 4px}.error{color:#C44E52}
+.note{font-size:12px;color:#777}.todo{font-size:13px;color:#555}
+"""
+
+
+def _render_section(s: SectionResult, figure_html: list[str]) -> str:
+    body = s.body
+    for k, fh in enumerate(figure_html):
+        body = body.replace(f"{{FIGURE:{s.id}:{k}}}", fh)
+    cls = s.status.replace(" ", "-")
+    return (f'<section id="{html.escape(s.id)}" class="section {cls}" data-status="{html.escape(s.status)}" '
+            f'data-figures="{len(s.figures)}"><h2>{html.escape(s.title)} <span class="badge {cls}">'
+            f'{html.escape(s.status)}</span></h2>{body}</section>')
+
+
+def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 sections: Sequence[Callable[[Tables], SectionResult]] = SECTIONS) -> Report:
+    """Build ``report.html`` (or ``out``) for the run folder ``run_dir`` from its saved tables.
+
+    Never loads a model. A section whose tables are absent says so (with the command that produces them); a
+    section whose tables cannot be drawn shows the error and the rest of the page is still written.
+    """
+    from catlens.runs import write_text_atomic
+
+    root = Path(run_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"run folder {str(root)!r} does not exist; give a folder written by "
+                                f"analyses/main.py (e.g. runs/main).")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} is a file, not a run folder; give the folder that holds "
+                                f"manifest.json and the stage folders (e.g. runs/main).")
+    t = Tables(root)
+    results: list[SectionResult] = []
+    for fn in sections:
+        try:
+            results.append(fn(t))
+        except Exception as e:  # noqa: BLE001 - one broken table must not lose the page
+            sid, title = _TITLES.get(fn.__name__, (fn.__name__, fn.__name__))
+            log.warning("report section %s failed: %s: %s", sid, type(e).__name__, e)
+            results.append(SectionResult(sid, title, "error",
+                                         f"<p class='error'>could not be drawn: {html.escape(type(e).__name__)}: "
+                                         f"{html.escape(str(e))}</p>"))
+    for s in results:  # the commands name this run folder
+        s.body = s.body.replace(html.escape("<run folder>"), html.escape(str(root)))
+    n_fig = sum(len(s.figures) for s in results)
+    page_sections = []
+    k_global = 0
+    for s in results:
+        fhtml = []
+        for fig in s.figures:
+            fhtml.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{s.id}-{k_global}",
+                                     config={"displaylogo": False, "responsive": False}))
+            k_global += 1
+        page_sections.append(_render_section(s, fhtml))
+    plotly_js = ""
+    if n_fig:
+        from plotly.offline import get_plotlyjs
+
+        plotly_js = f'<script type="text/javascript">{get_plotlyjs()}</script>'
+    manifest = t.json(".", "manifest") or {}
+    counts = {st: sum(1 for s in results if s.status == st) for st in ("ok", "partial", "not run", "error")}
+    subtitle = (f"{root.resolve()} · built from the saved tables · git commit "
+                f"{(manifest.get('git_commit') or 'unknown')[:12]} · sections: "
+                + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    nav = "".join(f'<a href="#{html.escape(s.id)}">{html.escape(s.title)}<span class="badge '
+                  f'{s.status.replace(" ", "-")}">{html.escape(s.status)}</span></a>' for s in results)
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>catlens report: "
+            f"{html.escape(root.resolve().name)}</title><style>{_CSS}</style>{plotly_js}</head><body>"
+            f"<header><h1>catlens report: {html.escape(root.resolve().name)}</h1><p>{html.escape(subtitle)}</p>"
+            f"</header><nav>{nav}</nav><main>{''.join(page_sections)}</main></body></html>\n")
+    target = Path(out) if out is not None else root / REPORT_NAME
+    write_text_atomic(target, page)
+    return Report(target, results, n_fig)
+
+
+def screenshot(html_path: str | os.PathLike[str], png: str | os.PathLike[str], *, width: int = 1500,
+               executable: str | None = None, timeout_ms: int = 60_000) -> list[str]:
+    """Full-page PNG of a report with headless Chromium (Playwright driving the system browser, e.g. Debian's
+    ``/usr/bin/chromium``; nothing is downloaded). Returns the browser console errors (empty when clean)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    exe = executable or os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).exists():
+        raise FileNotFoundError(f"no Chromium at {exe!r}; install Debian's with `apt-get install -y chromium` or "
+                                f"set CATLENS_CHROMIUM.")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(Path(html_path).resolve().as_uri(), timeout=timeout_ms)
+            page.wait_for_load_state("load")
+            page.screenshot(path=str(png), full_page=True, timeout=timeout_ms)
+        finally:
+            browser.close()
+    return errors
