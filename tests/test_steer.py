@@ -385,7 +385,7 @@ def test_from_directions_and_request_vectors(tiny_lm):
     (lambda d: Intervention("resid_post", 1, torch.ones(d), head=0), ValueError, "only meaningful"),
     (lambda d: Intervention("resid_post", 1, kind="low_rank", U=torch.ones(d, 2)), ValueError, "U and V"),
     (lambda d: Gate(torch.ones(d), 0.0, 1.5, 1), ValueError, "threshold"),
-    (lambda d: Router("logits", ("a",)), ValueError, "Did you mean"),
+    (lambda d: Router("probes", ("a",)), ValueError, "Did you mean: probe"),
     (lambda d: SteeringPolicy((Intervention("resid_post", 1, torch.ones(d)),), toward=1.0), ValueError, "need a gate"),
     (lambda d: SteeringPolicy((Intervention("resid_post", 1, torch.ones(2, d), labels=("a", "b")),),
                               router=Router("refusal_tokens", ("a", "c"))), ValueError, r"\['c'\]"),

@@ -46,8 +46,8 @@ def test_a_row_the_gate_leaves_alone_generates_the_unsteered_answer(real_model):
     with reading(real_model, {"g": ("resid_post", 18)}, store), torch.inference_mode():
         real_model.hf(input_ids=ids, attention_mask=mask)
     w = torch.randn(real_model.d_model)
-    s = torch.sigmoid(store["g"] @ w)
-    gate = Gate(w, 0.0, float(s.median()), 18)
+    raw = sorted((store["g"] @ w).tolist())
+    gate = Gate(w, -(raw[1] + raw[2]) / 2, 0.5, 18)  # two rows flagged, two not, far from the boundary
     policy = SteeringPolicy((Intervention("resid_post", 18, torch.randn(real_model.d_model) * 30,
                                           positions="last_prompt"),), gate=gate, toward=1.0, away=None)
     steered, base = _gen(real_model, policy), _gen(real_model)
