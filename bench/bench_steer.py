@@ -66,13 +66,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     import catlens.generation as gen
     from catlens.model import DEFAULT_MODEL, load_model
-    from catlens.steer import Gate, Intervention, Router, SteeringPolicy, steering
+    from catlens.steer import Gate, Intervention, Router, SteeringPolicy
 
     run = RunDir.create(args.out, vars(args), overwrite=True)
     model = load_model(args.model or DEFAULT_MODEL)
     run.record_model(model)
     texts = _texts(args.n_prompts)
-    d, eos = model.d_model, model.tokenizer.eos_token_id
+    d = model.d_model
     vecs = torch.randn(3, d) * 4
     cats = ("a", "b", "c")
     add = Intervention("resid_post", args.layer, vecs, labels=cats, positions="last_prompt")
@@ -81,59 +81,57 @@ def main(argv=None) -> int:
     gated = SteeringPolicy((add,), gate=gate, router=router, toward=1.0, away=-1.0)
 
     rows = []  # no early stop anywhere: every configuration decodes exactly new_tokens tokens
-    if True:
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            def run_gen(steer, bs=bs):
-                return gen.generate(model, texts, steer, max_new_tokens=args.new_tokens, batch_size=bs,
-                                    show_progress=False, stop_at_eos=False)
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        def run_gen(steer, bs=bs):
+            return gen.generate(model, texts, steer, max_new_tokens=args.new_tokens, batch_size=bs,
+                                show_progress=False, stop_at_eos=False)
 
-            t_plain = _timed(lambda: run_gen(None), args.repeats)
-            t_steer = _timed(lambda: run_gen(add), args.repeats)
-            t_gated = _timed(lambda: run_gen(gated), args.repeats)
+        t_plain = _timed(lambda: run_gen(None), args.repeats)
+        t_steer = _timed(lambda: run_gen(add), args.repeats)
+        t_gated = _timed(lambda: run_gen(gated), args.repeats)
 
-            def hf_gen(bs=bs):
-                order = sorted(texts, key=len, reverse=True)
-                for s in range(0, len(order), bs):
-                    ids, mask = model.tokenize(model.format(order[s:s + bs]))
-                    with torch.inference_mode():
-                        model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                          min_new_tokens=args.new_tokens, do_sample=False,
-                                          pad_token_id=model.tokenizer.pad_token_id)
+        def hf_gen(bs=bs):
+            order = sorted(texts, key=len, reverse=True)
+            for s in range(0, len(order), bs):
+                ids, mask = model.tokenize(model.format(order[s:s + bs]))
+                with torch.inference_mode():
+                    model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False,
+                                      pad_token_id=model.tokenizer.pad_token_id)
 
-            t_hf = _timed(hf_gen, args.repeats)
-            tokens = len(texts) * args.new_tokens
-            rows.append({"batch_size": bs, "tokens": tokens, "unsteered_s": t_plain, "steered_s": t_steer,
-                         "gated_routed_s": t_gated, "transformers_generate_s": t_hf,
-                         "steered_over_unsteered_throughput": t_plain / t_steer,
-                         "gated_overhead": t_gated / t_steer - 1.0,
-                         "catlens_over_transformers_throughput": t_hf / t_plain})
-            print(json.dumps(rows[-1]), flush=True)
+        t_hf = _timed(hf_gen, args.repeats)
+        tokens = len(texts) * args.new_tokens
+        rows.append({"batch_size": bs, "tokens": tokens, "unsteered_s": t_plain, "steered_s": t_steer,
+                     "gated_routed_s": t_gated, "transformers_generate_s": t_hf,
+                     "steered_over_unsteered_throughput": t_plain / t_steer,
+                     "gated_overhead": t_gated / t_steer - 1.0,
+                     "catlens_over_transformers_throughput": t_hf / t_plain})
+        print(json.dumps(rows[-1]), flush=True)
 
-        # P1's loop: one prompt at a time, transformers.generate through the bridge, a hook at position -1
-        loop_texts = texts[: args.loop_prompts]
-        v = vecs[0]
+    # P1's loop: one prompt at a time, transformers.generate through the bridge, a hook at position -1
+    loop_texts = texts[: args.loop_prompts]
+    v = vecs[0]
 
-        def p1_hook(act, hook):
-            act = act.clone()
-            act[:, -1, :] += v.to(act)
-            return act
+    def p1_hook(act, hook):
+        act = act.clone()
+        act[:, -1, :] += v.to(act)
+        return act
 
-        def loop():
-            with model.bridge.hooks(fwd_hooks=[(model.hook_name("resid_post", args.layer), p1_hook)]):
-                for t in loop_texts:
-                    ids, mask = model.tokenize(model.format([t]))
-                    with torch.inference_mode():
-                        model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                          min_new_tokens=args.new_tokens, do_sample=False,
-                                          pad_token_id=model.tokenizer.pad_token_id)
+    def loop():
+        with model.bridge.hooks(fwd_hooks=[(model.hook_name("resid_post", args.layer), p1_hook)]):
+            for t in loop_texts:
+                ids, mask = model.tokenize(model.format([t]))
+                with torch.inference_mode():
+                    model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False,
+                                      pad_token_id=model.tokenizer.pad_token_id)
 
-        t_loop = _timed(loop, 1)
-        loop_tps = len(loop_texts) * args.new_tokens / t_loop
-        for r in rows:
-            r["batch1_loop_tokens_per_s"] = loop_tps
-            r["steered_tokens_per_s"] = r["tokens"] / r["steered_s"]
-            r["steered_over_batch1_loop"] = r["steered_tokens_per_s"] / loop_tps
-    del steering, eos
+    t_loop = _timed(loop, 1)
+    loop_tps = len(loop_texts) * args.new_tokens / t_loop
+    for r in rows:
+        r["batch1_loop_tokens_per_s"] = loop_tps
+        r["steered_tokens_per_s"] = r["tokens"] / r["steered_s"]
+        r["steered_over_batch1_loop"] = r["steered_tokens_per_s"] / loop_tps
     import pandas as pd
 
     table = pd.DataFrame(rows)

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from catlens.errors import unknown_name_message
 from catlens.model import LensModel, Site, hook_name
-from catlens.runs import atomic_path, write_json_atomic
+from catlens.runs import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ class StoreError(ValueError):
 
 def _sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_json(obj: Any) -> str:
@@ -362,7 +354,7 @@ def _check_shard(root: Path, k: int, a: int, b: int, meta: dict[str, Any], entry
             if size != entry["bytes"]:
                 raise StoreError(f"{rel} of store {str(root)!r} has {size} bytes but {entry['bytes']} were written "
                                  f"(truncated or replaced). {_FIX}")
-            digest = _sha256_file(path)
+            digest = sha256_file(path, _CHUNK)
             if digest != entry["sha256"]:
                 raise StoreError(f"{rel} of store {str(root)!r} fails its checksum (recorded sha256 "
                                  f"{entry['sha256'][:12]}..., file {digest[:12]}...): it was changed, damaged or "

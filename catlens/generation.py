@@ -168,7 +168,7 @@ def _rerun_scope(policy: SteeringPolicy) -> str:
 
 
 def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor | None,
-            tokens: Any, token_ids: list[int], rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
+            tokens: Any, rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
     """Fill ``rows`` from the gate and router; return the per-row decision records."""
     B = len(items)
     gates: list[dict | None] = [None] * B
@@ -322,7 +322,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
             session.enabled = False
             with reading(model, read_spec, reads) if read_spec else ExitStack():
                 logits = dec.prompt()
-            gates, routes = _decide(model, policy, items, reads, logits, tokens, token_ids, rows)
+            gates, routes = _decide(model, policy, items, reads, logits, tokens, rows)
             session.enabled = True
             scope = _rerun_scope(policy)
             if scope == "last":
@@ -336,7 +336,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                 logits = dec.prompt()
         else:
             if policy is not None and policy.router is not None:  # a fixed router needs no activations
-                gates, routes = _decide(model, policy, items, reads, None, tokens, token_ids, rows)
+                gates, routes = _decide(model, policy, items, reads, None, tokens, rows)
             logits = dec.prompt()
 
         first_probs = special_token_probs(logits, token_ids) if token_ids else None
@@ -602,9 +602,7 @@ def _cmd_generate(args: Any) -> int:
     labelled = frame[frame.label.isin(["harmful", "benign"])]
     if len(labelled):
         table = rate_table(labelled, value="refused", by=("dataset", "category"))
-        with open(out / "rates.csv.tmp", "w") as f:
-            table.to_csv(f, index=False)
-        os.replace(out / "rates.csv.tmp", out / "rates.csv")
+        write_text_atomic(out / "rates.csv", table.to_csv(index=False))
         shown = table[table["row"] != "group"][["side", "metric", "row", "n", "k", "rate", "interval"]]
         print(shown.to_string(index=False))
     print(f"{len(records)} answers ({sum(bool(v) for v in verdicts)} refused by {name}) -> {out}")
