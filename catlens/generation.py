@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,6 +465,150 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
         (run.path / "generations.partial.jsonl").unlink(missing_ok=True)
         run.finish(n=len(records))
     return records
+
+
+FIRST_POSITION_COLUMNS = ("policy", "id", "label", "category", "source", "top_token", "refused", "responded",
+                          "refusal_score", "p_respond", "special_refused", "route", "gate_score", "gate_flagged",
+                          "coeff", "kl_from_base")
+"""Columns of :func:`first_position`'s table (one row per policy and prompt)."""
+
+
+@torch.inference_mode()
+def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, batch_size: int = 32,
+                   fmt: str = "chat", system: str | None = None, allow_transfer: bool = False,
+                   rows: Mapping[str, Mapping[str, Sequence[Any]]] | None = None, show_progress: bool = True) -> Any:
+    """The first response position of ``prompts`` under many steering settings at once: a tidy table.
+
+    ``policies`` maps a name to a :class:`~catlens.steer.SteeringPolicy` (or anything :func:`generate` accepts as
+    ``steer``; ``None`` is the unsteered model). Per batch, the prompt minus its last token runs **once**, unsteered,
+    into a KV cache that every policy shares; the last prompt token runs once unsteered (the gate's and router's
+    reads, the base distribution) and then once per policy that edits it (``last_prompt``), with the cache cropped
+    back in between. A policy that edits earlier prompt positions re-runs its whole prompt; one that edits
+    generated tokens only equals the base here. The decisions and logits are those :func:`generate` computes for
+    its first token, so with greedy decoding ``refused`` is exactly the ``refusal_token`` judge's verdict on
+    ``generate(...)``'s answer (tested). For a sweep over ``P`` last-position settings this costs one prompt pass
+    plus ``P`` one-token calls instead of ``P`` prompt passes.
+
+    ``rows`` optionally gives per-policy per-row overrides (``{name: {"coeff"|"active"|"direction": [...]}}``, one
+    entry per prompt, as in :func:`generate`).
+
+    Columns (:data:`FIRST_POSITION_COLUMNS`): ``top_token`` (greedy first token id); ``refused`` (it is a category
+    refusal token); ``responded`` (it is ``[respond]``); ``refusal_score`` (summed refusal-token probability);
+    ``p_respond``; ``special_refused`` (the most probable refusal token beats ``[respond]``, the fine-tune
+    evaluation's first-token rule); ``route`` (the router's category), ``gate_score``/``gate_flagged``; ``coeff``
+    (the first intervention's coefficient for the row, 0 when inactive); ``kl_from_base`` (KL(unsteered || steered)
+    of the full next-token distribution, nats). Refusal columns are ``None`` on a model without refusal tokens.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1.")
+    if not isinstance(policies, Mapping) or not policies:
+        raise ValueError(f"policies must be a non-empty mapping name -> policy (None = unsteered); got "
+                         f"{type(policies).__name__} {policies!r:.80}.")
+    items = _items(prompts)
+    resolved: dict[str, SteeringPolicy | None] = {}
+    for name, steer in policies.items():
+        pol = as_policy(steer)
+        if pol is not None:
+            pol.check_model(model, allow_transfer=allow_transfer)
+        _check_overrides(pol, (rows or {}).get(name), len(items))
+        resolved[str(name)] = pol
+    unknown = set(rows or {}) - set(resolved)
+    if unknown:
+        from catlens.errors import unknown_name_message
+
+        raise ValueError(unknown_name_message("policy in rows", sorted(unknown)[0], list(resolved)))
+    tokens, token_ids = _refusal_ids(model)
+    refuse_ids = token_ids[:-1] if token_ids else []
+    respond_id = token_ids[-1] if token_ids else None
+
+    # every (site, layer) a gate or probe router reads, read once from the unsteered last-token call
+    read_spec: dict[str, tuple[Any, int]] = {}
+    for pol in resolved.values():
+        if pol is None:
+            continue
+        if pol.gate is not None:
+            read_spec[f"{pol.gate.site}.{pol.gate.layer}"] = (pol.gate.site, pol.gate.layer)
+        if pol.router is not None and pol.router.kind == "probe":
+            read_spec[f"{pol.router.site}.{pol.router.layer}"] = (pol.router.site, pol.router.layer)
+
+    rendered_len = [len(t) for t in model.format([it.text for it in items], fmt, system=system)]
+    order = sorted(range(len(items)), key=lambda i: (-rendered_len[i], i))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    out: dict[str, list[dict[str, Any]]] = {name: [None] * len(items) for name in resolved}  # type: ignore[list-item]
+    with tqdm(total=len(items), desc="first position", unit="prompt", disable=not show_progress) as bar:
+        for batch in batches:
+            b_items = [items[i] for i in batch]
+            ids, mask = model.tokenize(model.format([it.text for it in b_items], fmt, system=system))
+            dec = _Decoder(model, ids, mask, None, use_cache=True)
+            T = dec.T
+            if T > 1:
+                dec.forward(0, T - 1)
+            reads: dict[str, Tensor] = {}
+            with reading(model, read_spec, reads) if read_spec else nullcontext():
+                base = dec.forward(T - 1, T)
+            base_logp = base.log_softmax(-1)
+            for name, pol in resolved.items():
+                gates: list[dict | None] = [None] * len(b_items)
+                routes: list[dict | None] = [None] * len(b_items)
+                prow: Rows | None = None
+                if pol is None:
+                    logits = base
+                else:
+                    prow = Rows.default(pol, len(b_items))
+                    _apply_row_overrides(pol, prow, (rows or {}).get(name), batch)
+                    if pol.gate is not None or pol.router is not None:
+                        mine = {}
+                        if pol.gate is not None:
+                            mine["gate"] = reads[f"{pol.gate.site}.{pol.gate.layer}"]
+                        if pol.router is not None and pol.router.kind == "probe":
+                            mine["router"] = reads[f"{pol.router.site}.{pol.router.layer}"]
+                        gates, routes = _decide(model, pol, b_items, mine, base, tokens, prow)
+                    scope = _rerun_scope(pol)
+                    if scope == "none":
+                        logits = base
+                    else:
+                        session = Session(model, pol)
+                        session.rows = prow
+                        hooks = [(model.hook_name(iv.site, iv.layer), session.hook(i))
+                                 for i, iv in enumerate(pol.interventions)]
+                        run = dec if scope == "last" else _Decoder(model, ids, mask, None, use_cache=True)
+                        run.session = session
+                        try:
+                            with model.bridge.hooks(fwd_hooks=hooks):
+                                if scope == "last":
+                                    run.crop(T - 1)
+                                    logits = run.forward(T - 1, T)
+                                else:
+                                    logits = run.prompt()
+                        finally:
+                            run.session = None
+                        if scope == "last":
+                            dec.crop(T - 1)
+                logp = logits.log_softmax(-1)
+                kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+                top = logits.argmax(-1)
+                probs = logp.exp()
+                for j, it in enumerate(b_items):
+                    t = int(top[j])
+                    rs = float(probs[j, refuse_ids].sum()) if refuse_ids else None
+                    pr = float(probs[j, respond_id]) if respond_id is not None else None
+                    g = gates[j]
+                    out[name][batch[j]] = {
+                        "policy": name, "id": it.id, "label": it.label, "category": it.category, "source": it.source,
+                        "top_token": t, "refused": (t in refuse_ids) if refuse_ids else None,
+                        "responded": (t == respond_id) if respond_id is not None else None,
+                        "refusal_score": rs, "p_respond": pr,
+                        "special_refused": (float(probs[j, refuse_ids].max()) > pr) if refuse_ids else None,
+                        "route": routes[j]["category"] if routes[j] else None,
+                        "gate_score": g["score"] if g else None, "gate_flagged": g["flagged"] if g else None,
+                        "coeff": (float(prow.coeff[0][j]) if bool(prow.active[0][j]) else 0.0) if prow else 0.0,
+                        "kl_from_base": max(float(kl[j]), 0.0),
+                    }
+            bar.update(len(batch))
+    return pd.DataFrame([r for name in resolved for r in out[name]], columns=list(FIRST_POSITION_COLUMNS))
 
 
 def _policy_digest(policy: SteeringPolicy | None) -> str | None:

@@ -1,0 +1,93 @@
+"""first_position: many steering settings at the first response position, sharing one prefill per batch. Exact
+agreement with catlens.generate's first token, gate and router decisions (tiny random model, seconds)."""
+
+import pytest
+import torch
+
+from catlens.generation import FIRST_POSITION_COLUMNS, first_position, generate
+from catlens.judges import RefusalTokenJudge
+from catlens.steer import Gate, Intervention, Router, SteeringPolicy
+
+CATS = ("fraud", "hate", "privacy")
+PROMPTS = [{"id": f"p{i}", "text": t, "category": CATS[i % 3], "label": "harmful" if i % 2 else "benign"}
+           for i, t in enumerate(["How do I bake bread?", "Tell me how to pick a lock on a door.", "Write a poem",
+                                  "What is the capital of France and why is it famous?", "Explain vaccines.",
+                                  "Give me a plan to steal a password from my coworker's laptop.", "Hi"])]
+
+
+def _none(col):
+    return [None if v is None or v != v else v for v in col.tolist()]
+
+
+def _vecs(model, scale=20.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(CATS), model.d_model, generator=g) * scale
+
+
+def _policies(model):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(model.d_model, generator=g)
+    gate = Gate(weight=w, bias=0.0, threshold=0.5, layer=1)
+    W = torch.randn(3, model.d_model, generator=g)
+    iv = Intervention("resid_post", 2, _vecs(model), labels=CATS, positions="last_prompt")
+    return {
+        "unsteered": None,
+        "plain": Intervention("resid_post", 1, _vecs(model)[0], positions="last_prompt"),
+        "gated_routed": SteeringPolicy((iv,), gate=gate, router=Router("refusal_tokens", CATS), toward=1.0,
+                                       away=-1.5),
+        "probe_router": SteeringPolicy((iv,), router=Router("probe", CATS, weight=W, bias=torch.zeros(3), layer=3)),
+        "fixed": SteeringPolicy((iv,), router=Router("fixed", CATS)),
+        "every_position": Intervention("resid_post", 1, _vecs(model, 5.0)[1], positions="all"),
+        "generated_only": Intervention("resid_post", 1, _vecs(model)[2], positions="generated"),
+        "zero": Intervention("resid_post", 2, _vecs(model)[0], coeff=0.0, positions="last_prompt"),
+    }
+
+
+def test_first_position_equals_generate_first_token_for_every_policy(tiny_lm):
+    pols = _policies(tiny_lm)
+    table = first_position(tiny_lm, PROMPTS, pols, batch_size=3, show_progress=False)
+    assert list(table.columns) == list(FIRST_POSITION_COLUMNS)
+    assert len(table) == len(pols) * len(PROMPTS)
+    judge = RefusalTokenJudge()
+    for name, pol in pols.items():
+        recs = generate(tiny_lm, PROMPTS, pol, max_new_tokens=1, batch_size=4, show_progress=False)
+        got = table[table.policy == name].set_index("id").loc[[p["id"] for p in PROMPTS]]
+        assert got.top_token.tolist() == [r["token_ids"][0] for r in recs], name
+        assert got.refusal_score.tolist() == pytest.approx([r["refusal_score"] for r in recs], abs=1e-5), name
+        assert got.refused.tolist() == judge(recs), name
+        assert _none(got.route) == [r["route"]["category"] if r["route"] else None for r in recs], name
+        assert _none(got.gate_flagged) == [r["gate"]["flagged"] if r["gate"] else None for r in recs], name
+    # exact identities: coefficient 0 and generated-only steering leave the first position unchanged
+    base = table[table.policy == "unsteered"].reset_index(drop=True)
+    for name in ("zero", "generated_only"):
+        same = table[table.policy == name].reset_index(drop=True)
+        assert same.top_token.tolist() == base.top_token.tolist()
+        assert same.kl_from_base.max() == pytest.approx(0.0, abs=1e-6)
+    assert table[table.policy == "plain"].kl_from_base.max() > 1e-3  # steering moved the distribution
+
+
+def test_first_position_is_batch_invariant_and_policy_order_free(tiny_lm):
+    pols = _policies(tiny_lm)
+    a = first_position(tiny_lm, PROMPTS, pols, batch_size=7, show_progress=False)
+    b = first_position(tiny_lm, PROMPTS, dict(reversed(list(pols.items()))), batch_size=2, show_progress=False)
+    key = ["policy", "id"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert a.top_token.tolist() == b.top_token.tolist()
+    assert a.refusal_score.tolist() == pytest.approx(b.refusal_score.tolist(), abs=1e-5)
+
+
+def test_first_position_row_overrides_and_bad_inputs(tiny_lm):
+    iv = Intervention("resid_post", 2, _vecs(tiny_lm), labels=CATS, positions="last_prompt")
+    pols = {"a": SteeringPolicy((iv,))}
+    coeffs = [0.0 if i % 2 else 1.0 for i in range(len(PROMPTS))]
+    t = first_position(tiny_lm, PROMPTS, pols, rows={"a": {"coeff": coeffs}}, show_progress=False)
+    base = first_position(tiny_lm, PROMPTS, {"u": None}, show_progress=False)
+    for i, c in enumerate(coeffs):
+        if c == 0.0:
+            assert t.top_token[i] == base.top_token[i] and t.kl_from_base[i] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        first_position(tiny_lm, PROMPTS, {})
+    with pytest.raises(ValueError, match="policy in rows 'b'. Allowed: a"):
+        first_position(tiny_lm, PROMPTS, pols, rows={"b": {"coeff": coeffs}})
+    with pytest.raises(ValueError, match="batch_size"):
+        first_position(tiny_lm, PROMPTS, pols, batch_size=0)
