@@ -785,13 +785,13 @@ def evaluate_low_rank(model: Any, intervention: Intervention | None, harmful: An
             tok, mask = model.tokenize(texts[s:s + batch_size])
             kw = {"input_ids": tok, "attention_mask": mask, "position_ids": _positions(mask), "use_cache": False,
                   "logits_to_keep": 1}
-            with torch.no_grad():
-                base = torch.log_softmax(model.hf(**kw).logits[:, -1].float(), dim=-1)
+            with torch.no_grad():  # float64 softmax: a KL that is 0 in exact arithmetic stays >= 0
+                base = torch.log_softmax(model.hf(**kw).logits[:, -1].double(), dim=-1)
                 if intervention is None:
                     st = base
                 else:
                     with steering(model, intervention, attention_mask=mask):
-                        st = torch.log_softmax(model.hf(**kw).logits[:, -1].float(), dim=-1)
+                        st = torch.log_softmax(model.hf(**kw).logits[:, -1].double(), dim=-1)
             ps = st[:, ids].exp()
             p_s.append(ps.sum(-1))
             p_b.append(base[:, ids].exp().sum(-1))
