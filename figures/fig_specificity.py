@@ -39,7 +39,9 @@ def panel_title(summary: pd.DataFrame, variant: str, s: str, sign: str, metric: 
     if len(cat):
         r = cat.iloc[0]
         return (f"{head}<br><sub>diag/off {_fmt(r.ratio)} [{_fmt(r.ratio_ci_low)}, {_fmt(r.ratio_ci_high)}]; "
-                f"diag {_fmt(r.mean_diag, '+.2f')}, off {_fmt(r.mean_offdiag, '+.2f')}</sub>")
+                f"diag {_fmt(r.mean_diag, '+.2f')}, off {_fmt(r.mean_offdiag, '+.2f')}<br>diag − off "
+                f"{_fmt(r.diag_minus_offdiag, '+.3f')} [{_fmt(r.diag_minus_offdiag_ci_low, '+.3f')}, "
+                f"{_fmt(r.diag_minus_offdiag_ci_high, '+.3f')}]</sub>")
     parts = [f"{r.rows} {_fmt(r.mean_all, '+.2f')} [{_fmt(r.mean_all_ci_low, '+.2f')}, "
              f"{_fmt(r.mean_all_ci_high, '+.2f')}]" for r in part.itertuples()]
     return f"{head}<br><sub>mean effect: {'; '.join(parts)}</sub>" if parts else head
@@ -74,7 +76,7 @@ def make_figure(cells: pd.DataFrame, summary: pd.DataFrame, metric: str = "rate"
                            title=f"Category specificity: {what} (steered − unsteered), {meta.method}, layer "
                                  f"{meta.layer}<br><sub>rows = steering direction, columns = evaluated category; "
                                  f"diagonal outlined; intervals: {meta.ci_method}</sub>")
-    fig.update_layout(margin={"t": 150})
+    fig.update_layout(margin={"t": 240}, height=fig.layout.height + 160)  # room for three-line panel titles
     # outline the diagonal of every panel whose rows are the categories themselves
     for k, panel in enumerate(dict.fromkeys(data.panel)):
         part = data[data.panel == panel]
