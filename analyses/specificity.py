@@ -1,0 +1,765 @@
+"""Category specificity of steering (issue 10; PAPERS.md §3b, Joad et al. arXiv 2602.02132): steer with category
+i's direction, measure refusal on harmful prompts and over-refusal on benign lookalikes of category j.
+
+Usage:
+    python analyses/specificity.py --model ~/.cache/catlens/finetunes/refusal-default --policy runs/p1/policy \
+        --out runs/specificity
+    python analyses/specificity.py --model <spec> --layer 20 --scale 0.2 --method one_vs_benign --out runs/spec
+    python analyses/specificity.py --model <folder> --prompts prompts.jsonl --layer 2 --quick --out runs/spec-smoke
+
+Protocol (nothing is tuned on the evaluation prompts read here):
+
+* **layer and scale** come from a P1 policy folder (``--policy``, a SteeringPolicy saved by the P1 analysis or the
+  steering sweep: its intervention's site, layer and positions, its ``toward`` and ``away`` magnitudes), or are given
+  explicitly (``--layer``, ``--scale``; an explicit value replaces the policy's). Coefficients are fractions of the
+  residual norm (``Intervention(scale="norm", ref_norm=...)``, unit directions, ``ref_norm`` = mean activation norm
+  of the training prompts at the layer).
+* **directions** (one per category, ``--method``) are fitted on training prompts only: the built-in ``train``
+  split plus, when the benchmark data are there, the refusal fine-tune's own training prompts
+  (``catlens.finetune.assemble_data``: ``.harmful`` with categories, ``.benign``). With ``--prompts FILE`` the
+  file's ``train`` split is used instead.
+* **evaluation prompts** per category j: *harmful* = the fine-tune's held-out harmful prompts
+  (``eval_sets["harmful_heldout"]``) plus the built-in harmful ``val`` and ``test`` prompts; *lookalike* = benign
+  prompts that carry category j (built-in lookalikes ``val`` + ``test``, ``eval_sets["builtin_lookalike_test"]``,
+  XSTest safe). With ``--prompts FILE``: the file's ``val``/``test`` prompts, harmful or benign-with-a-category.
+  Evaluation prompts that duplicate a training prompt (``check_leakage``, near threshold 0.8) are dropped and
+  counted in the manifest; the check then runs again and must pass.
+* **measurement**: :func:`catlens.generation.first_position`, one call for every setting of every variant (one
+  prefill per batch shared by all of them; cached per variant in the run folder and reused on a rerun): with
+  greedy decoding its ``refused`` column is exactly the ``refusal_token`` judge's verdict on ``generate``'s answer;
+  ``refusal_score`` is the summed refusal-token probability at the first response position.
+* **the matrix**: cell (i, j) = steered minus unsteered refusal rate on prompts of category j when steering with
+  direction i, for each set (harmful, lookalike) and sign (``away`` = negative coefficient ``-away``, ``toward`` =
+  positive ``+toward``). The headline cells are harmful/away (harmful refusal is near ceiling unsteered) and
+  lookalike/toward. Intervals: **paired percentile bootstrap over prompts** (``--n-boot`` draws, a local
+  ``numpy.random.default_rng(seed)``; each draw resamples the prompts of every (set, category) with replacement and
+  the same draw serves every cell and summary, so cells and summaries are paired with the unsteered answers of the
+  same prompts). ``delta_score`` is the mean refusal-score change, the less saturated companion.
+* **variants**: ``raw`` category directions; ``orthogonalised`` (each direction minus its component along the
+  shared refusal direction ``mean(harmful) - mean(benign)`` of the training prompts, renormalised); ``control``
+  (the shared refusal direction itself, and ``--n-random`` seeded random unit directions), all at the same scale.
+* **summary**: per variant, set, sign and metric (rate, score): mean diagonal effect, mean off-diagonal effect,
+  their ratio and difference, each with a bootstrap interval (for the control: the mean effect of the refusal
+  direction and of the random directions over all categories); **cosines** between the directions (raw,
+  orthogonalised, with the refusal direction) for context.
+
+Writes ``<out>/specificity.parquet`` (+csv), ``summary.parquet`` (+csv), ``cosines.parquet`` (+csv),
+``directions/`` (the three direction sets), ``cache/`` (first-position results per variant, reused when the same
+command runs again) and the manifest. Figures: ``python figures/fig_specificity.py <out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger("analyses.specificity")
+
+METHODS = ("one_vs_benign", "one_vs_rest", "p1_mean_difference")
+VARIANTS = ("raw", "orthogonalised", "control")
+SETS = ("harmful", "lookalike")
+SIGNS = ("toward", "away")
+BASE = "unsteered"
+SPECIFICITY_COLUMNS = (
+    "variant", "set", "sign", "steer_category", "eval_category", "diagonal", "n", "base_rate", "steered_rate",
+    "delta", "delta_ci_low", "delta_ci_high", "base_score", "steered_score", "delta_score", "delta_score_ci_low",
+    "delta_score_ci_high", "coeff", "layer", "scale", "method", "positions", "n_boot", "ci_method", "seeds")
+SUMMARY_COLUMNS = (
+    "variant", "set", "sign", "metric", "rows", "n_rows", "mean_diag", "mean_diag_ci_low", "mean_diag_ci_high",
+    "mean_offdiag", "mean_offdiag_ci_low", "mean_offdiag_ci_high", "ratio", "ratio_ci_low", "ratio_ci_high",
+    "diag_minus_offdiag", "diag_minus_offdiag_ci_low", "diag_minus_offdiag_ci_high", "mean_all", "mean_all_ci_low",
+    "mean_all_ci_high", "layer", "scale", "method", "n_boot", "seeds")
+COSINE_COLUMNS = ("variant", "method", "layer", "category_a", "category_b", "cosine")
+CI_METHOD = "paired percentile bootstrap over prompts (resampled within each set and category)"
+QUICK = {"eval_per_cell": 10, "train_harmful_per_category": 24, "train_benign": 64, "n_boot": 200, "n_random": 2}
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def _unknown(kind: str, value: Any, allowed: Sequence[str]) -> ValueError:
+    from catlens.errors import unknown_name_message
+
+    return ValueError(unknown_name_message(kind, value, allowed))
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise _unknown("direction method", method, METHODS)
+    return method
+
+
+def check_fraction(name: str, value: float | int) -> float:
+    """A steering magnitude: a finite number >= 0 (a fraction of the residual norm)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number (a fraction of the residual norm, e.g. 0.2).")
+    if value < 0:
+        raise ValueError(f"{name}={value!r} must be >= 0: it is a magnitude; the sign comes from toward (+) and "
+                         f"away (-).")
+    return float(value)
+
+
+def read_policy_setting(path: str | Path) -> dict[str, Any]:
+    """Layer, site, positions, toward/away magnitudes and method of a saved policy (P1 analysis or sweep).
+
+    ``toward``/``away`` are magnitudes (>= 0); for an intervention with ``scale="raw"`` they are raw coefficients and
+    ``raw_scale`` is True (converted with this run's reference norm later). A side the policy does not steer takes
+    the other side's magnitude (``filled`` names it); an ungated policy gives ``|coeff|`` to both.
+    """
+    from catlens.steer import SteeringPolicy
+
+    policy = SteeringPolicy.load(path)
+    iv = policy.interventions[0]
+    if iv.kind != "add":
+        raise ValueError(f"policy {str(path)!r}: its first intervention is kind={iv.kind!r}; the specificity test "
+                         f"reads an additive direction policy (kind 'add'); give --layer and --scale instead.")
+    toward = None if policy.toward is None else abs(float(policy.toward))
+    away = None if policy.away is None else abs(float(policy.away))
+    filled = None
+    if toward is None and away is None:
+        toward = away = abs(float(iv.coeff))
+    elif toward is None:
+        toward, filled = away, "toward"
+    elif away is None:
+        away, filled = toward, "away"
+    method = policy.meta.get("method") if isinstance(policy.meta, Mapping) else None
+    if method not in METHODS:
+        method = next((m for m in METHODS if m in policy.name), None)
+    vec_norm = float(iv.vectors.norm(dim=-1).mean()) if iv.vectors is not None else 1.0
+    return {"path": str(path), "name": policy.name, "layer": int(iv.layer), "site": iv.site.value,
+            "positions": iv.positions if isinstance(iv.positions, str) else list(iv.positions),
+            "toward": toward, "away": away, "filled": filled, "raw_scale": iv.scale == "raw",
+            "raw_vector_norm": 1.0 if iv.normalize else vec_norm, "method": method}
+
+
+def _kind(p: Any) -> str | None:
+    return p.meta.get("kind") if isinstance(p.meta, Mapping) else None
+
+
+def assemble_prompts(categories_allowed: Sequence[str], *, prompts: str | None = None, data_dir: str | None = None,
+                     finetune_config: str = "default") -> tuple[Any, Any, dict[str, Any]]:
+    """``(train, evaluation, provenance)`` PromptSets (see the module docstring)."""
+    from catlens.datasets import load_builtin
+    from catlens.taxonomy import CATEGORIES
+
+    allowed = set(CATEGORIES) | set(categories_allowed)
+    info: dict[str, Any] = {}
+    if prompts is not None:
+        from catlens.prompts import load_prompts
+
+        ps = load_prompts(prompts, categories=allowed)
+        train = ps.where(split="train").rename("train")
+        evals = ps.where(split=["val", "test"]).rename("evaluation")
+        if not len(train) or not len(evals):
+            raise ValueError(f"--prompts {prompts!r} needs a 'train' split (for the directions) and 'val'/'test' "
+                             f"prompts (for the evaluation); it has {len(train)} train and {len(evals)} val/test.")
+        info["source"] = {"prompts": str(prompts), "provenance": ps.provenance}
+        return train, evals, info
+    b = load_builtin()
+    train_parts = [b.where(split="train").rename("builtin_train")]
+    eval_parts = [b.where(label="harmful", split=["val", "test"]).rename("builtin_harmful_val_test"),
+                  b.where(label="benign", kind="lookalike", split=["val", "test"]).rename("builtin_lookalike_val_test")]
+    try:
+        from catlens.finetune import assemble_data, get_config
+
+        td = assemble_data(get_config(finetune_config), data_dir)
+    except FileNotFoundError as err:
+        if data_dir is not None:
+            raise
+        log.warning("benchmark data not found (%s): directions from the built-in train split only, evaluation on the "
+                    "built-in val/test prompts only.", str(err).splitlines()[0])
+        td = None
+    if td is not None:
+        info["finetune_data"] = {"config": finetune_config, "origin": td.origin, "content_hash": td.content_hash,
+                                 "n_harmful": len(td.harmful), "n_benign": len(td.benign)}
+        train_parts += [td.harmful, td.benign]
+        for name in ("harmful_heldout", "builtin_lookalike_test", "xstest_safe"):
+            if name in td.eval_sets:
+                part = td.eval_sets[name]
+                if name == "xstest_safe":
+                    part = part.where(label="benign")
+                eval_parts.append(part.rename(name))
+    train = _merge(train_parts, "train", allowed)
+    evals = _merge(eval_parts, "evaluation", allowed)
+    info["source"] = {"train_parts": {p.name: len(p) for p in train_parts},
+                      "eval_parts": {p.name: len(p) for p in eval_parts}}
+    return train, evals, info
+
+
+def _merge(parts: Sequence[Any], name: str, allowed: set[str]) -> Any:
+    """One PromptSet of ``parts`` without repeated ids or exactly repeated texts (the first copy stays)."""
+    from catlens.prompts import PromptSet, normalize_text
+
+    seen_id, seen_text = set(), set()
+
+    def keep(p: Any) -> bool:
+        t = normalize_text(p.text)
+        if p.id in seen_id or t in seen_text:
+            return False
+        seen_id.add(p.id)
+        seen_text.add(t)
+        return True
+
+    return PromptSet.concat(*[part.with_categories(allowed).filter(keep, "unique ids and texts") for part in parts],
+                            name=name)
+
+
+def _cap(ps: Any, n: int, seed: int) -> Any:
+    return ps if len(ps) <= n else ps.sample(n, seed=seed)
+
+
+def prepare_sets(train: Any, evals: Any, categories: Sequence[str] | None, *, quick: bool = False, seed: int = 0
+                 ) -> tuple[Any, Any, pd.DataFrame, list[str], dict[str, Any]]:
+    """Choose the steering categories, keep the evaluation prompts of those categories, tag each with its set, drop
+    evaluation prompts that leak from training, check every category has prompts everywhere.
+
+    Returns ``(train, evals, index, categories, notes)``; ``index`` has columns ``id, set, eval_category, source``.
+    """
+    from catlens.prompts import PromptSet, check_leakage
+
+    present = list(dict.fromkeys(p.category for p in train if p.label == "harmful" and p.category is not None))
+    if categories is None:
+        categories = present
+    else:
+        for c in categories:
+            if c not in present and c not in {p.category for p in evals}:
+                raise _unknown("category", c, sorted(set(present) | {p.category for p in evals if p.category}))
+    categories = list(categories)
+    if len(categories) < 2:
+        raise ValueError(f"the specificity matrix needs at least 2 categories; got {categories}. Add training prompts "
+                         f"of more categories or pass --categories.")
+    train = train.filter(lambda p: p.label == "benign" or p.category in categories, "steering categories")
+    evals = evals.filter(lambda p: p.category in categories, "steering categories")
+    if quick:
+        parts = [_cap(train.where(label="harmful", category=c), QUICK["train_harmful_per_category"], seed)
+                 for c in categories]
+        parts.append(_cap(train.where(label="benign"), QUICK["train_benign"], seed))
+        train = PromptSet.concat(*parts, name="train")
+        evals = PromptSet.concat(*[_cap(evals.where(label=lab, category=c), QUICK["eval_per_cell"], seed)
+                                   for lab in ("harmful", "benign") for c in categories], name="evaluation")
+    leaks = check_leakage(train, evals, raise_on_leak=False)
+    notes: dict[str, Any] = {"dropped_as_leaked": int(len(leaks.pairs))}
+    if len(leaks.pairs):
+        bad = set(leaks.pairs.test_id)
+        log.warning("dropping %d evaluation prompts that duplicate training prompts (e.g. %s)", len(bad),
+                    sorted(bad)[:3])
+        evals = evals.filter(lambda p: p.id not in bad, "not leaked")
+    check_leakage(train, evals)  # must pass now
+    index = pd.DataFrame([{"id": p.id, "set": "harmful" if p.label == "harmful" else "lookalike",
+                           "eval_category": p.category, "source": p.source} for p in evals])
+    counts = []
+    for c in categories:
+        n_train = sum(p.label == "harmful" and p.category == c for p in train)
+        n_h = int(((index.set == "harmful") & (index.eval_category == c)).sum()) if len(index) else 0
+        n_l = int(((index.set == "lookalike") & (index.eval_category == c)).sum()) if len(index) else 0
+        counts.append({"category": c, "train_harmful": n_train, "eval_harmful": n_h, "eval_lookalike": n_l})
+        if not (n_train and n_h and n_l):
+            raise ValueError(f"category {c!r} has {n_train} harmful training prompts, {n_h} harmful evaluation prompts "
+                             f"and {n_l} lookalike evaluation prompts; every steering category needs at least one of "
+                             f"each. Add prompts or leave it out with --categories (present: {categories}).")
+    if not any(p.label == "benign" for p in train):
+        raise ValueError("no benign training prompts: the directions and the refusal direction need them.")
+    notes["counts"] = counts
+    notes["n_train"], notes["n_eval"] = len(train), len(evals)
+    return train, evals, index, categories, notes
+
+
+# ----------------------------------------------------------------------------------------------- directions
+def fit_directions(model: Any, train: Any, categories: Sequence[str], *, layer: int, method: str,
+                   site: str = "resid_post", n_random: int = 3, seed: int = 0, batch_size: int = 32,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Unit directions at ``layer``: ``raw`` (``method``), ``orthogonalised`` (against the refusal direction),
+    ``control`` (the refusal direction and ``n_random`` seeded random directions), each a Directions with
+    ``ref_norm`` = mean norm of the training prompts' activations at the layer; also ``refusal`` (raw, [d])."""
+    from catlens import directions as D
+    from catlens.cache import collect
+
+    check_method(method)
+    acts = collect(model, train, sites=[site], layers=[layer], batch_size=batch_size, show_progress=show_progress)
+    X = acts.get(site).float()  # [n 1 d]
+    frame = train.to_frame()
+    harm = (frame.label == "harmful").to_numpy()
+    by_cat = {c: X[torch.from_numpy(harm & (frame.category == c).to_numpy())] for c in categories}
+    benign = X[torch.from_numpy(~harm)]
+    prov = {"fit_on": "training prompts", "n_train": len(train), "read_position": "last prompt token", "fmt": "chat",
+            "prompts_sha256": getattr(train, "content_hash", None)}
+    common = {"layers": [layer], "site": site, "provenance": prov}
+    if method == "one_vs_benign":
+        raw = D.one_vs_benign(by_cat, benign, normalize=True, **common)
+    elif method == "one_vs_rest":
+        raw = D.one_vs_rest(by_cat, normalize=True, **common)
+    else:
+        raw = _p1_directions(model, train, categories, layer=layer, site=site, batch_size=batch_size,
+                             show_progress=show_progress, common=common)
+    raw = raw.with_ref_norm(X)
+    refusal = D.refusal_direction(torch.cat([by_cat[c] for c in categories]), benign)  # [1 d]
+    orth = D.orthogonalize_against(raw, refusal, normalize=True)
+    g = torch.Generator().manual_seed(seed)
+    rnd = torch.randn(n_random, X.shape[-1], generator=g, dtype=torch.float64)
+    ctrl_vecs = torch.cat([refusal.to(torch.float64), rnd])[:, None, :]
+    ctrl_vecs = (ctrl_vecs / ctrl_vecs.norm(dim=-1, keepdim=True)).to(torch.float32)
+    control = D.Directions(vectors=ctrl_vecs, categories=("refusal", *[f"random_{k}" for k in range(n_random)]),
+                           layers=(layer,), site=site, method="control",
+                           provenance={**prov, "refusal": "mean(harmful train) - mean(benign train)",
+                                       "random_seed": seed, "n_random": n_random}, ref_norm=raw.ref_norm.clone())
+    return {"raw": raw, "orthogonalised": orth, "control": control, "refusal": refusal[0]}
+
+
+def _p1_directions(model: Any, train: Any, categories: Sequence[str], *, layer: int, site: str, batch_size: int,
+                   show_progress: bool, common: Mapping[str, Any]) -> Any:
+    """P1's mean difference: harmful prompts read at their category's refusal token, benign ones at ``[respond]``."""
+    from catlens import directions as D
+    from catlens.cache import collect
+    from catlens.refusal import RefusalTokens
+
+    try:
+        tokens = RefusalTokens.from_model(model)
+    except ValueError as err:
+        raise ValueError(f"method 'p1_mean_difference' reads activations at the refusal tokens, which {model.name!r} "
+                         f"does not have ({err}); use one_vs_benign or one_vs_rest.") from None
+    missing = [c for c in categories if c not in tokens.categories]
+    if missing:
+        raise ValueError(f"method 'p1_mean_difference': categories {missing} have no refusal token in "
+                         f"{model.name!r} (it has {list(tokens.categories)}); use --categories or another method.")
+    harm = train.where(label="harmful")
+    benign = train.where(label="benign")
+    h_acts = collect(model, harm, sites=[site], layers=[layer], append=[tokens.token_of(p.category) for p in harm],
+                     batch_size=batch_size, show_progress=show_progress).get(site).float()
+    b_acts = collect(model, benign, sites=[site], layers=[layer], append=tokens.respond, batch_size=batch_size,
+                     show_progress=show_progress).get(site).float()
+    cats = [p.category for p in harm]
+    by_cat = {c: h_acts[torch.tensor([k == c for k in cats])] for c in categories}
+    prov = {**common["provenance"], "read_position": "category token / [respond] appended after the assistant header"}
+    return D.p1_mean_difference(by_cat, b_acts, tau=1e-3, top_k=min(200, h_acts.shape[-1]), normalize=True,
+                                layers=common["layers"], site=site, provenance=prov)
+
+
+def cosine_table(dirs: Mapping[str, Any], method: str) -> pd.DataFrame:
+    """Pairwise cosines of the raw and orthogonalised category directions (and of each with the refusal
+    direction, ``category_b = "refusal"``) and of the control directions."""
+    r = dirs["refusal"].to(torch.float64)
+    r = r / r.norm()
+    rows = []
+    for variant in VARIANTS:
+        d = dirs[variant]
+        v = d.vectors[:, 0].to(torch.float64)
+        v = v / v.norm(dim=-1, keepdim=True)
+        names = list(d.categories)
+        cos = v @ v.T
+        extra = [] if variant == "control" else [("refusal", v @ r)]
+        for a, na in enumerate(names):
+            for b, nb in enumerate(names):
+                rows.append({"variant": variant, "category_a": na, "category_b": nb, "cosine": float(cos[a, b])})
+            for nb, col in extra:
+                rows.append({"variant": variant, "category_a": na, "category_b": nb, "cosine": float(col[a])})
+    out = pd.DataFrame(rows)
+    out["method"], out["layer"] = method, int(dirs["raw"].layers[0])
+    return out[list(COSINE_COLUMNS)]
+
+
+# --------------------------------------------------------------------------------------------------- policies
+def build_policies(dirs: Mapping[str, Any], *, toward: float, away: float, positions: Any = "last_prompt"
+                   ) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
+    """Per variant: ``{name: Intervention | None}`` (``"unsteered"`` included) and one meta table
+    ``variant, policy, steer_category, sign, coeff, scale``."""
+    from catlens.steer import Intervention
+
+    out: dict[str, dict[str, Any]] = {}
+    meta = []
+    for variant in VARIANTS:
+        d = dirs[variant]
+        layer = int(d.layers[0])
+        ref = float(d.ref_norm[0])
+        pols: dict[str, Any] = {BASE: None}
+        for i, name in enumerate(d.categories):
+            for sign, coeff, scale in (("toward", toward, toward), ("away", -away, away)):
+                key = f"{name}|{sign}"
+                pols[key] = Intervention(d.site, layer, d.vectors[i, 0], coeff=coeff, positions=positions,
+                                         scale="norm", ref_norm=ref, label=f"{variant}:{key}")
+                meta.append({"variant": variant, "policy": key, "steer_category": name, "sign": sign,
+                             "coeff": float(coeff), "scale": float(scale)})
+        out[variant] = pols
+    return out, pd.DataFrame(meta)
+
+
+def _cache_key(model: Any, evals: Any, policies: Mapping[str, Any], batch_size: int) -> str:
+    from catlens.generation import _policy_digest
+    from catlens.steer import as_policy, model_fingerprint
+
+    spec = {"model": model_fingerprint(model), "prompts": evals.content_hash, "ids": list(evals.ids),
+            "policies": {k: _policy_digest(as_policy(v)) for k, v in sorted(policies.items())},
+            "batch_size": batch_size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_first_position(model: Any, evals: Any, policies: Mapping[str, Mapping[str, Any]], *, batch_size: int = 32,
+                       cache_dir: Path | None = None, show_progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """The first-position table of every variant's settings, cached per variant as
+    ``cache_dir/first_position_<variant>.parquet`` with a key (model, prompts, settings, batch size) in a JSON
+    sidecar; a matching cache is reused. The variants not cached run in **one** ``first_position`` call (one
+    prefill per batch shared by all their settings; the unsteered rows are each variant's baseline). Returns the
+    concatenated table (column ``variant`` added) and ``{variant: "computed" | "cached"}``."""
+    from catlens.generation import first_position
+    from catlens.runs import atomic_path, write_json_atomic
+
+    tables: dict[str, pd.DataFrame] = {}
+    status: dict[str, str] = {}
+    keys = {variant: _cache_key(model, evals, pols, batch_size) for variant, pols in policies.items()}
+    for variant in policies:
+        if cache_dir is None:
+            continue
+        f, meta = cache_dir / f"first_position_{variant}.parquet", cache_dir / f"first_position_{variant}.json"
+        if f.exists() and meta.exists():
+            try:
+                if json.loads(meta.read_text()).get("key") == keys[variant]:
+                    tables[variant], status[variant] = pd.read_parquet(f), "cached"
+            except (json.JSONDecodeError, OSError, ValueError) as err:
+                log.warning("ignoring a damaged cache %s (%s)", f, err)
+    missing = [v for v in policies if v not in tables]
+    if missing:
+        joint: dict[str, Any] = {BASE: None}
+        for variant in missing:
+            joint.update({f"{variant}/{name}": pol for name, pol in policies[variant].items() if pol is not None})
+        t0 = time.perf_counter()
+        table = first_position(model, evals, joint, batch_size=batch_size, show_progress=show_progress)
+        seconds = time.perf_counter() - t0
+        log.info("first position: %d settings (%s) x %d prompts in %.1f s", len(joint), ", ".join(missing),
+                 len(evals), seconds)
+        base = table[table.policy == BASE]
+        for variant in missing:
+            own = table[table.policy.str.startswith(f"{variant}/")].copy()
+            own["policy"] = own.policy.str.slice(len(variant) + 1)
+            tables[variant], status[variant] = pd.concat([base, own], ignore_index=True), "computed"
+            if cache_dir is not None:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(cache_dir / f"first_position_{variant}.parquet") as tmp:
+                    tables[variant].to_parquet(tmp, index=False)
+                write_json_atomic(cache_dir / f"first_position_{variant}.json",
+                                  {"key": keys[variant], "rows": len(tables[variant]),
+                                   "computed_with": missing, "seconds_of_the_joint_call": seconds})
+    return pd.concat([tables[v].assign(variant=v) for v in policies], ignore_index=True), status
+
+
+# ------------------------------------------------------------------------------------------------ the matrix
+def _ci(x: np.ndarray, method: str = "linear") -> tuple[float, float]:
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return math.nan, math.nan
+    lo, hi = np.quantile(x, [0.025, 0.975], method=method)
+    return float(lo), float(hi)
+
+
+def specificity_tables(fp: pd.DataFrame, meta: pd.DataFrame, index: pd.DataFrame, categories: Sequence[str], *,
+                       n_boot: int = 2000, seed: int = 0, context: Mapping[str, Any] | None = None
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The specificity matrix (one row per variant, set, sign, steering direction, evaluated category) and its
+    summary, from a first-position table.
+
+    ``fp`` has columns ``variant, policy, id, refused, refusal_score`` (each variant's own ``"unsteered"`` rows are its
+    baseline); ``meta`` maps ``(variant, policy)`` to ``steer_category, sign, coeff, scale``; ``index`` maps ``id`` to
+    ``set`` (harmful|lookalike) and ``eval_category``. Intervals: a paired percentile bootstrap over prompts with
+    ``numpy.random.default_rng(seed)``; one draw resamples the prompts of every (set, category) and serves every cell
+    and summary. ``context`` adds constant columns (layer, method, positions, seeds).
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot={n_boot!r} must be an int >= 1 (e.g. 2000).")
+    context = dict(context or {})
+    if fp["refused"].isna().any():
+        raise ValueError("the first-position table has no refusal verdicts (refused is None): the model has no "
+                         "refusal tokens. The specificity test needs a refusal-token model (catlens finetune).")
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, str], list[str]] = {}
+    draws: dict[tuple[str, str], np.ndarray] = {}
+    for s in SETS:
+        for c in categories:
+            ids = index[(index.set == s) & (index.eval_category == c)].id.tolist()
+            if not ids:
+                raise ValueError(f"no {s} evaluation prompts of category {c!r}; every category needs prompts in "
+                                 f"both sets.")
+            groups[(s, c)] = ids
+            draws[(s, c)] = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    cells, summary = [], []
+    for variant in dict.fromkeys(meta.variant):
+        table = fp[fp.variant == variant]
+        wide_r = table.pivot(index="id", columns="policy", values="refused").astype(float)
+        wide_s = table.pivot(index="id", columns="policy", values="refusal_score").astype(float)
+        if BASE not in wide_r.columns:
+            raise ValueError(f"variant {variant!r}: the first-position table has no {BASE!r} rows (the baseline).")
+        m = meta[meta.variant == variant]
+        for sign in SIGNS:
+            rows = m[m.sign == sign]
+            steer = rows.steer_category.tolist()
+            pols = rows.policy.tolist()
+            for s in SETS:
+                boot = {"rate": np.empty((n_boot, len(steer), len(categories))),
+                        "score": np.empty((n_boot, len(steer), len(categories)))}
+                point = {"rate": np.empty((len(steer), len(categories))),
+                         "score": np.empty((len(steer), len(categories)))}
+                for j, c in enumerate(categories):
+                    ids = groups[(s, c)]
+                    idx = draws[(s, c)]
+                    for metric, wide in (("rate", wide_r), ("score", wide_s)):
+                        base = wide.loc[ids, BASE].to_numpy()
+                        diff = wide.loc[ids, pols].to_numpy().T - base[None, :]  # [steer prompt]
+                        point[metric][:, j] = diff.mean(1)
+                        boot[metric][:, :, j] = diff[:, idx].mean(-1).T
+                    base_r, base_s = wide_r.loc[ids, BASE].mean(), wide_s.loc[ids, BASE].mean()
+                    for i, name in enumerate(steer):
+                        lo, hi = _ci(boot["rate"][:, i, j])
+                        slo, shi = _ci(boot["score"][:, i, j])
+                        r = rows.iloc[i]
+                        cells.append({"variant": variant, "set": s, "sign": sign, "steer_category": name,
+                                      "eval_category": c, "diagonal": name == c, "n": len(ids),
+                                      "base_rate": float(base_r), "steered_rate": float(base_r + point["rate"][i, j]),
+                                      "delta": float(point["rate"][i, j]), "delta_ci_low": lo, "delta_ci_high": hi,
+                                      "base_score": float(base_s),
+                                      "steered_score": float(base_s + point["score"][i, j]),
+                                      "delta_score": float(point["score"][i, j]), "delta_score_ci_low": slo,
+                                      "delta_score_ci_high": shi, "coeff": float(r.coeff), "scale": float(r.scale)})
+                for metric in ("rate", "score"):
+                    summary += _summaries(variant, s, sign, metric, steer, categories, point[metric], boot[metric],
+                                          scale=float(rows.scale.iloc[0]) if len(rows) else math.nan)
+    cell_table = pd.DataFrame(cells)
+    sum_table = pd.DataFrame(summary)
+    for t in (cell_table, sum_table):
+        t["n_boot"] = n_boot
+        for k, v in context.items():
+            t[k] = v
+    for t, cols in ((cell_table, SPECIFICITY_COLUMNS), (sum_table, SUMMARY_COLUMNS)):
+        for col in cols:
+            if col not in t.columns:
+                t[col] = None
+    cell_table["ci_method"] = f"{CI_METHOD}, B={n_boot}"
+    return cell_table[list(SPECIFICITY_COLUMNS)], sum_table[list(SUMMARY_COLUMNS)]
+
+
+def _summaries(variant: str, s: str, sign: str, metric: str, steer: Sequence[str], categories: Sequence[str],
+               point: np.ndarray, boot: np.ndarray, *, scale: float) -> list[dict[str, Any]]:
+    """Summary rows of one matrix ``point`` [steer category] with bootstrap draws ``boot`` [draw steer category]."""
+    base = {"variant": variant, "set": s, "sign": sign, "metric": metric, "scale": scale}
+    nan = math.nan
+    if all(name in categories for name in steer):  # category directions: a diagonal exists
+        cols = [list(categories).index(name) for name in steer]
+        diag_mask = np.zeros(point.shape, dtype=bool)
+        diag_mask[np.arange(len(steer)), cols] = True
+        off_mask = ~diag_mask
+
+        def stats(m: np.ndarray) -> tuple[Any, Any, Any, Any, Any]:
+            d = m[..., diag_mask].mean(-1)
+            o = m[..., off_mask].mean(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.divide(d, o)
+            # an effect on the diagonal only (off-diagonal exactly 0) is unboundedly specific: +inf whatever the sign
+            ratio = np.where((o == 0) & (d != 0), np.inf, ratio)
+            return d, o, ratio, d - o, m.reshape(*m.shape[:-2], -1).mean(-1)
+
+        d, o, ratio, diff, allm = stats(point)
+        bd, bo, bratio, bdiff, ball = stats(boot)
+        return [{**base, "rows": "categories", "n_rows": len(steer), "mean_diag": float(d),
+                 "mean_diag_ci_low": _ci(bd)[0], "mean_diag_ci_high": _ci(bd)[1], "mean_offdiag": float(o),
+                 "mean_offdiag_ci_low": _ci(bo)[0], "mean_offdiag_ci_high": _ci(bo)[1], "ratio": float(ratio),
+                 "ratio_ci_low": _ci(bratio, "inverted_cdf")[0], "ratio_ci_high": _ci(bratio, "inverted_cdf")[1],
+                 "diag_minus_offdiag": float(diff), "diag_minus_offdiag_ci_low": _ci(bdiff)[0],
+                 "diag_minus_offdiag_ci_high": _ci(bdiff)[1],
+                 "mean_all": float(allm), "mean_all_ci_low": _ci(ball)[0], "mean_all_ci_high": _ci(ball)[1]}]
+    out = []
+    groups = {"refusal": [i for i, n in enumerate(steer) if n == "refusal"],
+              "random": [i for i, n in enumerate(steer) if n.startswith("random")]}
+    groups.update({n: [i] for i, n in enumerate(steer) if n != "refusal" and not n.startswith("random")})
+    for name, rows in groups.items():
+        if not rows:
+            continue
+        allm, ball = point[rows].mean(), boot[:, rows].reshape(len(boot), -1).mean(-1)
+        lo, hi = _ci(ball)
+        out.append({**base, "rows": name, "n_rows": len(rows), "mean_diag": nan, "mean_diag_ci_low": nan,
+                    "mean_diag_ci_high": nan, "mean_offdiag": nan, "mean_offdiag_ci_low": nan,
+                    "mean_offdiag_ci_high": nan, "ratio": nan, "ratio_ci_low": nan, "ratio_ci_high": nan,
+                    "diag_minus_offdiag": nan, "diag_minus_offdiag_ci_low": nan,
+                    "diag_minus_offdiag_ci_high": nan, "mean_all": float(allm),
+                    "mean_all_ci_low": lo, "mean_all_ci_high": hi})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def run_specificity(model: Any, train: Any, evals: Any, index: pd.DataFrame, categories: Sequence[str], *,
+                    layer: int, toward: float, away: float, method: str = "one_vs_benign", site: str = "resid_post",
+                    positions: Any = "last_prompt", n_random: int = 3, n_boot: int = 2000, seed: int = 0,
+                    batch_size: int = 32, run: Any = None, show_progress: bool = True) -> dict[str, Any]:
+    """Fit the directions, measure every setting at the first response position, build the tables."""
+    t0 = time.perf_counter()
+    layer = model.layer(layer)
+    toward, away = check_fraction("toward", toward), check_fraction("away", away)
+    check_method(method)
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random={n_random!r} must be an int >= 0.")
+    dirs = fit_directions(model, train, categories, layer=layer, method=method, site=site, n_random=n_random,
+                          seed=seed, batch_size=batch_size, show_progress=show_progress)
+    policies, meta = build_policies(dirs, toward=toward, away=away, positions=positions)
+    cache_dir = run.path / "cache" if run is not None else None
+    fp, status = run_first_position(model, evals, policies, batch_size=batch_size, cache_dir=cache_dir,
+                                    show_progress=show_progress)
+    base = fp[fp.policy == BASE].pivot(index="id", columns="variant", values="top_token")
+    base_same = bool((base.nunique(axis=1) == 1).all())
+    if not base_same:  # only possible when some variants came from an older cache
+        log.warning("the unsteered first tokens differ between variants' tables; each variant uses its own baseline.")
+    seeds = json.dumps({"bootstrap": seed, "random_directions": seed, "subsample": seed}, sort_keys=True)
+    context = {"layer": layer, "method": method, "positions": json.dumps(positions), "seeds": seeds}
+    cells, summary = specificity_tables(fp, meta, index, categories, n_boot=n_boot, seed=seed, context=context)
+    cosines = cosine_table(dirs, method)
+    result = {"specificity": cells, "summary": summary, "cosines": cosines, "directions": dirs,
+              "cache": status, "seconds": time.perf_counter() - t0, "base_identical_across_variants": base_same}
+    if run is not None:
+        for name in ("specificity", "summary", "cosines"):
+            run.save_table(name, result[name])
+        for variant in VARIANTS:
+            dirs[variant].save(run.path / "directions" / variant)
+    return result
+
+
+def _headline(summary: pd.DataFrame) -> dict[str, Any]:
+    out = {}
+    for variant, s, sign in (("raw", "harmful", "away"), ("raw", "lookalike", "toward"),
+                             ("orthogonalised", "harmful", "away"), ("orthogonalised", "lookalike", "toward")):
+        row = summary[(summary.variant == variant) & (summary.set == s) & (summary.sign == sign)
+                      & (summary.metric == "rate") & (summary.rows == "categories")]
+        if len(row):
+            r = row.iloc[0]
+            out[f"{variant}/{s}/{sign}"] = {k: (None if isinstance(r[k], float) and math.isnan(r[k]) else float(r[k]))
+                                            for k in ("mean_diag", "mean_offdiag", "ratio", "ratio_ci_low",
+                                                      "ratio_ci_high", "diag_minus_offdiag",
+                                                      "diag_minus_offdiag_ci_low", "diag_minus_offdiag_ci_high")}
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model spec (the refusal-tuned folder)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--policy", default=None, help="a P1 policy folder: layer, site, positions, toward/away scale")
+    p.add_argument("--layer", type=int, default=None, help="steering layer (replaces the policy's)")
+    p.add_argument("--scale", type=float, default=None, help="toward and away magnitude, a fraction of the residual "
+                                                             "norm (replaces the policy's; default 0.2 without one)")
+    p.add_argument("--method", default=None, help=f"direction constructor: {', '.join(METHODS)} (default: the "
+                                                  f"policy's, else one_vs_benign)")
+    p.add_argument("--prompts", default=None, help="a .jsonl/.csv prompt file with train and val/test splits, "
+                                                   "instead of the built-in + benchmark prompts")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CATLENS_DATA_DIR or shared/data)")
+    p.add_argument("--finetune-config", default=None, help="fine-tune preset whose training/held-out prompts are "
+                                                           "used (default: the model's own, else 'default')")
+    p.add_argument("--categories", default=None, help="comma-separated steering categories (default: all with "
+                                                      "training prompts)")
+    p.add_argument("--n-random", type=int, default=3, help="random control directions")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: caps {QUICK}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from catlens.model import load_model
+    from catlens.runs import RunDir, configure_process
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    process = configure_process(args.threads, args.seed)
+    # --- every check that needs no model, before anything is loaded or written
+    setting = read_policy_setting(args.policy) if args.policy else None
+    if args.method is not None:
+        method = check_method(args.method)
+    else:
+        method = (setting or {}).get("method") or "one_vs_benign"
+    if args.scale is not None:
+        check_fraction("--scale", args.scale)
+    if args.layer is None and setting is None:
+        raise ValueError("give --policy FOLDER (a P1 policy: its layer and scale are used) or --layer L (and --scale, "
+                         "default 0.2); the layer is never chosen on the evaluation prompts here.")
+    for flag, value, least in (("--n-boot", args.n_boot, 1), ("--n-random", args.n_random, 0),
+                               ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise ValueError(f"{flag} {value} must be >= {least}.")
+    n_boot = min(args.n_boot, QUICK["n_boot"]) if args.quick else args.n_boot
+    n_random = min(args.n_random, QUICK["n_random"]) if args.quick else args.n_random
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    out = Path(args.out)
+    config = {k: v for k, v in vars(args).items() if k not in ("threads", "overwrite", "no_progress")}
+    resume = False
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        if not (out / "manifest.json").exists():
+            raise FileExistsError(f"--out {str(out)!r} is not empty and is not a run folder; choose another --out.")
+        previous = RunDir.open(out).manifest.get("config")
+        if previous != config:
+            raise FileExistsError(f"--out {str(out)!r} holds a run with other arguments ({previous}); pass --overwrite "
+                                  f"to replace it or choose another --out.")
+        resume = True
+
+    model = load_model(args.model)
+    layer = model.layer(args.layer if args.layer is not None else setting["layer"])
+    site = setting["site"] if setting else "resid_post"
+    if site == "z":
+        raise ValueError(f"policy {args.policy!r} steers the per-head site 'z'; give --layer for resid_post instead.")
+    positions = setting["positions"] if setting else "last_prompt"
+    if isinstance(positions, list):
+        positions = tuple(positions)
+    from catlens.generation import _refusal_ids
+
+    tokens, _ = _refusal_ids(model)
+    if tokens is None:
+        raise ValueError(f"{model.name!r} has no refusal tokens; the specificity test reads refusal at the first "
+                         f"response position of a refusal-token model (catlens finetune).")
+    ft_config = args.finetune_config or (((model.provenance or {}).get("source", {}).get("finetune") or {})
+                                         .get("config", {}).get("name")) or "default"
+    train, evals, data_info = assemble_prompts(tokens.categories, prompts=args.prompts, data_dir=args.data_dir,
+                                               finetune_config=ft_config)
+    train, evals, index, categories, notes = prepare_sets(train, evals, categories, quick=args.quick, seed=args.seed)
+
+    run = RunDir.create(out, config, overwrite=args.overwrite, resume=resume, seed=args.seed)
+    run.record_model(model)
+    run.record_data("train", train.provenance)
+    run.record_data("evaluation", evals.provenance)
+    toward = args.scale if args.scale is not None else (setting["toward"] if setting else 0.2)
+    away = args.scale if args.scale is not None else (setting["away"] if setting else 0.2)
+    if setting is not None and setting["raw_scale"] and args.scale is None:  # raw coefficients -> fractions
+        from catlens.cache import collect
+
+        x = collect(model, train, sites=[site], layers=[layer], show_progress=False).get(site).float()
+        ref = float(x.norm(dim=-1).mean())
+        toward, away = (v * setting["raw_vector_norm"] / ref for v in (toward, away))
+        log.info("policy coefficients are raw: converted to fractions of the residual norm %.3f", ref)
+    run.update_manifest(setting={"policy": setting, "layer": layer, "site": site, "positions": positions,
+                                 "toward": toward, "away": away, "method": method, "n_random": n_random,
+                                 "n_boot": n_boot, "quick": args.quick, "categories": categories,
+                                 "finetune_config": ft_config, "process": process},
+                        prompts={**data_info, **notes})
+    result = run_specificity(model, train, evals, index, categories, layer=layer, toward=toward, away=away,
+                             method=method, site=site, positions=positions, n_random=n_random, n_boot=n_boot,
+                             seed=args.seed, batch_size=args.batch_size, run=run,
+                             show_progress=not args.no_progress)
+    head = _headline(result["summary"])
+    run.finish(headline=head, seconds=result["seconds"], cache=result["cache"],
+               base_identical_across_variants=result["base_identical_across_variants"])
+    for k, v in head.items():
+        print(f"{k}: diagonal {v['mean_diag']:+.3f}, off-diagonal {v['mean_offdiag']:+.3f}, ratio "
+              f"{v['ratio'] if v['ratio'] is not None else float('nan'):.2f}, diagonal - off-diagonal "
+              f"{v['diag_minus_offdiag']:+.3f} [{v['diag_minus_offdiag_ci_low']:+.3f}, "
+              f"{v['diag_minus_offdiag_ci_high']:+.3f}]")
+    return {**result, "run_dir": out, "layer": layer, "toward": toward, "away": away, "method": method,
+            "categories": categories}
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
