@@ -34,9 +34,9 @@ Script stages are called as ``module.main(argv)`` with ``--model <tuned> --out <
 [--data-dir D] [--quick] [--overwrite]``, plus ``--stock-model <stock>`` for p1 and p2, ``--device``/``--dtype``
 when they are not cpu/float32, and the stage's ``args`` table. A stage whose script does not exist is skipped and
 recorded as "skipped: not available". A stage is skipped when its folder's manifest says done for the same
-resolved stage configuration (a hash of its section, the config keys it reads, the models and the stages it
-depends on); a changed configuration reruns that stage. A failed stage is recorded and the independent stages still
-run; the job then exits with an error naming it.
+resolved stage configuration (a hash of its section, the config keys it reads, the models, its script's code and
+the stages it depends on); a changed configuration or an edited script reruns that stage. A failed stage is
+recorded and the independent stages still run; the job then exits with an error naming it.
 
 Writes: <out>/config.toml, <out>/manifest.json (config, per stage: folder, status, seconds, config hash),
 <out>/summary.json, <out>/report.html and the stage folders.
@@ -427,7 +427,16 @@ def stage_hash(stage: Stage, job: Job) -> str:
                "deps": {d: job.hashes.get(d) for d in stage.deps}}
     if stage.needs_model:
         payload["models"] = {"tuned": job.identities.get("tuned"), "stock": job.identities.get("stock")}
+    payload["code"] = {p.name: sha256_file(p) for p in _code_files(stage)}  # an edited script reruns its stage
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _code_files(stage: Stage) -> list[Path]:
+    if stage.script:
+        return [STAGE_SCRIPTS[stage.name]]
+    if stage.name == "figures":
+        return sorted(FIGURES.glob("fig_*.py"))
+    return []
 
 
 def _stage_record(folder: Path) -> dict[str, Any] | None:

@@ -266,10 +266,11 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     assert len(calls) == 2 and "--overwrite" in calls[1] and calls[1][-3:] == ["--layers", "0-1", "--gate"]
     assert manifest(out)["stages"]["p1"]["status"] == "done"
 
-    # a failing stage is recorded, the others still run, and the job ends with an error naming it
+    # an edited script reruns its stage (same config); a failing stage is recorded, the others still run, and the
+    # job ends with an error naming it
     fake.write_text(FAKE_SCRIPT.replace("return 0", "raise ValueError('planted failure')"))
     with pytest.raises(RuntimeError, match="p1: ValueError: planted failure"):
-        main.main(argv + ["--set", "p1.args.layers=2-3"])
+        main.main(argv + ["--set", "p1.args.layers=0-1"])
     m = manifest(out)
     assert m["status"] == "failed" and m["stages"]["p1"]["status"].startswith("failed: ValueError")
     assert m["stages"]["specificity"]["status"] == "skipped: not available"
