@@ -32,7 +32,8 @@ Stages (:data:`STAGES`, run in this order; each writes its own run folder ``<out
 
 Script stages are called as ``module.main(argv)`` with ``--model <tuned> --out <out>/<stage> --seed N
 [--data-dir D] [--quick] [--overwrite]``, plus ``--stock-model <stock>`` for p1 and p2, ``--device``/``--dtype``
-when they are not cpu/float32, and the stage's ``args`` table. A stage whose script does not exist is skipped and
+when they are not cpu/float32, and the stage's ``args`` table. ``--overwrite`` is left out when the stage was
+interrupted (or failed) with the same configuration, so the script resumes its own run. A stage whose script does not exist is skipped and
 recorded as "skipped: not available". A stage is skipped when its folder's manifest says done for the same
 resolved stage configuration (a hash of its section, the config keys it reads, the models, its script's code and
 the stages it depends on); a changed configuration or an edited script reruns that stage. A failed stage is
@@ -90,6 +91,10 @@ class Job:
     status: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)
+    previous: dict[str, Any] = field(default_factory=dict)
+    """The stage records of the run folder's manifest before this run (to tell an interrupted stage)."""
+    args_hashes: dict[str, str] = field(default_factory=dict)
+    """Per stage, the hash of its configuration without its code (an unchanged one resumes)."""
 
     @property
     def out(self) -> Path:
@@ -112,6 +117,8 @@ class Stage:
     """Runs every time and manages its own reuse (the fine-tune cache, the report)."""
     script: bool = False
     """Run from ``STAGE_SCRIPTS[name]``; skipped as not available when that file does not exist."""
+    resumable: bool = False
+    """The script resumes an interrupted run given the same arguments without ``--overwrite``."""
 
 
 # ========================================================================================== stage helpers
@@ -138,10 +145,20 @@ def _common_argv(cfg: Config, job: Job, folder: Path, *, threads: bool = False) 
     return argv
 
 
-def _overwrite(folder: Path) -> list[str]:
-    """``--overwrite`` for a stage folder left by an older config or an interrupted run (the main job only reruns a
-    stage when it is not done for the current config)."""
-    return ["--overwrite"] if folder.exists() and any(folder.iterdir()) else []
+def _overwrite(folder: Path, job: Job | None = None, name: str = "") -> list[str]:
+    """``--overwrite`` for a non-empty stage folder (the main job reruns a stage only when it is not done for the
+    current config); left out when a resumable stage was interrupted (or failed) with the same configuration, so
+    that its script resumes (also after its code was edited: the script checks its own arguments)."""
+    if not (folder.exists() and any(folder.iterdir())):
+        return []
+    if job is not None and STAGES[name].resumable:
+        before = job.previous.get(name) or {}
+        status = str(before.get("status"))
+        unfinished = status == "running" or status.startswith("failed")
+        if unfinished and before.get("args_hash") is not None and before["args_hash"] == job.args_hashes.get(name):
+            log.info("stage %s: resuming the interrupted run in %s (same configuration)", name, folder)
+            return []
+    return ["--overwrite"]
 
 
 def _check_returned(name: str, value: Any) -> None:
@@ -322,7 +339,7 @@ def _script_stage(name: str, stock_model: bool) -> Callable[[Config, Job, Path],
         module = _load_script(STAGE_SCRIPTS[name])
         argv = _common_argv(cfg, job, folder)
         argv += ["--quick"] if cfg.run.quick else []
-        argv += _overwrite(folder)
+        argv += _overwrite(folder, job, name)
         if stock_model and job.stock is not None:
             argv += ["--stock-model", job.stock]
         argv += _model_options(cfg) + args_to_argv(cfg.section(name).args)
@@ -403,9 +420,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("eval", stage_eval, uses=_DATA_EVAL, script=True),
     Stage("geometry", stage_geometry, script=True,
           uses=("data.data_dir", "data.prompts", "data.prompts_per_group", "model.dtype", "run.seed")),
-    Stage("p1", _script_stage("p1", stock_model=True), uses=_DATA_SCRIPT, script=True),
-    Stage("p2", _script_stage("p2", stock_model=True), uses=_DATA_SCRIPT, script=True),
-    Stage("specificity", _script_stage("specificity", stock_model=False), uses=_DATA_SCRIPT, script=True),
+    Stage("p1", _script_stage("p1", stock_model=True), uses=_DATA_SCRIPT, script=True, resumable=True),
+    Stage("p2", _script_stage("p2", stock_model=True), uses=_DATA_SCRIPT, script=True, resumable=True),
+    Stage("specificity", _script_stage("specificity", stock_model=False), uses=_DATA_SCRIPT, script=True,
+          resumable=True),
     Stage("figures", stage_figures, deps=("geometry", "p1", "p2", "specificity"), uses=("run.png",),
           needs_model=False),
     Stage("report", stage_report, self_managed=True, needs_model=False),
@@ -417,9 +435,10 @@ UNAVAILABLE: dict[str, Callable[[Config, Job], str | None]] = {"eval": _eval_una
 
 
 # ================================================================================================ runner
-def stage_hash(stage: Stage, job: Job) -> str:
+def stage_hash(stage: Stage, job: Job, code: bool = True) -> str:
     """sha256 of what determines a stage's result: its section (without ``enabled``), the config keys it reads,
-    the tuned and stock models (when it uses a model) and the hashes of the stages it depends on."""
+    the tuned and stock models (when it uses a model), the hashes of the stages it depends on and (``code``) its
+    script's sha256."""
     cfg = job.config
     body = {k: v for k, v in cfg.to_dict()[stage.name].items() if k != "enabled"}
     payload = {"stage": stage.name, "section": body,
@@ -427,7 +446,8 @@ def stage_hash(stage: Stage, job: Job) -> str:
                "deps": {d: job.hashes.get(d) for d in stage.deps}}
     if stage.needs_model:
         payload["models"] = {"tuned": job.identities.get("tuned"), "stock": job.identities.get("stock")}
-    payload["code"] = {p.name: sha256_file(p) for p in _code_files(stage)}  # an edited script reruns its stage
+    if code:  # an edited script reruns its stage
+        payload["code"] = {p.name: sha256_file(p) for p in _code_files(stage)}
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -498,25 +518,28 @@ def run_stage(stage: Stage, job: Job, position: str = "") -> None:
         return
     h = stage_hash(stage, job)
     job.hashes[name] = h
+    job.args_hashes[name] = args_hash = stage_hash(stage, job, code=False)
     record = _stage_record(folder)
     if record is not None and record.get("config_hash") == h:
         log.info("%s: already done in %s for the same config, reused", prefix, folder)
-        _record(job, name, status="reused", folder=name, seconds=record.get("seconds"), config_hash=h)
+        _record(job, name, status="reused", folder=name, seconds=record.get("seconds"), config_hash=h,
+                args_hash=args_hash)
         return
     log.info("%s -> %s%s", prefix, folder, " (config changed: rerun)" if record is not None else "")
+    _record(job, name, status="running", folder=name, config_hash=h, args_hash=args_hash)  # seen if interrupted
     try:
         stage.fn(cfg, job, folder)
         if _stage_record_status(folder) != "done":
             raise RuntimeError(f"stage {name} returned without finishing its run folder {folder} (its manifest "
                                f"does not say done).")
     except Exception as e:  # noqa: BLE001 - recorded; the independent stages still run
-        return _failed(job, name, prefix, e, t0, folder=name, config_hash=h)
+        return _failed(job, name, prefix, e, t0, folder=name, config_hash=h, args_hash=args_hash)
     seconds = round(time.perf_counter() - t0, 1)
     RunDir.open(folder).update_manifest(**{STAGE_RECORD: {
         "name": name, "config_hash": h, "seconds": seconds, "section": cfg.to_dict()[name],
         "uses": {k: _get(cfg, k) for k in stage.uses}, "models": {"tuned": job.tuned, "stock": job.stock}}})
     log.info("%s: done (%.1f s)", prefix, seconds)
-    _record(job, name, status="done", folder=name, seconds=seconds, config_hash=h)
+    _record(job, name, status="done", folder=name, seconds=seconds, config_hash=h, args_hash=args_hash)
 
 
 def _stage_record_status(folder: Path) -> str | None:
@@ -542,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set eval.batch_size=8 --set p1.args.layers=10-20 (repeatable)")
     p.add_argument("--out", default=None, help="run folder (run.out; default runs/main)")
     p.add_argument("--quick", action="store_true", default=None, help="run.quick: quick fine-tune, small evaluation")
-    p.add_argument("--stock", action="store_true", default=None, help="run.stock: no fine-tune, study the stock model")
+    p.add_argument("--stock", action="store_true", default=None,
+                   help="run.stock: no fine-tune, study the stock model")
     p.add_argument("--model", default=None, help="model.spec: the tuned model (folder, hub id); skips the fine-tune")
     p.add_argument("--other-model", default=None, help="model.other_model: the stock partner")
     p.add_argument("--device", default=None, help="model.device: cpu, cuda, cuda:1 (default cpu)")
@@ -587,13 +611,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
     configure_process(threads=cfg.run.threads, seed=cfg.run.seed)  # process-wide threads and seeds: here, once
 
-    run = RunDir.create(Path(cfg.run.out).expanduser(), config=cfg.to_dict(), resume=True, seed=cfg.run.seed)
+    out = Path(cfg.run.out).expanduser()
+    try:
+        previous = json.loads((out / "manifest.json").read_text()).get("stages") or {}
+    except (OSError, json.JSONDecodeError):
+        previous = {}
+    run = RunDir.create(out, config=cfg.to_dict(), resume=True, seed=cfg.run.seed)
     write_text_atomic(run.path / "config.toml", to_toml(cfg, header=(
         "The resolved configuration of this run (analyses/main.py). Rerun it with:\n"
         f"  python analyses/main.py --config {run.path / 'config.toml'}")))
     run.update_manifest(config_hash=cfg.hash, outputs={"config.toml": {
         "sha256": sha256_file(run.path / "config.toml"), "bytes": (run.path / "config.toml").stat().st_size}})
-    job = Job(config=cfg, run=run)
+    job = Job(config=cfg, run=run, previous=previous)
     if cfg.run.stock:
         stock = _stock_of(cfg, None)
         _set_models(job, stock, stock)

@@ -223,7 +223,7 @@ def main(argv):
     calls = Path(__file__).with_suffix(".calls.jsonl")
     with open(calls, "a") as f:
         f.write(json.dumps(argv) + "\\n")
-    run = RunDir.create(out, config={"argv": argv}, overwrite="--overwrite" in argv)
+    run = RunDir.create(out, config={"argv": argv}, overwrite="--overwrite" in argv, resume="--overwrite" not in argv)
     run.finish()
     return 0
 '''
@@ -274,6 +274,21 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     m = manifest(out)
     assert m["status"] == "failed" and m["stages"]["p1"]["status"].startswith("failed: ValueError")
     assert m["stages"]["specificity"]["status"] == "skipped: not available"
+
+    # after a failure (or an interruption) with the same configuration the script resumes: no --overwrite
+    def last_call():
+        return json.loads(fake.with_suffix(".calls.jsonl").read_text().splitlines()[-1])
+
+    assert "--overwrite" in last_call()
+    fake.write_text(FAKE_SCRIPT.replace("return 0", "raise KeyboardInterrupt"))
+    with pytest.raises(KeyboardInterrupt):
+        main.main(argv + ["--set", "p1.args.layers=0-1"])
+    assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "running"
+    fake.write_text(FAKE_SCRIPT)
+    main.main(argv + ["--set", "p1.args.layers=0-1"])
+    assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "done"
+    main.main(argv + ["--set", "p1.args.layers=1-3"])  # a finished stage with another configuration is replaced
+    assert "--overwrite" in last_call() and last_call()[-3:] == ["--layers", "1-3", "--gate"]
 
 
 @pytest.mark.gpu
