@@ -72,6 +72,12 @@ class Args:
     """Use this saved activation store instead of running --model."""
     other_acts: Path | None = None
     """Saved activation store of the second model (instead of running --other-model)."""
+    device: str = "cpu"
+    """Device the model(s) run on (cpu, cuda, cuda:1)."""
+    dtype: str = "float32"
+    """Weight dtype of the model(s): float32, bfloat16 or float16."""
+    cache_dir: str | None = None
+    """Model cache (default: $CATLENS_CACHE or ~/.cache/catlens)."""
     site: str = "resid_post"
     layers: tuple[int, ...] | None = None
     """Layers to collect (None: all)."""
@@ -120,6 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     p.add_argument("--other-model", default=None)
     p.add_argument("--acts", type=Path, default=None)
     p.add_argument("--other-acts", type=Path, default=None)
+    p.add_argument("--device", default=Args.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=Args.dtype, help="float32, bfloat16 or float16")
+    p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
     p.add_argument("--site", default=Args.site)
     p.add_argument("--layers", default="all", help="'all' or e.g. '0-5,10'")
     p.add_argument("--positions", default=Args.positions)
@@ -153,7 +162,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     if shrink not in (None, "ledoit_wolf"):
         shrink = float(shrink)
     return Args(out=a.out, model=a.model, prompts=a.prompts, other_model=a.other_model, acts=a.acts,
-                other_acts=a.other_acts, site=a.site, layers=None if layers is None else tuple(layers),
+                other_acts=a.other_acts, device=a.device, dtype=a.dtype, cache_dir=a.cache_dir, site=a.site,
+                layers=None if layers is None else tuple(layers),
                 positions=a.positions, fmt=a.fmt, batch_size=a.batch_size, harmful_label=a.harmful_label,
                 direction_splits=None if a.direction_splits == "all" else tuple(a.direction_splits.split(",")),
                 directions=tuple(a.directions.split(",")), whiten_method=a.whiten_method, whiten_eps=a.whiten_eps,
@@ -186,7 +196,7 @@ def load_activations(args: Args, *, model_spec: str, acts_path: Path | None) -> 
         from catlens.model import load_model
         from catlens.datasets import load_prompts
 
-        model = load_model(model_spec)
+        model = load_model(model_spec, device=args.device, dtype=args.dtype, cache=args.cache_dir)
         store = collect(model, load_prompts(args.prompts), sites=[args.site],
                         layers=None if args.layers is None else list(args.layers), positions=args.positions,
                         fmt=args.fmt, batch_size=args.batch_size, out=None)

@@ -1,0 +1,273 @@
+"""The main job's configuration (catlens/config.py): files, --set typing, round trips and the errors for bad keys
+and values; the shorthand flags of analyses/main.py."""
+
+import dataclasses
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from catlens.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    args_to_argv,
+    from_dict,
+    parse_sets,
+    resolve,
+    to_toml,
+    valid_keys,
+)
+from catlens.errors import FileFormatError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def _main_module():
+    path = REPO / "analyses" / "main.py"
+    spec = importlib.util.spec_from_file_location("_catlens_main_cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rich() -> Config:
+    """A config that differs from the defaults in every kind of field."""
+    return resolve(sets=[
+        "model.spec=runs/ft/a model", "model.other_model=stock", "model.device=cuda:1", "model.dtype=bfloat16",
+        "model.cache_dir=/tmp/c", "data.data_dir=/data", "data.per_set=7", "data.per_category=3",
+        "data.prompts_per_group=4", "run.out=runs/x", "run.seed=9", "run.threads=1", "run.png=false",
+        "run.stock=true", "finetune.config=quick", "finetune.overrides.steps=60", "finetune.overrides.lr=0.0003",
+        'finetune.overrides.categories=["privacy", "fraud_financial_crime"]',
+        "eval.enabled=false", "eval.args.per-set=5", "geometry.layers=1-3", "geometry.tsne_layers=none",
+        "geometry.directions=p1,p2_generic", "p1.args.coeffs=[0.1, 0.25]", "p1.args.gate=true",
+        'p1.args.title=say "hi" \\ — ü', 'p1.args.nested={"a": 1, "b": [true, false]}', "p2.enabled=false"])
+
+
+# ----------------------------------------------------------------------------------------------- shipped files
+def test_default_file_is_the_builtin_default():
+    assert resolve(CONFIGS / "default.toml") == Config()
+
+
+def test_quick_file_is_the_quick_flag():
+    q = resolve(CONFIGS / "quick.toml")
+    assert q == resolve(sets=["run.quick=true", "run.out=runs/main-quick"])
+    assert (q.run.quick, q.finetune.config, q.data.per_category) == (True, "quick", 10)
+    assert Config().finetune.config == "default" and Config().data.per_category == 20
+
+
+def test_gpu_example_file():
+    g = resolve(CONFIGS / "gpu-8b.toml")
+    assert (g.model.device, g.model.dtype) == ("cuda", "bfloat16")
+    assert g.model.spec and "8b" in g.model.spec.lower() and g.model.other_model
+
+
+# -------------------------------------------------------------------------------------------------- round trips
+def test_toml_round_trip(tmp_path):
+    cfg = _rich()
+    assert cfg != Config()
+    text = to_toml(cfg, header="a header\nsecond line")
+    assert from_dict(tomllib.loads(text)) == cfg
+    (tmp_path / "c.toml").write_text(text)
+    again = resolve(tmp_path / "c.toml")
+    assert again == cfg and again.hash == cfg.hash
+    assert to_toml(again) == to_toml(cfg)
+    # unset optional fields are left out (they are the defaults) and read back as None
+    plain = to_toml(Config())
+    assert "# spec = (unset)" in plain and resolve(sets=["model.spec=null"]) == Config()
+
+
+def test_yaml_round_trip(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    cfg = _rich()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True))
+    assert resolve(tmp_path / "c.yaml") == cfg
+    (tmp_path / "d.yml").write_text("run:\n  seed: 4\nmodel:\n  spec: null\n")
+    d = resolve(tmp_path / "d.yml")
+    assert d.run.seed == 4 and d == Config().replace(run=dataclasses.replace(Config().run, seed=4))
+    (tmp_path / "e.yaml").write_text("")  # an empty file is the defaults
+    assert resolve(tmp_path / "e.yaml") == Config()
+
+
+def test_tree_is_frozen():
+    cfg = _rich()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run.seed = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.p1.args["gate"] = False  # type: ignore[index]
+    assert set(SECTIONS) >= {"model", "data", "run", "finetune", "eval", "geometry", "p1", "p2", "specificity"}
+    for name in ("finetune", "eval", "geometry", "p1", "p2", "specificity", "figures", "report"):
+        assert getattr(cfg, name).__dataclass_fields__["enabled"].default is True
+
+
+def test_optional_fields_default_to_none():
+    """The TOML writer leaves None out; that round-trips only because every optional field defaults to None."""
+    import typing
+
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        for f in dataclasses.fields(cls):
+            if type(None) in typing.get_args(typing.get_type_hints(cls)[f.name]):
+                assert f.default is None, f"{section}.{f.name}"
+
+
+# ------------------------------------------------------------------------------------------------ --set typing
+@pytest.mark.parametrize("item, key, expected", [
+    ("run.seed=3", "run.seed", 3),
+    ("run.threads=null", "run.threads", None),
+    ("run.png=false", "run.png", False),
+    ("run.png=True", "run.png", True),
+    ("model.spec=123", "model.spec", "123"),  # a text field keeps the text
+    ('model.spec="quoted"', "model.spec", "quoted"),
+    ("model.spec=none", "model.spec", None),
+    ("run.out=runs/a=b", "run.out", "runs/a=b"),  # only the first '=' splits
+    ("data.per_set=4.0", "data.per_set", 4),  # an integral number is an integer
+    ("geometry.directions=p1, p2_generic", "geometry.directions", ("p1", "p2_generic")),
+    ('geometry.directions=["p1"]', "geometry.directions", ("p1",)),
+    ("geometry.directions=[]", "geometry.directions", ()),
+    ("p1.args.layers=10-20", "p1.args", {"layers": "10-20"}),
+    ("p1.args.coeff=0.25", "p1.args", {"coeff": 0.25}),
+    ("p1.args.gate=true", "p1.args", {"gate": True}),
+    ("p1.args.coeffs=[0.1, 0.2]", "p1.args", {"coeffs": [0.1, 0.2]}),
+    ("finetune.overrides.steps=60", "finetune.overrides", {"steps": 60}),
+    ("finetune.overrides.prototype_anchor=null", "finetune.overrides", {"prototype_anchor": None}),
+])
+def test_set_values_are_typed_by_field(item, key, expected):
+    cfg = resolve(sets=[item])
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    assert (dict(value) if hasattr(value, "items") else value) == expected
+    assert type(dict(value) if hasattr(value, "items") else value) is type(expected)
+
+
+def test_parse_sets_pairs():
+    assert parse_sets(["run.seed=3", "p1.args.gate=true", "model.spec=a=b"]) == [
+        ("run.seed", 3), ("p1.args.gate", True), ("model.spec", "a=b")]
+
+
+def test_later_layers_win(tmp_path):
+    (tmp_path / "c.toml").write_text("[run]\nseed = 1\nout = 'from-file'\n[p1.args]\na = 1\nb = 2\n")
+    cfg = resolve(tmp_path / "c.toml", sets=["run.seed=3", "run.seed=4", "p1.args.b=5"],
+                  shorthands=[("run.seed", 2), ("run.out", "flag")])
+    assert (cfg.run.seed, cfg.run.out) == (4, "flag")
+    assert dict(cfg.p1.args) == {"a": 1, "b": 5}  # a sub-key merges into the file's table
+    assert dict(resolve(tmp_path / "c.toml", sets=['p1.args={"c": 1}']).p1.args) == {"c": 1}  # a table replaces
+    # quick defaults sit under the file: an explicit preset in the file stays
+    (tmp_path / "q.toml").write_text("[run]\nquick = true\n[finetune]\nconfig = 'default'\n")
+    q = resolve(tmp_path / "q.toml")
+    assert (q.finetune.config, q.data.per_category) == ("default", 10)
+
+
+def test_main_shorthands_map_onto_keys():
+    main = _main_module()
+    cfg = main.resolve_args(["--quick", "--no-png", "--device", "cuda", "--dtype", "float16", "--out", "o",
+                             "--seed", "4", "--threads", "1", "--model", "m", "--other-model", "s", "--stock",
+                             "--cache-dir", "c", "--data-dir", "d", "--set", "run.seed=5"])
+    assert (cfg.run.quick, cfg.run.png, cfg.model.device, cfg.model.dtype, cfg.run.out, cfg.run.threads) == \
+        (True, False, "cuda", "float16", "o", 1)
+    assert (cfg.model.spec, cfg.model.other_model, cfg.run.stock, cfg.model.cache_dir, cfg.data.data_dir) == \
+        ("m", "s", True, "c", "d")
+    assert cfg.run.seed == 5  # --set comes after the shorthands
+    assert main.resolve_args([]) == Config()
+    assert set(main.SHORTHANDS.values()) <= {k for k in valid_keys()}
+
+
+def test_args_to_argv():
+    assert args_to_argv({"per_set": 10, "gate": True, "off": False, "none": None, "coeffs": [0.1, 0.2],
+                         "--raw": "x"}) == ["--per-set", "10", "--gate", "--coeffs", "0.1,0.2", "--raw", "x"]
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("item, needles", [
+    ("eval.batch_sise=8", ["Unknown config key 'eval.batch_sise'", "Did you mean: eval.batch_size", "Allowed:",
+                           "run.seed"]),
+    ("evl.enabled=false", ["Unknown config key 'evl.enabled'", "Did you mean: eval.enabled"]),
+    ("p1.enable=false", ["Did you mean: p1.enabled"]),
+    ("seed=3", ["Unknown config key 'seed'", "run.seed"]),
+    ("run.seed.x=1", ["run.seed has no sub-keys"]),
+    ("run.seed", ["write section.field=value"]),
+])
+def test_bad_key_gets_did_you_mean(item, needles):
+    with pytest.raises(ConfigError) as e:
+        resolve(sets=[item])
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+    assert repr(item) in str(e.value)  # the message names what was given
+
+
+@pytest.mark.parametrize("item, needles", [
+    ("run.seed=abc", ["run.seed='abc'", "expected an integer"]),
+    ("run.seed=2.5", ["expected an integer"]),
+    ("run.seed=true", ["expected an integer"]),
+    ("run.png=maybe", ["run.png='maybe'", "expected true or false"]),
+    ("run.threads=x", ["expected an integer or null"]),
+    ("run.threads=0", ["run.threads=0 must be >= 1"]),
+    ("data.per_set=[1]", ["expected an integer"]),
+    ("p1.args={", []),
+    ("p1.args=3", ["expected a table of options"]),
+    ("p1.args.x=inf", ["expected a finite number"]),
+    ("model.dtype=float61", ["Unknown dtype 'float61'", "float32"]),
+    ("finetune.config=defualt", ["Unknown fine-tune preset 'defualt'", "Did you mean: default"]),
+    ("finetune.overrides.stepz=3", ["finetune.overrides.stepz", "Did you mean: steps"]),
+    ("finetune.overrides.steps=abc", ["finetune.overrides.steps", "expected an integer"]),
+])
+def test_bad_value_says_the_expected_type(item, needles):
+    with pytest.raises(ConfigError) as e:
+        resolve(sets=[item])
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_bad_files_are_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[geometry]\ncv_fold = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*Unknown config key 'geometry.cv_fold'.*Did you mean: "
+                                          r"geometry.cv_folds"):
+        resolve(bad)
+    bad.write_text("[run]\nseed = '3'\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*run.seed='3': expected an integer"):
+        resolve(bad)
+    bad.write_text("[runn]\nseed = 3\n")
+    with pytest.raises(ConfigError, match=r"Unknown config section 'runn'. Did you mean: run\?"):
+        resolve(bad)
+    bad.write_text("[run\nseed = 3\n")
+    with pytest.raises(FileFormatError, match=r"bad.toml' is not valid TOML"):
+        resolve(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve(tmp_path / "missing.toml")
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"unknown format '.json'"):
+        resolve(tmp_path / "c.json")
+    if importlib.util.find_spec("yaml") is not None:
+        (tmp_path / "l.yaml").write_text("- a\n- b\n")
+        with pytest.raises(FileFormatError, match="must hold a table of sections"):
+            resolve(tmp_path / "l.yaml")
+    with pytest.raises(ConfigError, match="finetune.enabled=false needs a tuned model"):
+        resolve(sets=["finetune.enabled=false"])
+    # a check that combines fields runs after every layer: the file alone may lack what a flag supplies
+    (tmp_path / "nf.toml").write_text("[finetune]\nenabled = false\n")
+    assert resolve(tmp_path / "nf.toml", shorthands=[("model.spec", "some/folder")]).model.spec == "some/folder"
+
+
+def test_main_cli_exits_2_with_the_message(capsys, tmp_path):
+    main = _main_module()
+    assert main.cli(["--set", "eval.batch_sise=8", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean: eval.batch_size" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing was created
+
+
+def test_absent_cuda_is_a_clear_error_before_any_work(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    main = _main_module()
+    assert main.cli(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "device='cuda' is not available" in err and "cpu" in err
+    assert not (tmp_path / "r").exists()

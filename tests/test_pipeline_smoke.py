@@ -1,0 +1,310 @@
+"""The main job (analyses/main.py) end to end on the tiny random model: every stage, every expected file and table
+schema, stage reuse and rerun by config hash, the ``--model`` path, and the guarded script stages (p1, p2,
+specificity) with the argv they receive. The fine-tune stage trains the tiny model on a handful of built-in prompts
+(seconds), so every stage runs for real."""
+
+import importlib.util
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from catlens.config import from_dict, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_FINETUNE = {
+    "name": "tiny", "data": "builtin", "categories": ["privacy", "cybercrime"], "min_per_category": 2,
+    "max_per_category": 6, "n_ordinary": 8, "n_topic": 8, "answer_tokens": 4, "steps": 4, "batch_size": 4,
+    "lr": 3e-3, "warmup_steps": 1, "prototype_prompts": 4, "checkpoint_every": 0, "max_length": 320,
+    "max_prompt_tokens": 300, "method": "full",
+}
+"""A fine-tune of the tiny model in a few seconds (byte-level tiny tokenizer: long prompts, hence the lengths)."""
+
+EVAL_TABLES = {
+    "per_category": ["category", "n_scored", "refused_first_token", "right_category_first_token", "n_generated",
+                     "refused_generated", "right_category_generated"],
+    "per_source": ["source", "category", "n", "refused_first_token", "right_category_first_token"],
+    "confusion": ["true_category", "predicted", "n", "decision"],
+    "over_refusal": ["set", "n", "over_refusal_first_token", "over_refusal_generated", "mean_refusal_score"],
+    "over_refusal_by_category": ["set", "category", "n", "over_refusal_first_token", "over_refusal_generated"],
+    "auroc": ["harmful", "benign", "auroc", "n_harmful", "n_benign"],
+    "fluency": ["perplexity_finetuned_answers_under_stock", "perplexity_stock_answers_under_stock", "n_answers",
+                "answer_tokens", "repeated_special_rate_gated", "repeated_special_rate_ungated", "n_ungated",
+                "no_opening_token_rate", "swallowed_first_word_rate"],
+    "scores": ["set", "id", "label", "category", "form", "source", "refused", "refusal_score",
+               "predicted_category"],
+}
+"""Columns each evaluation table must have (a subset check: the scores table carries one column per token)."""
+
+GEOMETRY_TABLES = {
+    "separability": ["task", "layer", "metric", "value", "n_prompts", "n_classes"],
+    "cosine": ["direction", "layer", "space", "category_a", "category_b", "cosine"],
+    "basis_alignment": ["direction", "layer", "category", "cos_basis_whitened", "cos_basis_residual",
+                        "off_span_share", "r_diag", "lapack_sign_flipped"],
+    "probe_cosine": ["direction", "layer", "category", "cosine"],
+    "anisotropy": ["subset", "layer", "measure", "value", "n_prompts", "d_model"],
+    "spectrum": ["subset", "layer", "index", "eigenvalue", "share"],
+    "massive_dims": ["layer", "dim", "mean_share", "max_share", "mean_abs", "median_ratio", "massive"],
+    "whitening": ["layer", "method", "eps", "shrinkage", "restrict_to_span", "n_samples", "rank", "rank_deficient"],
+    "projections": ["subset", "method", "layer", "x", "y", "id", "label", "category", "group"],
+    "direction_norms": ["direction", "method", "site", "category", "layer", "norm"],
+    "model_diff": ["direction", "category", "layer", "cosine"],
+}
+"""The schemas in analyses/geometry.py's docstring."""
+
+FIGURES = ["fig_anisotropy", "fig_cosine", "fig_model_diff", "fig_projection", "fig_separability"]
+
+
+def load_main():
+    spec = importlib.util.spec_from_file_location("_catlens_main_smoke", REPO / "analyses" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config_text(root: Path, base: Path, device: str = "cpu") -> str:
+    overrides = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**TINY_FINETUNE, "base": str(base)}.items())
+    return f"""
+[model]
+cache_dir = "{root / 'cache'}"
+device = "{device}"
+[data]
+per_set = 10
+per_category = 3
+prompts_per_group = 4
+[run]
+out = "{root / 'run'}"
+png = false
+[finetune]
+config = "quick"
+[finetune.overrides]
+{overrides}
+[eval]
+max_new_tokens = 8
+ungated = 8
+batch_size = 16
+[geometry]
+tsne_layers = "none"
+cv_folds = 2
+"""
+
+
+def run_pipeline(main, root: Path, base: Path, *extra: str, device: str = "cpu") -> dict:
+    (root / "tiny.toml").write_text(tiny_config_text(root, base, device))
+    return main.main(["--config", str(root / "tiny.toml"), *extra])
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The reduced job run once; the p1/p2/specificity scripts pointed at paths that do not exist, so the result
+    does not depend on whether those scripts have landed."""
+    from catlens.testing import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("pipeline")
+    base = make_tiny_model_dir(root / "base")
+    main = load_main()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("p1", "p2", "specificity"):
+            mp.setitem(main.STAGE_SCRIPTS, name, root / "absent" / f"{name}.py")
+        summary = run_pipeline(main, root, base)
+        yield main, root, base, summary
+
+
+def test_every_stage_ran_and_wrote_its_files(pipeline):
+    main, root, base, summary = pipeline
+    out = root / "run"
+    m = manifest(out)
+    stages = m["stages"]
+    assert list(stages) == list(main.STAGES)
+    assert {k: v["status"] for k, v in stages.items()} == {
+        "finetune": "done", "eval": "done", "geometry": "done", "p1": "skipped: not available",
+        "p2": "skipped: not available", "specificity": "skipped: not available", "figures": "done", "report": "done"}
+    for name in ("finetune", "eval", "geometry", "figures", "report"):
+        assert isinstance(stages[name]["seconds"], float)
+    assert m["status"] == "done" and summary["stages"]["eval"] == "done"
+    # the fine-tune came from the tiny base, and the stock partner is that base
+    tuned = Path(stages["finetune"]["folder"])
+    assert tuned.parent == root / "cache" / "finetunes" and summary["model"] == str(tuned)
+    assert summary["stock_model"] == str(base)
+
+    # config.toml is the resolved tree, also in the manifest
+    cfg = resolve(root / "tiny.toml")
+    assert from_dict(tomllib.loads((out / "config.toml").read_text())) == cfg
+    assert m["config"] == cfg.to_dict() and m["config_hash"] == cfg.hash
+    assert resolve(out / "config.toml") == cfg
+
+    assert (out / "report.html").stat().st_size > 10_000 and (out / "summary.json").is_file()
+    for table, columns in EVAL_TABLES.items():
+        df = pd.read_parquet(out / "eval" / f"{table}.parquet")
+        assert set(columns) <= set(df.columns), (table, sorted(df.columns))
+        assert (out / "eval" / f"{table}.csv").is_file()
+    assert (out / "eval" / "summary.json").is_file() and (out / "eval" / "generations.jsonl").is_file()
+    assert set(pd.read_parquet(out / "eval" / "per_category.parquet")["category"]) == {"privacy", "cybercrime",
+                                                                                       "ALL"}
+    for table, columns in GEOMETRY_TABLES.items():
+        df = pd.read_parquet(out / "geometry" / f"{table}.parquet")
+        assert set(columns) <= set(df.columns), (table, sorted(df.columns))
+        assert len(df) > 0, table
+    sep = pd.read_parquet(out / "geometry" / "separability.parquet")
+    assert sorted(sep["layer"].unique()) == [0, 1, 2, 3]  # the tiny model's four layers
+    assert set(pd.read_parquet(out / "geometry" / "projections.parquet")["method"]) == {"pca"}  # tsne_layers=none
+    assert list((out / "geometry" / "directions").glob("*.safetensors"))
+    for fig in FIGURES:
+        assert (out / "figures" / f"{fig}.html").is_file() and (out / "figures" / f"{fig}.csv").is_file()
+    assert not list((out / "figures").glob("*.png"))  # run.png = false
+
+    # the geometry prompt set was capped per (label, category, split) at data.prompts_per_group = 4
+    prompts = pd.read_json(out / "inputs" / "geometry_prompts.jsonl", lines=True)
+    assert prompts.fillna("").groupby(["label", "category", "split"]).size().max() <= 4
+    assert manifest(out / "geometry")["data"]["activations"]["n_prompts"] == len(prompts)
+
+    # each stage folder records the config hash the main job ran it with
+    for name in ("eval", "geometry", "figures"):
+        record = manifest(out / name)[main.STAGE_RECORD]
+        assert record["config_hash"] == stages[name]["config_hash"]
+
+
+def test_finetune_cli_args_reproduce_the_trained_config(pipeline):
+    from catlens.finetune import get_config, parse_overrides, read_manifest
+
+    main, root, _, _ = pipeline
+    tuned = Path(manifest(root / "run")["stages"]["finetune"]["folder"])
+    args = main.finetune_cli_args(tuned)
+    preset, sets = args[1], args[3::2]
+    assert args[0] == "--config" and all(a == "--set" for a in args[2::2])
+    assert get_config(preset).replace(**parse_overrides(sets)).hash == read_manifest(tuned)["config_hash"]
+    assert main.finetune_cli_args(root / "base") is None  # not a catlens fine-tune
+
+
+def test_rerun_reuses_finished_stages_and_reruns_a_changed_one(pipeline):
+    main, root, base, _ = pipeline
+    out = root / "run"
+    before = {n: manifest(out / n)["finished"] for n in ("eval", "geometry", "figures")}
+    old_hashes = {n: manifest(out)["stages"][n]["config_hash"] for n in ("eval", "geometry", "figures")}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("p1", "p2", "specificity"):
+            mp.setitem(main.STAGE_SCRIPTS, name, root / "absent" / f"{name}.py")
+        run_pipeline(main, root, base, "--set", "eval.max_new_tokens=6", "--set", "report.enabled=false")
+        stages = manifest(out)["stages"]
+        assert {n: stages[n]["status"] for n in ("finetune", "eval", "geometry", "figures")} == {
+            "finetune": "reused", "eval": "done", "geometry": "reused", "figures": "reused"}
+        assert stages["eval"]["config_hash"] != old_hashes["eval"]
+        assert stages["geometry"]["config_hash"] == old_hashes["geometry"]
+        assert manifest(out / "geometry")["finished"] == before["geometry"]  # untouched
+        assert manifest(out / "eval")["finished"] >= before["eval"]
+        assert manifest(out / "eval")[main.STAGE_RECORD]["section"]["max_new_tokens"] == 6
+
+        # the fine-tune folder given as model.spec: no fine-tune, and the same model identity reuses the stages
+        tuned = stages["finetune"]["folder"]
+        run_pipeline(main, root, base, "--set", "eval.max_new_tokens=6", "--set", "report.enabled=false",
+                     "--model", tuned)
+        stages = manifest(out)["stages"]
+        assert stages["finetune"]["status"] == "skipped: model.spec given"
+        assert {n: stages[n]["status"] for n in ("eval", "geometry", "figures")} == dict.fromkeys(
+            ("eval", "geometry", "figures"), "reused")
+
+
+FAKE_SCRIPT = '''
+import json, sys
+from pathlib import Path
+from catlens.runs import RunDir
+
+def main(argv):
+    out = Path(argv[argv.index("--out") + 1])
+    calls = Path(__file__).with_suffix(".calls.jsonl")
+    with open(calls, "a") as f:
+        f.write(json.dumps(argv) + "\\n")
+    run = RunDir.create(out, config={"argv": argv}, overwrite="--overwrite" in argv, resume="--overwrite" not in argv)
+    run.finish()
+    return 0
+'''
+
+
+def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monkeypatch):
+    from catlens.testing import make_tiny_model_dir
+
+    main = load_main()
+    model = make_tiny_model_dir(tmp_path / "tiny", categories=("privacy",))
+    other = tmp_path / "stock"
+    fake = tmp_path / "scripts" / "p1_steering.py"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SCRIPT)
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p1", fake)
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p2", tmp_path / "scripts" / "p2_steering.py")  # absent
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "specificity", fake.with_name("specificity.py"))  # absent
+    out = tmp_path / "run"
+    argv = ["--model", str(model), "--other-model", str(other), "--out", str(out), "--seed", "7", "--quick",
+            "--data-dir", str(tmp_path / "data"), "--set", "geometry.enabled=false", "--set", "figures.enabled=false",
+            "--set", "report.enabled=false", "--set", "p1.args.layers=1-2", "--set", "p1.args.gate=true",
+            "--set", "p1.args.dry_run=false"]
+    main.main(argv)
+    calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
+    assert calls == [["--model", str(model), "--out", str(out / "p1"), "--seed", "7", "--data-dir",
+                      str(tmp_path / "data"), "--quick", "--stock-model", str(other), "--layers", "1-2", "--gate"]]
+    stages = manifest(out)["stages"]
+    assert stages["p1"]["status"] == "done" and stages["p2"]["status"] == "skipped: not available"
+    assert "p2_steering.py does not exist" in stages["p2"]["reason"]
+    assert stages["specificity"]["status"] == "skipped: not available"
+    assert stages["eval"]["status"].startswith("skipped:") and "not a catlens fine-tune" in stages["eval"]["status"]
+    assert stages["geometry"]["status"] == "skipped: disabled in the config"
+    assert stages["finetune"]["status"] == "skipped: model.spec given"
+
+    main.main(argv)  # same config: the script is not called again
+    assert len(fake.with_suffix(".calls.jsonl").read_text().splitlines()) == 1
+    assert manifest(out)["stages"]["p1"]["status"] == "reused"
+    main.main(argv + ["--set", "p1.args.layers=0-1"])  # changed args: rerun, replacing the old folder
+    calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and "--overwrite" in calls[1] and calls[1][-3:] == ["--layers", "0-1", "--gate"]
+    assert manifest(out)["stages"]["p1"]["status"] == "done"
+
+    # an edited script reruns its stage (same config); a failing stage is recorded, the others still run, and the
+    # job ends with an error naming it
+    fake.write_text(FAKE_SCRIPT.replace("return 0", "raise ValueError('planted failure')"))
+    with pytest.raises(RuntimeError, match="p1: ValueError: planted failure"):
+        main.main(argv + ["--set", "p1.args.layers=0-1"])
+    m = manifest(out)
+    assert m["status"] == "failed" and m["stages"]["p1"]["status"].startswith("failed: ValueError")
+    assert m["stages"]["specificity"]["status"] == "skipped: not available"
+
+    # after a failure (or an interruption) with the same configuration the script resumes: no --overwrite
+    def last_call():
+        return json.loads(fake.with_suffix(".calls.jsonl").read_text().splitlines()[-1])
+
+    assert "--overwrite" in last_call()
+    fake.write_text(FAKE_SCRIPT.replace("return 0", "raise KeyboardInterrupt"))
+    with pytest.raises(KeyboardInterrupt):
+        main.main(argv + ["--set", "p1.args.layers=0-1"])
+    assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "running"
+    fake.write_text(FAKE_SCRIPT)
+    main.main(argv + ["--set", "p1.args.layers=0-1"])
+    assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "done"
+    main.main(argv + ["--set", "p1.args.layers=1-3"])  # a finished stage with another configuration is replaced
+    assert "--overwrite" in last_call() and last_call()[-3:] == ["--layers", "1-3", "--gate"]
+
+
+@pytest.mark.gpu
+def test_reduced_pipeline_on_cuda(tmp_path, monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (torch.cuda.is_available() is False)")
+    from catlens.testing import make_tiny_model_dir
+
+    main = load_main()
+    for name in ("p1", "p2", "specificity"):
+        monkeypatch.setitem(main.STAGE_SCRIPTS, name, tmp_path / "absent" / f"{name}.py")
+    base = make_tiny_model_dir(tmp_path / "base")
+    run_pipeline(main, tmp_path, base, device="cuda")
+    m = manifest(tmp_path / "run")
+    assert {n: m["stages"][n]["status"] for n in ("finetune", "eval", "geometry", "figures", "report")} == \
+        dict.fromkeys(("finetune", "eval", "geometry", "figures", "report"), "done")
+    assert manifest(tmp_path / "run" / "geometry")["models"]["model"]["device"].startswith("cuda")
