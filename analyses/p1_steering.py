@@ -333,30 +333,41 @@ def run_sweep(model: Any, sets: dict[str, Any], fit: dict[str, Any], layers: Seq
     table = first_position(model, val, policies, batch_size=batch_size)
     log.info("sweep: %d settings x %d val prompts in %.0f s", len(policies), len(val), time.perf_counter() - t0)
     by = {name: g.set_index("id").loc[vf.id] for name, g in table.groupby("policy")}
-    base = by["unsteered"].refused.to_numpy(dtype=bool)
     rows = []
     for m in methods:
         for layer in layers:
-            scores = fit["val_scores"][layer]
             for rule in GATE_RULES:
-                flagged = scores >= fit["gates"][layer][rule].threshold
-                for tc in [None, *toward]:
-                    for ac in [None, *away]:
-                        t_ref = base if tc is None else by[f"{m}|{layer}|t|{tc}"].refused.to_numpy(dtype=bool)
-                        a_ref = base if ac is None else by[f"{m}|{layer}|a|{ac}"].refused.to_numpy(dtype=bool)
-                        refused = t_ref.copy()
-                        refused[~flagged] = a_ref[~flagged]
-                        t_kl = 0 if tc is None else by[f"{m}|{layer}|t|{tc}"].kl_from_base.to_numpy()
-                        a_kl = 0 if ac is None else by[f"{m}|{layer}|a|{ac}"].kl_from_base.to_numpy()
-                        kl = (flagged * t_kl + (~flagged) * a_kl)[(vf.label == "benign").to_numpy()]
-                        rows.append({"method": m, "layer": layer, "gate_rule": rule, "toward": tc,
-                                     "away": None if ac is None else -ac, **_rates(vf, refused),
-                                     "benign_first_token_kl": float(kl.mean()) if hasattr(kl, "mean") else 0.0})
+                flagged = fit["val_scores"][layer] >= fit["gates"][layer][rule].threshold
+                for row in combine_sides(by, vf, flagged, {c: f"{m}|{layer}|t|{c}" for c in toward},
+                                         {c: f"{m}|{layer}|a|{c}" for c in away}):
+                    rows.append({"method": m, "layer": layer, "gate_rule": rule, **row})
     sweep = pd.DataFrame(rows)
     sweep["objective"] = sweep.refusal - sweep.over_refusal
     sweep["split"] = "val"
     sweep["n_val"] = len(val)
     return sweep
+
+
+def combine_sides(by: dict[str, Any], vf: Any, flagged: Any, toward: dict[float, str], away: dict[float, str]
+                  ) -> list[dict[str, Any]]:
+    """Every (toward, away) pair, ``None`` = that side unsteered: rows the gate flags take the toward pass's verdict,
+    the others the away pass's (each row only ever sees one side, so this equals the gated policy; tested)."""
+    base = by["unsteered"].refused.to_numpy(dtype=bool)
+    benign = (vf.label == "benign").to_numpy()
+    rows = []
+    for tc in [None, *toward]:
+        for ac in [None, *away]:
+            t_ref = base if tc is None else by[toward[tc]].refused.to_numpy(dtype=bool)
+            a_ref = base if ac is None else by[away[ac]].refused.to_numpy(dtype=bool)
+            refused = t_ref.copy()
+            refused[~flagged] = a_ref[~flagged]
+            t_kl = 0.0 if tc is None else by[toward[tc]].kl_from_base.to_numpy()
+            a_kl = 0.0 if ac is None else by[away[ac]].kl_from_base.to_numpy()
+            kl = (flagged * t_kl + (~flagged) * a_kl) * 1.0
+            kl = kl[benign] if hasattr(kl, "__len__") else kl
+            rows.append({"toward": tc, "away": None if ac is None else -abs(ac), **_rates(vf, refused),
+                         "benign_first_token_kl": float(kl.mean()) if hasattr(kl, "mean") else 0.0})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -564,7 +575,7 @@ def train_lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen:
     if args.lowrank_steps <= 0:
         return None
     try:
-        from catlens import combine  # noqa: F401
+        import catlens.combine  # noqa: F401
     except ImportError:
         log.warning("catlens.combine is not available: the low-rank combination is skipped")
         return None
@@ -573,7 +584,79 @@ def train_lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen:
 
 def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict[str, Any], layers: Sequence[int],
              run: Any, args: argparse.Namespace) -> dict[str, Any] | None:
-    raise NotImplementedError  # replaced when catlens.combine lands
+    """Train the map from the whitened basis (``W⁻¹Q``, and P1's verbatim ``Q`` for comparison) at the layer and
+    with the direction method of the chosen categorical policy, then choose its toward/away multipliers and gate
+    rule on val exactly as for categorical steering (first-position sweep, then the perplexity guard)."""
+    import pandas as pd
+
+    from catlens.combine import init_basis, train_low_rank
+    from catlens.generation import first_position
+    from catlens.geometry import fit_whitener
+    from catlens.steer import SteeringPolicy, model_fingerprint
+
+    rows = chosen["rows"]
+    layer = int(rows[0]["layer"]) if rows else int(layers[len(layers) // 2])
+    method = rows[0]["method"] if rows else list(fit["dirs"])[0]
+    li = list(layers).index(layer)
+    X, is_h = fit["X"], fit["is_h"]
+    whitener = fit_whitener(X[~is_h, li])
+    train = sets["train"]
+    val, vf = sets["val"], fit["val_frame"].reset_index(drop=True)
+    mults_t = [1.0, 2.0, 4.0]
+    mults_a = [1.0, 2.0, 4.0, 6.0]
+    curves, policies, sweep_rows = [], {}, []
+    gen_val = _gen_subsample(val.where(label="benign"), args.gen_n, args.seed)
+    base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", tokens=args.gen_tokens,
+                              batch_size=args.batch_size)
+    for mode in ("residual", "verbatim"):
+        basis = init_basis(fit["dirs"][method], whitener, layer=layer, mode=mode)
+        res = train_low_rank(model, train.where(label="harmful"), train.where(label="benign"), layer=layer,
+                             basis=basis, steps=args.lowrank_steps, batch_size=8, seed=args.seed,
+                             out=run.path / "lowrank" / mode)
+        curves.append(res.curve.assign(basis=mode, layer=layer, method=method, forward=res.forward))
+        iv = res.intervention
+        pols = {"unsteered": None}
+        for c in mults_t:
+            pols[f"t|{c}"] = SteeringPolicy((replace(iv, coeff=c),))
+        for c in mults_a:
+            pols[f"a|{c}"] = SteeringPolicy((replace(iv, coeff=-c),))
+        table = first_position(model, val, pols, batch_size=args.batch_size)
+        by = {n: g.set_index("id").loc[vf.id] for n, g in table.groupby("policy")}
+        cands = []
+        for rule in GATE_RULES:
+            flagged = fit["val_scores"][layer] >= fit["gates"][layer][rule].threshold
+            for r in combine_sides(by, vf, flagged, {c: f"t|{c}" for c in mults_t}, {c: f"a|{c}" for c in mults_a}):
+                r.update({"basis": mode, "layer": layer, "method": method, "gate_rule": rule,
+                          "objective": r["refusal"] - r["over_refusal"], "split": "val"})
+                sweep_rows.append(r)
+                if r["toward"] is not None or r["away"] is not None:
+                    cands.append(r)
+        cands.sort(key=lambda r: (-r["objective"], abs(r["toward"] or 0) + abs(r["away"] or 0)))
+        for r in cands[:args.candidates]:
+            gate = fit["gates"][layer][r["gate_rule"]]
+            pol = SteeringPolicy((iv,), gate=gate, toward=r["toward"], away=r["away"], name=f"lowrank-{mode}",
+                                 model=model_fingerprint(model),
+                                 meta={"chosen_on": "val (built-in val + seeded benchmark halves)", "basis": mode,
+                                       "method": method, "layer": layer, "gate_rule": r["gate_rule"],
+                                       "steps": args.lowrank_steps, "val_refusal": r["refusal"],
+                                       "val_over_refusal": r["over_refusal"], "seed": args.seed})
+            judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_lowrank_{mode}_"
+                                        f"{r['gate_rule']}_t{r['toward']}_a{r['away']}", tokens=args.gen_tokens,
+                                        batch_size=args.batch_size)
+            answered = set(judged[(judged.label == "benign") & ~judged.refused_substring.astype(bool)].id) & set(
+                base[(base.label == "benign") & ~base.refused_substring.astype(bool)].id)
+            ppl_s, _ = benign_ppl(model, judged, answered)
+            ppl_b, _ = benign_ppl(model, base, answered)
+            r["ppl_ratio"] = ppl_s / ppl_b if ppl_b == ppl_b and ppl_b > 0 else math.nan
+            if r["ppl_ratio"] == r["ppl_ratio"] and r["ppl_ratio"] <= 1 + args.ppl_guard:
+                r["chosen"] = True
+                policies[f"lowrank_{mode}"] = pol
+                break
+        else:
+            log.warning("low-rank (%s): no candidate passed the perplexity guard", mode)
+    run.save_table("lowrank_curve", pd.concat(curves, ignore_index=True))
+    run.save_table("lowrank_sweep", pd.DataFrame(sweep_rows))
+    return policies
 
 
 def first_position_cached(model: Any, ps: Any, policies: dict[str, Any], run: Any, folder: str,
@@ -605,7 +688,6 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     import numpy as np
     import pandas as pd
 
-    from catlens.generation import first_position
     from catlens.judges import agreement_table
     from catlens.metrics import auroc_with_ci, rate_table
 
@@ -714,7 +796,7 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
     stock = load_model(args.stock_model)
     run.record_model(stock, role="stock_model")
     gen_test = _gen_subsample(sets["test"], args.gen_n, args.seed)
-    X, is_h = fit["X"], fit["is_h"]
+    X = fit["X"]
     tf = sets["train"].to_frame()
     harm = torch.tensor(((tf.label == "harmful") & tf.category.isin(fit["cats"])).to_numpy())
     rows = []
