@@ -6,6 +6,7 @@
     catlens finetune --config quick      train the refusal-token model (see `catlens finetune -h`)
     catlens generate --prompts builtin   generate (optionally steered by --policy) and judge the answers
     catlens report runs/main             rebuild runs/main/report.html from the saved tables
+    catlens explore --model <folder>     a local web page: type a prompt, steer it, compare the answers
 
 Threads: --threads N (default: $OMP_NUM_THREADS, else torch's default); two jobs on a 2-core machine each want
 --threads 1.
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     from catlens.generation import add_cli as add_generate_cli
 
     add_generate_cli(sub)
+    from catlens.explore import add_cli as add_explore_cli
+
+    add_explore_cli(sub)
     return parser
 
 

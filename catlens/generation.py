@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,10 @@ from catlens.steer import (
 log = logging.getLogger(__name__)
 
 SPECIAL_MODES = ("auto", "first_only", "free")
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised by :func:`generate` when its ``should_stop`` callback returns True (the explorer's cancel flag)."""
 
 
 @dataclass(frozen=True)
@@ -284,10 +288,12 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                     system: str | None, max_new_tokens: int, sample: bool, temperature: float, top_k: int | None,
                     top_p: float | None, seed: int, use_cache: bool, special_first_only: bool, tokens: Any,
                     token_ids: list[int], overrides: Mapping[str, Sequence[Any]] | None, batch_index: Sequence[int],
-                    trace: list | None = None, stop_at_eos: bool = True) -> list[dict[str, Any]]:
+                    trace: list | None = None, stop_at_eos: bool = True,
+                    should_stop: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
     from catlens.refusal import decode_response, special_token_probs
 
     t0 = time.perf_counter()
+    _check_stop(should_stop, 0)
     rendered = model.format([it.text for it in items], fmt, system=system)
     ids, mask = model.tokenize(rendered)
     B = ids.shape[0]
@@ -356,6 +362,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                 finished |= nxt == eos
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
+            _check_stop(should_stop, step + 1)
             dec.append(nxt)
             end = dec.seq.shape[1]
             logits = dec.forward(end - 1, end)
@@ -380,13 +387,18 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
     return records
 
 
+def _check_stop(should_stop: Callable[[int], bool] | None, n_tokens: int) -> None:
+    if should_stop is not None and should_stop(n_tokens):
+        raise GenerationCancelled(f"generation stopped by should_stop after {n_tokens} new token(s) of a batch.")
+
+
 def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int = 64, batch_size: int = 16,
              sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, use_cache: bool = True, fmt: str = "chat", system: str | None = None,
              special_tokens: str = "auto", rows: Mapping[str, Sequence[Any]] | None = None,
              allow_transfer: bool = False, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
-             show_progress: bool = True, trace: list | None = None, stop_at_eos: bool = True
-             ) -> list[dict[str, Any]]:
+             show_progress: bool = True, trace: list | None = None, stop_at_eos: bool = True,
+             should_stop: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
     """Generate answers to ``prompts`` (strings, dicts with ``text``, or a :class:`catlens.prompts.PromptSet`),
     steered by ``steer`` (a :class:`catlens.steer.SteeringPolicy`, interventions, or a saved policy folder).
 
@@ -397,6 +409,9 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     only at the first response position; ``"free"`` does not restrict them. ``use_cache=False`` recomputes the whole
     sequence at every step (slow; steers the same positions). ``trace`` (a list) collects ``(intervention, row,
     position)`` of every edit, for tests. ``stop_at_eos=False`` always decodes ``max_new_tokens`` (benchmarks).
+    ``should_stop(n)`` (optional) is called before each batch's prefill (``n=0``) and before each further decoding
+    step (``n`` = tokens generated so far in the batch); when it returns True, :class:`GenerationCancelled` is
+    raised (finished batches stay in ``out``, so a rerun resumes). It also serves as a per-token progress signal.
     See the module docstring for the records and the ``out`` folder.
     """
     from tqdm.auto import tqdm
@@ -448,7 +463,8 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
                                    max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
                                    special_first_only=special_tokens != "free", tokens=tokens, token_ids=token_ids,
-                                   overrides=rows, batch_index=batch, trace=trace, stop_at_eos=stop_at_eos)
+                                   overrides=rows, batch_index=batch, trace=trace, stop_at_eos=stop_at_eos,
+                                   should_stop=should_stop)
             if run is not None:
                 run.append_jsonl("timing", [{"ids": [r["id"] for r in recs], "seconds": sum(r["seconds"] for r in recs)}])
                 run.append_jsonl("generations.partial", [{k: v for k, v in r.items() if k != "seconds"} for r in recs])
