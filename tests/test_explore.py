@@ -174,6 +174,36 @@ def test_a_saved_policy_as_loaded(explorer, tmp_path):
         ex.close()
 
 
+def test_a_gated_policy_with_a_refusal_token_router(explorer, tmp_path):
+    """The shape the steering sweep saves: one intervention per category label, a gate, the refusal-token router."""
+    from catlens.steer import Intervention, Router, SteeringPolicy
+
+    cats = ("fraud", "hate", "privacy")  # the tiny model's refusal tokens
+    gen = torch.Generator().manual_seed(0)
+    iv = Intervention("resid_post", 1, torch.randn(3, 64, generator=gen), labels=cats, positions="last_prompt",
+                      normalize=True, scale="norm", ref_norm=10.0)
+    SteeringPolicy((iv,), gate=explorer.gate(1), router=Router("refusal_tokens", cats), toward=0.4, away=-0.2,
+                   name="sweep-like").save(tmp_path / "policy")
+    ex = E.Explorer(explorer.model, tmp_path / "policy", discover_datasets=False, reference=explorer.reference)
+    try:
+        d = ex.defaults()
+        assert (d["mode"], d["toward"], d["away"], d["route"], d["categories"]) == ("gated", "0.4", "-0.2", True,
+                                                                                    list(cats))
+        r = ex.run(ex.parse({**d, "prompt": PROMPT, "max_new_tokens": "6", "toward": "5", "away": "5"}))
+        gate, route = r["steered"]["gate"], r["steered"]["route"]
+        assert gate["coeff"] == 5.0 and route["kind"] == "refusal_tokens" and route["category"] in cats
+        assert r["steered"]["token_ids"] != r["unsteered"]["token_ids"]
+        assert "gate 'explorer probe L1' at layer 1" in r["summary"] and "refusal_tokens router" in r["summary"]
+        # one coefficient: the gate is dropped; one category without the router: that direction for every prompt
+        single = ex.run(ex.parse({**d, "prompt": PROMPT, "max_new_tokens": "6", "mode": "single", "coeff": "0",
+                                  "route": [], "categories": ["hate"]}))
+        assert single["steered"]["gate"] is None and single["steered"]["route"] is None
+        assert single["steered"]["steer"]["direction"] == [1]
+        assert single["steered"]["token_ids"] == single["unsteered"]["token_ids"]
+    finally:
+        ex.close()
+
+
 def test_prompt_sets(tiny_lm, tmp_path):
     from catlens.datasets import load_builtin
     from catlens.prompts import PromptSet
@@ -261,6 +291,7 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
     from playwright.sync_api import sync_playwright
 
     app = E.create_app(tiny_lm, explorer=E.Explorer(tiny_lm, discover_datasets=False, reference=reference))
+    explorer_texts = set(app.explorer.builtin.texts)
     with E.serve(app) as server, sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
@@ -274,6 +305,12 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
             page.click("#run")
             page.wait_for_selector("#message .error", timeout=10_000)
             assert "prompt is empty" in page.inner_text("#message")
+            # pick a built-in prompt from the searchable list: it fills the prompt box
+            page.click("#prompt-pick")
+            page.keyboard.type("phishing")
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.querySelector('#prompt').value.includes('phishing')", timeout=10_000)
+            assert page.input_value("#prompt") in explorer_texts
             # a prompt, a large coefficient: the steered answer appears and differs
             page.fill("#prompt", PROMPT)
             page.fill("#layers", "1")
@@ -285,6 +322,7 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
             unsteered, steered = page.inner_text("#unsteered"), page.inner_text("#steered")
             assert steered and unsteered and steered != unsteered
             assert "differs" in page.inner_text("#same")
+            assert "done in" in page.inner_text("#progress")
             page.wait_for_function("document.querySelectorAll('#probs .main-svg, #pca .main-svg').length >= 2",
                                    timeout=10_000)
             if os.environ.get("CATLENS_SCREENSHOT"):
