@@ -99,9 +99,13 @@ def fit_router_probe(acts: Tensor, categories: Sequence[str], *, layer: int, sit
     if len(classes) < 2:
         raise ValueError(f"a category router needs at least two categories, got {classes}.")
     clf = LogisticRegression(C=C, max_iter=5000).fit(X, cats)
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # two classes: one decision function f for classes_[1]; scores (-f/2, f/2) argmax alike
+        coef = np.concatenate([-coef / 2, coef / 2])
+        intercept = np.concatenate([-intercept / 2, intercept / 2])
     order = [list(clf.classes_).index(c) for c in classes]
-    return Router("probe", tuple(classes), weight=torch.from_numpy(clf.coef_[order].astype(np.float32)),
-                  bias=torch.from_numpy(clf.intercept_[order].astype(np.float32)), layer=layer, site=site)
+    return Router("probe", tuple(classes), weight=torch.from_numpy(coef[order].astype(np.float32)),
+                  bias=torch.from_numpy(intercept[order].astype(np.float32)), layer=layer, site=site)
 
 
 def gate_scores(gate: Gate, acts: Tensor) -> np.ndarray:

@@ -52,3 +52,21 @@ def test_fit_router_probe_recovers_planted_categories():
         fit_router_probe(X, cats[:-1], layer=1)
     with pytest.raises(ValueError, match="width"):
         fit_gate(X, torch.randn(5, 9), layer=1)
+
+
+def test_router_probe_with_two_categories_routes_like_the_classifier():
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from catlens.probes import fit_router_probe
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g)
+    X[:20, 0] += 3.0
+    cats = ["b"] * 20 + ["a"] * 20
+    router = fit_router_probe(X, cats, layer=0)
+    assert router.weight.shape == (2, 6) and router.categories == ("a", "b")
+    picked = [router.categories[i] for i in (X @ router.weight.T + router.bias).argmax(1).tolist()]
+    expected = LogisticRegression(C=1.0, max_iter=5000).fit(X.numpy(), cats).predict(X.numpy())
+    assert picked == list(np.asarray(expected))
