@@ -14,7 +14,8 @@ Protocol (fixed before any number is looked at; written into ``splits.parquet`` 
   the built-in ``train`` split, capped per side (``--train-cap``, seeded);
 * **val** (every choice: method, layer, toward/away coefficients, gate threshold rule, low-rank coefficients): the
   built-in ``val`` split plus a seeded half (stratified by category) of every held-out benchmark set except XSTest,
-  capped per set (``--val-cap``);
+  capped per set (``--val-cap``); HarmBench is its ``standard`` behaviours (the contextual ones carry pages of
+  context and are not part of the issue's sets);
 * **test** (evaluated once, with the chosen settings): the other halves, XSTest (test-only) and the built-in
   ``test`` split. The leakage check (exact and near duplicates) runs on every pair of (train, val, test).
 
@@ -149,7 +150,9 @@ def build_sets(model_spec: str, data_dir: str | None, *, seed: int, train_cap: i
     halves: dict[str, Any] = {
         "harmful_heldout": ev["harmful_heldout"], "strongreject": ev["strongreject"],
         "simple_safety_tests": ev["simple_safety_tests"], "jbb_harmful": ev["jbb_harmful_test"],
-        "harmbench": ev["harmbench"], "coconot_contrast": ev["coconot_contrast_test"],
+        "harmbench": ev["harmbench"].filter(lambda p: _meta(p).get("functional_category") == "standard",
+                                            "HarmBench standard behaviours"),
+        "coconot_contrast": ev["coconot_contrast_test"],
         "jbb_benign": ev["jbb_benign_test"], "alpaca": ev["alpaca_test"],
     }
     try:
@@ -198,6 +201,11 @@ def build_sets(model_spec: str, data_dir: str | None, *, seed: int, train_cap: i
         check_leakage(a, b)  # now clean, or this raises
     return {"train": train, "val": val, "test": test, "split_rows": split_rows, "config": config_name,
             "dropped": dropped}
+
+
+def _meta(p: Any) -> dict[str, Any]:
+    m = p.meta
+    return json.loads(m) if isinstance(m, str) else dict(m or {})
 
 
 def splits_table(sets: dict[str, Any], seed: int) -> Any:
