@@ -179,6 +179,7 @@ def build_sets(model_spec: str, data_dir: str | None, *, seed: int, train_cap: i
         val_parts.append(v)
         test_parts.append(t)
         split_rows.append({"dataset": name, "n_total": len(ps), "n_val": len(v), "n_test": len(t)})
+    val_parts = [v.sample(val_cap, seed=seed) if len(v) > val_cap else v for v in val_parts]
     val = PromptSet.concat(*[p for p in val_parts if len(p)], name="val").with_split("val")
     test = PromptSet.concat(*[p for p in test_parts if len(p)], name="test").with_split("test")
     if test_cap is not None:
