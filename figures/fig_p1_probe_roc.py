@@ -10,7 +10,7 @@ Reads:  RUN_DIR/test_fp/<policy>-<digest>-<prompts>.parquet (per-prompt first-po
         (AUROC with interval per pair and score; its ``gate_from`` names the gated policy) and, for the threshold's
         value, RUN_DIR/policies/<policy>/policy.json (plain JSON) (written by analyses/p1_steering.py)
 Writes: DIR/fig_p1_probe_roc.html/.csv/.png (the CSV: the curves, one row per threshold, and the operating points);
-        DIR defaults to figures/out/<run name>/
+        DIR defaults to figures/out/<run name>/; nothing (the reason logged) when no policy has a gate
 Scores: the probe score is the gated policy's ``gate_score`` (the gate reads the unsteered activations, so it does
 not depend on the steering); the refusal-token probability is the unsteered model's ``refusal_score``.
 """
@@ -198,8 +198,14 @@ def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[s
     run_dir = Path(run_dir)
     scores = load_scores(run_dir)
     auroc = load_table(run_dir / "auroc") if (run_dir / "auroc.parquet").exists() else None
+    if auroc is not None and not len(auroc):
+        auroc = None  # the analysis writes an empty table when no gated policy was chosen
     if auroc is None:
-        log.info("probe ROC: no auroc table in %s; the legend gives the curves' AUROC without an interval", run_dir)
+        log.info("probe ROC: no auroc rows in %s; the legend gives the curves' AUROC without an interval", run_dir)
+    if not scores["gate_score"].notna().any():
+        log.info("fig_p1_probe_roc skipped: no policy in %s/test_fp has gate scores (no gated policy passed the "
+                 "perplexity guard)", run_dir)
+        return {}
     gate_from = gated_policy(scores, auroc)
     threshold = gate_threshold(run_dir, gate_from)
     curves, points = roc_data(scores, gate_from, threshold)

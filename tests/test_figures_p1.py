@@ -410,7 +410,7 @@ def test_missing_optional_tables_are_skipped_with_a_reason(tmp_path, caplog):
     assert "generated subsample" not in md and "no test_rates_substring" in caplog.text
     roc = _load("fig_p1_probe_roc")
     roc.main(run, out_dir=tmp_path / "out", png=False)
-    assert "no auroc table" in caplog.text
+    assert "no auroc rows" in caplog.text
     drawn = pd.read_csv(tmp_path / "out" / "fig_p1_probe_roc.csv")
     assert set(drawn.kind) == {"curve", "operating point"}
     scores = roc.load_scores(run)
@@ -445,3 +445,21 @@ def test_lowrank_curve_and_bad_tables(run):
         fst.safety_rows(rates[rates.grouping != "dataset"])
     with pytest.raises(FileNotFoundError, match="no per-prompt tables"):
         _load("fig_p1_probe_roc").load_scores(run / "nowhere")
+
+
+def test_a_run_without_a_gated_policy(tmp_path, caplog):
+    """When no candidate passes the perplexity guard the analysis keeps only the unsteered policy and writes an empty
+    auroc table: the ROC script draws nothing and says why; the other scripts still draw."""
+    run = make_p1_run(tmp_path / "p1")
+    for f in (run / "test_fp").glob("categorical_*"):
+        f.unlink()
+    pd.DataFrame().to_parquet(run / "auroc.parquet")
+    caplog.set_level(logging.INFO)
+    assert _load("fig_p1_probe_roc").main(run, out_dir=tmp_path / "out", png=False) == {}
+    assert "fig_p1_probe_roc skipped: no policy in" in caplog.text
+    assert not (tmp_path / "out" / "fig_p1_probe_roc.html").exists()
+    from catlens.report import build_report
+
+    rep = build_report(run.parent)
+    sec = next(s for s in rep.sections if s.id == "probe_roc")
+    assert sec.status == "ok" and not sec.figures and "no gated policy passed the perplexity guard" in sec.body
