@@ -433,6 +433,9 @@ def section_finetune(t: Tables) -> SectionResult:
     sec = _Section("finetune", "Fine-tune results (held-out evaluation)",
                    "python analyses/finetune_eval.py --config default --out <run folder>/eval")
     tabs = _need(t, sec, "eval", ["per_category", "over_refusal", "auroc", "fluency"])
+    if "auroc" in tabs and "benign" not in tabs["auroc"].columns and t.path("eval", "auroc").parent == t.root:
+        del tabs["auroc"]  # a P1 folder given directly: its auroc table is the probe comparison, not the eval's
+        sec.missing.append("eval/auroc.parquet")
     if not tabs:
         return sec.result()
     summary = t.json("eval", "summary") or {}

@@ -472,3 +472,13 @@ def test_sweep_section_reads_the_steer_sweep_table(tmp_path):
     assert sec.status == "ok" and len(sec.figures) == 1
     assert "Chosen on val: one_vs_benign, layer 20, toward 0.100" in sec.body
     assert "0.800 [0.700, 0.850]" in sec.body and "<code>ppl_ratio</code> stands for coherence" in sec.body
+
+
+def test_the_p1_stage_folder_given_directly(full_run):
+    """`catlens report runs/main/p1`: the P1 sections read the folder itself; its auroc table (probe vs refusal
+    token) is not mistaken for the fine-tune evaluation's."""
+    rep = R.build_report(full_run / "p1", out=full_run / "p1.html")
+    status = {s.id: s.status for s in rep.sections}
+    assert status["p1"] == status["probe_roc"] == status["sweep"] == status["judges"] == "ok"
+    assert status["finetune"] == status["p2"] == status["specificity"] == "not run"
+    assert "eval/auroc.parquet" in next(s for s in rep.sections if s.id == "finetune").missing
