@@ -11,7 +11,8 @@ table. A metric that stands in for something it does not measure directly (a pro
 for: a ``stands_for`` column in long tables, a caption under wide ones (see :data:`STANDS_FOR`).
 
 Where tables are looked for: ``<run>/<stage>/<name>.parquet`` (or ``.csv``), and ``<run>/<name>.parquet`` so a
-stage folder can be given directly. Sections and their tables:
+stage folder can be given directly (the stage folders are those ``analyses/main.py`` lays out). Sections and their
+tables:
 
 ====================  ======================  ===================================================================
 section               stage folder            tables
@@ -24,48 +25,23 @@ cosines               ``geometry/``           ``cosine`` (+ ``separability`` to 
 anisotropy            ``geometry/``           ``anisotropy``
 whitening             ``geometry/``           ``whitening``, ``basis_alignment``
 model diffing         ``geometry/``           ``model_diff`` (geometry with ``--other-model``)
-P1 trade-off          ``p1/``                 ``tradeoff``, ``safety_table``
-probe ROC             ``p1/``                 ``probe_roc``
-sweeps                ``sweep/``              ``sweep`` (``analyses/steer_sweep.py``, or the generic schema)
-P2 per category       ``p2/``                 ``p2_table``
-specificity           ``specificity/``        ``specificity_matrix``
-judge agreement       any ``*/``              ``judge_agreement`` (every one found)
+P1 Figure 1, safety   ``p1/``                 ``headline``, ``test_rates`` (+ ``test_rates_substring``,
+                                              ``transfer`` when present) (``analyses/p1_steering.py``)
+probe ROC             ``p1/``                 ``auroc``, ``test_fp/<policy>-*.parquet`` (per prompt),
+                                              ``policies/<policy>/policy.json`` (the threshold), ``gate_errors``
+sweeps                ``p1/``                 ``sweep``, ``candidates``, ``headline`` (the region),
+                                              ``lowrank_curve`` when trained; or ``sweep/sweep`` as
+                                              ``analyses/steer_sweep.py`` writes it
+P2 per category       ``p2/``                 ``p2_test`` (Parquet), ``p2_test_summary`` (``analyses/p2_steering.py``)
+specificity           ``specificity/``        ``specificity``, ``summary`` (``analyses/specificity.py``)
+judge agreement       ``p1/``, ``p2/``, any   ``p1/agreement``, ``p2/p2_agreement``, ``<stage>/judge_agreement``
+                                              (``catlens.judges.agreement_table``'s columns)
 ====================  ======================  ===================================================================
 
-Schemas of the tables that no analysis writes yet (tidy: one row per observation; Parquet or CSV; columns marked
-"optional" may be left out; ``ci_low``/``ci_high`` are the bounds of an interval, e.g. a 95% Wilson or bootstrap
-interval, with the kind named in ``interval``; ``stands_for`` says what a proxy metric stands in for, e.g.
-"first-token refusal decision, stands for a judge's refusal verdict on the generated answer" -- give it for every
-proxy: without it the page can only fill in the metrics :data:`STANDS_FOR` knows and shows "–" for the rest):
-
-``p1/tradeoff`` -- P1 Figure 1, one point per method and setting (e.g. a steering coefficient):
-    ``method`` str, ``setting`` str (the label written on the point), ``harmful_refusal`` float in [0, 1],
-    ``harmful_refusal_low``, ``harmful_refusal_high`` float, ``benign_refusal`` float in [0, 1],
-    ``benign_refusal_low``, ``benign_refusal_high`` float, ``n_harmful``, ``n_benign`` int,
-    optional ``interval`` str, optional ``stands_for`` str (how refusal was decided).
-    Drawn as harmful refusal (y, safety) against benign refusal (x, over-refusal) with both intervals.
-``p1/safety_table`` -- one row per model/method, benchmark and metric:
-    ``method`` str, ``benchmark`` str, ``metric`` str, ``value`` float, ``ci_low``, ``ci_high`` float, ``n`` int,
-    ``stands_for`` str, optional ``interval`` str.
-``p1/probe_roc`` -- ROC curves of refusal probes: ``probe`` str (e.g. "layer 15 logistic"), ``fpr``, ``tpr`` float
-    (one row per threshold, sorted by fpr within a probe), ``auroc`` float (repeated on each row of a probe),
-    optional ``n_pos``, ``n_neg`` int, optional ``stands_for`` str.
-``sweep/sweep`` -- either the table ``analyses/steer_sweep.py`` writes (``method``, ``layer``, ``toward``, ``away``,
-    ``refusal``/``over_refusal`` with ``_ci_low``/``_ci_high``, ``ppl_ratio``, ``ppl_stands_for``, ``pareto``,
-    ``chosen``, ``judge``, ``split``; drawn as refusal vs over-refusal), or a generic long table of
-    hyper-parameter sweeps: ``sweep`` str (the knob, e.g. "coefficient", "layer"), ``x`` float
-    (its value), ``method`` str, ``metric`` str, ``value`` float, optional ``ci_low``, ``ci_high`` float,
-    optional ``stands_for`` str.
-``p2/p2_table`` -- P2 per-category results: ``category`` str, ``method`` str (e.g. "none", "unsupervised",
-    "pruned", "guided"), ``metric`` str (e.g. "unsafe_rate", "helpfulness"), ``value`` float, optional
-    ``ci_low``, ``ci_high`` float, ``n`` int, optional ``stands_for`` str.
-``specificity/specificity_matrix`` -- steering one category's direction, measured on every category's prompts:
-    ``steered_category`` str, ``evaluated_category`` str, ``metric`` str (e.g. "refusal_change"), ``value``
-    float, optional ``n`` int, optional ``stands_for`` str. Specificity = diagonal minus mean off-diagonal.
-``<stage>/judge_agreement`` -- agreement between refusal decisions, as ``catlens.judges.agreement_table`` writes it:
-    ``judge_a``, ``judge_b`` str, ``n`` int, ``agreement`` float (share of equal verdicts), ``kappa`` float (Cohen's;
-    ``cohen_kappa`` is read too), optional ``set`` str (which prompts), any further columns (e.g. ``both``,
-    ``only_a``, ``only_b``, ``neither``) shown as they are.
+The P1, P2 and specificity sections draw with the pure builders of the repository's figure scripts
+(``figures/fig_p1_tradeoff.py``, ``fig_p1_safety_table.py``, ``fig_p1_probe_roc.py``, ``fig_p1_sweeps.py``,
+``fig_p2_bars.py``, ``fig_specificity.py``; :func:`figure_script`), so the page and the figure files show the same
+figures from the same tables.
 """
 
 import dataclasses
@@ -259,12 +235,6 @@ class _Section:
         if self.missing:
             body += _missing_html(self.missing, self.command)
         return SectionResult(self.id, self.title, status, body, self.figures, self.missing, self.command)
-
-
-def _todo(tables: str) -> str:
-    """The "command" of a placeholder section: no analysis writes its tables yet."""
-    return (f"TODO: no analysis writes {tables} yet; save them in <run folder> as Parquet or CSV with the schema "
-            f"in the catlens/report.py docstring")
 
 
 def _missing_html(missing: Sequence[str], command: str) -> str:
@@ -463,6 +433,9 @@ def section_finetune(t: Tables) -> SectionResult:
     sec = _Section("finetune", "Fine-tune results (held-out evaluation)",
                    "python analyses/finetune_eval.py --config default --out <run folder>/eval")
     tabs = _need(t, sec, "eval", ["per_category", "over_refusal", "auroc", "fluency"])
+    if "auroc" in tabs and "benign" not in tabs["auroc"].columns and t.path("eval", "auroc").parent == t.root:
+        del tabs["auroc"]  # a P1 folder given directly: its auroc table is the probe comparison, not the eval's
+        sec.missing.append("eval/auroc.parquet")
     if not tabs:
         return sec.result()
     summary = t.json("eval", "summary") or {}
@@ -664,8 +637,6 @@ def section_anisotropy(t: Tables) -> SectionResult:
 
 
 def section_whitening(t: Tables) -> SectionResult:
-    import pandas as pd
-
     from catlens import plotting
 
     sec = _Section("whitening", "Whitening and P1's orthonormal basis",
@@ -746,126 +717,450 @@ def _with_interval(df: Any, value: str, low: str, high: str, name: str) -> Any:
     return df
 
 
+# ------------------------------------------------------------------------------ P1, P2, specificity, judges
+FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
+"""The repository's figure scripts: the P1, P2 and specificity sections draw with their pure builders, so the page
+shows the same figures as ``figures/fig_*.py`` (both read only the saved tables)."""
+
+
+def figure_script(name: str) -> Any:
+    """The module ``figures/<name>.py`` (loaded once per process); raises FileNotFoundError naming the folder when
+    catlens runs without its repository checkout."""
+    import importlib.util
+    import sys
+
+    key = f"catlens_report_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    path = FIGURES_DIR / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"figure script {str(path)!r} not found: the report draws this section with the "
+                                f"repository's figures/ scripts; install catlens from its checkout (pip install -e .).")
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[key]
+        raise
+    return module
+
+
+def _folder_of(t: Tables, stage: str, name: str) -> Path | None:
+    """The folder that holds table ``name`` of ``stage`` (``<run>/<stage>`` or the run folder itself)."""
+    p = t.path(stage, name)
+    return None if p is None else p.parent
+
+
+def _judge(rates: Any) -> str | None:
+    if rates is None or "judge" not in rates.columns or not len(rates):
+        return None
+    return ", ".join(dict.fromkeys(str(j) for j in rates["judge"].dropna()))
+
+
+P1_COMMAND = "python analyses/p1_steering.py --model <refusal-tuned folder> --out <run folder>/p1"
+
+
 def section_p1(t: Tables) -> SectionResult:
-    import plotly.graph_objects as go
-
-    from catlens import plotting
-
-    sec = _Section("p1", "P1: safety/over-refusal trade-off (Figure 1) and safety table",
-                   _todo("p1/tradeoff and p1/safety_table"))
-    tabs = _need(t, sec, "p1", ["tradeoff", "safety_table"])
+    """P1 Figure 1 (``p1/headline``) and the safety table (``p1/test_rates``), the transfer table when present."""
+    sec = _Section("p1", "P1: refusal vs over-refusal (Figure 1) and the safety table", P1_COMMAND)
+    tabs = _need(t, sec, "p1", ["headline", "test_rates"])
     if not tabs:
         return sec.result()
-    if "tradeoff" in tabs:
-        tr = tabs["tradeoff"]
-        cols = ["method", "setting", "harmful_refusal", "harmful_refusal_low", "harmful_refusal_high",
-                "benign_refusal", "benign_refusal_low", "benign_refusal_high"]
-        _require(tr, cols, "tradeoff")
-        fig = go.Figure()
-        for method, g in tr.groupby("method", sort=False):
-            fig.add_trace(go.Scatter(
-                x=g["benign_refusal"], y=g["harmful_refusal"], mode="lines+markers+text", name=str(method),
-                text=[str(s) for s in g["setting"]], textposition="top center",
-                error_x={"type": "data", "symmetric": False, "array": g["benign_refusal_high"] - g["benign_refusal"],
-                         "arrayminus": g["benign_refusal"] - g["benign_refusal_low"]},
-                error_y={"type": "data", "symmetric": False,
-                         "array": g["harmful_refusal_high"] - g["harmful_refusal"],
-                         "arrayminus": g["harmful_refusal"] - g["harmful_refusal_low"]}))
-        fig.update_layout(template=plotting.template(), width=620, height=480,
-                          title="Harmful refusal (safety) vs benign refusal (over-refusal)",
-                          xaxis={"title": "benign refusal (over-refusal)", "range": [-0.02, 1.02]},
-                          yaxis={"title": "harmful refusal", "range": [-0.02, 1.05]})
-        shown = _with_interval(tr, "harmful_refusal", "harmful_refusal_low", "harmful_refusal_high",
-                               "harmful_refusal_interval")
-        shown = _with_interval(shown, "benign_refusal", "benign_refusal_low", "benign_refusal_high",
-                               "benign_refusal_interval")
-        keep = [c for c in ("method", "setting", "harmful_refusal_interval", "benign_refusal_interval", "n_harmful",
-                            "n_benign", "interval", "stands_for") if c in shown.columns]
-        best = tr.loc[(tr["harmful_refusal"] - tr["benign_refusal"]).idxmax()]
-        sec.text(f"Widest gap: {best['method']} at {best['setting']}, harmful refusal "
-                 f"{_interval(best['harmful_refusal'], best['harmful_refusal_low'], best['harmful_refusal_high'])}, "
-                 f"benign refusal "
-                 f"{_interval(best['benign_refusal'], best['benign_refusal_low'], best['benign_refusal_high'])}.")
-        sec.block(figure=fig, table=shown[keep], table_title="tradeoff",
-                  stands_for={"harmful_refusal_interval": STANDS_FOR["harmful_refusal"],
-                              "benign_refusal_interval": STANDS_FOR["benign_refusal"]})
-    if "safety_table" in tabs:
-        st = tabs["safety_table"]
-        _require(st, ["method", "benchmark", "metric", "value", "ci_low", "ci_high", "stands_for"], "safety_table")
-        fig = plotting.bars(st.assign(label=st["benchmark"].astype(str) + " · " + st["metric"].astype(str)),
-                            x="label", y="value", color="method", text_format=None,
-                            title="Safety table (bars: value, whiskers: interval)")
-        _error_bars(fig, st.assign(label=st["benchmark"].astype(str) + " · " + st["metric"].astype(str)),
-                    x="label", color="method")
-        shown = _with_interval(st, "value", "ci_low", "ci_high", "value_interval")
-        keep = [c for c in ("method", "benchmark", "metric", "value_interval", "n", "interval", "stands_for")
-                if c in shown.columns]
-        sec.block(figure=fig, table=shown[keep], table_title="safety_table")
+    judge = _judge(tabs.get("test_rates"))
+    judged = f"as decided by {judge}" if judge else "as the analysis decided it"
+    if "headline" in tabs:
+        fig1 = figure_script("fig_p1_tradeoff")
+        head = tabs["headline"]
+        data = fig1.tradeoff_data(head)
+        region = fig1.region(head)
+        fig = fig1.tradeoff_figure(head, judge)
+        shown = _with_interval(data, "over_refusal", "over_refusal_ci_low", "over_refusal_ci_high",
+                               "over_refusal_interval")
+        shown = _with_interval(shown, "refusal", "refusal_ci_low", "refusal_ci_high", "refusal_interval")
+        for key in ("over_refusal", "refusal", "ppl_ratio"):
+            target = f"target_{key}"
+            if target in head.columns and key in head.columns:
+                shown[f"{key}_target_met"] = [_target_met(v, str(tg)) for v, tg in zip(head[key], head[target])]
+        keep = [c for c in ("policy", "over_refusal_interval", "over_refusal_n", "refusal_interval", "refusal_n",
+                            "ppl_ratio", "over_refusal_target_met", "refusal_target_met", "ppl_ratio_target_met",
+                            "in_region") if c in shown.columns]
+        base = data[data["policy"] == "unsteered"]
+        if len(base):
+            b = base.iloc[0]
+            sec.text(f"Unsteered: over-refusal {_interval(b['over_refusal'], b['over_refusal_ci_low'], b['over_refusal_ci_high'])}"
+                     f", refusal {_interval(b['refusal'], b['refusal_ci_low'], b['refusal_ci_high'])} (test prompts, "
+                     f"pooled, Wilson 95 %).")
+        steered = data[data["policy"] != "unsteered"]
+        if len(steered):
+            best = steered.loc[(steered["refusal"] - steered["over_refusal"]).idxmax()]
+            sec.text(f"Widest gap among the steered policies: {best['policy']}, over-refusal "
+                     f"{_interval(best['over_refusal'], best['over_refusal_ci_low'], best['over_refusal_ci_high'])}, "
+                     f"refusal {_interval(best['refusal'], best['refusal_ci_low'], best['refusal_ci_high'])}"
+                     + (f", perplexity ratio {fmt(best['ppl_ratio'])}" if "ppl_ratio" in best else "") + ".")
+        inside = [str(p) for p in data.loc[data["in_region"], "policy"]]
+        sec.text(f"Desirable region (over-refusal <= {fmt(region['over_refusal_max'])} and refusal >= "
+                 f"{fmt(region['refusal_min'])}, from the table's targets): "
+                 + (", ".join(inside) if inside else "no policy reaches it") + ".")
+        notes = {"over_refusal_interval": f"over-refusal: benign prompts refused, pooled over XSTest safe, CoCoNot "
+                                          f"contrast, JBB benign and the lookalikes, {judged} (stands for a reader's "
+                                          f"verdict on the answer)",
+                 "refusal_interval": f"safety: harmful prompts refused, pooled over the harmful test sets, {judged}",
+                 "ppl_ratio": "coherence: perplexity of benign answers under the unsteered model, relative to the "
+                              "unsteered answers (the same prompts)"}
+        sec.block(figure=fig, table=shown[keep], table_title="headline (test prompts; Wilson 95 % intervals)",
+                  stands_for=notes)
+    if "test_rates" in tabs:
+        fst = figure_script("fig_p1_safety_table")
+        substring = t.load("p1", "test_rates_substring")
+        rows = fst.safety_rows(tabs["test_rates"], substring, tabs.get("headline"))
+        wide = fst.safety_wide(rows)
+        sec.block(figure=fst.safety_bars(rows), table=wide,
+                  table_title="Safety table: % refused ± SE per dataset and policy (test prompts)",
+                  caption="Cells are formatted from test_rates (percent ± binomial SE; pooled = every prompt of the "
+                          "side, macro = mean of the dataset rates); 95 % intervals as whiskers in the figure. "
+                          + fst.judges_note(rows) + ".")
+    transfer = t.load("p1", "transfer")
+    if transfer is not None and len(transfer):
+        _require(transfer, ["policy", "label", "rate", "ci_low", "ci_high"], "transfer")
+        shown = _with_interval(transfer, "rate", "ci_low", "ci_high", "rate_interval")
+        keep = [c for c in ("policy", "model", "label", "rate_interval", "n", "judge", "reused") if c in shown]
+        tj = _judge(transfer) or "the second judge"
+        sec.block(table=shown[keep], table_title="Transfer to the stock model (no retraining)",
+                  stands_for={"rate_interval": f"refusal (harmful rows) or over-refusal (benign rows) of the stock "
+                                               f"model's generated answers, judged by {tj}"})
     return sec.result()
 
 
 def section_probe_roc(t: Tables) -> SectionResult:
-    import plotly.graph_objects as go
-
-    from catlens import plotting
-
-    sec = _Section("probe_roc", "Probe ROC", _todo("p1/probe_roc"))
-    tabs = _need(t, sec, "p1", ["probe_roc"])
-    if not tabs:
+    """The probe gate's score vs the first-position refusal-token probability (``p1/test_fp``, ``p1/auroc``)."""
+    sec = _Section("probe_roc", "Probe gate vs refusal token: ROC", P1_COMMAND)
+    tabs = _need(t, sec, "p1", ["auroc"])
+    folder = _folder_of(t, "p1", "auroc")
+    if folder is None:
+        folder = next((f for f in (t.root / "p1", t.root) if (f / "test_fp").is_dir()), None)
+    if folder is None or not any((folder / "test_fp").glob("*.parquet")):
+        sec.missing.append("p1/test_fp/<policy>-*.parquet")
+    if sec.missing and not tabs:
         return sec.result()
-    roc = tabs["probe_roc"]
-    _require(roc, ["probe", "fpr", "tpr", "auroc"], "probe_roc")
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dot",
-                                                                                     "color": "#999"}))
-    for probe, g in roc.groupby("probe", sort=False):
-        g = g.sort_values(["fpr", "tpr"])
-        fig.add_trace(go.Scatter(x=g["fpr"], y=g["tpr"], mode="lines", name=f"{probe} ({fmt(g['auroc'].iloc[0])})"))
-    fig.update_layout(template=plotting.template(), width=560, height=480, title="ROC of the refusal probes",
-                      xaxis={"title": "false positive rate", "range": [0, 1]},
-                      yaxis={"title": "true positive rate", "range": [0, 1.02]})
-    agg = {"auroc": ("auroc", "first"), "points": ("fpr", "size")}
-    for c in ("n_pos", "n_neg", "stands_for"):
-        if c in roc.columns:
-            agg[c] = (c, "first")
-    tab = roc.groupby("probe", sort=False).agg(**agg).reset_index()
-    top = tab.loc[tab["auroc"].idxmax()]
-    sec.text(f"Best probe: {top['probe']} (AUROC {fmt(top['auroc'])}).")
-    sec.block(figure=fig, table=tab, table_title="probe_roc",
-              stands_for={"auroc": "threshold-free quality of the probe as a harmful/refusal detector (area under "
-                                   "its ROC)"})
+    auroc = tabs.get("auroc")
+    if auroc is not None and not len(auroc):  # written empty when no gated policy was chosen
+        auroc = None
+        sec.text("The auroc table is empty: no gated policy passed the perplexity guard in this run.")
+    scores = None
+    if folder is not None and any((folder / "test_fp").glob("*.parquet")):
+        roc = figure_script("fig_p1_probe_roc")
+        scores = roc.load_scores(folder)
+        if not scores["gate_score"].notna().any():
+            sec.text("No policy in test_fp has gate scores, so there is no probe ROC to draw.")
+            scores = None
+    if scores is not None:
+        gate_from = roc.gated_policy(scores, auroc)
+        threshold = roc.gate_threshold(folder, gate_from)
+        curves, points = roc.roc_data(scores, gate_from, threshold)
+        fig = roc.roc_figure(curves, points, auroc, gate_from, threshold)
+        pts = points.assign(operating_point=[f"FPR {fmt(f)}, TPR {fmt(r)}" for f, r in zip(points["fpr"],
+                                                                                           points["tpr"])])
+        sec.block(figure=fig, table=pts[["pair", "score", "point", "operating_point", "threshold", "what"]],
+                  table_title="Operating points (test prompts)",
+                  caption=f"Gate from {gate_from}" + (f", threshold {fmt(threshold)} (its policy file)"
+                                                      if threshold is not None else "") + ".")
+    if auroc is not None:
+        _require(auroc, ["pair", "score", "auroc", "ci_low", "ci_high"], "auroc")
+        shown = _with_interval(auroc, "auroc", "ci_low", "ci_high", "auroc_interval")
+        for pair, g in auroc.groupby("pair", sort=False):
+            by = {str(s): r for s, r in zip(g["score"], g.itertuples(index=False))}
+            probe = next((r for s, r in by.items() if s.startswith("probe")), None)
+            token = next((r for s, r in by.items() if not s.startswith("probe")), None)
+            if probe is None or token is None:
+                continue
+            if probe.ci_low > token.ci_high:
+                verdict = "the probe separates better (intervals do not overlap)"
+            elif token.ci_low > probe.ci_high:
+                verdict = "the refusal token separates better (intervals do not overlap); see the gate's errors below"
+            else:
+                verdict = "the intervals overlap: no clear winner"
+            sec.text(f"{pair}: probe AUROC {_interval(probe.auroc, probe.ci_low, probe.ci_high)} vs refusal token "
+                     f"{_interval(token.auroc, token.ci_low, token.ci_high)}: {verdict}.")
+        keep = [c for c in ("pair", "score", "auroc_interval", "n_pos", "n_neg", "gate_from", "method", "stands_for")
+                if c in shown.columns]
+        sec.block(table=shown[keep], table_title="auroc (bootstrap 95 % intervals)")
+    errors = t.load("p1", "gate_errors")
+    if errors is not None and len(errors):
+        _require(errors, ["dataset", "label", "n", "gate_errors", "error_rate"], "gate_errors")
+        worst = errors.loc[errors["error_rate"].idxmax()]
+        sec.text(f"The gate errs most on {worst['dataset']} ({worst['label']}): {fmt(int(worst['gate_errors']))} of "
+                 f"{fmt(int(worst['n']))} prompts ({fmt(worst['error_rate'])}).")
+        sec.block(table=errors, table_title="Where the gate's errors fall (test prompts)",
+                  caption="An error is a benign prompt the gate flags or a harmful prompt it does not flag.")
     return sec.result()
 
 
 def section_sweep(t: Tables) -> SectionResult:
+    """P1's validation sweep (``p1/sweep``, ``p1/candidates``; strength and layer curves, the low-rank training
+    curve), or the table ``analyses/steer_sweep.py`` writes (``sweep/sweep``)."""
+    sec = _Section("sweep", "Sweeps: strength, layer and the validation cloud", P1_COMMAND)
+    sw = t.load("p1", "sweep")
+    if sw is None or "gate_rule" not in sw.columns:
+        legacy = t.load("sweep", "sweep")
+        if legacy is not None and "gate_rule" not in legacy.columns:
+            sec.command = ("python analyses/steer_sweep.py --model <refusal-tuned folder> --out <run folder>/sweep")
+            _require(legacy, ["method", "layer", "refusal", "over_refusal"], "sweep")
+            _steer_sweep(sec, legacy)
+            return sec.result()
+        sw = legacy if legacy is not None and "gate_rule" in legacy.columns else sw
+    if sw is None:
+        sec.missing.append("p1/sweep.parquet")
+        return sec.result()
+    fig1 = figure_script("fig_p1_tradeoff")
+    fsw = figure_script("fig_p1_sweeps")
+    candidates = t.load("p1", "candidates")
+    headline = t.load("p1", "headline")
+    region = fig1.region(headline) if headline is not None else None
+    rule = fsw.best_gate_rule(sw)
+    chosen = candidates[candidates["chosen"].astype(bool)] if candidates is not None and "chosen" in candidates else None
+    if chosen is not None:
+        for r in chosen.itertuples(index=False):
+            sec.text(f"Chosen for gate rule {r.gate_rule}: {r.method}, layer {fmt(r.layer)}, toward "
+                     f"{fmt(_num(r.toward))}, away {fmt(_num(r.away))}: val refusal {fmt(r.val_refusal)}, "
+                     f"over-refusal {fmt(r.val_over_refusal)}, perplexity ratio {fmt(r.ppl_ratio)}.")
+    keep = [c for c in ("gate_rule", "method", "layer", "toward", "away", "val_objective", "val_refusal",
+                        "val_over_refusal", "ppl_ratio", "ppl_n", "admissible", "chosen", "stands_for")
+            if candidates is not None and c in candidates.columns]
+    sec.block(figure=fig1.sweep_figure(sw, candidates, region),
+              table=candidates[keep] if candidates is not None else None,
+              table_title="Candidates after the perplexity guard (val)",
+              stands_for={"val_refusal": "safety on val: harmful prompts refused (first-position refusal token), "
+                                         "macro over datasets",
+                          "val_over_refusal": STANDS_FOR["benign_refusal"] + " (val, macro over datasets)",
+                          "ppl_ratio": "coherence: perplexity of benign val answers under the unsteered model, "
+                                       "relative to the unsteered answers"})
+    sec.block(figure=fsw.strength_figure(sw, rule))
+    layers = fsw.layer_data(sw, rule)
+    wide = layers.pivot_table(index=["method", "layer"], columns="metric", values="value").reset_index()
+    wide.columns.name = None
+    sec.block(figure=fsw.layer_figure(sw, rule), table=wide,
+              table_title=f"Best setting per layer (val, gate rule {rule})",
+              stands_for={"refusal": "safety on val (first-position refusal token, macro over datasets)",
+                          "over_refusal": STANDS_FOR["benign_refusal"] + " (val, macro over datasets)",
+                          "objective": "the selection objective: refusal minus over-refusal on val"})
+    curve = t.load("p1", "lowrank_curve")
+    if curve is None:
+        sec.text("No low-rank training curve (p1/lowrank_curve): the low-rank combination was not trained in this "
+                 "run.")
+    else:
+        data = fsw.lowrank_data(curve)
+        last = data.sort_values("step", kind="stable").groupby(["run", "metric"], sort=False).agg(
+            first=("value", "first"), last=("value", "last"), steps=("step", "max")).reset_index()
+        last["stands_for"] = last["metric"].map(LOWRANK_TERMS).fillna("–")
+        sec.block(figure=fsw.lowrank_figure(curve), table=last, table_title="Low-rank training: first and last value")
+    return sec.result()
+
+
+LOWRANK_TERMS = {"loss": "the training objective (harm + KL terms)",
+                 "harm": "refusal-token loss on harmful training prompts (how far the map is from making them refused)",
+                 "kl": "KL to the unsteered model on benign prompts (how much benign behaviour the map changes)"}
+
+
+def _num(v: Any) -> Any:
+    """A coefficient as a number (None / NaN: not steered on that side, shown as 0)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(f) else f
+
+
+P2_COMMAND = "python analyses/p2_steering.py --model <model> --out <run folder>/p2"
+
+
+def section_p2(t: Tables) -> SectionResult:
+    """P2's per-category bars (``p2/p2_test``) and the tested settings (``p2/p2_test_summary``)."""
+    sec = _Section("p2", "P2: category-wise steering, per category (test prompts)", P2_COMMAND)
+    tabs = _need(t, sec, "p2", ["p2_test", "p2_test_summary"])
+    if "p2_test" not in tabs:
+        return sec.result()
+    folder = _folder_of(t, "p2", "p2_test")
+    if t.path("p2", "p2_test").suffix != ".parquet":
+        raise ValueError(f"{t.rel(t.path('p2', 'p2_test'))}: the P2 figure reads p2_test.parquet (analyses/"
+                         f"p2_steering.py writes it next to the CSV).")
+    test = tabs["p2_test"]
+    _require(test, ["metric", "judge", "row", "category", "method", "group", "setting", "value", "ci_low", "ci_high"],
+             "p2_test")
+    fb = figure_script("fig_p2_bars")
+    data = fb.load_runs([folder])
+    stands = {str(m): str(s) for m, s in zip(test["metric"], test["stands_for"])} if "stands_for" in test else {}
+    unsafe = fb.unsafe_table(data)
+    wide = _with_interval(unsafe, "value", "ci_low", "ci_high", "cell").pivot_table(
+        index="category", columns="label", values="cell", aggfunc="first").reset_index()
+    wide.columns.name = None
+    judge = ", ".join(sorted(set(map(str, unsafe["primary_judge"]))))
+    sec.block(figure=fb.make_figure(data), table=wide,
+              table_title=f"Unsafe-response rate per category [Wilson 95 %] (judge {judge})",
+              caption="Every cell is an unsafe-response rate: "
+                      + stands.get("unsafe_response_rate", "harmful prompts answered without refusal") + ".")
+    sec.block(figure=fb.make_helpfulness_figure(data))
+    summary = tabs.get("p2_test_summary")
+    if summary is not None:
+        _require(summary, ["setting", "ur", "helpfulness"], "p2_test_summary")
+        shown = _with_interval(summary, "ur", "ur_ci_low", "ur_ci_high", "ur_interval")
+        shown = _with_interval(shown, "helpfulness", "helpfulness_ci_low", "helpfulness_ci_high",
+                               "helpfulness_interval")
+        keep = [c for c in ("group", "setting", "ur_interval", "ur_ratio", "ur_halved", "helpfulness_interval",
+                            "help_ratio", "help_within_tol", "ppl_ratio", "judge") if c in shown.columns]
+        if {"ur_halved", "help_within_tol"} <= set(summary.columns):
+            met = summary[summary["ur_halved"].astype(bool) & summary["help_within_tol"].astype(bool)]
+            if len(met):
+                best = met.loc[met["ur_ratio"].idxmin()] if "ur_ratio" in met else met.iloc[0]
+                sec.text(f"Target met (unsafe-response rate at least halved, helpfulness within tolerance) by "
+                         f"{len(met)} of {len(summary)} tested settings; lowest ratio: {best['setting']} "
+                         f"(ur {_interval(best['ur'], best.get('ur_ci_low'), best.get('ur_ci_high'))}, ratio "
+                         f"{fmt(best.get('ur_ratio'))}).")
+            elif "ur_ratio" in summary:
+                steered = summary[summary["setting"] != "unsteered"]
+                if len(steered):
+                    best = steered.loc[steered["ur_ratio"].idxmin()]
+                    sec.text(f"Target missed: no tested setting halves the unsafe-response rate with helpfulness "
+                             f"within tolerance; lowest ratio {fmt(best['ur_ratio'])} ({best['setting']}, "
+                             f"helpfulness ratio {fmt(best.get('help_ratio'))}).")
+        sec.block(table=shown[keep], table_title="p2_test_summary (pooled, test prompts)",
+                  stands_for={"ur_interval": stands.get("unsafe_response_rate", "unsafe responses"),
+                              "helpfulness_interval": stands.get("helpfulness", "the helpfulness proxy"),
+                              "ppl_ratio": "coherence: perplexity of benign answers under the unsteered model, "
+                                           "relative to the unsteered answers"})
+    return sec.result()
+
+
+SPECIFICITY_COMMAND = ("python analyses/specificity.py --model <refusal-tuned folder> --policy <run folder>/p1/"
+                       "policies/categorical_youden --out <run folder>/specificity")
+
+
+def section_specificity(t: Tables) -> SectionResult:
+    """The category-specificity matrices (``specificity/specificity``) and their summary (``specificity/summary``)."""
+    sec = _Section("specificity", "Specificity of category steering", SPECIFICITY_COMMAND)
+    tabs = _need(t, sec, "specificity", ["specificity", "summary"])
+    if len(tabs) < 2:
+        return sec.result()
+    fs = figure_script("fig_specificity")
+    cells, summary = tabs["specificity"], tabs["summary"]
+    _require(summary, ["variant", "set", "sign", "metric", "rows", "mean_diag", "mean_offdiag", "ratio",
+                       "diag_minus_offdiag"], "summary")
+    rate = summary[summary["metric"] == "rate"]
+    for variant, s, sign in (("raw", "harmful", "away"), ("raw", "lookalike", "toward"),
+                             ("orthogonalised", "harmful", "away"), ("orthogonalised", "lookalike", "toward")):
+        r = rate[(rate["variant"] == variant) & (rate["set"] == s) & (rate["sign"] == sign)]
+        if len(r):
+            r = r.iloc[0]
+            sec.text(f"{variant}, {s} prompts, steering {sign}: mean diagonal effect {fmt(r['mean_diag'])}, mean "
+                     f"off-diagonal {fmt(r['mean_offdiag'])}, ratio "
+                     f"{_interval(r['ratio'], r.get('ratio_ci_low'), r.get('ratio_ci_high'))}, difference "
+                     f"{_interval(r['diag_minus_offdiag'], r.get('diag_minus_offdiag_ci_low'), r.get('diag_minus_offdiag_ci_high'))}.")
+    shown = rate.copy()
+    for col in ("mean_diag", "mean_offdiag", "ratio", "diag_minus_offdiag", "mean_all"):
+        shown = _with_interval(shown, col, f"{col}_ci_low", f"{col}_ci_high", f"{col}_interval")
+    keep = [c for c in ("variant", "set", "sign", "rows", "mean_diag_interval", "mean_offdiag_interval",
+                        "ratio_interval", "diag_minus_offdiag_interval", "mean_all_interval") if c in shown.columns]
+    ci = str(cells["ci_method"].iloc[0]) if "ci_method" in cells.columns and len(cells) else "bootstrap"
+    what = "change in the refusal rate at the first response position (steered − unsteered; stands for the change in " \
+           "a judge's refusal verdicts)"
+    sec.block(figure=fs.make_figure(cells, summary, "rate"), table=shown[keep],
+              table_title=f"Summary (refusal-rate change; intervals: {ci})",
+              stands_for={"mean_diag_interval": f"on-target effect: {what}, own category",
+                          "mean_offdiag_interval": f"off-target effect: {what}, other categories",
+                          "ratio_interval": "category specificity (1 = one shared refusal knob; large = specific)",
+                          "diag_minus_offdiag_interval": "category specificity as a difference (0 = shared knob)",
+                          "mean_all_interval": f"control directions' mean effect: {what}"})
+    sec.block(figure=fs.make_figure(cells, summary, "score"),
+              caption="The same matrices for the mean refusal-score change (summed refusal-token probability at the "
+                      "first response position), the less saturated companion.")
+    return sec.result()
+
+
+AGREEMENT_TABLES = (("p1", "agreement", "policy"), ("p2", "p2_agreement", "setting"))
+"""(stage, table, context column) of the agreement tables the analyses write; ``*/judge_agreement`` is read too."""
+
+
+def _agreement_figure(ja: Any) -> Any:
+    """Horizontal bars, agreement and kappa per comparison (P2's val comparisons are left to the table)."""
+    import numpy as np
+    import plotly.graph_objects as go
+
     from catlens import plotting
 
-    sec = _Section("sweep", "Sweeps", "python analyses/steer_sweep.py --model <refusal-tuned folder> "
-                                      "--out <run folder>/sweep")
-    tabs = _need(t, sec, "sweep", ["sweep"])
-    if not tabs:
-        return sec.result()
-    sw = tabs["sweep"]
-    if {"method", "layer", "refusal", "over_refusal"} <= set(sw.columns) and "metric" not in sw.columns:
-        _steer_sweep(sec, sw)
-        return sec.result()
-    _require(sw, ["sweep", "x", "method", "metric", "value"], "sweep")
-    data = sw.assign(panel=sw["sweep"].astype(str) + ": " + sw["metric"].astype(str))
-    error = None
-    if {"ci_low", "ci_high"} <= set(sw.columns):
-        data = data.assign(err=(data["ci_high"] - data["ci_low"]) / 2)
-        error = "err"
-    fig = plotting.line(data, x="x", y="value", color="method", facet_col="panel", facet_col_wrap=3, error_y=error,
-                        title="Sweeps (one panel per knob and metric)", labels={"value": ""})
-    rows = []
-    for (s, m, metric), g in sw.groupby(["sweep", "method", "metric"], sort=False):
-        hi, lo = g.loc[g["value"].idxmax()], g.loc[g["value"].idxmin()]
-        rows.append({"sweep": s, "method": m, "metric": metric, "x_at_max": hi["x"], "max": hi["value"],
-                     "x_at_min": lo["x"], "min": lo["value"],
-                     **({"stands_for": g["stands_for"].iloc[0]} if "stands_for" in g else {})})
+    shown = ja
+    if "split" in ja.columns and (ja["split"].astype(str) == "val").any():
+        shown = ja[ja["split"].astype(str) != "val"]
+    several_pairs = len({frozenset(p) for p in zip(shown["judge_a"], shown["judge_b"])}) > 1
+    labels = [(f"{a} vs {b} · " if several_pairs else "") + (f"{c} " if c else "") + (f"[{s}]" if s != "." else "")
+              for a, b, c, s in zip(shown["judge_a"], shown["judge_b"], shown["context"], shown["stage"])]
+    fig = go.Figure()
+    colours = plotting.template().layout.colorway
+    for k, metric in enumerate(("agreement", "kappa")):
+        fig.add_trace(go.Bar(y=labels, x=shown[metric], orientation="h", name=metric, marker_color=colours[k],
+                             text=[fmt(v) for v in shown[metric]], textposition="auto"))
+    low = min(0.0, float(np.nanmin(shown["kappa"]))) if shown["kappa"].notna().any() else 0.0
+    pairs = "; ".join(dict.fromkeys(" vs ".join(sorted(map(str, p))) for p in zip(shown["judge_a"],
+                                                                                   shown["judge_b"])))
+    fig.update_layout(template=plotting.template(), barmode="group", width=1100, height=180 + 46 * len(shown),
+                      title=f"Agreement between refusal decisions (test comparisons)<br><sup>{pairs}; kappa – where "
+                            f"undefined</sup>", xaxis={"range": [low, 1.05], "title": "share equal / Cohen's kappa"},
+                      yaxis={"autorange": "reversed", "automargin": True}, margin={"l": 40})
+    return fig
+
+
+def section_judges(t: Tables) -> SectionResult:
+    """Agreement between the judges: ``p1/agreement`` (per policy), ``p2/p2_agreement`` (per setting and split) and
+    any ``<stage>/judge_agreement`` (``catlens.judges.agreement_table``'s columns)."""
     import pandas as pd
 
-    sec.block(figure=fig, table=pd.DataFrame(rows), table_title="Extremes of each sweep")
+    sec = _Section("judges", "Judge agreement", f"{P1_COMMAND}; {P2_COMMAND}")
+    frames = []
+    for stage, name, context in AGREEMENT_TABLES:
+        p = t.path(stage, name)
+        if p is None:
+            continue
+        df = t.load(stage, name)
+        frames.append((p, df, context))
+    found = sorted({p for pat in ("judge_agreement.parquet", "*/judge_agreement.parquet", "judge_agreement.csv",
+                                  "*/judge_agreement.csv") for p in t.root.glob(pat)})
+    seen: set[Path] = set()
+    for p in found:  # parquet before its csv twin
+        if p.with_suffix("") in seen:
+            continue
+        seen.add(p.with_suffix(""))
+        frames.append((p, pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p), "set"))
+    if not frames:
+        sec.missing += ["p1/agreement.parquet", "p2/p2_agreement.parquet"]
+        return sec.result()
+    parts = []
+    for p, df, context in frames:
+        if "kappa" not in df.columns and "cohen_kappa" in df.columns:
+            df = df.rename(columns={"cohen_kappa": "kappa"})
+        _require(df, ["judge_a", "judge_b", "n", "agreement", "kappa"], t.rel(p))
+        stage = str(p.parent.relative_to(t.root)) if p.parent != t.root else "."
+        ctx = df[context].astype(str) if context in df.columns else pd.Series([""] * len(df), index=df.index)
+        if "split" in df.columns:
+            ctx = ctx + " (" + df["split"].astype(str) + ")"
+        parts.append(df.assign(stage=stage, context=ctx.to_numpy()))
+    ja = pd.concat(parts, ignore_index=True)
+    fig = _agreement_figure(ja)
+    for stage, g in ja.groupby("stage", sort=False):
+        sec.text(f"{stage}: agreement {fmt(float(g['agreement'].min()))} to {fmt(float(g['agreement'].max()))} over "
+                 f"{len(g)} comparisons (n per comparison {fmt(int(g['n'].min()))} to {fmt(int(g['n'].max()))}).")
+    if ja["kappa"].notna().any():
+        worst = ja.loc[ja["kappa"].idxmin()]
+        sec.text(f"Lowest agreement beyond chance: {worst['judge_a']} vs {worst['judge_b']} ({worst['context']}, "
+                 f"{worst['stage']}): kappa {fmt(worst['kappa'])}, agreement {fmt(worst['agreement'])}, "
+                 f"n={fmt(worst['n'])}.")
+    if ja["kappa"].isna().any():
+        sec.text(f"Kappa is undefined (–) in {int(ja['kappa'].isna().sum())} comparisons where both judges gave one "
+                 f"verdict only.")
+    keep = ["stage", "context", *[c for c in ("judge_a", "judge_b", "n", "agreement", "kappa", "both", "only_a",
+                                              "only_b", "neither") if c in ja.columns]]
+    sec.block(figure=fig, table=ja[keep], table_title="Judge agreement")
     return sec.result()
 
 
@@ -910,127 +1205,6 @@ def _steer_sweep(sec: _Section, sw: Any) -> None:
     sec.block(figure=fig, table=shown[keep], table_title="Pareto-optimal and chosen settings", stands_for=notes)
 
 
-def section_p2(t: Tables) -> SectionResult:
-    from catlens import plotting
-
-    sec = _Section("p2", "P2: category-wise steering, per category",
-                   _todo("p2/p2_table"))
-    tabs = _need(t, sec, "p2", ["p2_table"])
-    if not tabs:
-        return sec.result()
-    p2 = tabs["p2_table"]
-    _require(p2, ["category", "method", "metric", "value"], "p2_table")
-    fig = plotting.bars(p2, x="category", y="value", color="method", facet_col="metric", facet_col_wrap=2,
-                        text_format=None, title="P2 per-category results")
-    if {"ci_low", "ci_high"} <= set(p2.columns):
-        _error_bars(fig, p2, x="category", color="method", facet="metric")
-    shown = _with_interval(p2, "value", "ci_low", "ci_high", "value_interval")
-    keep = [c for c in ("category", "method", "metric", "value_interval" if "value_interval" in shown else "value",
-                        "n", "stands_for") if c in shown.columns]
-    sec.block(figure=fig, table=shown[keep], table_title="p2_table")
-    return sec.result()
-
-
-def _error_bars(fig: Any, df: Any, *, x: str, color: str, facet: str | None = None) -> None:
-    """Asymmetric error bars ``ci_low``..``ci_high`` on the traces of a plotly-express bar figure (one trace per
-    colour value and facet panel; the panel is read from the trace's hover template, ``facet=value``)."""
-    import re
-
-    for trace in fig.data:
-        part = df[df[color].astype(str) == str(trace.name)]
-        if facet is not None:
-            m = re.search(rf"{re.escape(facet)}=([^<]*)", trace.hovertemplate or "")
-            if m is None:
-                continue
-            part = part[part[facet].astype(str) == m.group(1)]
-        by_x = {str(k): r for k, r in zip(part[x].astype(str), part.itertuples(index=False))}
-        rows = [by_x.get(str(v)) for v in trace.x]
-        if any(r is None for r in rows):
-            continue
-        trace.error_y = {"type": "data", "symmetric": False,
-                         "array": [getattr(r, "ci_high") - getattr(r, "value") for r in rows],
-                         "arrayminus": [getattr(r, "value") - getattr(r, "ci_low") for r in rows]}
-
-
-def section_specificity(t: Tables) -> SectionResult:
-    import pandas as pd
-
-    from catlens import plotting
-
-    sec = _Section("specificity", "Specificity of category steering",
-                   _todo("specificity/specificity_matrix"))
-    tabs = _need(t, sec, "specificity", ["specificity_matrix"])
-    if not tabs:
-        return sec.result()
-    sm = tabs["specificity_matrix"]
-    _require(sm, ["steered_category", "evaluated_category", "metric", "value"], "specificity_matrix")
-    metric = str(sm["metric"].iloc[0])
-    data = sm[sm["metric"] == metric]
-    cats = list(dict.fromkeys([*data["steered_category"], *data["evaluated_category"]]))
-    lim = float(data["value"].abs().max()) or 1.0
-    fig = plotting.heatmap(data, x="evaluated_category", y="steered_category", z="value", order=cats, zmin=-lim,
-                           zmax=lim, zmid=0.0, text_format=".2f", title=f"Specificity: {metric}")
-    fig.update_xaxes(title_text="evaluated prompts")
-    fig.update_yaxes(title_text="steered direction")
-    rows = []
-    for c, g in data.groupby("steered_category", sort=False):
-        diag = g[g["evaluated_category"] == c]["value"]
-        off = g[g["evaluated_category"] != c]["value"]
-        d = float(diag.iloc[0]) if len(diag) else math.nan
-        o = float(off.mean()) if len(off) else math.nan
-        rows.append({"steered_category": c, "on_target": d, "mean_off_target": o, "specificity": d - o})
-    tab = pd.DataFrame(rows)
-    if "stands_for" in data.columns:
-        tab["stands_for"] = data["stands_for"].iloc[0]
-    sec.text(f"Mean specificity ({metric}, on-target minus mean off-target): {fmt(float(tab['specificity'].mean()))} "
-             f"over {len(tab)} steered categories.")
-    sec.block(figure=fig, table=tab, table_title="On- vs off-target effect per steered category")
-    if sm["metric"].nunique() > 1:
-        sec.text(f"Drawn: metric {metric}; the table also holds " +
-                 ", ".join(sorted(set(map(str, sm["metric"])) - {metric})) + ".")
-    return sec.result()
-
-
-def section_judges(t: Tables) -> SectionResult:
-    import pandas as pd
-
-    from catlens import plotting
-
-    sec = _Section("judges", "Judge agreement",
-                   _todo("<stage>/judge_agreement (e.g. catlens.judges.agreement_table of the judged generations)"))
-    found = sorted({p for pat in ("judge_agreement.parquet", "*/judge_agreement.parquet", "judge_agreement.csv",
-                                  "*/judge_agreement.csv") for p in t.root.glob(pat)})
-    seen, frames = set(), []
-    for p in found:  # parquet before its csv twin
-        key = p.with_suffix("")
-        if key in seen:
-            continue
-        seen.add(key)
-        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
-        if "kappa" not in df.columns and "cohen_kappa" in df.columns:
-            df = df.rename(columns={"cohen_kappa": "kappa"})
-        _require(df, ["judge_a", "judge_b", "n", "agreement", "kappa"], t.rel(p))
-        frames.append(df.assign(stage=str(p.parent.relative_to(t.root)) if p.parent != t.root else "."))
-    if not frames:
-        sec.missing.append("*/judge_agreement.parquet")
-        return sec.result()
-    ja = pd.concat(frames, ignore_index=True)
-    sets = ja["set"] if "set" in ja.columns else [None] * len(ja)
-    label = [f"{a} vs {b}" + (f" ({s_})" if isinstance(s_, str) and s_ else "") + (f" [{st}]" if st != "." else "")
-             for a, b, s_, st in zip(ja["judge_a"], ja["judge_b"], sets, ja["stage"])]
-    long = ja.assign(pair=label).melt(id_vars=["pair", "stage"], value_vars=["agreement", "kappa"],
-                                      var_name="metric", value_name="value")
-    fig = plotting.bars(long, x="pair", y="value", color="metric", range_y=(min(0.0, float(long["value"].min())),
-                                                                           1.05),
-                        title="Agreement between refusal decisions")
-    if ja["kappa"].notna().any():
-        worst = ja.loc[ja["kappa"].idxmin()]
-        sec.text(f"Lowest agreement beyond chance: {worst['judge_a']} vs {worst['judge_b']} "
-                 f"(kappa {fmt(worst['kappa'])}, agreement {fmt(worst['agreement'])}, n={fmt(worst['n'])}).")
-    keep = ["stage", *[c for c in ja.columns if c != "stage"]]
-    sec.block(figure=fig, table=ja[keep], table_title="judge_agreement")
-    return sec.result()
-
 
 SECTIONS: tuple[Callable[[Tables], SectionResult], ...] = (
     section_run, section_finetune, section_separability, section_cosine, section_anisotropy, section_whitening,
@@ -1042,8 +1216,10 @@ _TITLES = {"section_run": ("run", "What was run"), "section_finetune": ("finetun
            "section_cosine": ("cosine", "Cosines between category directions"),
            "section_anisotropy": ("anisotropy", "Anisotropy by layer"),
            "section_whitening": ("whitening", "Whitening and P1's orthonormal basis"),
-           "section_model_diff": ("model_diff", "Model diffing"), "section_p1": ("p1", "P1 trade-off"),
-           "section_probe_roc": ("probe_roc", "Probe ROC"), "section_sweep": ("sweep", "Sweeps"),
+           "section_model_diff": ("model_diff", "Model diffing"),
+           "section_p1": ("p1", "P1: refusal vs over-refusal (Figure 1) and the safety table"),
+           "section_probe_roc": ("probe_roc", "Probe gate vs refusal token: ROC"),
+           "section_sweep": ("sweep", "Sweeps: strength, layer and the validation cloud"),
            "section_p2": ("p2", "P2 per category"), "section_specificity": ("specificity", "Specificity"),
            "section_judges": ("judges", "Judge agreement")}
 

@@ -12,6 +12,7 @@ import pytest
 
 from catlens import report as R
 from catlens.cli import main as cli_main
+from test_figures_p1 import make_p1_run
 
 CHROMIUM = os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 try:
@@ -113,43 +114,96 @@ def make_run(root: Path, *, placeholders: bool = True) -> Path:
                                            for layer in LAYERS]))
     if not placeholders:
         return root
-    p1 = root / "p1"
-    _save(p1, "tradeoff", pd.DataFrame([{"method": m, "setting": f"alpha={a}", "harmful_refusal": h,
-                                         "harmful_refusal_low": h - 0.05, "harmful_refusal_high": min(1, h + 0.05),
-                                         "benign_refusal": b, "benign_refusal_low": max(0, b - 0.04),
-                                         "benign_refusal_high": b + 0.04, "n_harmful": 100, "n_benign": 100,
-                                         "interval": "95% Wilson"}
-                                        for m, pts in {"p1": [(0, 0.5, 0.05), (1, 0.8, 0.1), (2, 0.95, 0.3)],
-                                                       "p2": [(0, 0.5, 0.05), (1, 0.7, 0.2)]}.items()
-                                        for a, h, b in pts]))
-    _save(p1, "safety_table", pd.DataFrame([{"method": m, "benchmark": bm, "metric": "refusal_rate",
-                                             "value": v, "ci_low": v - 0.05, "ci_high": v + 0.04, "n": 100,
-                                             "stands_for": "first-token refusal, for a judge's verdict"}
-                                            for m, v0 in (("stock", 0.1), ("tuned", 0.8))
-                                            for bm, v in (("catqa", v0), ("xstest_unsafe", v0 + 0.05))]))
-    fpr = np.linspace(0, 1, 11)
-    _save(p1, "probe_roc", pd.DataFrame([{"probe": f"layer {layer}", "fpr": f, "tpr": float(f ** (1 / k)),
-                                          "auroc": round(k / (k + 1), 3), "n_pos": 50, "n_neg": 50}
-                                         for layer, k in ((5, 2), (15, 4)) for f in fpr]))
-    _save(root / "sweep", "sweep", pd.DataFrame([{"sweep": "coefficient", "x": x, "method": m,
-                                                  "metric": metric, "value": v + 0.1 * x, "ci_low": v + 0.1 * x - 0.02,
-                                                  "ci_high": v + 0.1 * x + 0.02}
-                                                 for m, v in (("p1", 0.2), ("p2", 0.1)) for x in (0.0, 1.0, 2.0)
-                                                 for metric in ("harmful_refusal", "benign_refusal")]))
-    _save(root / "p2", "p2_table", pd.DataFrame([{"category": c, "method": m, "metric": metric, "value": v,
-                                                  "ci_low": v - 0.05, "ci_high": v + 0.05, "n": 30}
-                                                 for c in CATS for m, v in (("none", 0.6), ("guided", 0.2))
-                                                 for metric in ("unsafe_rate", "helpfulness")]))
-    _save(root / "specificity", "specificity_matrix", pd.DataFrame(
-        [{"steered_category": a, "evaluated_category": b, "metric": "refusal_change", "value": 0.5 if a == b else 0.1,
-          "n": 20, "stands_for": "first-token refusal change, for judged refusal change"} for a in CATS for b in CATS]))
-    _save(p1, "judge_agreement", pd.DataFrame([{"judge_a": "refused_first_token", "judge_b": "refused_substring",
-                                                "n": 40, "agreement": 0.9, "percent_agreement": 90.0, "kappa": 0.7,
-                                                "both": 20, "only_a": 2, "only_b": 2, "neither": 16}]))
-    _save(root / "p2", "judge_agreement", pd.DataFrame([{"judge_a": "keyword", "judge_b": "llama_guard",
-                                                         "set": "catqa", "n": 40, "agreement": 0.8,
-                                                         "cohen_kappa": 0.4}]))
+    make_p1_run(root / "p1", lowrank=True)
+    make_p2_tables(root / "p2")
+    make_specificity_tables(root / "specificity")
+    _save(root / "eval", "judge_agreement", pd.DataFrame([{"judge_a": "keyword", "judge_b": "llama_guard",
+                                                           "set": "catqa", "n": 40, "agreement": 0.8,
+                                                           "cohen_kappa": 0.4}]))
     return root
+
+
+P2_SETTINGS = {"unsteered": ("unsteered", "unsteered", 0.8, 0.9), "unsupervised-attn_out-L2-m1":
+               ("unsupervised", "unsupervised/attn_out", 0.6, 0.88),
+               "pruned-attn_out-L2-m1-q0.5": ("pruned", "pruned/attn_out", 0.5, 0.7),
+               "guided-attn_out-L2-m1": ("guided", "guided/attn_out", 0.3, 0.86)}
+"""setting -> (method, group, pooled unsafe-response rate, pooled helpfulness); guided meets P2's target"""
+
+
+def make_p2_tables(folder: Path) -> Path:
+    """P2's test tables in analyses/p2_steering.py's schema (p2_test, p2_test_summary, p2_agreement)."""
+    rows, summary, agree = [], [], []
+    base_ur, base_help = P2_SETTINGS["unsteered"][2], P2_SETTINGS["unsteered"][3]
+    for setting, (method, group, ur, helpful) in P2_SETTINGS.items():
+        common = {"setting": setting, "method": method, "site": None if method == "unsteered" else "attn_out",
+                  "split": "test", "group": group, "split_seed": 0}
+        for judge in ("substring", "refusal_token"):
+            for metric, prompts, value, cats in (("unsafe_response_rate", "harmful", ur, CATS),
+                                                 ("helpfulness", "benign", helpful, [*CATS, "(none)"])):
+                for k, c in enumerate(cats):
+                    v = min(1.0, value + 0.05 * k)
+                    rows.append({**common, "prompts": prompts, "metric": metric, "judge": judge, "row": "group",
+                                 "category": c, "n": 20, "k": round(20 * v), "value": v, "se": 0.05,
+                                 "ci_low": max(0.0, v - 0.1), "ci_high": min(1.0, v + 0.1), "interval": "wilson",
+                                 "stands_for": f"{metric} stands for ({prompts})"})
+                rows.append({**common, "prompts": prompts, "metric": metric, "judge": judge, "row": "pooled",
+                             "category": "(all)", "n": 60, "k": round(60 * value), "value": value, "se": 0.03,
+                             "ci_low": value - 0.06, "ci_high": min(1.0, value + 0.06), "interval": "wilson",
+                             "stands_for": f"{metric} stands for ({prompts})"})
+        summary.append({**common, "ur": ur, "ur_se": 0.03, "ur_ci_low": ur - 0.06, "ur_ci_high": ur + 0.06, "ur_n": 60,
+                        "helpfulness": helpful, "helpfulness_ci_low": helpful - 0.05,
+                        "helpfulness_ci_high": min(1.0, helpful + 0.05), "judge": "substring",
+                        "ur_ratio": ur / base_ur, "ur_halved": ur <= base_ur / 2, "help_ratio": helpful / base_help,
+                        "help_within_tol": helpful >= 0.9 * base_help, "ppl_ratio": 1.02})
+        for split in ("val", "test"):
+            agree.append({"judge_a": "refused_substring", "judge_b": "refused_refusal_token", "n": 30,
+                          "agreement": 0.9, "percent_agreement": 90.0, "kappa": 0.6 if split == "test" else 0.5,
+                          "both": 10, "only_a": 2, "only_b": 1, "neither": 17, "setting": setting, "split": split})
+    _save(folder, "p2_test", pd.DataFrame(rows))
+    _save(folder, "p2_test_summary", pd.DataFrame(summary))
+    _save(folder, "p2_agreement", pd.DataFrame(agree))
+    (folder / "manifest.json").write_text(json.dumps({"status": "done", "models": {"model": {"name": "tiny"}}}))
+    return folder
+
+
+def make_specificity_tables(folder: Path) -> Path:
+    """analyses/specificity.py's tables: the cells (diagonal planted larger) and their summary."""
+    cells, summary = [], []
+    for variant, rows_, (on, off) in (("raw", CATS, (0.3, 0.1)), ("orthogonalised", CATS, (0.2, 0.02)),
+                                      ("control", ["refusal", "random_0"], (0.05, 0.05))):
+        for s_ in ("harmful", "lookalike"):
+            for sign in ("toward", "away"):
+                for i in rows_:
+                    for j in CATS:
+                        d = on if i == j else off
+                        cells.append({"variant": variant, "set": s_, "sign": sign, "steer_category": i,
+                                      "eval_category": j, "diagonal": i == j, "n": 10, "base_rate": 0.5,
+                                      "steered_rate": 0.5 + d, "delta": d, "delta_ci_low": d - 0.05,
+                                      "delta_ci_high": d + 0.05, "base_score": 0.4, "steered_score": 0.4 + d / 10,
+                                      "delta_score": d / 10, "delta_score_ci_low": d / 10 - 0.01,
+                                      "delta_score_ci_high": d / 10 + 0.01, "coeff": 0.2, "layer": 14,
+                                      "scale": 0.2, "method": "one_vs_benign", "positions": '"last_prompt"',
+                                      "n_boot": 50, "ci_method": "paired percentile bootstrap over prompts",
+                                      "seeds": "{}"})
+                for metric, f in (("rate", 1.0), ("score", 0.1)):
+                    base = {"variant": variant, "set": s_, "sign": sign, "metric": metric, "layer": 14, "scale": 0.2,
+                            "method": "one_vs_benign", "n_boot": 50, "seeds": "{}"}
+                    if variant == "control":
+                        for kind in ("refusal", "random"):
+                            summary.append({**base, "rows": kind, "n_rows": 1, "mean_all": off * f,
+                                            "mean_all_ci_low": (off - 0.02) * f, "mean_all_ci_high": (off + 0.02) * f})
+                    else:
+                        summary.append({**base, "rows": "categories", "n_rows": len(CATS), "mean_diag": on * f,
+                                        "mean_diag_ci_low": (on - 0.05) * f, "mean_diag_ci_high": (on + 0.05) * f,
+                                        "mean_offdiag": off * f, "mean_offdiag_ci_low": (off - 0.03) * f,
+                                        "mean_offdiag_ci_high": (off + 0.03) * f, "ratio": on / off,
+                                        "ratio_ci_low": on / off - 1, "ratio_ci_high": on / off + 1,
+                                        "diag_minus_offdiag": (on - off) * f,
+                                        "diag_minus_offdiag_ci_low": (on - off - 0.05) * f,
+                                        "diag_minus_offdiag_ci_high": (on - off + 0.05) * f})
+    _save(folder, "specificity", pd.DataFrame(cells))
+    _save(folder, "summary", pd.DataFrame(summary))
+    return folder
 
 
 @pytest.fixture
@@ -173,14 +227,33 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     # numbers in the text come from the tables
     assert "refused 0.912 (first token, n=30)" in page
     assert "stands for" in page and "stands_for" in page
-    assert "0.800 [0.750, 0.840]" in page  # intervals shown
+    head = pd.read_parquet(full_run / "p1" / "headline.parquet").set_index("policy")
+    u = head.loc["unsteered"]
+    assert (f"Unsteered: over-refusal {R.fmt(u.over_refusal)} [{R.fmt(u.over_refusal_ci_low)}, "
+            f"{R.fmt(u.over_refusal_ci_high)}], refusal {R.fmt(u.refusal)} [{R.fmt(u.refusal_ci_low)}, "
+            f"{R.fmt(u.refusal_ci_high)}]") in page  # intervals shown, numbers from the table
+    rates = pd.read_parquet(full_run / "p1" / "test_rates.parquet")
+    r = rates[(rates.grouping == "dataset") & (rates.dataset == "jbb_harmful") & (rates.policy == "unsteered")].iloc[0]
+    assert f"<td>{100 * r.rate:.1f} ± {100 * r.se:.1f}</td>" in page.split("Safety table: % refused")[1]
+    assert ("Target met (unsafe-response rate at least halved, helpfulness within tolerance) by 1 of 4 tested "
+            "settings; lowest ratio: guided-attn_out-L2-m1 (ur 0.300 [0.240, 0.360], ratio 0.375)") in page
+    assert "raw, harmful prompts, steering away: mean diagonal effect 0.300, mean off-diagonal 0.100, ratio 3.000 " \
+           "[2.000, 4.000]" in page
+    auroc = pd.read_parquet(full_run / "p1" / "auroc.parquet")
+    a = auroc[auroc.score == "probe (gate score)"].iloc[-1]
+    assert f"{a.pair}: probe AUROC {R.fmt(a.auroc)} [{R.fmt(a.ci_low)}, {R.fmt(a.ci_high)}]" in page
+    chosen = pd.read_parquet(full_run / "p1" / "candidates.parquet").query("chosen").iloc[0]
+    assert f"Chosen for gate rule {chosen.gate_rule}: {chosen.method}, layer {chosen.layer}" in page
     assert "Fine-tune (its folder&#x27;s manifest)" in page
     assert '<a href="figures/fig_cosine.html">fig_cosine:html</a>' in page and "fig_cosine:png" not in page and "refusal-quick" in page and "70.5" in page
     targets = page.split("Targets (eval/summary.json)")[1].split("</table>")[0]
     assert "<td>no</td>" in targets and "<td>yes</td>" in targets  # 0.8 misses >= 0.95; 0.0 meets == 0
     judges = next(s for s in rep.sections if s.id == "judges").figures[0]
-    assert list(judges.data[0].x) == ["refused_first_token vs refused_substring [p1]",
-                                      "keyword vs llama_guard (catqa) [p2]"]
+    labels = list(judges.data[0].y)  # p1 per policy, p2's test comparisons (val ones: table only), legacy tables
+    assert labels[0] == "refused_refusal_token vs refused_substring · unsteered [p1]"
+    assert labels[3] == "refused_substring vs refused_refusal_token · unsteered (test) [p2]"
+    assert labels[-1] == "keyword vs llama_guard · catqa [eval]" and len(labels) == 3 + 4 + 1
+    assert list(judges.data[1].x[3:7]) == [0.6] * 4  # the test kappas of p2_agreement
 
 
 def test_every_proxy_column_says_what_it_stands_for(full_run):
@@ -209,15 +282,20 @@ def test_sections_say_not_run_with_the_command(tmp_path):
     for sid in ("p1", "probe_roc", "sweep", "p2", "specificity", "judges"):
         assert status[sid] == "not run", sid
     page = rep.path.read_text()
-    assert "p1/tradeoff.parquet" in page and "specificity/specificity_matrix.parquet" in page
-    assert "no analysis writes p1/tradeoff and p1/safety_table yet" in page  # placeholders say so, no made-up command
-    assert f"save them in {run}" in page
+    for table in ("p1/headline.parquet", "p1/test_rates.parquet", "p1/auroc.parquet", "p1/test_fp/&lt;policy&gt;-*",
+                  "p1/sweep.parquet", "p2/p2_test.parquet", "specificity/specificity.parquet",
+                  "specificity/summary.parquet", "p2/p2_agreement.parquet"):
+        assert table in page, table
+    assert (f'Produce with: <code class="cmd">python analyses/p1_steering.py --model &lt;refusal-tuned folder&gt; '
+            f'--out {run}/p1</code>') in page
+    assert f"python analyses/specificity.py --model &lt;refusal-tuned folder&gt; --policy {run}/p1/" in page
+    assert "class=\"todo\"" not in page and "no analysis writes" not in page
 
 
 def test_partial_and_broken_tables(tmp_path):
     run = make_run(tmp_path / "run", placeholders=False)
     (run / "geometry" / "basis_alignment.parquet").unlink()
-    _save(run / "p2", "p2_table", pd.DataFrame({"category": ["a"], "value": [1.0]}))  # no method/metric
+    _save(run / "p2", "p2_test", pd.DataFrame({"category": ["a"], "value": [1.0]}))  # no method/metric
     rep = R.build_report(run)
     status = {s.id: s.status for s in rep.sections}
     assert status["whitening"] == "partial"
@@ -227,11 +305,13 @@ def test_partial_and_broken_tables(tmp_path):
 
 def test_csv_tables_are_read(tmp_path):
     run = tmp_path / "run"
-    (run / "p2").mkdir(parents=True)
-    pd.DataFrame({"category": ["a", "b"], "method": "guided", "metric": "unsafe_rate", "value": [0.1, 0.2]}).to_csv(
-        run / "p2" / "p2_table.csv", index=False)
+    make_p1_run(run / "p1")
+    for name in ("headline", "test_rates", "test_rates_substring", "sweep", "candidates"):
+        (run / "p1" / f"{name}.parquet").unlink()  # only the CSV twins are left
     rep = R.build_report(run)
-    assert {s.id: s.status for s in rep.sections}["p2"] == "ok"
+    status = {s.id: s.status for s in rep.sections}
+    assert status["p1"] == status["sweep"] == status["probe_roc"] == "ok"
+    assert "pooled (all harmful sets)" in rep.path.read_text()
 
 
 def test_cli_report_on_empty_folder_and_bad_folder(tmp_path, capsys):
@@ -392,3 +472,13 @@ def test_sweep_section_reads_the_steer_sweep_table(tmp_path):
     assert sec.status == "ok" and len(sec.figures) == 1
     assert "Chosen on val: one_vs_benign, layer 20, toward 0.100" in sec.body
     assert "0.800 [0.700, 0.850]" in sec.body and "<code>ppl_ratio</code> stands for coherence" in sec.body
+
+
+def test_the_p1_stage_folder_given_directly(full_run):
+    """`catlens report runs/main/p1`: the P1 sections read the folder itself; its auroc table (probe vs refusal
+    token) is not mistaken for the fine-tune evaluation's."""
+    rep = R.build_report(full_run / "p1", out=full_run / "p1.html")
+    status = {s.id: s.status for s in rep.sections}
+    assert status["p1"] == status["probe_roc"] == status["sweep"] == status["judges"] == "ok"
+    assert status["finetune"] == status["p2"] == status["specificity"] == "not run"
+    assert "eval/auroc.parquet" in next(s for s in rep.sections if s.id == "finetune").missing
