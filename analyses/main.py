@@ -334,7 +334,22 @@ def stage_geometry(cfg: Config, job: Job, folder: Path) -> None:
     module.main(module.parse_args(argv))
 
 
-def _script_stage(name: str, stock_model: bool) -> Callable[[Config, Job, Path], None]:
+def _p1_policy(cfg: Config, job: Job) -> list[str]:
+    """Specificity measures at the layer and scale P1 chose on validation prompts (its Youden-gated policy), unless
+    the config gives ``--policy`` or ``--layer`` itself."""
+    given = cfg.section("specificity").args
+    if "policy" in given or "layer" in given:
+        return []
+    for name in ("categorical_youden", "categorical_target_fpr"):
+        folder = job.out / "p1" / "policies" / name
+        if (folder / "policy.json").exists():
+            return ["--policy", str(folder)]
+    raise RuntimeError("specificity needs P1's chosen policy (<out>/p1/policies/categorical_youden), which the p1 "
+                       "stage did not write; enable p1, or set specificity.args.layer and specificity.args.scale.")
+
+
+def _script_stage(name: str, stock_model: bool, extra: Callable[[Config, Job], list[str]] | None = None
+                  ) -> Callable[[Config, Job, Path], None]:
     def run(cfg: Config, job: Job, folder: Path) -> None:
         module = _load_script(STAGE_SCRIPTS[name])
         argv = _common_argv(cfg, job, folder)
@@ -343,6 +358,7 @@ def _script_stage(name: str, stock_model: bool) -> Callable[[Config, Job, Path],
         if stock_model and job.stock is not None:
             argv += ["--stock-model", job.stock]
         argv += _model_options(cfg) + args_to_argv(cfg.section(name).args)
+        argv += extra(cfg, job) if extra is not None else []
         log.info("stage %s: %s.main(%s)", name, STAGE_SCRIPTS[name].name, " ".join(argv))
         _check_returned(name, module.main(argv))
 
@@ -422,8 +438,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           uses=("data.data_dir", "data.prompts", "data.prompts_per_group", "model.dtype", "run.seed")),
     Stage("p1", _script_stage("p1", stock_model=True), uses=_DATA_SCRIPT, script=True, resumable=True),
     Stage("p2", _script_stage("p2", stock_model=True), uses=_DATA_SCRIPT, script=True, resumable=True),
-    Stage("specificity", _script_stage("specificity", stock_model=False), uses=_DATA_SCRIPT, script=True,
-          resumable=True),
+    Stage("specificity", _script_stage("specificity", stock_model=False, extra=_p1_policy), deps=("p1",),
+          uses=_DATA_SCRIPT, script=True, resumable=True),
     Stage("figures", stage_figures, deps=("geometry", "p1", "p2", "specificity"), uses=("run.png",),
           needs_model=False),
     Stage("report", stage_report, self_managed=True, needs_model=False),
