@@ -111,3 +111,16 @@ def test_p1_bad_inputs(extra, message, tmp_path, capsys):
     text = str(e.value) + capsys.readouterr().err
     assert message in text
     assert not (tmp_path / "o").exists()  # nothing created before the arguments are checked
+
+
+def test_summarise_renders_numbers_read_from_the_tables(p1_run, tmp_path):
+    spec = importlib.util.spec_from_file_location("summarise", ROOT / "analyses" / "summarise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, out, _, _ = p1_run
+    text = mod.main(["--p1", str(out), "--specificity", str(tmp_path / "none"), "--out", str(tmp_path / "r.md")])
+    assert (tmp_path / "r.md").read_text() == text
+    head = pd.read_parquet(out / "headline.parquet")
+    for r in head.itertuples():
+        assert f"| {r.policy} | {100 * r.over_refusal:.1f} [{100 * r.over_refusal_ci_low:.1f}, " in text
+    assert "not run" in text  # the missing specificity folder
