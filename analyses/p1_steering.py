@@ -290,7 +290,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], meth
                          "val_flagged_benign": float(flagged[~va_h].mean()), "target_fpr": target_fpr})
     import pandas as pd
 
-    return {"dirs": dirs, "gates": gates, "gate_table": pd.DataFrame(rows), "ref_norm": ref_norm, "cats": cats,
+    return {"layers": list(layers), "dirs": dirs, "gates": gates, "gate_table": pd.DataFrame(rows), "ref_norm": ref_norm, "cats": cats,
             "router": Router("refusal_tokens", tuple(cats)), "val_scores": {
                 layer: gate_scores(gates[layer]["youden"], V[:, li]) for li, layer in enumerate(layers)},
             "X": X, "is_h": is_h, "val_frame": vf, "tokens": tokens, "np": np}
@@ -299,7 +299,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], meth
 def intervention(fit: dict[str, Any], method: str, layer: int, layers: Sequence[int], coeff: float) -> Any:
     from catlens.steer import Intervention
 
-    li = list(layers).index(layer)
+    li = list(fit["layers"]).index(layer)  # reference norms are indexed by the fitted layers
     d = fit["dirs"][method]
     return Intervention("resid_post", layer, d.at(layer), labels=tuple(d.categories), coeff=coeff,
                         positions="last_prompt", normalize=True, scale="norm", ref_norm=float(fit["ref_norm"][li]))
@@ -434,6 +434,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--layers", default="12,15,18,21,24")
+    p.add_argument("--sweep-layers", default=None, help="the subset of --layers the sweep steers at (default: all of "
+                                                      "them; activations and gates are fitted at every --layers)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--toward", default="0.05,0.1,0.2", help="coefficients toward refusal (fractions of the norm)")
     p.add_argument("--away", default="0.1,0.2,0.3,0.4", help="magnitudes away from refusal (applied negatively)")
@@ -496,7 +498,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fit = fit_everything(model, sets, layers, methods, run, target_fpr=args.target_fpr,
                          top_k=args.top_k if args.top_k > 0 else None)
     run.save_table("gates", fit["gate_table"])
-    sweep = _cached(run, "sweep", lambda: run_sweep(model, sets, fit, layers, methods, toward, away,
+    sweep_layers = layers if not args.sweep_layers else [
+        layer for layer in model.resolve_layers([int(x) for x in args.sweep_layers.split(",") if x.strip()])]
+    missing = [layer for layer in sweep_layers if layer not in layers]
+    if missing:
+        raise SystemExit(f"--sweep-layers {missing} are not among --layers {list(layers)}; add them to --layers.")
+    sweep = _cached(run, "sweep", lambda: run_sweep(model, sets, fit, sweep_layers, methods, toward, away,
                                                     args.batch_size))
     chosen = choose(model, sets, fit, sweep, layers, run, args)
     policies = dict(chosen["policies"])
