@@ -108,6 +108,12 @@ class ShardedData(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
+    def __contains__(self, site: object) -> bool:
+        # Mapping's default __contains__ is ``self[site]``, which would read the whole site from disk: every
+        # ``store.at(...)`` checked its site that way, so each one-layer read first read all layers of all prompts
+        # (peak memory = the whole site; bench/bench_store.py's memory part).
+        return site in self.shapes
+
     def __getitem__(self, site: str) -> Tensor:
         return self.read(site)
 
