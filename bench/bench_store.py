@@ -7,6 +7,7 @@ Usage (on an idle machine; each measurement runs in its own fresh process):
     python bench/bench_store.py --only memory --sizes 1000,8000   # one part: memory or throughput
     python bench/bench_store.py --sizes 20,40 --n-throughput 16   # smoke run (seconds; numbers meaningless)
     python bench/bench_store.py --tiny --only memory              # the memory part on a proxy model (~1 minute)
+    python bench/bench_store.py --only memory --pin-malloc        # glibc's mmap threshold pinned (see below)
 Writes: <out>/memory.csv, <out>/throughput.csv and <out>/summary.json, and prints a summary.
 
 (a) memory: for each size N, a child process loads the model, runs ``collect(model, N prompts,
@@ -15,10 +16,14 @@ Writes: <out>/memory.csv, <out>/throughput.csv and <out>/summary.json, and print
     Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of that process (psutil's RSS is recorded too).
     A baseline child only loads the model and runs one batch. Goal: peak(largest N) <= 1.10 * peak(smallest N).
     ``collect_peak_rss_mib`` is the peak when ``collect`` returns (before the pass), to tell the two apart.
-    ``--tiny``: a random proxy with the real model's residual width and depth (d_model 576, 30 layers, so each
-    prompt stores as much as with SmolLM2-135M) but a narrow MLP, narrow heads and a tiny vocabulary
-    (``catlens.testing.make_tiny_model_dir``), so the memory part runs in about a minute (default sizes 250,1000).
-    Its baseline is smaller than the real model's, so its ratios are stricter, not looser.
+    ``--pin-malloc`` runs the children with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc's mmap threshold is
+    otherwise dynamic, and the forward passes' peak then varies by tens of MiB from run to run and creeps up with
+    the number of batches (measured on the proxy: 544-666 MiB over runs of the same job; pinned, 538-541 MiB).
+    ``--tiny``: a random proxy with the real model's residual width and depth (d_model 576, 30 layers) but a narrow
+    MLP, narrow heads and a tiny vocabulary (``catlens.testing.make_tiny_model_dir``), so the memory part runs in
+    about a minute. To store per prompt what a larger run stores, it reads 8 positions (``positions=(-8..-1)``,
+    8x the bytes of "last") with ``shard_size=32`` (so a shard has the bytes of a default 256-row shard of the real
+    model); default sizes 64,512 (8x, like 1000 vs 8000), allocator pinned (``--no-pin-malloc`` to unpin).
 (b) throughput: one child, the same prompts, formatting, left padding and batches (``--batch-size``):
     * ``hf``: a plain ``transformers`` copy of the model (``LensModel.plain_hf``), forward with
       ``output_hidden_states=True``, the last position of every layer's hidden state copied to the CPU; batches are
@@ -31,6 +36,7 @@ Writes: <out>/memory.csv, <out>/throughput.csv and <out>/summary.json, and print
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -73,7 +79,8 @@ def _load(model_spec: str | None):
     return load_model() if model_spec is None else load_model(model_spec)
 
 
-def _child_memory(n: int, batch_size: int, model_spec: str | None = None) -> dict:
+def _child_memory(n: int, batch_size: int, model_spec: str | None = None, n_positions: int = 1,
+                  shard_size: int = 256) -> dict:
     import torch
 
     from catlens.cache import collect
@@ -89,14 +96,16 @@ def _child_memory(n: int, batch_size: int, model_spec: str | None = None) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         out["rss_before_collect_mib"] = _rss_mib().get("rss_now_mib")
         t0 = time.perf_counter()
+        positions = "last" if n_positions == 1 else tuple(range(-n_positions, 0))
         store = collect(model, texts, sites=["resid_post"], out=Path(tmp) / "store", batch_size=batch_size,
-                        show_progress=False)
+                        positions=positions, shard_size=shard_size, show_progress=False)
         out["collect_s"] = time.perf_counter() - t0
         out["collect_peak_rss_mib"] = _rss_mib()["peak_rss_mib"]
         t0 = time.perf_counter()
         total = 0.0
         for layer in store.layers:  # full pass: every value read once
-            total += float(store.at("resid_post", layer).double().sum())
+            for pos in range(n_positions):
+                total += float(store.at("resid_post", layer, pos).double().sum())
         half = store.where(id=[f"p{i}" for i in range(0, n, 2)])
         total += float(half.at("resid_post", store.layers[-1]).double().sum())
         out["pass_s"] = time.perf_counter() - t0
@@ -158,8 +167,9 @@ def _child_throughput(n: int, batch_size: int, repeats: int, model_spec: str | N
             "ratio_disk": best["hf_s"] / best["collect_disk_s"], "threads": torch.get_num_threads()}
 
 
-def _spawn(args: list[str]) -> dict:
-    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False, cwd=REPO)
+def _spawn(args: list[str], env: dict | None = None) -> dict:
+    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False, cwd=REPO,
+                         env=env)
     lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child {args} failed:\n{res.stderr[-3000:]}")
@@ -170,7 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None,
                    help="prompt counts for the memory part (comma-separated; default 1000,8000, "
-                        "or 250,1000 with --tiny)")
+                        "or 64,512 with --tiny)")
     p.add_argument("--n-throughput", type=int, default=None, help="prompts for the throughput part (default 256, or "
                                                                    "64 with --tiny)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -178,13 +188,19 @@ def main() -> None:
     p.add_argument("--only", choices=["memory", "throughput"])
     p.add_argument("--out", default=None, help="output folder (default runs/bench-store, or runs/bench-store-tiny)")
     p.add_argument("--tiny", action="store_true",
-                   help="use a random proxy model of the real width and depth (fast; default sizes 250,1000)")
+                   help="use a random proxy model of the real width and depth (fast; default sizes 64,512)")
+    p.add_argument("--pin-malloc", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the children with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=1048576); "
+                        "default: on with --tiny, off otherwise")
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--positions", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--shard-size", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=["memory", "throughput"], help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child == "memory":
-        print("RESULT " + json.dumps(_child_memory(args.n, args.batch_size, args.model)))
+        print("RESULT " + json.dumps(_child_memory(args.n, args.batch_size, args.model, args.positions,
+                                                   args.shard_size)))
         return
     if args.child == "throughput":
         print("RESULT " + json.dumps(_child_throughput(args.n, args.batch_size, args.repeats, args.model)))
@@ -202,18 +218,22 @@ def _run(args: argparse.Namespace, model_spec: str | None) -> None:
     import pandas as pd
 
     tiny = model_spec is not None
-    args.sizes = args.sizes or ("250,1000" if tiny else "1000,8000")
+    args.sizes = args.sizes or ("64,512" if tiny else "1000,8000")
     args.n_throughput = args.n_throughput or (64 if tiny else 256)
     out = Path(args.out or ("runs/bench-store-tiny" if tiny else "runs/bench-store"))
     out.mkdir(parents=True, exist_ok=True)
+    pin = tiny if args.pin_malloc is None else args.pin_malloc
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pin else None
     summary: dict = {"sizes": args.sizes, "n_throughput": args.n_throughput, "batch_size": args.batch_size,
-                     "model": "tiny proxy " + json.dumps(TINY_PROXY) if tiny else "default (real) model"}
+                     "model": "tiny proxy " + json.dumps(TINY_PROXY) if tiny else "default (real) model",
+                     "malloc_mmap_threshold_pinned": pin}
     common = ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
               *(["--model", model_spec] if tiny else [])]
+    memory_args = ["--positions", "8", "--shard-size", "32"] if tiny else []
     if args.only in (None, "memory"):
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-        rows = [_spawn(["--child", "memory", "--n", "0", *common])]
-        rows += [_spawn(["--child", "memory", "--n", str(n), *common]) for n in sizes]
+        rows = [_spawn(["--child", "memory", "--n", "0", *common], env)]
+        rows += [_spawn(["--child", "memory", "--n", str(n), *common, *memory_args], env) for n in sizes]
         table = pd.DataFrame(rows)
         table.to_csv(out / "memory.csv", index=False)
         small, large = table[table.n == min(sizes)].iloc[0], table[table.n == max(sizes)].iloc[0]
@@ -225,7 +245,7 @@ def _run(args: argparse.Namespace, model_spec: str | None) -> None:
         print(f"peak RSS {max(sizes)} vs {min(sizes)} prompts: {summary['memory_ratio_largest_vs_smallest']:.3f}x "
               f"(goal <= 1.10; at the end of collect: {summary['collect_memory_ratio_largest_vs_smallest']:.3f}x)")
     if args.only in (None, "throughput"):
-        row = _spawn(["--child", "throughput", "--n", str(args.n_throughput), *common])
+        row = _spawn(["--child", "throughput", "--n", str(args.n_throughput), *common], env)
         pd.DataFrame([row]).to_csv(out / "throughput.csv", index=False)
         summary.update({k: row[k] for k in ("ratio_memory", "ratio_disk", "hf_s", "collect_memory_s",
                                             "collect_disk_s")})

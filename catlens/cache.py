@@ -760,32 +760,31 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
     memory: list[dict[str, Tensor]] = []
     for k in todo:
         a, b = shard_ranges[k]
-        chunks: dict[str, list[Tensor]] = {s.value: [] for s in site_list}
+        shard: dict[str, Tensor] = {}  # each site's rows a:b, filled batch by batch (no second copy to concatenate)
         shard_tokens: list[int] = []
         for start in range(a, b, batch_size):
             stop = min(start + batch_size, b)
             acts, lengths = _forward_batch(model, render(start, stop), texts[start:stop], site_list, layer_list,
                                            pos_names, fmt)
-            for s in chunks:
-                chunks[s].append(acts[s].to(store_dtype))
+            for s, t in acts.items():
+                if s not in shard:
+                    shard[s] = torch.empty((b - a, *t.shape[1:]), dtype=store_dtype)
+                shard[s][start - a:stop - a] = t
             del acts
             shard_tokens.extend(lengths)
             bar.update(stop - start)
-        if root is None:
-            n_tokens[a:b] = shard_tokens
-        shard = {s: torch.cat(c).contiguous() for s, c in chunks.items()}
-        del chunks
         if root is not None:
             _write_shard(root, k, a, b, shard, meta, shard_tokens)
             del shard
             _release_freed_memory()
         else:
+            n_tokens[a:b] = shard_tokens
             memory.append(shard)
     bar.close()
     if root is not None:
         del index, texts, per_prompt  # _load reads the index back from disk: do not hold two copies
         return _load(root, verify=True, trusted=frozenset(_shard_name(k) for k in range(len(shard_ranges))))
-    data = {s.value: torch.cat([m[s.value] for m in memory]) for s in site_list}
+    data = memory[0] if len(memory) == 1 else {s.value: torch.cat([m[s.value] for m in memory]) for s in site_list}
     return ActivationStore(data, index.assign(n_tokens=n_tokens), layer_list, pos_names, meta)
 
 
