@@ -62,19 +62,26 @@ def make_tiny_tokenizer(categories: Sequence[str] = (), vocab_size: int = 384):
 
 def make_tiny_model_dir(folder: str | os.PathLike[str], *, categories: Sequence[str] = (), n_layers: int = 4,
                         d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2, seed: int = 0,
-                        init_range: float = 0.2) -> Path:
+                        init_range: float = 0.2, d_mlp: int | None = None, d_head: int | None = None) -> Path:
     """Save a random tiny Llama (``n_layers`` x ``d_model``, tied embeddings) and its tokenizer to ``folder``; the
-    folder loads with :func:`catlens.model.load_model` like any checkpoint."""
+    folder loads with :func:`catlens.model.load_model` like any checkpoint.
+
+    ``d_mlp`` (default ``2 * d_model``) and ``d_head`` (default ``d_model // n_heads``) let a model have a real
+    model's residual width and depth (e.g. SmolLM2-135M's ``d_model=576, n_layers=30``) while staying fast: a narrow
+    MLP and narrow heads keep the parameter count, and so the forward pass, small (``bench/bench_store.py --tiny``).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     tokenizer = make_tiny_tokenizer(categories)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+    extra = {} if d_head is None else {"head_dim": d_head}
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model,
+                      intermediate_size=2 * d_model if d_mlp is None else d_mlp,
                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
                       max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init_range,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=tokenizer.pad_token_id, **extra)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # test-only helper: the weights must be the same on every call
     try:

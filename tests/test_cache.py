@@ -1,17 +1,19 @@
 """The activation store: positions, batching, on-disk shards, resume after interruption, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from catlens.cache import ActivationStore, collect
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the tests on the real model; the tiny-model tests at the end are fast
 
 TEXTS = [f"Tell me something interesting about the number {i}." if i % 2 else f"Hi {i}" for i in range(7)]
 
 
+@slow
 def test_positions_read_the_right_tokens(real_model):
     full = collect(real_model, TEXTS, sites=["resid_post"], layers=[2], positions=(-3, -2, -1), show_progress=False)
     last = collect(real_model, TEXTS, sites=["resid_post"], layers=[2], positions="last", show_progress=False)
@@ -19,6 +21,7 @@ def test_positions_read_the_right_tokens(real_model):
     torch.testing.assert_close(full.get("resid_post", pos=-1), last.get("resid_post"), rtol=0, atol=0)
 
 
+@slow
 def test_mean_over_instruction_tokens(real_model):
     from catlens.cache import _instruction_masks
 
@@ -36,6 +39,7 @@ def test_mean_over_instruction_tokens(real_model):
     assert post.get_all("resid_post").shape[1] == int(after[0].sum())
 
 
+@slow
 def test_batched_equals_unbatched_and_disk_equals_memory(real_model, tmp_path, assert_float32_close):
     mem = collect(real_model, TEXTS, sites=["resid_post", "z"], layers=[0, 3], batch_size=7, show_progress=False)
     one = collect(real_model, TEXTS, sites=["resid_post", "z"], layers=[0, 3], batch_size=1, show_progress=False)
@@ -51,6 +55,7 @@ def test_batched_equals_unbatched_and_disk_equals_memory(real_model, tmp_path, a
     assert loaded.meta["model"]["name"] == real_model.name and loaded.meta["dtype"] == "float32"
 
 
+@slow
 def test_resume_after_interruption(real_model, tmp_path, monkeypatch):
     import catlens.cache as cache_mod
 
@@ -85,6 +90,7 @@ def test_resume_after_interruption(real_model, tmp_path, monkeypatch):
     torch.testing.assert_close(resumed.get("resid_post"), reference.get("resid_post"), rtol=0, atol=1e-5)
 
 
+@slow
 def test_store_refuses_other_arguments(real_model, tmp_path):
     collect(real_model, TEXTS[:2], layers=[1], out=tmp_path / "s", show_progress=False)
     with pytest.raises(FileExistsError, match="different layers"):
@@ -95,6 +101,7 @@ def test_store_refuses_other_arguments(real_model, tmp_path):
         collect(real_model, TEXTS[:2], layers=[1], out=tmp_path / "other", show_progress=False)
 
 
+@slow
 def test_where_and_bad_input(real_model):
     store = collect(real_model, TEXTS, layers=[1, 2], show_progress=False)
     sub = store.where(id=["p1", "p3"])
@@ -117,6 +124,7 @@ def test_where_and_bad_input(real_model):
         collect(real_model, [1, 2])
 
 
+@slow
 def test_load_checks_shard_rows_against_the_index(real_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -138,6 +146,7 @@ def _prompt_set(labels=("harmful", "benign", "harmful", "benign")):
                       for i, lab in enumerate(labels)], name="t")
 
 
+@slow
 def test_resume_refuses_changed_prompt_fields_and_formatting(real_model, tmp_path):
     out = tmp_path / "s"
     first = collect(real_model, _prompt_set(), layers=[1], shard_size=2, out=out, show_progress=False)
@@ -155,6 +164,7 @@ def test_resume_refuses_changed_prompt_fields_and_formatting(real_model, tmp_pat
     assert again.index["label"].tolist() == ["harmful", "harmful", "harmful", "benign"]
 
 
+@slow
 def test_resume_refuses_another_model_with_the_same_name(real_model, tiny_model_dir, tmp_path):
     import shutil
 
@@ -180,6 +190,7 @@ def test_resume_refuses_another_model_with_the_same_name(real_model, tiny_model_
         collect(b, TEXTS[:3], layers=[1], out=tmp_path / "s", show_progress=False)
 
 
+@slow
 def test_load_detects_swapped_shards_and_a_flipped_byte_and_rerun_recomputes(real_model, tmp_path):
     out = tmp_path / "s"
     store = collect(real_model, TEXTS[:6], layers=[0, 2], shard_size=2, out=out, show_progress=False)
@@ -204,6 +215,7 @@ def test_load_detects_swapped_shards_and_a_flipped_byte_and_rerun_recomputes(rea
     assert torch.equal(ActivationStore.load(out).get_all("resid_post"), reference)
 
 
+@slow
 def test_damaged_metadata_files_name_the_file(real_model, tmp_path):
     out = tmp_path / "s"
     collect(real_model, TEXTS[:2], layers=[0], out=out, show_progress=False)
@@ -218,6 +230,7 @@ def test_damaged_metadata_files_name_the_file(real_model, tmp_path):
 
 
 # ------------------------------------------------------------------------ crashes never block the rerun
+@slow
 def test_leftovers_of_an_interrupted_setup_do_not_block_the_rerun(real_model, tmp_path, monkeypatch):
     import catlens.cache as cache_mod
 
@@ -240,6 +253,7 @@ def test_leftovers_of_an_interrupted_setup_do_not_block_the_rerun(real_model, tm
     assert len(collect(real_model, TEXTS[:2], layers=[0], out=tmp_path / "t", show_progress=False)) == 2
 
 
+@slow
 def test_failed_argument_checks_create_nothing(real_model, tmp_path):
     out = tmp_path / "s"
     bad_calls = [
@@ -269,6 +283,7 @@ def test_failed_argument_checks_create_nothing(real_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- a store larger than memory
+@slow
 def test_lazy_store_equals_eager_for_every_accessor(real_model, tmp_path):
     from catlens.cache import ShardedData
 
@@ -318,3 +333,167 @@ def test_a_format_1_store_still_loads_with_a_warning(tmp_path, caplog):
         store = ActivationStore.load(root)
     assert "older catlens" in caplog.text and store.lazy
     assert torch.equal(store.get_all(), x) and torch.equal(store.at("resid_post", 5), x[:, 0, 1])
+
+
+# ------------------------------------------------------- tiny model: memory does not grow with the prompts (fast)
+def _tiny_texts(n: int) -> list[str]:
+    return [f"Tell me about item {i:05d} and the sea at night, please." for i in range(n)]
+
+
+def test_lazy_accessors_read_only_what_they_return(tiny_lm, tmp_path, monkeypatch):
+    from catlens.cache import ShardedData
+
+    kwargs = dict(layers=[0, 2], positions=(-2, -1), show_progress=False)
+    mem = collect(tiny_lm, _tiny_texts(6), **kwargs)
+    store = collect(tiny_lm, _tiny_texts(6), shard_size=2, out=tmp_path / "s", **kwargs)
+    reads = []
+    real_read = ShardedData.read
+
+    def spy(self, site, pos=None, layer=None):
+        reads.append((site, pos, layer))
+        return real_read(self, site, pos, layer)
+
+    monkeypatch.setattr(ShardedData, "read", spy)
+    assert "resid_post" in store.data and "z" not in store.data and "resid_post" in store.sites
+    assert reads == []  # a membership test reads nothing (it used to read the whole site)
+    assert torch.equal(store.at("resid_post", 2), mem.at("resid_post", 2))
+    assert reads == [("resid_post", 1, 1)]  # one read: the last position of the second stored layer
+    reads.clear()
+    assert torch.equal(store.get("resid_post", 0), mem.get("resid_post", 0)) and reads == [("resid_post", 0, None)]
+    reads.clear()
+    sub = store.where(id=["p1", "p4"])
+    assert torch.equal(sub.at("resid_post", 0, -2), mem.where(id=["p1", "p4"]).at("resid_post", 0, -2))
+    assert reads == [("resid_post", 0, 0)], reads
+
+
+def test_streamed_hashes_are_those_earlier_stores_recorded(tiny_lm, tmp_path, monkeypatch):
+    import hashlib
+
+    import catlens.cache as cache_mod
+    from catlens.cache import _JsonListHash
+    from catlens.prompts import PromptSet
+
+    def whole(obj):  # what earlier catlens recorded: the sha256 of the JSON of the whole list
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+    cases = [[], ["a"], ["é ✓ \"q\" \\ \n\t", "b", ""], [1, 2.5, None, True, float("nan"), -0.0, 10**20],
+             [{"b": 1, "a": [1, "x"]}, {"z": None}, []], [Path("x"), ("t", 1)]]
+    for items in cases:
+        for step in (1, 2, 5):
+            h = _JsonListHash()
+            for i in range(0, len(items), step):
+                h.update(items[i:i + step])
+            assert h.hexdigest() == whole(items), (items, step)
+    monkeypatch.setattr(cache_mod, "_SCAN_CHUNK", 2)  # render, check and hash in chunks of 2 prompts
+    texts = _tiny_texts(5)
+    prompts = PromptSet([{"id": f"q{i}", "text": t, "label": "harmful" if i % 2 else "benign",
+                          "category": None if i % 2 else "privacy", "meta": {"k": i, "é": [i, "x"]}}
+                         for i, t in enumerate(texts)], name="t")
+    appends = [f" [{i}]" for i in range(5)]
+    store = collect(tiny_lm, prompts, layers=[0], positions="mean", system="Be brief.", append=appends,
+                    shard_size=2, out=tmp_path / "s", show_progress=False)
+    full = prompts.to_frame()
+    assert store.meta["prompt_fields_sha256"] == {str(c): whole(full[c].tolist()) for c in full.columns}
+    assert store.meta["prompts_sha256"] == whole(store.meta["prompt_fields_sha256"])
+    assert store.meta["rendered_sha256"] == whole(tiny_lm.format(texts, system="Be brief.", append=appends))
+    assert store.meta["append_sha256"] == whole(appends)
+    one = collect(tiny_lm, texts, layers=[0], append=" [respond]", out=tmp_path / "t", show_progress=False)
+    assert one.meta["append_sha256"] == whole([" [respond]"] * 5)
+    assert one.meta["rendered_sha256"] == whole(tiny_lm.format(texts, append=" [respond]"))
+
+
+def test_collect_to_disk_python_memory_does_not_grow_with_the_prompts(tiny_lm, tmp_path, monkeypatch):
+    """Python-side peak allocation (tracemalloc) of collect(..., out=...): 4x the prompts may add the index (id,
+    text, label, ... and token counts: well under 600 bytes a prompt), not every prompt's rendering, its JSON, its
+    tokens (earlier: about 3 KB a prompt)."""
+    import tracemalloc
+
+    import catlens.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_SCAN_CHUNK", 32)
+
+    def peak(n: int) -> int:
+        texts = _tiny_texts(n)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            collect(tiny_lm, texts, layers=[0], shard_size=32, batch_size=32, out=tmp_path / f"s{n}",
+                    show_progress=False)
+            return tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+
+    peak(32)  # warm-up: first-call imports and caches
+    small, large = peak(64), peak(256)
+    per_prompt = (large - small) / (256 - 64)
+    assert per_prompt < 600, f"Python-side peak grows by {per_prompt:.0f} bytes a prompt ({small} -> {large} bytes)"
+
+
+def test_resume_refuses_weights_changed_in_memory(tiny_lm_dir, tmp_path, monkeypatch):
+    import catlens.cache as cache_mod
+    from catlens.model import load_model
+
+    model = load_model(tiny_lm_dir)  # an own copy: the shared tiny_lm must keep its weights
+    out, texts = tmp_path / "s", _tiny_texts(4)
+    first = collect(model, texts, layers=[1], shard_size=2, out=out, show_progress=False)
+    calls = {"n": 0}
+    real_forward = cache_mod._forward_batch
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_forward_batch", counting)
+    again = collect(load_model(tiny_lm_dir), texts, layers=[1], shard_size=2, out=out, show_progress=False)
+    assert calls["n"] == 0 and again.meta["store_id"] == first.meta["store_id"]  # same weights: resumes
+    weight = next(p for name, p in model.hf.named_parameters() if "down_proj" in name)
+    with torch.no_grad():
+        weight[0, 0] += 1e-3  # one weight, changed in memory after loading (the files are unchanged)
+    with pytest.raises(FileExistsError, match=r"different model \(its weights in memory differ.*changed after "
+                                              r"loading.*overwrite=True"):
+        collect(model, texts, layers=[1], shard_size=2, out=out, show_progress=False)
+    # a store from before the in-memory hash (no parameters_sha256 recorded) still resumes
+    meta = json.loads((out / "store.json").read_text())
+    del meta["model_identity"]["parameters_sha256"]
+    (out / "store.json").write_text(json.dumps(meta))
+    assert len(collect(load_model(tiny_lm_dir), texts, layers=[1], shard_size=2, out=out,
+                       show_progress=False)) == 4 and calls["n"] == 0
+
+
+@slow
+def test_peak_rss_of_collect_and_a_full_pass_does_not_grow_with_the_prompts(tmp_path):
+    """Child processes on a proxy of the real model's width and depth (d_model 576, 30 layers): collect 4x the
+    prompts to disk and read every layer back; the peak RSS may not grow by a quarter of the larger store (it
+    grew by the whole store when every one-layer read first read the whole site). glibc's mmap threshold is pinned
+    in the children: left dynamic, the peak of the forward passes varies by +-50 MiB from run to run."""
+    import os
+    import subprocess
+    import sys
+
+    from catlens.testing import make_tiny_model_dir
+
+    proxy = make_tiny_model_dir(tmp_path / "proxy", n_layers=30, d_model=576, n_heads=2, n_kv_heads=1, d_head=8,
+                                d_mlp=16)
+    child = """
+import json, resource, sys, torch
+from catlens.cache import collect
+from catlens.model import load_model
+torch.set_num_threads(1)
+n, proxy, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+model = load_model(proxy)
+texts = [f"Tell me about item {i:05d} and the sea at night, please." for i in range(n)]
+store = collect(model, texts, positions=tuple(range(-8, 0)), shard_size=16, out=out, show_progress=False)
+total = sum(float(store.at("resid_post", layer, pos).double().sum()) for layer in store.layers for pos in (0, -1))
+print("RESULT", json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "total": total}))
+"""
+
+    def run(n: int) -> int:
+        res = subprocess.run([sys.executable, "-c", child, str(n), str(proxy), str(tmp_path / f"s{n}")],
+                             capture_output=True, text=True, check=False, cwd=str(Path(__file__).parents[1]),
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout.split("RESULT", 1)[1])["peak"]
+
+    small, large = run(32), run(128)
+    store_bytes = 128 * 8 * 30 * 576 * 4  # 71 MiB
+    assert large - small < store_bytes / 4, f"peak RSS {small / 2**20:.0f} -> {large / 2**20:.0f} MiB"
