@@ -23,7 +23,9 @@ Writes: <out>/memory.csv, <out>/throughput.csv and <out>/summary.json, and print
     MLP, narrow heads and a tiny vocabulary (``catlens.testing.make_tiny_model_dir``), so the memory part runs in
     about a minute. To store per prompt what a larger run stores, it reads 8 positions (``positions=(-8..-1)``,
     8x the bytes of "last") with ``shard_size=32`` (so a shard has the bytes of a default 256-row shard of the real
-    model); default sizes 64,512 (8x, like 1000 vs 8000), allocator pinned (``--no-pin-malloc`` to unpin).
+    model); default sizes 64,512 (8x, like 1000 vs 8000), allocator pinned (``--no-pin-malloc`` to unpin), one
+    thread per child unless ``OMP_NUM_THREADS`` says otherwise. (Its throughput part only smoke-tests the code: the
+    proxy's forward pass is too cheap for the ratio to mean anything.)
 (b) throughput: one child, the same prompts, formatting, left padding and batches (``--batch-size``):
     * ``hf``: a plain ``transformers`` copy of the model (``LensModel.plain_hf``), forward with
       ``output_hidden_states=True``, the last position of every layer's hidden state copied to the CPU; batches are
@@ -223,7 +225,8 @@ def _run(args: argparse.Namespace, model_spec: str | None) -> None:
     out = Path(args.out or ("runs/bench-store-tiny" if tiny else "runs/bench-store"))
     out.mkdir(parents=True, exist_ok=True)
     pin = tiny if args.pin_malloc is None else args.pin_malloc
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pin else None
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pin else {}),
+           **({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if tiny else {})}
     summary: dict = {"sizes": args.sizes, "n_throughput": args.n_throughput, "batch_size": args.batch_size,
                      "model": "tiny proxy " + json.dumps(TINY_PROXY) if tiny else "default (real) model",
                      "malloc_mmap_threshold_pinned": pin}

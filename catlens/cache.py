@@ -14,8 +14,13 @@ run). Each shard's checksum is recorded in ``store.json`` before the shard itsel
 interrupted run leaves only complete, recorded shards; calling :func:`collect` again with the same arguments
 verifies them, skips them and computes the rest. "The same arguments" means: every field of every prompt (id, text,
 label, category, split, source, meta), the formatting (``fmt``, ``system``, ``append`` and the rendered strings, so
-also the chat template), the sites, layers, positions, dtype and shard size, and the model's identity (name, dtype
-and a hash of its weights from its provenance). Anything else is refused with a message saying what differs.
+also the chat template), the sites, layers, positions, dtype and shard size, and the model's identity (name, dtype,
+a hash of its weight files from its provenance, and a hash of its parameters as they are in memory, so weights
+changed after loading are caught too). Anything else is refused with a message saying what differs.
+
+Memory: ``collect(..., out=...)`` renders, tokenises, checks and hashes the prompts a chunk at a time, fills one
+shard at a time and hands freed heap memory back after each shard, so its peak does not grow with the number of
+prompts beyond the index (``bench/bench_store.py --tiny``).
 
 :meth:`ActivationStore.load` (and ``collect(..., out=...)``) return a *lazy* store: nothing is read until an
 accessor asks, and then only the shards, prompts, positions and layers asked for (through ``safetensors``' memory
@@ -661,15 +666,6 @@ class _PositionCheck:
             raise ValueError(f"positions='post_instruction' needs the same number (> 0) of tokens after every "
                              f"instruction; got {detail} (fmt={fmt!r}). Use fmt='chat' or explicit offsets like "
                              f"(-2, -1).")
-
-
-def _check_positions(model: LensModel, rendered: Sequence[str], texts: Sequence[str], ids: Sequence[Any],
-                     pos_names: Sequence[str], fmt: str, chunk: int = _SCAN_CHUNK) -> None:
-    """Check the read positions against every prompt's tokens (already rendered) before anything is computed."""
-    check = _PositionCheck(pos_names)
-    for a in range(0, len(rendered), chunk):
-        check.add(model, rendered[a:a + chunk], texts[a:a + chunk], ids[a:a + chunk])
-    check.report(fmt)
 
 
 # --------------------------------------------------------------------------------------------------- collect
