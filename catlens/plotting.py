@@ -313,3 +313,17 @@ def _ensure_plotlyjs(folder: Path) -> None:
     from catlens.runs import write_text_atomic
 
     write_text_atomic(target, get_plotlyjs())
+
+
+def figure_cli(main: Any, doc: str | None, argv: Sequence[str] | None = None) -> Any:
+    """The command line of a figure script whose ``main(run_dir, out_dir=None, png=True)`` takes nothing else:
+    ``python figures/fig_x.py <run folder> [--out-dir D] [--no-png]``."""
+    import argparse
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out-dir", type=Path, default=None)
+    p.add_argument("--no-png", action="store_true")
+    a = p.parse_args(argv)
+    return main(a.run_dir, a.out_dir, png=not a.no_png)

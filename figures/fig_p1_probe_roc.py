@@ -15,7 +15,6 @@ Scores: the probe score is the gated policy's ``gate_score`` (the gate reads the
 not depend on the steering); the refusal-token probability is the unsteered model's ``refusal_score``.
 """
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -216,10 +215,4 @@ def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[s
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out-dir", type=Path, default=None)
-    p.add_argument("--no-png", action="store_true")
-    a = p.parse_args()
-    main(a.run_dir, a.out_dir, png=not a.no_png)
+    plotting.figure_cli(main, __doc__)

@@ -17,7 +17,6 @@ Writes: DIR/fig_p1_strength.html/.csv/.png, DIR/fig_p1_layers.html/.csv/.png and
 Best gate rule: the one whose best setting has the largest val objective (named in the titles).
 """
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -191,10 +190,4 @@ def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[s
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out-dir", type=Path, default=None)
-    p.add_argument("--no-png", action="store_true")
-    a = p.parse_args()
-    main(a.run_dir, a.out_dir, png=not a.no_png)
+    plotting.figure_cli(main, __doc__)

@@ -14,7 +14,6 @@ Judge: refusal is the first-position refusal-token decision (exactly the ``refus
 greedy answer); the judge named in test_rates is put in the title when that table is there.
 """
 
-import argparse
 import logging
 import math
 import re
@@ -227,10 +226,4 @@ def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[s
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out-dir", type=Path, default=None)
-    p.add_argument("--no-png", action="store_true")
-    a = p.parse_args()
-    main(a.run_dir, a.out_dir, png=not a.no_png)
+    plotting.figure_cli(main, __doc__)

@@ -463,3 +463,17 @@ def test_a_run_without_a_gated_policy(tmp_path, caplog):
     rep = build_report(run.parent)
     sec = next(s for s in rep.sections if s.id == "probe_roc")
     assert sec.status == "ok" and not sec.figures and "no gated policy passed the perplexity guard" in sec.body
+
+
+def test_figure_cli_parses_and_calls_main(tmp_path):
+    from catlens.plotting import figure_cli
+
+    seen = {}
+
+    def fake_main(run_dir, out_dir=None, png=True):
+        seen.update(run_dir=run_dir, out_dir=out_dir, png=png)
+        return "ok"
+
+    assert figure_cli(fake_main, "doc", [str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-png"]) == "ok"
+    assert seen == {"run_dir": tmp_path, "out_dir": tmp_path / "o", "png": False}
+    assert figure_cli(fake_main, "doc", [str(tmp_path)]) == "ok" and seen["png"] is True and seen["out_dir"] is None
