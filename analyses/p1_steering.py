@@ -451,21 +451,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-guard", type=float, default=0.10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lowrank-steps", type=int, default=120, help="low-rank training steps (0 skips it)")
+    p.add_argument("--reverse-n", type=int, default=150, help="prompts per side (train, val and test each) for the "
+                   "reverse transfer, stock -> tuned (0 skips it)")
     p.add_argument("--quick", action="store_true", help="small caps and grid (minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
+    from catlens.model import add_model_options
+
+    add_model_options(p)
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; options given explicitly win
         quick = {"layers": "18,21", "methods": "one_vs_benign", "toward": "0.1,0.2", "away": "0.2,0.4",
                  "train_cap": 120, "val_cap": 20, "gen_n": 24, "gen_tokens": 16, "candidates": 1,
-                 "lowrank_steps": 20}
+                 "lowrank_steps": 20, "reverse_n": 24}
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
     for name in ("train_cap", "val_cap", "gen_n", "gen_tokens", "batch_size", "candidates"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
+    if args.reverse_n < 0:
+        p.error(f"--reverse-n={args.reverse_n} must be >= 0 (0 skips the reverse transfer).")
     if not 0 <= args.target_fpr <= 1:
         p.error(f"--target-fpr={args.target_fpr} must be a rate in [0, 1].")
     return args
@@ -487,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     toward, away = _floats(args.toward, "toward"), _floats(args.away, "away")
     run = RunDir.create(args.out, vars(args), overwrite=args.overwrite, resume=not args.overwrite, seed=args.seed)
     t_start = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     run.record_model(model)
     layers = model.resolve_layers([int(x) for x in args.layers.split(",") if x.strip()])
     sets = build_sets(args.model, args.data_dir, seed=args.seed, train_cap=args.train_cap, val_cap=args.val_cap,
@@ -517,9 +524,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     transfer = None
     if args.stock_model.lower() != "none":
         transfer = evaluate_transfer(sets, fit, policies, layers, run, args)
+    reverse = None
+    if args.stock_model.lower() != "none" and args.reverse_n > 0:
+        reverse = evaluate_reverse(model, sets, fit, policies, run, args)
     summary = {"chosen": chosen["rows"], "headline": test["headline"].to_dict("records"),
                "auroc": test["auroc"].to_dict("records"),
                "transfer": None if transfer is None else transfer.to_dict("records"),
+               "reverse_transfer": None if reverse is None else reverse.to_dict("records"),
                "seconds": round(time.perf_counter() - t_start, 1)}
     run.save_json("summary", summary)
     run.finish(seconds=summary["seconds"])
@@ -676,7 +687,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
 
 
 def first_position_cached(model: Any, ps: Any, policies: dict[str, Any], run: Any, folder: str,
-                          batch_size: int) -> Any:
+                          batch_size: int, allow_transfer: bool = False) -> Any:
     """:func:`first_position` with one table per policy under ``<run>/<folder>/<name>-<digest>.parquet``: a rerun
     computes only the policies it has not seen (sharing one prefill among them)."""
     import pandas as pd
@@ -690,7 +701,7 @@ def first_position_cached(model: Any, ps: Any, policies: dict[str, Any], run: An
             for n, p in policies.items()}
     todo = {n: p for n, p in policies.items() if not path[n].exists()}
     if todo:
-        table = first_position(model, ps, todo, batch_size=batch_size)
+        table = first_position(model, ps, todo, batch_size=batch_size, allow_transfer=allow_transfer)
         for n, g in table.groupby("policy", sort=False):
             with atomic_path(path[n]) as tmp:
                 g.to_parquet(tmp, index=False)
@@ -812,7 +823,7 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
     from catlens.probes import fit_router_probe
     from catlens.steer import SteeringPolicy
 
-    stock = load_model(args.stock_model)
+    stock = load_model(args.stock_model, device=args.device, dtype=args.dtype)
     run.record_model(stock, role="stock_model")
     gen_test = _gen_subsample(sets["test"], args.gen_n, args.seed)
     X = fit["X"]
@@ -844,10 +855,92 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
     return table
 
 
-def rate_table_pooled(part: Any) -> dict[str, Any]:
+def _category_sample(ps: Any, n_per_side: int, seed: int, cats: Sequence[str]) -> Any:
+    """A seeded sample with every category of ``cats`` on the harmful side (``n_per_side`` split evenly over them)
+    and ``n_per_side`` benign prompts."""
+    from catlens.prompts import PromptSet
+
+    per = max(1, -(-n_per_side // max(1, len(cats))))
+    parts = []
+    for c in cats:
+        part = ps.where(label="harmful", category=c)
+        if not len(part):
+            raise ValueError(f"the reverse transfer needs harmful train prompts of category {c!r} (the router's "
+                             f"categories are {list(cats)}); none are in {ps.name!r}.")
+        parts.append(part.sample(min(per, len(part)), seed=seed))
+    benign = ps.where(label="benign")
+    parts.append(benign.sample(min(n_per_side, len(benign)), seed=seed))
+    return PromptSet.concat(*parts, name=f"{ps.name}-cats{n_per_side}")
+
+
+def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], policies: dict[str, Any], run: Any,
+                     args: argparse.Namespace) -> Any:
+    """The reverse transfer, stock -> tuned, for the parts that can be learned without refusal tokens: category
+    directions (``one_vs_benign``: harmful-category means minus the benign mean), their reference norm and the probe
+    gate (Youden threshold on val) are fitted on the *stock* model's activations and applied to the tuned model at
+    the tuned Youden policy's layer and coefficients; the router is the tuned model's own refusal-token readout
+    (nothing learned). Not reversed, because they need refusal tokens the stock model lacks: ``p1_mean_difference``
+    (read at the category token) and the low-rank map (trained with the refusal-token loss). Fitted on a seeded
+    ``--reverse-n`` per side of the train and val splits; judged at the first position (the headline judge) on a
+    seeded ``--reverse-n`` per side of the test split, next to the unsteered model and the tuned model's own
+    policy on the same rows."""
+    import pandas as pd
+    import torch
+
+    from catlens import directions as D
+    from catlens.model import load_model
+    from catlens.probes import fit_gate
+    from catlens.steer import Intervention, SteeringPolicy, model_fingerprint
+
+    base = policies.get("categorical_youden")
+    if base is None:
+        log.warning("reverse transfer skipped: no categorical_youden policy was chosen")
+        return None
+    layer = base.interventions[0].layer
+    stock = load_model(args.stock_model, device=args.device, dtype=args.dtype)
+    run.record_model(stock, role="stock_model")
+    cats = list(base.router.categories) if base.router is not None else list(fit["cats"])
+    train = _category_sample(sets["train"], args.reverse_n, args.seed, cats)
+    val = _gen_subsample(sets["val"], args.reverse_n, args.seed)
+    X = _acts(stock, train, [layer], run.path / "acts" / f"stock_train_L{layer}")
+    V = _acts(stock, val, [layer], run.path / "acts" / f"stock_val_L{layer}")
+    stock_print = model_fingerprint(stock)
+    del stock
+    tf, vf = train.to_frame(), val.to_frame()
+    is_h = torch.tensor((tf.label == "harmful").to_numpy())
+    va_h = torch.tensor((vf.label == "harmful").to_numpy())
+    d = D.one_vs_benign({c: X[torch.tensor(((tf.label == "harmful") & (tf.category == c)).to_numpy())]
+                         for c in cats}, X[~is_h], normalize=True, layers=[layer])
+    gate = fit_gate(X[is_h, 0], X[~is_h, 0], layer=layer, val=(V[va_h, 0], V[~va_h, 0]))
+    iv = Intervention("resid_post", layer, d.at(layer), labels=tuple(d.categories), coeff=1.0,
+                      positions="last_prompt", normalize=True, scale="norm",
+                      ref_norm=float(X[:, 0].norm(dim=-1).mean()))
+    reverse = SteeringPolicy((iv,), gate=gate, router=base.router, toward=base.toward, away=base.away,
+                             name="reverse-stock-youden", model=stock_print,
+                             meta={"transfer": "stock -> tuned", "learned_on": args.stock_model,
+                                   "method": "one_vs_benign", "layer": layer})
+    test = _gen_subsample(sets["test"], args.reverse_n, args.seed)
+    fp = first_position_cached(model, test, {"unsteered": None, "categorical_youden": base,
+                                             "reverse_stock_youden": reverse}, run, "reverse_fp", args.batch_size,
+                               allow_transfer=True)
+    rows = []
+    for (name, label), part in fp.groupby(["policy", "label"], sort=False):
+        rows.append({"policy": name, "model": "tuned", "label": label,
+                     **rate_table_pooled(part.assign(refused=part.refused.astype(bool)), "refused"),
+                     "gate_flag_rate": float(part.gate_flagged.mean()) if name != "unsteered" else None,
+                     "reused": {"unsteered": "none", "categorical_youden": "the tuned model's own policy",
+                                "reverse_stock_youden": "stock model's one_vs_benign directions, reference norm and "
+                                "Youden probe gate; tuned model's refusal-token router"}[name],
+                     "judge": "refusal_token (first position)", "n_fit_per_side": args.reverse_n})
+    table = pd.DataFrame(rows)
+    run.save_table("reverse_transfer", table)
+    return table
+
+
+def rate_table_pooled(part: Any, column: str = "refused_substring") -> dict[str, Any]:
     from catlens.metrics import rate_table
 
-    t = rate_table(part.assign(dataset="all"), "refused_substring", by=["dataset"])
+    t = rate_table(part.assign(dataset="all"), column, by=["dataset"])
     r = t[t.row == "pooled"].iloc[0]
     return {"rate": r.rate, "se": r.se, "ci_low": r.ci_low, "ci_high": r.ci_high, "n": int(r.n), "k": int(r.k)}
 

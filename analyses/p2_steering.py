@@ -300,6 +300,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--quick", action="store_true", help="small caps and grid for a smoke run")
     p.add_argument("--seed", type=int, default=0, help="split, sampling and pairing seed")
     p.add_argument("--threads", type=int, default=None)
+    from catlens.model import add_model_options
+
+    add_model_options(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -722,11 +725,12 @@ def _open_run(plan: Plan, args: argparse.Namespace) -> tuple[Any, bool]:
     from catlens.runs import RunDir
 
     config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("overwrite", "threads",
-                                                                                     "no_progress")}, default=str))
+                                                                                     "no_progress", "device")},
+                                   default=str))
     out = plan.out
     if out.exists() and (out / "manifest.json").exists() and not args.overwrite:
         manifest = RunDir.open(out).manifest
-        previous = manifest.get("config") or {}
+        previous = {"dtype": "float32", **(manifest.get("config") or {})}  # runs from before --dtype existed
         if previous != config:
             diff = sorted(k for k in set(config) | set(previous) if previous.get(k) != config.get(k))
             raise FileExistsError(f"{str(out)!r} holds a P2 run made with other arguments ({', '.join(diff)} "
@@ -1014,7 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return _finished(run)
     _save_prompts(run, ps)
     run.record_data("prompts", {**ps.provenance, "content_hash": ps.content_hash})
-    model = load_model(plan.model)
+    model = load_model(plan.model, device=args.device, dtype=args.dtype)
     run.record_model(model)
     result = run_p2(model, ps, info, plan, run)
     for r in result["p2_test_summary"].itertuples():

@@ -664,6 +664,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=f"a smoke run: caps {QUICK}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    from catlens.model import add_model_options
+
+    add_model_options(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -706,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                   f"to replace it or choose another --out.")
         resume = True
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     layer = model.layer(args.layer if args.layer is not None else setting["layer"])
     site = setting["site"] if setting else "resid_post"
     if site == "z":

@@ -180,6 +180,14 @@ def check_device(device: str | torch.device) -> str:
                      f"device='cpu' (catlens runs on CPU).")
 
 
+def add_model_options(parser: Any) -> None:
+    """``--device`` and ``--dtype`` on an analysis script's parser, as every entry point spells them (pass them to
+    :func:`load_model`); a device that is absent here is reported by :func:`check_device` when the model loads."""
+    parser.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="model weights' dtype (default float32; bfloat16 for 8B models on a GPU)")
+
+
 def _hub_offline() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return True

@@ -96,12 +96,51 @@ def test_sweep_gate_combination_equals_the_gated_policy(p1_run, tiny8, data_dir)
         assert got["refusal"] == pytest.approx(row.refusal) and got["over_refusal"] == pytest.approx(row.over_refusal)
 
 
+def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_tables(p1_run, tiny8, data_dir,
+                                                                                   tmp_path):
+    """The reverse transfer (stock -> tuned) on a same-architecture twin: three policies x two sides; on the same
+    rows the unsteered and tuned policies give exactly what the full test pass gave; the reverse policy carries the
+    stock model's fingerprint and directions that differ from the tuned model's."""
+    from catlens.finetune.config import DEFAULT_CATEGORIES
+    from catlens.model import load_model
+    from catlens.runs import RunDir
+    from catlens.steer import SteeringPolicy
+
+    mod, out, _, argv = p1_run
+    pol = out / "policies" / "categorical_youden"
+    if not pol.exists():
+        pytest.skip("the tiny run chose no Youden policy")
+    from catlens.testing import make_tiny_model_dir
+
+    stock = make_tiny_model_dir(tmp_path / "stock", categories=DEFAULT_CATEGORIES, seed=7)
+    args = mod.parse_args([*argv, "--stock-model", str(stock), "--reverse-n", "6"])
+    model = load_model(tiny8)
+    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    fit = {"cats": list(SteeringPolicy.load(pol).interventions[0].labels)}
+    base = SteeringPolicy.load(pol)
+    run = RunDir.create(tmp_path / "rev", {}, seed=0)
+    table = mod.evaluate_reverse(model, sets, fit, {"categorical_youden": base}, run, args)
+    assert set(table.policy) == {"unsteered", "categorical_youden", "reverse_stock_youden"}
+    assert set(table.label) == {"harmful", "benign"} and len(table) == 6
+    assert (run.path / "reverse_transfer.parquet").exists()
+    fp = pd.concat([pd.read_parquet(f) for f in (run.path / "reverse_fp").glob("*.parquet")])
+    full = pd.concat([pd.read_parquet(f) for f in (out / "test_fp").glob("*.parquet")])
+    for name in ("unsteered", "categorical_youden"):
+        a = fp[fp.policy == name].set_index("id").sort_index()
+        b = full[full.policy == name].set_index("id").loc[a.index]
+        assert (a.refused.astype(bool) == b.refused.astype(bool)).all(), name
+        assert a.refusal_score.to_numpy() == pytest.approx(b.refusal_score.to_numpy(), abs=1e-5)
+    rev = fp[fp.policy == "reverse_stock_youden"]
+    assert len(rev) == len(fp[fp.policy == "unsteered"])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "one_vs_benignn"], "Did you mean"),
     (["--toward", "-0.1"], "must be a finite number > 0"),
     (["--away", "abc"], "cannot read 'abc'"),
     (["--target-fpr", "2"], "target-fpr"),
     (["--val-cap", "0"], "val-cap"),
+    (["--reverse-n", "-1"], "reverse-n"),
 ])
 def test_p1_bad_inputs(extra, message, tmp_path, capsys):
     mod = _script()
