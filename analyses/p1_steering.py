@@ -296,7 +296,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], meth
             "X": X, "is_h": is_h, "val_frame": vf, "tokens": tokens, "np": np}
 
 
-def intervention(fit: dict[str, Any], method: str, layer: int, layers: Sequence[int], coeff: float) -> Any:
+def intervention(fit: dict[str, Any], method: str, layer: int, coeff: float) -> Any:
     from catlens.steer import Intervention
 
     li = list(fit["layers"]).index(layer)  # reference norms are indexed by the fitted layers
@@ -333,10 +333,10 @@ def run_sweep(model: Any, sets: dict[str, Any], fit: dict[str, Any], layers: Seq
     for m in methods:
         for layer in layers:
             for c in toward:
-                policies[f"{m}|{layer}|t|{c}"] = SteeringPolicy((intervention(fit, m, layer, layers, c),),
+                policies[f"{m}|{layer}|t|{c}"] = SteeringPolicy((intervention(fit, m, layer, c),),
                                                                 router=fit["router"])
             for c in away:
-                policies[f"{m}|{layer}|a|{c}"] = SteeringPolicy((intervention(fit, m, layer, layers, -c),),
+                policies[f"{m}|{layer}|a|{c}"] = SteeringPolicy((intervention(fit, m, layer, -c),),
                                                                 router=fit["router"])
     t0 = time.perf_counter()
     table = first_position(model, val, policies, batch_size=batch_size)
@@ -538,7 +538,7 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, la
     rows, policies = [], {"unsteered": None}
 
     def build(r: Any) -> Any:
-        iv = intervention(fit, r.method, int(r.layer), layers, 1.0)
+        iv = intervention(fit, r.method, int(r.layer), 1.0)
         gate = fit["gates"][int(r.layer)][r.gate_rule]
         return SteeringPolicy((iv,), gate=gate, router=fit["router"], toward=_opt(r.toward), away=_opt(r.away),
                               name=f"categorical-{r.gate_rule}", model=model_fingerprint(model),
