@@ -52,6 +52,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from catlens.cli import parse_floats
+
 log = logging.getLogger("analyses.p1_steering")
 
 METHODS = ("one_vs_benign", "p1_mean_difference", "one_vs_rest")
@@ -64,21 +66,8 @@ GATE_RULES = ("youden", "target_fpr")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _floats(text: str, name: str) -> list[float]:
-    out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"--{name}: cannot read {part!r} as a number; give comma-separated numbers like "
-                             f"'0.1,0.2'.") from None
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"--{name}: {part!r} must be a finite number > 0 (a fraction of the residual norm; the "
-                             f"sign is set by the side).")
-        out.append(v)
-    if not out:
-        raise ValueError(f"--{name} is empty; give at least one coefficient.")
-    return out
+_COEFFS = {"positive": True, "note": "a fraction of the residual norm; the sign is set by the side"}
+"""How --toward and --away are read (:func:`catlens.cli.parse_floats`)."""
 
 
 def _cached(run: Any, name: str, fn: Any) -> Any:
@@ -484,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             from catlens.errors import unknown_name_message
 
             raise SystemExit(unknown_name_message("--methods entry", m, METHODS))
-    toward, away = _floats(args.toward, "toward"), _floats(args.away, "away")
+    toward, away = parse_floats(args.toward, "toward", **_COEFFS), parse_floats(args.away, "away", **_COEFFS)
     run = RunDir.create(args.out, vars(args), overwrite=args.overwrite, resume=not args.overwrite, seed=args.seed)
     t_start = time.perf_counter()
     model = load_model(args.model)
