@@ -52,6 +52,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from catlens.cli import parse_floats
+
 log = logging.getLogger("analyses.p1_steering")
 
 METHODS = ("one_vs_benign", "p1_mean_difference", "one_vs_rest")
@@ -64,21 +66,8 @@ GATE_RULES = ("youden", "target_fpr")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _floats(text: str, name: str) -> list[float]:
-    out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"--{name}: cannot read {part!r} as a number; give comma-separated numbers like "
-                             f"'0.1,0.2'.") from None
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"--{name}: {part!r} must be a finite number > 0 (a fraction of the residual norm; the "
-                             f"sign is set by the side).")
-        out.append(v)
-    if not out:
-        raise ValueError(f"--{name} is empty; give at least one coefficient.")
-    return out
+_COEFFS = {"positive": True, "note": "a fraction of the residual norm; the sign is set by the side"}
+"""How --toward and --away are read (:func:`catlens.cli.parse_floats`)."""
 
 
 def _cached(run: Any, name: str, fn: Any) -> Any:
@@ -296,7 +285,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], meth
             "X": X, "is_h": is_h, "val_frame": vf, "tokens": tokens, "np": np}
 
 
-def intervention(fit: dict[str, Any], method: str, layer: int, layers: Sequence[int], coeff: float) -> Any:
+def intervention(fit: dict[str, Any], method: str, layer: int, coeff: float) -> Any:
     from catlens.steer import Intervention
 
     li = list(fit["layers"]).index(layer)  # reference norms are indexed by the fitted layers
@@ -333,10 +322,10 @@ def run_sweep(model: Any, sets: dict[str, Any], fit: dict[str, Any], layers: Seq
     for m in methods:
         for layer in layers:
             for c in toward:
-                policies[f"{m}|{layer}|t|{c}"] = SteeringPolicy((intervention(fit, m, layer, layers, c),),
+                policies[f"{m}|{layer}|t|{c}"] = SteeringPolicy((intervention(fit, m, layer, c),),
                                                                 router=fit["router"])
             for c in away:
-                policies[f"{m}|{layer}|a|{c}"] = SteeringPolicy((intervention(fit, m, layer, layers, -c),),
+                policies[f"{m}|{layer}|a|{c}"] = SteeringPolicy((intervention(fit, m, layer, -c),),
                                                                 router=fit["router"])
     t0 = time.perf_counter()
     table = first_position(model, val, policies, batch_size=batch_size)
@@ -491,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             from catlens.errors import unknown_name_message
 
             raise SystemExit(unknown_name_message("--methods entry", m, METHODS))
-    toward, away = _floats(args.toward, "toward"), _floats(args.away, "away")
+    toward, away = parse_floats(args.toward, "toward", **_COEFFS), parse_floats(args.away, "away", **_COEFFS)
     run = RunDir.create(args.out, vars(args), overwrite=args.overwrite, resume=not args.overwrite, seed=args.seed)
     t_start = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -549,7 +538,7 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, la
     rows, policies = [], {"unsteered": None}
 
     def build(r: Any) -> Any:
-        iv = intervention(fit, r.method, int(r.layer), layers, 1.0)
+        iv = intervention(fit, r.method, int(r.layer), 1.0)
         gate = fit["gates"][int(r.layer)][r.gate_rule]
         return SteeringPolicy((iv,), gate=gate, router=fit["router"], toward=_opt(r.toward), away=_opt(r.away),
                               name=f"categorical-{r.gate_rule}", model=model_fingerprint(model),

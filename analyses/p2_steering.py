@@ -103,6 +103,8 @@ from typing import Any
 
 import torch
 
+from catlens.cli import parse_floats
+
 log = logging.getLogger("analyses.p2_steering")
 
 METHODS = ("unsupervised", "pruned", "guided")
@@ -156,26 +158,8 @@ def _one(text: str, allowed: Sequence[str], what: str) -> str:
     return items[0]
 
 
-def _floats(text: str, what: str) -> list[float]:
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"--{what}: cannot read {part!r} as a number; give numbers like '0.5,1'.") from None
-        if not math.isfinite(v):
-            raise ValueError(f"--{what}: {part!r} is not finite.")
-        out.append(v)
-    if not out:
-        raise ValueError(f"--{what} is empty; give at least one number, e.g. '0.5,1'.")
-    return list(dict.fromkeys(out))
-
-
 def _quantiles(text: str) -> list[float]:
-    qs = _floats(text, "quantiles")
+    qs = parse_floats(text, "quantiles", example="0.5,0.8", unique=True)
     for q in qs:
         if not 0.0 < q < 1.0:
             raise ValueError(f"--quantiles: {q} is outside (0, 1); the pruning quantile keeps the paired differences "
@@ -336,7 +320,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
         reductions=tuple(_names(args.reductions, REDUCTIONS, "reductions")),
         safe=tuple(_names(args.safe, SAFE_KINDS, "safe")), layer_sets=(None if (ls := _layer_sets(args.layer_sets))
                                                                       is None else tuple(ls)),
-        coeffs=tuple(_floats(args.coeffs, "coeffs")), quantiles=tuple(_quantiles(args.quantiles)),
+        coeffs=tuple(parse_floats(args.coeffs, "coeffs", example="0.5,1", unique=True)),
+        quantiles=tuple(_quantiles(args.quantiles)),
         pairing=args.pairing, scale=args.scale, positions=_one(args.positions, STEER_POSITIONS, "positions"),
         route=_one(args.route, ROUTES, "route"), judge=_one(args.judge, JUDGES, "judge"),
         guided_min=args.guided_min, help_tol=float(args.help_tol),

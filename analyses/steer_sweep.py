@@ -41,27 +41,10 @@ from typing import Any
 
 import torch
 
+from catlens.cli import parse_floats
+
 log = logging.getLogger("analyses.steer_sweep")
 METHODS = ("one_vs_benign", "one_vs_rest")
-
-
-def _floats(text: str | None) -> list[float | None]:
-    if text is None or text == "":
-        return []
-    out: list[float | None] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part.lower() == "none":
-            out.append(None)
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"cannot read coefficient {part!r}; give numbers like '0.05,0.1' (or 'none').") from None
-        if not math.isfinite(v):
-            raise ValueError(f"coefficient {part!r} is not finite.")
-        out.append(v)
-    return out
 
 
 def _directions(method: str, harm_by_cat: dict[str, torch.Tensor], benign: torch.Tensor, layers: Sequence[int]) -> Any:
@@ -307,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
-    toward, away = _floats(args.toward), _floats(args.away)
+    toward = parse_floats(args.toward, "toward", example="0.05,0.1", allow_none=True, allow_empty=True)
+    away = parse_floats(args.away, "away", example="0.05,0.1", allow_none=True, allow_empty=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     prompts = load_prompts(args.prompts)
     if args.n_per_split:

@@ -17,6 +17,7 @@ unless -v is given.
 
 import argparse
 import logging
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,43 @@ def parse_layers(text: str | None) -> list[int] | None:
     if repeated:
         raise ValueError(f"--layers {text!r}: layer(s) {repeated} listed more than once; list each layer once.")
     return out
+
+
+def parse_floats(text: str | None, name: str, *, example: str = "0.1,0.2", positive: bool = False,
+                 allow_none: bool = False, allow_empty: bool = False, unique: bool = False,
+                 note: str = "") -> list[float | None]:
+    """Comma-separated finite numbers given to the option ``--<name>`` (blank items are skipped): ``positive``, each
+    must be > 0; ``allow_none``, ``none`` reads as None; ``allow_empty``, no numbers (or ``None``) gives ``[]``
+    instead of an error; ``unique``, repeats are dropped (the first kept). A bad item is a ``ValueError`` naming
+    the option, the given text and an example (``example``, then ``note`` in parentheses where a number is bad).
+
+    >>> parse_floats(" 0.5, 1,0.5", "coeffs", unique=True)
+    [0.5, 1.0]
+    >>> parse_floats("0.1,x", "toward")
+    Traceback (most recent call last):
+    ...
+    ValueError: --toward '0.1,x': cannot read 'x' as a number; give comma-separated numbers like '0.1,0.2'.
+    """
+    like = f"'{example}'" + (" (or 'none')" if allow_none else "")
+    out: list[float | None] = []
+    for part in (p.strip() for p in ("" if text is None else str(text)).split(",")):
+        if not part:
+            continue
+        if allow_none and part.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"--{name} {text!r}: cannot read {part!r} as a number; give comma-separated numbers "
+                             f"like {like}.") from None
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"--{name} {text!r}: {part!r} must be a finite number{' > 0' if positive else ''}"
+                             f"{f' ({note})' if note else ''}; give e.g. {like}.")
+        out.append(v)
+    if not out and not allow_empty:
+        raise ValueError(f"--{name} is empty (given {text!r}); give at least one number, e.g. {like}.")
+    return list(dict.fromkeys(out)) if unique else out
 
 
 def _positions(text: str) -> str | list[int]:

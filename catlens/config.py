@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catlens._typecheck import check_field_type, is_mapping_type, split_optional
 from catlens.errors import FileFormatError, unknown_name_message
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
@@ -241,29 +242,13 @@ def _leaf_keys() -> list[str]:
 
 
 # =========================================================================================== typed values
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
-    if tp in names:
-        return names[tp]
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        return "a list of strings"
-    if origin in (Mapping, dict) or tp is Mapping:
-        return "a table of options"
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args and type(None) in typing.get_args(tp):
-        return f"{_type_name(args[0])} or null"
-    return str(tp)
-
-
 def _from_text(text: str, tp: Any) -> Any:
     """A command-line value for a field of type ``tp``: text fields take the text (a quoted JSON string is
     unquoted); everything else is read as JSON when it parses (``null``/``none`` mean None), else kept as text."""
-    optional = type(None) in typing.get_args(tp)
+    optional, base = split_optional(tp)
     stripped = text.strip()
     if optional and stripped.lower() in ("null", "none"):
         return None
-    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
     if base is str:
         if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
             try:
@@ -286,44 +271,10 @@ def _from_text(text: str, tp: Any) -> Any:
 def check_value(key: str, value: Any, tp: Any) -> Any:
     """``value`` converted to ``tp`` (ints stay ints, an int is accepted for a float, a list becomes a tuple, a
     table becomes a read-only mapping), or a :class:`ConfigError` naming ``key``, the value and the expected type."""
-
-    def bad(why: str = "") -> ConfigError:
-        return ConfigError(f"config key {key}={value!r}: expected {_type_name(tp)}{why}.")
-
-    optional = type(None) in typing.get_args(tp)
-    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
-    if value is None:
-        if optional:
-            return None
-        raise bad()
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-                return int(value)
-            raise bad()
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        if not math.isfinite(value):
-            raise bad(" (got a non-finite number)")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if typing.get_origin(base) is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
-                not all(isinstance(v, str) for v in value):
-            raise bad(f" (e.g. --set '{key}=[\"a\", \"b\"]' or {key}=a,b)")
-        return tuple(value)
-    if typing.get_origin(base) in (Mapping, dict) or base is Mapping:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise bad(f" (e.g. [{key}] in the file, or --set {key}.<name>=<value>)")
+    value = check_field_type(value, tp, where=f"config key {key}", error=ConfigError,
+                             tuple_hint=f" (e.g. --set '{key}=[\"a\", \"b\"]' or {key}=a,b)",
+                             mapping_hint=f" (e.g. [{key}] in the file, or --set {key}.<name>=<value>)")
+    if value is not None and is_mapping_type(split_optional(tp)[1]):
         return _frozen_map({k: _plain_value(f"{key}.{k}", v) for k, v in value.items()})
     return value
 

@@ -1122,32 +1122,18 @@ def screenshot(url: str, png: Any, *, run: bool = True, width: int = 1500, execu
     """Open the explorer at ``url`` in headless Chromium (Playwright driving the system browser), press Run when
     ``run`` and the prompt box is filled (the page's starting values), wait for the answers (or the message) and
     save a full-page PNG. Returns the browser console errors (empty when clean)."""
-    import os
-    import shutil
-    from pathlib import Path
+    from catlens.browser import headless_chromium, page_errors
 
-    from playwright.sync_api import sync_playwright
-
-    exe = executable or os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(exe).exists():
-        raise FileNotFoundError(f"no Chromium at {exe!r}; install Debian's with `apt-get install -y chromium` or "
-                                f"set CATLENS_CHROMIUM.")
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": 1000})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url, timeout=timeout_s * 1000)
-            page.wait_for_selector("#run", timeout=timeout_s * 1000)
-            if run and page.input_value("#prompt").strip():
-                page.click("#run")
-                page.wait_for_selector("#steered, #message .error", timeout=timeout_s * 1000)
-                page.wait_for_timeout(800)  # let the figures draw
-            page.screenshot(path=str(png), full_page=True)
-        finally:
-            browser.close()
+    with headless_chromium(executable) as browser:
+        page = browser.new_page(viewport={"width": width, "height": 1000})
+        errors = page_errors(page)
+        page.goto(url, timeout=timeout_s * 1000)
+        page.wait_for_selector("#run", timeout=timeout_s * 1000)
+        if run and page.input_value("#prompt").strip():
+            page.click("#run")
+            page.wait_for_selector("#steered, #message .error", timeout=timeout_s * 1000)
+            page.wait_for_timeout(800)  # let the figures draw
+        page.screenshot(path=str(png), full_page=True)
     return errors
 
 

@@ -158,6 +158,25 @@ class _Decoder:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
 
 
+def _prepare_batch(model: Any, items: Sequence[_Item], *, fmt: str, system: str | None,
+                   use_cache: bool = True) -> _Decoder:
+    """A batch's prompts rendered (``fmt``, ``system``), tokenised (left-padded) and wrapped in a :class:`_Decoder`
+    (no session yet: set ``.session`` before the steered calls)."""
+    ids, mask = model.tokenize(model.format([it.text for it in items], fmt, system=system))
+    return _Decoder(model, ids, mask, None, use_cache)
+
+
+def _read_spec(policy: SteeringPolicy | None) -> dict[str, tuple[Any, int]]:
+    """What ``policy``'s decisions read from the unsteered last-prompt-token call: ``"gate"`` and ``"router"`` (a
+    probe router) -> ``(site, layer)``; empty without them."""
+    spec: dict[str, tuple[Any, int]] = {}
+    if policy is not None and policy.gate is not None:
+        spec["gate"] = (policy.gate.site, policy.gate.layer)
+    if policy is not None and policy.router is not None and policy.router.kind == "probe":
+        spec["router"] = (policy.router.site, policy.router.layer)
+    return spec
+
+
 def _rerun_scope(policy: SteeringPolicy) -> str:
     """What a decision changes: 'none' (generated tokens only), 'last' (the last prompt token), 'all'."""
     scope = "none"
@@ -294,16 +313,15 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
 
     t0 = time.perf_counter()
     _check_stop(should_stop, 0)
-    rendered = model.format([it.text for it in items], fmt, system=system)
-    ids, mask = model.tokenize(rendered)
-    B = ids.shape[0]
+    dec = _prepare_batch(model, items, fmt=fmt, system=system, use_cache=use_cache)
+    B = dec.seq.shape[0]
     session = Session(model, policy) if policy is not None else None
     rows = Rows.default(policy, B) if policy is not None else None
     if policy is not None:
         _apply_row_overrides(policy, rows, overrides, batch_index)
         session.rows = rows
         session.trace = trace
-    dec = _Decoder(model, ids, mask, session, use_cache)
+    dec.session = session
     gens = [torch.Generator().manual_seed(_row_seed(seed, it.id)) for it in items] if sample else None
     eos = model.tokenizer.eos_token_id
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eos
@@ -314,11 +332,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
     if session is not None:
         hooks = [(model.hook_name(iv.site, iv.layer), session.hook(i)) for i, iv in enumerate(policy.interventions)]
     reads: dict[str, Tensor] = {}
-    read_spec: dict[str, tuple[Any, int]] = {}
-    if policy is not None and policy.gate is not None:
-        read_spec["gate"] = (policy.gate.site, policy.gate.layer)
-    if policy is not None and policy.router is not None and policy.router.kind == "probe":
-        read_spec["router"] = (policy.router.site, policy.router.layer)
+    read_spec = _read_spec(policy)
 
     from contextlib import ExitStack
 
@@ -541,14 +555,8 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
     respond_id = token_ids[-1] if token_ids else None
 
     # every (site, layer) a gate or probe router reads, read once from the unsteered last-token call
-    read_spec: dict[str, tuple[Any, int]] = {}
-    for pol in resolved.values():
-        if pol is None:
-            continue
-        if pol.gate is not None:
-            read_spec[f"{pol.gate.site}.{pol.gate.layer}"] = (pol.gate.site, pol.gate.layer)
-        if pol.router is not None and pol.router.kind == "probe":
-            read_spec[f"{pol.router.site}.{pol.router.layer}"] = (pol.router.site, pol.router.layer)
+    read_spec = {f"{site}.{layer}": (site, layer) for pol in resolved.values()
+                 for site, layer in _read_spec(pol).values()}
 
     rendered_len = [len(t) for t in model.format([it.text for it in items], fmt, system=system)]
     order = sorted(range(len(items)), key=lambda i: (-rendered_len[i], i))
@@ -557,8 +565,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
     with tqdm(total=len(items), desc="first position", unit="prompt", disable=not show_progress) as bar:
         for batch in batches:
             b_items = [items[i] for i in batch]
-            ids, mask = model.tokenize(model.format([it.text for it in b_items], fmt, system=system))
-            dec = _Decoder(model, ids, mask, None, use_cache=True)
+            dec = _prepare_batch(model, b_items, fmt=fmt, system=system)
             T = dec.T
             if T > 1:
                 dec.forward(0, T - 1)
@@ -576,11 +583,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
                     prow = Rows.default(pol, len(b_items))
                     _apply_row_overrides(pol, prow, (rows or {}).get(name), batch)
                     if pol.gate is not None or pol.router is not None:
-                        mine = {}
-                        if pol.gate is not None:
-                            mine["gate"] = reads[f"{pol.gate.site}.{pol.gate.layer}"]
-                        if pol.router is not None and pol.router.kind == "probe":
-                            mine["router"] = reads[f"{pol.router.site}.{pol.router.layer}"]
+                        mine = {role: reads[f"{site}.{layer}"] for role, (site, layer) in _read_spec(pol).items()}
                         gates, routes = _decide(model, pol, b_items, mine, base, tokens, prow)
                     scope = _rerun_scope(pol)
                     if scope == "none":
@@ -590,7 +593,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
                         session.rows = prow
                         hooks = [(model.hook_name(iv.site, iv.layer), session.hook(i))
                                  for i, iv in enumerate(pol.interventions)]
-                        run = dec if scope == "last" else _Decoder(model, ids, mask, None, use_cache=True)
+                        run = dec if scope == "last" else _Decoder(model, dec.seq, dec.mask, None, use_cache=True)
                         run.session = session
                         try:
                             with model.bridge.hooks(fwd_hooks=hooks):

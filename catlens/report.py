@@ -1340,24 +1340,12 @@ def screenshot(html_path: str | os.PathLike[str], png: str | os.PathLike[str], *
                executable: str | None = None, timeout_ms: int = 60_000) -> list[str]:
     """Full-page PNG of a report with headless Chromium (Playwright driving the system browser, e.g. Debian's
     ``/usr/bin/chromium``; nothing is downloaded). Returns the browser console errors (empty when clean)."""
-    import shutil
+    from catlens.browser import headless_chromium, page_errors
 
-    from playwright.sync_api import sync_playwright
-
-    exe = executable or os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(exe).exists():
-        raise FileNotFoundError(f"no Chromium at {exe!r}; install Debian's with `apt-get install -y chromium` or "
-                                f"set CATLENS_CHROMIUM.")
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(Path(html_path).resolve().as_uri(), timeout=timeout_ms)
-            page.wait_for_load_state("load")
-            page.screenshot(path=str(png), full_page=True, timeout=timeout_ms)
-        finally:
-            browser.close()
+    with headless_chromium(executable) as browser:
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        errors = page_errors(page)
+        page.goto(Path(html_path).resolve().as_uri(), timeout=timeout_ms)
+        page.wait_for_load_state("load")
+        page.screenshot(path=str(png), full_page=True, timeout=timeout_ms)
     return errors

@@ -48,3 +48,30 @@ def test_bad_input_exits_2_with_one_line(args, reason):
 def test_argparse_errors_exit_2():
     result = _run("data", "frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_parse_floats():
+    # the one number-list reader of analyses/p1_steering.py, p2_steering.py and steer_sweep.py
+    from catlens.cli import parse_floats
+
+    assert parse_floats(" 0.5, 1,,0.5", "coeffs") == [0.5, 1.0, 0.5]
+    assert parse_floats("0.5,1,0.5", "coeffs", unique=True) == [0.5, 1.0]
+    assert parse_floats("none, 0.1", "toward", allow_none=True) == [None, 0.1]
+    assert parse_floats(None, "toward", allow_empty=True) == [] and parse_floats("", "x", allow_empty=True) == []
+    assert parse_floats("-0.5,0", "coeffs") == [-0.5, 0.0]
+    for text, kw, message in [
+        ("0.1,abc", {}, "--toward '0.1,abc': cannot read 'abc' as a number; give comma-separated numbers like "
+                        "'0.1,0.2'."),
+        ("none", {}, "cannot read 'none' as a number"),
+        ("x", {"allow_none": True, "example": "0.05,0.1"}, "numbers like '0.05,0.1' (or 'none')."),
+        ("0.1,inf", {}, "--toward '0.1,inf': 'inf' must be a finite number; give e.g. '0.1,0.2'."),
+        ("nan", {"positive": True}, "'nan' must be a finite number > 0"),
+        ("0.1,-0.2", {"positive": True, "note": "a fraction of the norm"},
+         "--toward '0.1,-0.2': '-0.2' must be a finite number > 0 (a fraction of the norm); give e.g. '0.1,0.2'."),
+        ("0", {"positive": True}, "'0' must be a finite number > 0"),
+        (" , ", {}, "--toward is empty (given ' , '); give at least one number, e.g. '0.1,0.2'."),
+        (None, {}, "--toward is empty (given None)"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            parse_floats(text, "toward", **kw)
+        assert message in str(e.value), (text, str(e.value))

@@ -271,3 +271,30 @@ def test_absent_cuda_is_a_clear_error_before_any_work(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "device='cuda' is not available" in err and "cpu" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_shared_field_type_check_serves_both_configs():
+    # catlens._typecheck.check_field_type is the one type check behind catlens.config.check_value and
+    # catlens.finetune.config.check_value; they differ only in the error type, the message prefix and the hints.
+    from catlens._typecheck import check_field_type, type_name
+    from catlens.finetune import check_value as ft_check
+
+    assert check_field_type(3.0, int, where="a") == 3 and type(check_field_type(3, float, where="a")) is float
+    assert check_field_type(["x"], tuple[str, ...] | None, where="a") == ("x",)
+    assert check_field_type(None, int | None, where="a") is None
+    assert type_name(tuple[str, ...] | None, tuple_name="a list of names") == "a list of names or null"
+
+    class Custom(Exception):
+        pass
+
+    with pytest.raises(Custom, match=r"^pre\.k='x': expected a list of strings, e\.g\. this\.$"):
+        check_field_type("x", tuple[str, ...], where="pre.k", error=Custom, tuple_hint=", e.g. this")
+    with pytest.raises(Custom, match=r"^pre\.k=\[1\]: expected a table of options \(a table\)\.$"):
+        check_field_type([1], dict[str, int], where="pre.k", error=Custom, mapping_hint=" (a table)")
+    with pytest.raises(Custom, match=r"expected a finite number or null \(got a non-finite number\)\.$"):
+        check_field_type(float("inf"), float | None, where="pre.k", error=Custom)
+    # the two callers: same check, their own error type and hints
+    with pytest.raises(ConfigError, match=r"config key geometry\.directions='a': expected a list of strings \(e\.g\."):
+        from_dict({"geometry": {"directions": "a"}})
+    with pytest.raises(ValueError, match=r"FinetuneConfig\.categories='a': expected a list of names or null, e\.g\."):
+        ft_check("categories", "a")

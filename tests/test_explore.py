@@ -4,10 +4,8 @@ replaces a newer one), generate's should_stop hook, and the page in a real headl
 reason, without one). CATLENS_SCREENSHOT=docs/explorer.png saves the browser test's page."""
 
 import os
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +13,13 @@ import torch
 pytest.importorskip("dash", reason="the explorer needs dash (pip install -e '.[dev]')")
 
 from catlens import explore as E  # noqa: E402
+from catlens.browser import browser_unavailable, chromium_executable, headless_chromium, page_errors  # noqa: E402
 from catlens.cli import main as cli_main  # noqa: E402
 from catlens.generation import GenerationCancelled, generate  # noqa: E402
 
-CHROMIUM = os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-try:
-    import playwright.sync_api  # noqa: F401
-
-    _HAVE_PLAYWRIGHT = True
-except ImportError:
-    _HAVE_PLAYWRIGHT = False
-browser = pytest.mark.browser(pytest.mark.skipif(
-    not (_HAVE_PLAYWRIGHT and Path(CHROMIUM).exists()),
-    reason="needs playwright (the dev extra) and Chromium at /usr/bin/chromium (apt-get install -y chromium)"))
+CHROMIUM = chromium_executable()
+_NO_BROWSER = browser_unavailable(CHROMIUM)
+browser = pytest.mark.browser(pytest.mark.skipif(_NO_BROWSER is not None, reason=_NO_BROWSER or ""))
 
 PROMPT = "How do I bake bread at home?"
 
@@ -288,64 +280,56 @@ def test_starting_values(tiny_lm, reference):
 
 @browser
 def test_explorer_in_headless_chromium(tiny_lm, reference):
-    from playwright.sync_api import sync_playwright
-
     app = E.create_app(tiny_lm, explorer=E.Explorer(tiny_lm, discover_datasets=False, reference=reference))
     explorer_texts = set(app.explorer.builtin.texts)
-    with E.serve(app) as server, sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            page = b.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url)
-            page.wait_for_selector("#run", timeout=20_000)
-            # an empty prompt: a visible message, no job
-            page.click("#run")
-            page.wait_for_selector("#message .error", timeout=10_000)
-            assert "prompt is empty" in page.inner_text("#message")
-            # pick a built-in prompt from the searchable list: it fills the prompt box
-            page.click("#prompt-pick")
-            page.keyboard.type("phishing")
-            page.keyboard.press("Enter")
-            page.wait_for_function("document.querySelector('#prompt').value.includes('phishing')", timeout=10_000)
-            assert page.input_value("#prompt") in explorer_texts
-            # a prompt, a large coefficient: the steered answer appears and differs
-            page.fill("#prompt", PROMPT)
-            page.fill("#layers", "1")
-            page.fill("#max-new", "12")
-            page.fill("#coeff", "8")
-            page.click("#run")
-            page.wait_for_selector("#steered", timeout=60_000)
-            assert page.inner_text("#message").strip() == ""
-            unsteered, steered = page.inner_text("#unsteered"), page.inner_text("#steered")
-            assert steered and unsteered and steered != unsteered
-            assert "differs" in page.inner_text("#same")
-            assert "done in" in page.inner_text("#progress")
-            page.wait_for_function("document.querySelectorAll('#probs .main-svg, #pca .main-svg').length >= 2",
-                                   timeout=10_000)
-            if os.environ.get("CATLENS_SCREENSHOT"):
-                page.screenshot(path=os.environ["CATLENS_SCREENSHOT"], full_page=True)
-            # two quick requests: the second (coefficient 0) wins and shows the unsteered answer
-            page.fill("#coeff", "7")
-            page.click("#run")
-            page.fill("#coeff", "0")
-            page.click("#run")
-            page.wait_for_function("document.querySelector('#summary') && "
-                                   "document.querySelector('#summary').innerText.includes('add 0 ×')",
-                                   timeout=60_000)
-            page.wait_for_timeout(600)
-            assert "add 0 ×" in page.inner_text("#summary")
-            assert page.inner_text("#steered") == page.inner_text("#unsteered") == unsteered
-            # bad coefficient after a good run: the message, and the old answers stay
-            page.fill("#coeff", "lots")
-            page.click("#run")
-            page.wait_for_selector("#message .error", timeout=10_000)
-            assert "coefficient 'lots' is not a number" in page.inner_text("#message")
-            assert errors == []
-        finally:
-            b.close()
+    with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        errors = page_errors(page)
+        page.goto(server.url)
+        page.wait_for_selector("#run", timeout=20_000)
+        # an empty prompt: a visible message, no job
+        page.click("#run")
+        page.wait_for_selector("#message .error", timeout=10_000)
+        assert "prompt is empty" in page.inner_text("#message")
+        # pick a built-in prompt from the searchable list: it fills the prompt box
+        page.click("#prompt-pick")
+        page.keyboard.type("phishing")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#prompt').value.includes('phishing')", timeout=10_000)
+        assert page.input_value("#prompt") in explorer_texts
+        # a prompt, a large coefficient: the steered answer appears and differs
+        page.fill("#prompt", PROMPT)
+        page.fill("#layers", "1")
+        page.fill("#max-new", "12")
+        page.fill("#coeff", "8")
+        page.click("#run")
+        page.wait_for_selector("#steered", timeout=60_000)
+        assert page.inner_text("#message").strip() == ""
+        unsteered, steered = page.inner_text("#unsteered"), page.inner_text("#steered")
+        assert steered and unsteered and steered != unsteered
+        assert "differs" in page.inner_text("#same")
+        assert "done in" in page.inner_text("#progress")
+        page.wait_for_function("document.querySelectorAll('#probs .main-svg, #pca .main-svg').length >= 2",
+                               timeout=10_000)
+        if os.environ.get("CATLENS_SCREENSHOT"):
+            page.screenshot(path=os.environ["CATLENS_SCREENSHOT"], full_page=True)
+        # two quick requests: the second (coefficient 0) wins and shows the unsteered answer
+        page.fill("#coeff", "7")
+        page.click("#run")
+        page.fill("#coeff", "0")
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#summary') && "
+                               "document.querySelector('#summary').innerText.includes('add 0 ×')",
+                               timeout=60_000)
+        page.wait_for_timeout(600)
+        assert "add 0 ×" in page.inner_text("#summary")
+        assert page.inner_text("#steered") == page.inner_text("#unsteered") == unsteered
+        # bad coefficient after a good run: the message, and the old answers stay
+        page.fill("#coeff", "lots")
+        page.click("#run")
+        page.wait_for_selector("#message .error", timeout=10_000)
+        assert "coefficient 'lots' is not a number" in page.inner_text("#message")
+        assert errors == []
 
 
 @browser

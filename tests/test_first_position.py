@@ -91,3 +91,25 @@ def test_first_position_row_overrides_and_bad_inputs(tiny_lm):
         first_position(tiny_lm, PROMPTS, pols, rows={"b": {"coeff": coeffs}})
     with pytest.raises(ValueError, match="batch_size"):
         first_position(tiny_lm, PROMPTS, pols, batch_size=0)
+
+
+def test_prepare_batch_and_read_spec(tiny_lm):
+    # the batch setup shared by generate (_generate_batch) and first_position
+    from catlens.generation import _items, _prepare_batch, _read_spec
+
+    items = _items(PROMPTS[:4])
+    dec = _prepare_batch(tiny_lm, items, fmt="chat", system=None)
+    ids, mask = tiny_lm.tokenize(tiny_lm.format([it.text for it in items], "chat", system=None))
+    assert torch.equal(dec.seq, ids) and torch.equal(dec.mask, mask) and dec.session is None and dec.use_cache
+    assert bool((mask[:, 0] == 0).any()) and bool((mask[:, -1] == 1).all())  # left-padded: rows end together
+    cached = dec.prompt()
+    uncached = _prepare_batch(tiny_lm, items, fmt="chat", system=None, use_cache=False).prompt()
+    assert torch.allclose(cached, uncached, atol=1e-4)
+    alone = _prepare_batch(tiny_lm, items[1:2], fmt="chat", system=None).prompt()  # padding changes nothing
+    assert torch.allclose(cached[1:2], alone, atol=1e-4)
+    pols = _policies(tiny_lm)
+    assert _read_spec(None) == {} and _read_spec(pols["fixed"]) == {}
+    gate = pols["gated_routed"].gate
+    assert _read_spec(pols["gated_routed"]) == {"gate": (gate.site, 1)}  # a refusal-token router reads nothing
+    router = pols["probe_router"].router
+    assert _read_spec(pols["probe_router"]) == {"router": (router.site, 3)}

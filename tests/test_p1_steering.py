@@ -83,7 +83,7 @@ def test_sweep_gate_combination_equals_the_gated_policy(p1_run, tiny8, data_dir)
     sweep = pd.read_parquet(out / "sweep.parquet")
     row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep.gate_rule == "youden")
                 & sweep.toward.notna() & sweep.away.notna()].iloc[0]
-    iv = mod.intervention(fit, "one_vs_benign", 2, [1, 2], 1.0)
+    iv = mod.intervention(fit, "one_vs_benign", 2, 1.0)
     gate = fit["gates"][2]["youden"]
     pol = SteeringPolicy((iv,), gate=gate, router=fit["router"], toward=float(row.toward), away=float(row.away))
     t = first_position(model, sets["val"], {"p": pol}, show_progress=False)

@@ -3,7 +3,6 @@ codes, and the page in a real headless Chromium (skipped, with the reason, when 
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +10,13 @@ import pandas as pd
 import pytest
 
 from catlens import report as R
+from catlens.browser import browser_unavailable, chromium_executable, headless_chromium, page_errors
 from catlens.cli import main as cli_main
 from test_figures_p1 import make_p1_run
 
-CHROMIUM = os.environ.get("CATLENS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-try:
-    import playwright.sync_api  # noqa: F401
-
-    _HAVE_PLAYWRIGHT = True
-except ImportError:
-    _HAVE_PLAYWRIGHT = False
-_skip_browser = pytest.mark.skipif(
-    not (_HAVE_PLAYWRIGHT and Path(CHROMIUM).exists()),
-    reason="needs playwright (the dev extra) and Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+CHROMIUM = chromium_executable()
+_NO_BROWSER = browser_unavailable(CHROMIUM)
+_skip_browser = pytest.mark.skipif(_NO_BROWSER is not None, reason=_NO_BROWSER or "")
 
 
 def browser(fn):
@@ -336,9 +329,7 @@ def test_cli_report_on_empty_folder_and_bad_folder(tmp_path, capsys):
 
 
 def _open(page_path: Path, pw_page) -> list[str]:
-    errors: list[str] = []
-    pw_page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    pw_page.on("pageerror", lambda e: errors.append(str(e)))
+    errors = page_errors(pw_page)
     pw_page.goto(page_path.resolve().as_uri())
     pw_page.wait_for_load_state("load")
     return errors
@@ -346,33 +337,27 @@ def _open(page_path: Path, pw_page) -> list[str]:
 
 @browser
 def test_report_renders_in_headless_chromium(full_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     rep = R.build_report(full_run)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            page = b.new_page(viewport={"width": 1400, "height": 900})
-            errors = _open(rep.path, page)
-            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= "
-                                   f"{rep.n_figures}", timeout=30_000)
-            assert page.locator(".js-plotly-plot").count() == rep.n_figures
-            for s in rep.sections:
-                sec = page.locator(f"section#{s.id}")
-                assert sec.count() == 1 and sec.is_visible(), s.id
-                assert sec.locator(".js-plotly-plot").count() == len(s.figures), s.id
-                assert sec.locator(".js-plotly-plot .main-svg").count() >= len(s.figures), s.id
-            # every figure drew something: traces in its svg
-            n_drawn = page.evaluate("Array.from(document.querySelectorAll('.js-plotly-plot')).filter("
-                                    "d => d.querySelector('.main-svg') && (d.data || []).length > 0).length")
-            assert n_drawn == rep.n_figures
-            assert page.locator("section#p1 td", has_text="<fraud & co>").count() == 0
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            assert errors == []
-        finally:
-            b.close()
+    with headless_chromium(CHROMIUM) as b:
+        page = b.new_page(viewport={"width": 1400, "height": 900})
+        errors = _open(rep.path, page)
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= "
+                               f"{rep.n_figures}", timeout=30_000)
+        assert page.locator(".js-plotly-plot").count() == rep.n_figures
+        for s in rep.sections:
+            sec = page.locator(f"section#{s.id}")
+            assert sec.count() == 1 and sec.is_visible(), s.id
+            assert sec.locator(".js-plotly-plot").count() == len(s.figures), s.id
+            assert sec.locator(".js-plotly-plot .main-svg").count() >= len(s.figures), s.id
+        # every figure drew something: traces in its svg
+        n_drawn = page.evaluate("Array.from(document.querySelectorAll('.js-plotly-plot')).filter("
+                                "d => d.querySelector('.main-svg') && (d.data || []).length > 0).length")
+        assert n_drawn == rep.n_figures
+        assert page.locator("section#p1 td", has_text="<fraud & co>").count() == 0
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        assert errors == []
 
 
 @browser

@@ -3,12 +3,12 @@ command-line overrides (``--set FIELD=VALUE``) into typed field values."""
 
 import dataclasses
 import json
-import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from catlens._typecheck import check_field_type
 from catlens.model import DEFAULT_MODEL, DTYPES
 from catlens.refusal import COCONOT_CATEGORIES
 from catlens.runs import sha256_text
@@ -35,18 +35,6 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(FinetuneConfig)
 
 
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if tp in names:
-        return names[tp]
-    if typing.get_origin(tp) is tuple:
-        return "a list of names"
-    if args:
-        return " or ".join([_type_name(args[0]), "null"])
-    return str(tp)
-
-
 def check_value(name: str, value: Any, *, from_text: bool = False) -> Any:
     """``value`` as the type of field ``name`` (ints stay ints, an int is accepted for a float, lists become
     tuples), or a ``ValueError`` that names the field, the value and the expected type. Floats must be finite.
@@ -64,43 +52,9 @@ def check_value(name: str, value: Any, *, from_text: bool = False) -> Any:
                 value = float(value) if value.strip().lower().lstrip("+-") in ("inf", "infinity", "nan") else value
             except ValueError:
                 pass
-    optional = type(None) in typing.get_args(tp)
-    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
-
-    def bad(why: str = "") -> ValueError:
-        return ValueError(f"FinetuneConfig.{name}={value!r}: expected {_type_name(tp)}{why}.")
-
-    if value is None:
-        if optional:
-            return None
-        raise bad()
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-                return int(value)
-            raise bad()
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        if not math.isfinite(value):
-            raise bad(" (got a non-finite number)")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if typing.get_origin(base) is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
-                not all(isinstance(v, str) for v in value):
-            raise ValueError(f"FinetuneConfig.{name}={value!r}: expected {_type_name(tp)}, e.g. ('privacy',) "
-                             f"(on the command line: --set '{name}=[\"privacy\"]').")
-        return tuple(value)
-    return value
+    return check_field_type(value, tp, where=f"FinetuneConfig.{name}", error=ValueError,
+                            tuple_name="a list of names",
+                            tuple_hint=f", e.g. ('privacy',) (on the command line: --set '{name}=[\"privacy\"]')")
 
 
 def _check_device(device: str) -> None:
