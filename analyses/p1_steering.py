@@ -390,6 +390,8 @@ def generate_and_judge(model: Any, ps: Any, policy: Any, out: Path, *, tokens: i
     from catlens.generation import _refusal_ids, generate
     from catlens.judges import judge_records
 
+    import pandas as pd
+
     recs = generate(model, ps, policy, max_new_tokens=tokens, batch_size=batch_size, out=out,
                     allow_transfer=allow_transfer)
     has_tokens = _refusal_ids(model)[0] is not None
@@ -397,6 +399,8 @@ def generate_and_judge(model: Any, ps: Any, policy: Any, out: Path, *, tokens: i
     judged["token_ids"] = [r["token_ids"] for r in recs]
     judged["prompt"] = [r["prompt"] for r in recs]
     judged["dataset"] = [r["source"] for r in recs]
+    judged["gate_flagged"] = pd.array([None if not r.get("gate") else bool(r["gate"]["flagged"]) for r in recs],
+                                      dtype="boolean")
     return judged
 
 
@@ -433,7 +437,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=28, help="P1's top-K sparsity (200 of 4096 dims ~ 28 of 576)")
     p.add_argument("--train-cap", type=int, default=500, help="train prompts per side (seeded sample)")
     p.add_argument("--val-cap", type=int, default=100, help="val prompts per benchmark half")
-    p.add_argument("--test-cap", type=int, default=None, help="test prompts per dataset (smoke runs only)")
+    p.add_argument("--test-cap", type=int, default=None, help="test prompts per dataset, seeded (demo and smoke runs; "
+                   "default: all)")
     p.add_argument("--gen-n", type=int, default=96, help="test prompts per side generated in full")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--candidates", type=int, default=3, help="best val settings per gate rule checked for coherence")
@@ -453,7 +458,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:  # smaller defaults; options given explicitly win
         quick = {"layers": "18,21", "methods": "one_vs_benign", "toward": "0.1,0.2", "away": "0.2,0.4",
                  "train_cap": 120, "val_cap": 20, "gen_n": 24, "gen_tokens": 16, "candidates": 1,
-                 "lowrank_steps": 20, "reverse_n": 24}
+                 "lowrank_steps": 20, "reverse_n": 24, "test_cap": 20}
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
@@ -836,8 +841,8 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
                          "reused": "directions, gate probe and threshold, coefficients; router: probe "
                                    "(tuned model's train activations)" if pol is not None else "none",
                          "judge": "substring"})
-            if pol is not None and pol.gate is not None:
-                rows[-1]["gate_flag_rate"] = None
+            flags = part.gate_flagged.dropna()
+            rows[-1]["gate_flag_rate"] = float(flags.astype(bool).mean()) if len(flags) else None
     table = pd.DataFrame(rows)
     run.save_table("transfer", table)
     del stock

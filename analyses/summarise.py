@@ -16,7 +16,11 @@ from typing import Any
 
 
 def _pct(x: Any, digits: int = 1) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * float(x):.{digits}f}"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):  # None, pd.NA
+        return "n/a"
+    return "n/a" if math.isnan(v) else f"{100 * v:.{digits}f}"
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -114,9 +118,16 @@ def p1_section(folder: Path) -> str:
     tr = _load(folder, "transfer")
     if tr is not None and len(tr):
         out.append("### Transfer to the stock model (no retraining; substring judge on generated answers)")
-        out.append(_table(["policy", "prompts", "refused % [95 %]", "n", "reused"],
-                          [[r.policy, r.label, f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}]", r.n, r.reused]
-                           for r in tr.itertuples()]))
+        out.append(_table(["policy", "prompts", "refused % [95 %]", "n", "gate flagged %", "reused"],
+                          [[r.policy, r.label, f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}]", r.n,
+                            _pct(getattr(r, "gate_flag_rate", None)), r.reused] for r in tr.itertuples()]))
+    rv = _load(folder, "reverse_transfer")
+    if rv is not None and len(rv):
+        out.append("### Reverse transfer, stock -> tuned (directions, reference norm and gate fitted on the stock "
+                   "model; the tuned model's refusal-token router; first-position judge on a seeded test subsample)")
+        out.append(_table(["policy", "prompts", "refused % [95 %]", "n", "gate flagged %", "reused"],
+                          [[r.policy, r.label, f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}]", r.n,
+                            _pct(r.gate_flag_rate), r.reused] for r in rv.itertuples()]))
     summary = folder / "summary.json"
     if summary.exists():
         out.append(f"Wall time of the run: {json.loads(summary.read_text()).get('seconds')} s.")

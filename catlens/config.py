@@ -179,6 +179,23 @@ class ReportStage:
     enabled: bool = True
 
 
+DEMO_ARGS: dict[str, dict[str, Any]] = {
+    "p1": {"layers": "18,21", "methods": "one_vs_benign", "toward": "0.1,0.2", "away": "0.1,0.2", "train-cap": 150,
+           "val-cap": 20, "test-cap": 40, "gen-n": 32, "gen-tokens": 16, "candidates": 1, "lowrank-steps": 30,
+           "reverse-n": 40},
+    "p2": {"per-category": 12, "n-alpaca": 60, "n-benign": 8, "methods": "unsupervised,pruned", "coeffs": "4",
+           "layer-sets": "13,15,19,23,29", "max-new-tokens": 16},
+    "specificity": {"quick": True},
+}
+"""The main job's sizes for the three steering analyses: a reduced grid and capped sets so that ``make demo`` runs
+every stage in minutes. The scripts' own defaults are the full protocol (``docs/RESULTS.md``); set a key to
+``false``/``null`` to fall back to the script's default (``--set p1.args.test-cap=null``)."""
+
+
+def _demo(name: str) -> Any:
+    return lambda: ScriptStage(args=_frozen_map(DEMO_ARGS[name]))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole job (``analyses/main.py``)."""
@@ -189,11 +206,11 @@ class Config:
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     eval: EvalStage = field(default_factory=EvalStage)
     geometry: GeometryStage = field(default_factory=GeometryStage)
-    p1: ScriptStage = field(default_factory=ScriptStage)
+    p1: ScriptStage = field(default_factory=_demo("p1"))
     """``analyses/p1_steering.py``: categorical steering, gating, low-rank combination, transfer."""
-    p2: ScriptStage = field(default_factory=ScriptStage)
+    p2: ScriptStage = field(default_factory=_demo("p2"))
     """``analyses/p2_steering.py``: unsupervised, pruned and guided category vectors."""
-    specificity: ScriptStage = field(default_factory=ScriptStage)
+    specificity: ScriptStage = field(default_factory=_demo("specificity"))
     """``analyses/specificity.py``: does steering along category i move category j?"""
     figures: FiguresStage = field(default_factory=FiguresStage)
     report: ReportStage = field(default_factory=ReportStage)
@@ -218,8 +235,12 @@ class Config:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
-QUICK_DEFAULTS: dict[str, dict[str, Any]] = {"finetune": {"config": "quick"}, "data": {"per_category": 10}}
-"""What ``run.quick = true`` changes, applied under the config file and the overrides (which win)."""
+_DEFAULT = Config()
+QUICK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "finetune": {"config": "quick"}, "data": {"per_category": 10},
+    **{name: {"args": {k: None for k in args}} for name, args in DEMO_ARGS.items()}}
+"""What ``run.quick = true`` changes, applied under the config file and the overrides (which win): the quick
+fine-tune, fewer prompts, and the steering analyses at their own ``--quick`` sizes (the demo sizes unset)."""
 _MAP_FIELDS = ("args", "overrides")
 
 
@@ -321,6 +342,7 @@ def _build(raw: Mapping[str, Any], where: str = "") -> Config:
         if not isinstance(body, Mapping):
             raise ConfigError(f"{prefix}[{name}] must be a table of fields, got {body!r}.")
         types_ = _section_types(name)
+        default = getattr(_DEFAULT, name)
         kwargs = {}
         for k, v in body.items():
             if k not in types_:
@@ -329,7 +351,9 @@ def _build(raw: Mapping[str, Any], where: str = "") -> Config:
                 kwargs[k] = check_value(f"{name}.{k}", v, types_[k])
             except ConfigError as e:
                 raise ConfigError(prefix + str(e)) from None
-        sections[name] = hints[name](**kwargs)
+            if k in _MAP_FIELDS:  # a map given is merged over the default map (null/false removes a key's option)
+                kwargs[k] = _frozen_map({**getattr(default, k), **kwargs[k]})
+        sections[name] = dataclasses.replace(default, **kwargs)
     return Config(**sections)
 
 

@@ -140,6 +140,10 @@ def test_set_values_are_typed_by_field(item, key, expected):
     cfg = resolve(sets=[item])
     section, name = key.split(".")
     value = getattr(getattr(cfg, section), name)
+    if hasattr(value, "items"):  # a map merges over its default (the demo sizes of p1.args)
+        from catlens.config import DEMO_ARGS
+
+        expected = {**DEMO_ARGS.get(section, {}), **expected} if name == "args" else expected
     assert (dict(value) if hasattr(value, "items") else value) == expected
     assert type(dict(value) if hasattr(value, "items") else value) is type(expected)
 
@@ -154,8 +158,12 @@ def test_later_layers_win(tmp_path):
     cfg = resolve(tmp_path / "c.toml", sets=["run.seed=3", "run.seed=4", "p1.args.b=5"],
                   shorthands=[("run.seed", 2), ("run.out", "flag")])
     assert (cfg.run.seed, cfg.run.out) == (4, "flag")
-    assert dict(cfg.p1.args) == {"a": 1, "b": 5}  # a sub-key merges into the file's table
-    assert dict(resolve(tmp_path / "c.toml", sets=['p1.args={"c": 1}']).p1.args) == {"c": 1}  # a table replaces
+    from catlens.config import DEMO_ARGS
+
+    demo = DEMO_ARGS["p1"]
+    assert dict(cfg.p1.args) == {**demo, "a": 1, "b": 5}  # a sub-key merges into the file's table
+    # a table replaces the file's table; the defaults stay under it
+    assert dict(resolve(tmp_path / "c.toml", sets=['p1.args={"c": 1}']).p1.args) == {**demo, "c": 1}
     # quick defaults sit under the file: an explicit preset in the file stays
     (tmp_path / "q.toml").write_text("[run]\nquick = true\n[finetune]\nconfig = 'default'\n")
     q = resolve(tmp_path / "q.toml")
@@ -298,3 +306,21 @@ def test_shared_field_type_check_serves_both_configs():
         from_dict({"geometry": {"directions": "a"}})
     with pytest.raises(ValueError, match=r"FinetuneConfig\.categories='a': expected a list of names or null, e\.g\."):
         ft_check("categories", "a")
+
+
+def test_demo_sizes_are_defaults_merged_under_overrides_and_unset_by_quick():
+    """The steering stages' demo sizes are the defaults; a --set changes one key and keeps the rest; null removes
+    one option; run.quick unsets them all (the scripts' own --quick sizes apply)."""
+    from catlens.config import DEMO_ARGS, args_to_argv, resolve
+
+    cfg = resolve()
+    for name, args in DEMO_ARGS.items():
+        assert dict(cfg.section(name).args) == args
+    changed = resolve(sets=['p1.args.layers="20"', "p1.args.test-cap=null"])
+    assert changed.p1.args["layers"] == "20" and changed.p1.args["val-cap"] == DEMO_ARGS["p1"]["val-cap"]
+    argv = args_to_argv(changed.p1.args)
+    assert "--test-cap" not in argv and argv[argv.index("--layers") + 1] == "20"
+    quick = resolve(sets=["run.quick=true"])
+    for name in DEMO_ARGS:
+        assert args_to_argv(quick.section(name).args) == []
+    assert resolve(CONFIGS / "quick.toml").p1.args == quick.p1.args
