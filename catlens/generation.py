@@ -655,11 +655,14 @@ def _open_run(out: str | os.PathLike[str], config: dict[str, Any], overwrite: bo
         if not (out / "manifest.json").exists():
             raise FileExistsError(f"{str(out)!r} is not empty and is not a catlens generation folder; choose another "
                                   f"--out or pass --overwrite.")
-        previous = RunDir.open(out).manifest.get("config")
+        existing = RunDir.open(out)
+        previous = existing.manifest.get("config")
         if previous != config:
             diff = sorted(k for k in set(config) | set(previous or {}) if (previous or {}).get(k) != config.get(k))
             raise FileExistsError(f"{str(out)!r} holds generations made with other settings ({', '.join(diff)} "
                                   f"differ); choose another --out or pass --overwrite.")
+        if existing.manifest.get("status") == "done" and (out / "generations.jsonl").exists():
+            return existing  # finished: read back as it is (re-creating would mark it running and regenerate)
         return RunDir.create(out, config, resume=True)
     return RunDir.create(out, config, overwrite=overwrite)
 

@@ -341,6 +341,9 @@ def test_generation_resumes_to_the_same_file(tiny_lm, tmp_path, monkeypatch):
     assert [r["id"] for r in lines] == [r["id"] for r in whole]
     with pytest.raises(FileExistsError, match="other settings"):
         _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a", max_new_tokens=3)
+    # a finished folder is read back, never generated again
+    monkeypatch.setattr(gen, "_generate_batch", lambda *a, **k: pytest.fail("a finished generation ran again"))
+    assert _toks(_gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a")) == _toks(whole)
 
 
 def test_sampling_is_seeded_per_prompt(tiny_lm):
