@@ -824,7 +824,16 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
     tf = sets["train"].to_frame()
     harm = torch.tensor(((tf.label == "harmful") & tf.category.isin(fit["cats"])).to_numpy())
     rows = []
-    for name, pol in policies.items():
+    todo = list(policies.items())
+    base = policies.get("categorical_youden")
+    if base is not None and base.toward:  # diagnostic: do the directions alone move the stock model? (no gate)
+        from catlens.steer import with_coeff
+
+        for k in (1, 4):
+            todo.append((f"categorical_youden_ungated_x{k}",
+                         replace(with_coeff(base, base.toward * k), gate=None, toward=None, away=None,
+                                 name=f"ungated-x{k}", meta={**base.meta, "diagnostic": "ungated toward"})))
+    for name, pol in todo:
         if pol is not None and pol.router is not None and pol.router.kind == "refusal_tokens":
             layer = pol.interventions[0].layer
             li = list(layers).index(layer) if layer in layers else None
@@ -838,8 +847,11 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
         for label, part in j.groupby("label"):
             t = rate_table_pooled(part)
             rows.append({"policy": name, "model": "stock", "label": label, **t,
-                         "reused": "directions, gate probe and threshold, coefficients; router: probe "
-                                   "(tuned model's train activations)" if pol is not None else "none",
+                         "reused": "none" if pol is None else
+                                   "directions, coefficient x toward; no gate (every row steered toward refusal); "
+                                   "router: probe (tuned model's train activations)" if "ungated" in name else
+                                   "directions, gate probe and threshold, coefficients; router: probe "
+                                   "(tuned model's train activations)",
                          "judge": "substring"})
             flags = part.gate_flagged.dropna()
             rows[-1]["gate_flag_rate"] = float(flags.astype(bool).mean()) if len(flags) else None

@@ -133,6 +133,16 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     rev = fp[fp.policy == "reverse_stock_youden"]
     assert len(rev) == len(fp[fp.policy == "unsteered"])
 
+    # forward transfer (tuned -> stock): the gated policy with a probe router, plus the ungated diagnostic
+    fit = mod.fit_everything(model, sets, [1, 2], ["one_vs_benign"], run, target_fpr=args.target_fpr, top_k=None)
+    tr = mod.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_youden": base}, [1, 2], run, args)
+    assert set(tr.policy) == {"unsteered", "categorical_youden", "categorical_youden_ungated_x1",
+                              "categorical_youden_ungated_x4"}
+    gated = tr[tr.policy == "categorical_youden"].gate_flag_rate
+    assert gated.notna().all() and gated.between(0, 1).all()
+    assert tr[tr.policy.str.contains("ungated")].gate_flag_rate.isna().all()
+    assert (run.path / "transfer.parquet").exists()
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "one_vs_benignn"], "Did you mean"),
