@@ -99,8 +99,8 @@ def test_sweep_gate_combination_equals_the_gated_policy(p1_run, tiny8, data_dir)
 def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_tables(p1_run, tiny8, data_dir,
                                                                                    tmp_path):
     """The reverse transfer (stock -> tuned) on a same-architecture twin: three policies x two sides; on the same
-    rows the unsteered and tuned policies give exactly what the full test pass gave; the reverse policy carries the
-    stock model's fingerprint and directions that differ from the tuned model's."""
+    rows the unsteered and tuned policies give exactly what the full test pass gave. Then the forward transfer
+    (tuned -> stock) with its gate flag rates and the ungated diagnostic."""
     from catlens.finetune.config import DEFAULT_CATEGORIES
     from catlens.model import load_model
     from catlens.runs import RunDir
@@ -135,7 +135,10 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
 
     # forward transfer (tuned -> stock): the gated policy with a probe router, plus the ungated diagnostic
     fit = mod.fit_everything(model, sets, [1, 2], ["one_vs_benign"], run, target_fpr=args.target_fpr, top_k=None)
-    tr = mod.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_youden": base}, [1, 2], run, args)
+    from catlens.steer import with_coeff
+
+    toward = with_coeff(base, toward=base.toward or 0.5)  # the ungated diagnostic needs a toward coefficient
+    tr = mod.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_youden": toward}, [1, 2], run, args)
     assert set(tr.policy) == {"unsteered", "categorical_youden", "categorical_youden_ungated_x1",
                               "categorical_youden_ungated_x4"}
     gated = tr[tr.policy == "categorical_youden"].gate_flag_rate
