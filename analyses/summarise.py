@@ -160,12 +160,22 @@ def specificity_section(folder: Path) -> str:
     out.append("Mean effect of steering with category i on prompts of category i (diagonal) and of other categories "
                "(off-diagonal); ratio = diagonal / off-diagonal (paired bootstrap intervals). A shared refusal knob "
                "gives a ratio near 1.")
+    full = _load(folder, "summary")
+    cat = full[full.variant != "control"]
     out.append(_table(["variant", "set", "sign", "metric", "diagonal", "off-diagonal", "ratio [95 %]",
                        "diag - offdiag [95 %]"],
                       [[r.variant, r.set, r.sign, r.metric, _num(r.mean_diag), _num(r.mean_offdiag),
                         f"{_num(r.ratio, 2)} [{_num(r.ratio_ci_low, 2)}, {_num(r.ratio_ci_high, 2)}]",
                         f"{_num(r.diag_minus_offdiag)} [{_num(r.diag_minus_offdiag_ci_low)}, "
-                        f"{_num(r.diag_minus_offdiag_ci_high)}]"] for r in _load(folder, "summary").itertuples()]))
+                        f"{_num(r.diag_minus_offdiag_ci_high)}]"] for r in cat.itertuples()]))
+    ctrl = full[full.variant == "control"]
+    if len(ctrl) and "mean_all" in ctrl:
+        out.append("Controls (no diagonal: the mean effect over every category's prompts of steering with the shared "
+                   "refusal direction, or with random directions of the same norm):")
+        out.append(_table(["control", "set", "sign", "metric", "directions", "mean effect [95 %]"],
+                          [[r.rows, r.set, r.sign, r.metric, r.n_rows,
+                            f"{_num(r.mean_all)} [{_num(r.mean_all_ci_low)}, {_num(r.mean_all_ci_high)}]"]
+                           for r in ctrl.itertuples()]))
     return "\n\n".join(out) + "\n"
 
 
