@@ -308,3 +308,15 @@ def test_reduced_pipeline_on_cuda(tmp_path, monkeypatch):
     assert {n: m["stages"][n]["status"] for n in ("finetune", "eval", "geometry", "figures", "report")} == \
         dict.fromkeys(("finetune", "eval", "geometry", "figures", "report"), "done")
     assert manifest(tmp_path / "run" / "geometry")["models"]["model"]["device"].startswith("cuda")
+
+
+def test_every_stage_script_loads_as_the_main_job_loads_it():
+    """analyses/main.py loads each stage script from its file; p2's dataclasses need the module registered while it
+    executes (this failed in a real `make demo` while the smoke test, which points the scripts elsewhere, passed)."""
+    spec = importlib.util.spec_from_file_location("catlens_main_for_test", REPO / "analyses" / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = main
+    spec.loader.exec_module(main)
+    for name, path in main.STAGE_SCRIPTS.items():
+        module = main._load_script(path)
+        assert callable(module.main), name
