@@ -353,11 +353,16 @@ def _p1_policy(cfg: Config, job: Job) -> list[str]:
                        "stage did not write; enable p1, or set specificity.args.layer and specificity.args.scale.")
 
 
-def _script_stage(name: str, stock_model: bool, extra: Callable[[Config, Job], list[str]] | None = None
-                  ) -> Callable[[Config, Job, Path], None]:
+def _script_stage(name: str, stock_model: bool, extra: Callable[[Config, Job], list[str]] | None = None,
+                  on_stock: bool = False) -> Callable[[Config, Job, Path], None]:
+    """``stock_model``: pass ``--stock-model <stock>`` (the transfer partner); ``on_stock``: study the stock model
+    itself (``--model <stock>``; P2 addresses a model that never refuses), the tuned one when there is no stock."""
+
     def run(cfg: Config, job: Job, folder: Path) -> None:
         module = _load_script(STAGE_SCRIPTS[name])
         argv = _common_argv(cfg, job, folder)
+        if on_stock and job.stock is not None:
+            argv[argv.index("--model") + 1] = str(job.stock)
         argv += ["--quick"] if cfg.run.quick else []
         argv += _overwrite(folder, job, name)
         if stock_model and job.stock is not None:
@@ -442,7 +447,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("geometry", stage_geometry, script=True,
           uses=("data.data_dir", "data.prompts", "data.prompts_per_group", "model.dtype", "run.seed")),
     Stage("p1", _script_stage("p1", stock_model=True), uses=_DATA_SCRIPT, script=True, resumable=True),
-    Stage("p2", _script_stage("p2", stock_model=True), uses=_DATA_SCRIPT, script=True, resumable=True),
+    Stage("p2", _script_stage("p2", stock_model=False, on_stock=True), uses=_DATA_SCRIPT, script=True,
+          resumable=True),
     Stage("specificity", _script_stage("specificity", stock_model=False, extra=_p1_policy), deps=("p1",),
           uses=_DATA_SCRIPT, script=True, resumable=True),
     Stage("figures", stage_figures, deps=("geometry", "p1", "p2", "specificity"), uses=("run.png",),

@@ -320,3 +320,36 @@ def test_every_stage_script_loads_as_the_main_job_loads_it():
     for name, path in main.STAGE_SCRIPTS.items():
         module = main._load_script(path)
         assert callable(module.main), name
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_script_stages_give_their_scripts_arguments_the_scripts_accept(quick, tmp_path, monkeypatch):
+    """The argv each steering stage builds (demo or quick sizes, stock partner, P1 policy) parses with the real
+    script's own parser; p2 studies the stock model."""
+    import types
+
+    from catlens.runs import RunDir
+
+    spec = importlib.util.spec_from_file_location("catlens_main_for_argv", REPO / "analyses" / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = main
+    spec.loader.exec_module(main)
+    cfg = resolve(sets=[f"run.quick={'true' if quick else 'false'}", "model.device=cpu"])
+    job = main.Job(config=cfg, run=RunDir.create(tmp_path / "run", {}), tuned="tuned-folder", stock="stock-model")
+    pol = job.out / "p1" / "policies" / "categorical_youden"
+    pol.mkdir(parents=True)
+    (pol / "policy.json").write_text("{}")
+    seen = {}
+    real = main._load_script
+    monkeypatch.setattr(main, "_load_script", lambda path: types.SimpleNamespace(
+        main=lambda argv, _p=path: seen.__setitem__(_p.stem, argv)))
+    for name in ("p1", "p2", "specificity"):
+        main.STAGES[name].fn(cfg, job, tmp_path / name)
+    parsers = {"p1_steering": lambda m: m.parse_args, "p2_steering": lambda m: m.parse_args,
+               "specificity": lambda m: m._parser().parse_args}
+    for stem, argv in seen.items():
+        module = real(REPO / "analyses" / f"{stem}.py")
+        parsers[stem](module)(argv)  # SystemExit (argparse) fails the test
+    assert seen["p2_steering"][seen["p2_steering"].index("--model") + 1] == "stock-model"
+    assert seen["p1_steering"][seen["p1_steering"].index("--stock-model") + 1] == "stock-model"
+    assert ("--test-cap" in seen["p1_steering"]) is not quick
