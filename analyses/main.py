@@ -464,13 +464,13 @@ UNAVAILABLE: dict[str, Callable[[Config, Job], str | None]] = {"eval": _eval_una
 # ================================================================================================ runner
 def stage_hash(stage: Stage, job: Job, code: bool = True) -> str:
     """sha256 of what determines a stage's result: its section (without ``enabled``), the config keys it reads,
-    the tuned and stock models (when it uses a model), the hashes of the stages it depends on and (``code``) its
-    script's sha256."""
+    the tuned and stock models (when it uses a model), the hashes of the stages it depends on and whether they
+    finished (a stage that failed and now succeeded reruns its dependants) and (``code``) its script's sha256."""
     cfg = job.config
     body = {k: v for k, v in cfg.to_dict()[stage.name].items() if k != "enabled"}
     payload = {"stage": stage.name, "section": body,
                "uses": {k: _get(cfg, k) for k in stage.uses},
-               "deps": {d: job.hashes.get(d) for d in stage.deps}}
+               "deps": {d: [job.hashes.get(d), job.status.get(d) in ("done", "reused")] for d in stage.deps}}
     if stage.needs_model:
         payload["models"] = {"tuned": job.identities.get("tuned"), "stock": job.identities.get("stock")}
     if code:  # an edited script reruns its stage

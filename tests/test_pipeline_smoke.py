@@ -353,3 +353,22 @@ def test_script_stages_give_their_scripts_arguments_the_scripts_accept(quick, tm
     assert seen["p2_steering"][seen["p2_steering"].index("--model") + 1] == "stock-model"
     assert seen["p1_steering"][seen["p1_steering"].index("--stock-model") + 1] == "stock-model"
     assert ("--test-cap" in seen["p1_steering"]) is not quick
+
+
+def test_a_dependency_that_failed_and_then_succeeded_reruns_its_dependants(tmp_path):
+    """figures drew what existed after p2 failed; once p2 succeeds with the same config, figures must not be reused."""
+    from catlens.runs import RunDir
+
+    spec = importlib.util.spec_from_file_location("catlens_main_for_deps", REPO / "analyses" / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = main
+    spec.loader.exec_module(main)
+    job = main.Job(config=resolve(), run=RunDir.create(tmp_path / "run", {}))
+    job.hashes.update({d: f"h-{d}" for d in main.STAGES["figures"].deps})
+    job.status.update({d: "done" for d in main.STAGES["figures"].deps})
+    job.status["p2"] = "failed: boom"
+    before = main.stage_hash(main.STAGES["figures"], job, code=False)
+    job.status["p2"] = "done"
+    after = main.stage_hash(main.STAGES["figures"], job, code=False)
+    job.status["p2"] = "reused"
+    assert before != after == main.stage_hash(main.STAGES["figures"], job, code=False)
