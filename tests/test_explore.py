@@ -289,13 +289,13 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
         page.wait_for_selector("#run", timeout=20_000)
         # an empty prompt: a visible message, no job
         page.click("#run")
-        page.wait_for_selector("#message .error", timeout=10_000)
+        page.wait_for_selector("#message .error", timeout=60_000)
         assert "prompt is empty" in page.inner_text("#message")
         # pick a built-in prompt from the searchable list: it fills the prompt box
         page.click("#prompt-pick")
         page.keyboard.type("phishing")
         page.keyboard.press("Enter")
-        page.wait_for_function("document.querySelector('#prompt').value.includes('phishing')", timeout=10_000)
+        page.wait_for_function("document.querySelector('#prompt').value.includes('phishing')", timeout=60_000)
         assert page.input_value("#prompt") in explorer_texts
         # a prompt, a large coefficient: the steered answer appears and differs
         page.fill("#prompt", PROMPT)
@@ -310,7 +310,7 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
         assert "differs" in page.inner_text("#same")
         assert "done in" in page.inner_text("#progress")
         page.wait_for_function("document.querySelectorAll('#probs .main-svg, #pca .main-svg').length >= 2",
-                               timeout=10_000)
+                               timeout=60_000)
         if os.environ.get("CATLENS_SCREENSHOT"):
             page.screenshot(path=os.environ["CATLENS_SCREENSHOT"], full_page=True)
         # two quick requests: the second (coefficient 0) wins and shows the unsteered answer
@@ -327,7 +327,7 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
         # bad coefficient after a good run: the message, and the old answers stay
         page.fill("#coeff", "lots")
         page.click("#run")
-        page.wait_for_selector("#message .error", timeout=10_000)
+        page.wait_for_selector("#message .error", timeout=60_000)
         assert "coefficient 'lots' is not a number" in page.inner_text("#message")
         assert errors == []
 
