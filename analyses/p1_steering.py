@@ -896,7 +896,7 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
     from catlens import directions as D
     from catlens.model import load_model
     from catlens.probes import fit_gate
-    from catlens.steer import Intervention, SteeringPolicy, model_fingerprint
+    from catlens.steer import SteeringPolicy, model_fingerprint
 
     base = policies.get("categorical_youden")
     if base is None:
@@ -918,9 +918,8 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
     d = D.one_vs_benign({c: X[torch.tensor(((tf.label == "harmful") & (tf.category == c)).to_numpy())]
                          for c in cats}, X[~is_h], normalize=True, layers=[layer])
     gate = fit_gate(X[is_h, 0], X[~is_h, 0], layer=layer, val=(V[va_h, 0], V[~va_h, 0]))
-    iv = Intervention("resid_post", layer, d.at(layer), labels=tuple(d.categories), coeff=1.0,
-                      positions="last_prompt", normalize=True, scale="norm",
-                      ref_norm=float(X[:, 0].norm(dim=-1).mean()))
+    iv = intervention({"layers": [layer], "dirs": {"one_vs_benign": d}, "ref_norm": X.norm(dim=-1).mean(0)},
+                      "one_vs_benign", layer, 1.0)  # the same construction as the tuned model's policies
     reverse = SteeringPolicy((iv,), gate=gate, router=base.router, toward=base.toward, away=base.away,
                              name="reverse-stock-youden", model=stock_print,
                              meta={"transfer": "stock -> tuned", "learned_on": args.stock_model,

@@ -313,10 +313,7 @@ def test_reduced_pipeline_on_cuda(tmp_path, monkeypatch):
 def test_every_stage_script_loads_as_the_main_job_loads_it():
     """analyses/main.py loads each stage script from its file; p2's dataclasses need the module registered while it
     executes (this failed in a real `make demo` while the smoke test, which points the scripts elsewhere, passed)."""
-    spec = importlib.util.spec_from_file_location("catlens_main_for_test", REPO / "analyses" / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = main
-    spec.loader.exec_module(main)
+    main = load_main()
     for name, path in main.STAGE_SCRIPTS.items():
         module = main._load_script(path)
         assert callable(module.main), name
@@ -330,10 +327,7 @@ def test_script_stages_give_their_scripts_arguments_the_scripts_accept(quick, tm
 
     from catlens.runs import RunDir
 
-    spec = importlib.util.spec_from_file_location("catlens_main_for_argv", REPO / "analyses" / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = main
-    spec.loader.exec_module(main)
+    main = load_main()
     cfg = resolve(sets=[f"run.quick={'true' if quick else 'false'}", "model.device=cpu"])
     job = main.Job(config=cfg, run=RunDir.create(tmp_path / "run", {}), tuned="tuned-folder", stock="stock-model")
     pol = job.out / "p1" / "policies" / "categorical_youden"
@@ -359,10 +353,7 @@ def test_a_dependency_that_failed_and_then_succeeded_reruns_its_dependants(tmp_p
     """figures drew what existed after p2 failed; once p2 succeeds with the same config, figures must not be reused."""
     from catlens.runs import RunDir
 
-    spec = importlib.util.spec_from_file_location("catlens_main_for_deps", REPO / "analyses" / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = main
-    spec.loader.exec_module(main)
+    main = load_main()
     job = main.Job(config=resolve(), run=RunDir.create(tmp_path / "run", {}))
     job.hashes.update({d: f"h-{d}" for d in main.STAGES["figures"].deps})
     job.status.update({d: "done" for d in main.STAGES["figures"].deps})
