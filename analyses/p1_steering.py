@@ -496,31 +496,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for split in ("train", "val", "test"):
         run.record_data(split, sets[split].provenance)
     _cached(run, "splits", lambda: splits_table(sets, args.seed))
-    fit = fit_everything(model, sets, layers, methods, run, target_fpr=args.target_fpr,
-                         top_k=args.top_k if args.top_k > 0 else None)
+    with run.timed("fit"):
+        fit = fit_everything(model, sets, layers, methods, run, target_fpr=args.target_fpr,
+                             top_k=args.top_k if args.top_k > 0 else None)
     run.save_table("gates", fit["gate_table"])
     sweep_layers = layers if not args.sweep_layers else [
         layer for layer in model.resolve_layers([int(x) for x in args.sweep_layers.split(",") if x.strip()])]
     missing = [layer for layer in sweep_layers if layer not in layers]
     if missing:
         raise SystemExit(f"--sweep-layers {missing} are not among --layers {list(layers)}; add them to --layers.")
-    sweep = _cached(run, "sweep", lambda: run_sweep(model, sets, fit, sweep_layers, methods, toward, away,
-                                                    args.batch_size))
-    chosen = choose(model, sets, fit, sweep, layers, run, args)
+    with run.timed("sweep"):
+        sweep = _cached(run, "sweep", lambda: run_sweep(model, sets, fit, sweep_layers, methods, toward, away,
+                                                        args.batch_size))
+    with run.timed("choose"):
+        chosen = choose(model, sets, fit, sweep, layers, run, args)
     policies = dict(chosen["policies"])
-    lowrank = train_lowrank(model, sets, fit, chosen, layers, run, args)
+    with run.timed("lowrank"):
+        lowrank = train_lowrank(model, sets, fit, chosen, layers, run, args)
     if lowrank is not None:
         policies.update(lowrank)
     for name, pol in policies.items():
         if pol is not None:
             pol.save(run.path / "policies" / name, overwrite=True)
-    test = evaluate_test(model, sets, fit, policies, run, args)
+    with run.timed("test"):
+        test = evaluate_test(model, sets, fit, policies, run, args)
     transfer = None
     if args.stock_model.lower() != "none":
-        transfer = evaluate_transfer(sets, fit, policies, layers, run, args)
+        with run.timed("transfer"):
+            transfer = evaluate_transfer(sets, fit, policies, layers, run, args)
     reverse = None
     if args.stock_model.lower() != "none" and args.reverse_n > 0:
-        reverse = evaluate_reverse(model, sets, fit, policies, run, args)
+        with run.timed("reverse_transfer"):
+            reverse = evaluate_reverse(model, sets, fit, policies, run, args)
     summary = {"chosen": chosen["rows"], "headline": test["headline"].to_dict("records"),
                "auroc": test["auroc"].to_dict("records"),
                "transfer": None if transfer is None else transfer.to_dict("records"),

@@ -402,6 +402,7 @@ def first_token_scores(
     temperature: float = 1.0,
     batch_size: int = 32,
     show_progress: bool = True,
+    hf: Any = None,
 ) -> Any:
     """Refusal-token probabilities at the first response position, one row per prompt (a DataFrame).
 
@@ -409,20 +410,31 @@ def first_token_scores(
     (``refusal_score / (refusal_score + respond_prob)``), ``refused`` (a refusal token beats ``[respond]``),
     ``predicted_category`` (most probable refusal token's category), ``top_token`` (argmax over the whole
     vocabulary) and one ``p[<token>]`` column per special token.
+
+    Prompts are batched longest first (little padding; rows come back in the caller's order). ``hf``: a plain
+    Hugging Face copy of the model (:meth:`catlens.model.LensModel.plain_hf`) to run instead of the bridge, with
+    logits at the last position only: the same numbers, several times faster when nothing is steered
+    (``bench/bench_steer.py --only scores``).
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     registry = tokens or RefusalTokens.from_model(model)
     ids = registry.ids(model.tokenizer)
-    rows: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="first-token scores", disable=not show_progress):
-        chunk = list(prompts[start:start + batch_size])
-        logits = model.logits(chunk, fmt, system=system)
+    rendered = model.format(list(prompts), fmt, system=system)
+    order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
+    rows: dict[int, dict[str, Any]] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="first-token scores", disable=not show_progress):
+        batch = order[start:start + batch_size]
+        if hf is None:
+            logits = model.logits([prompts[i] for i in batch], fmt, system=system)
+        else:
+            tok_ids, mask = tokenize_left(model.tokenizer, [rendered[i] for i in batch], next(hf.parameters()).device)
+            logits = hf(input_ids=tok_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :].float()
         probs = special_token_probs(logits, ids, temperature)
         d = decide(probs)
         top = logits.argmax(dim=-1).tolist()
-        for j in range(len(chunk)):
+        for j, i in enumerate(batch):
             row: dict[str, Any] = {
                 "refusal_score": float(d.refusal_score[j]), "respond_prob": float(d.respond_prob[j]),
                 "refusal_share": float(d.refusal_score[j] / (d.refusal_score[j] + d.respond_prob[j] + 1e-30)),
@@ -431,5 +443,5 @@ def first_token_scores(
                 "top_token": model.tokenizer.convert_ids_to_tokens(top[j]),
             }
             row.update({f"p[{t}]": float(probs[j, k]) for k, t in enumerate(registry.all_tokens)})
-            rows.append(row)
-    return pd.DataFrame(rows)
+            rows[i] = row
+    return pd.DataFrame([rows[i] for i in range(len(rendered))])

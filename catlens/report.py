@@ -79,6 +79,8 @@ STANDS_FOR: dict[str, str] = {
                                                 "model; compare with the stock model's own answers)",
     "perplexity_stock_answers_under_stock": "reference fluency: the stock model's own answers under itself",
     "swallowed_first_word_rate": "damaged answers (text after [respond] starts with whitespace or punctuation)",
+    "first_token_agreement": "check of the generated decision: the share of answers generated in full that open "
+                             "with the first-position argmax (from which every scored prompt's decision is read)",
     # geometry/ (analyses/geometry.py, definitions in catlens/geometry.py)
     "probe_accuracy": "linear decodability (cross-validated logistic probe on the top principal components); "
                       "presence of the information, not its use by the model",

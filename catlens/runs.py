@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -242,6 +243,19 @@ class RunDir:
 
     def finish(self, **summary: Any) -> None:
         self.update_manifest(status="done", finished=_now(), **({"summary": summary} if summary else {}))
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the wall seconds of a phase of the run under ``timings[phase]`` in the manifest (a phase entered
+        twice adds up), and log them."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            before = self.manifest.get("timings", {}).get(phase, 0.0)
+            self.update_manifest(timings={phase: round(before + seconds, 2)})
+            log.info("%s: %.1f s", phase, seconds)
 
     def _register(self, file: Path, **extra: Any) -> None:
         rel = str(file.relative_to(self.path))

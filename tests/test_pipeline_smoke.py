@@ -150,6 +150,9 @@ def test_every_stage_ran_and_wrote_its_files(pipeline):
     assert (out / "eval" / "summary.json").is_file() and (out / "eval" / "generations.jsonl").is_file()
     assert set(pd.read_parquet(out / "eval" / "per_category.parquet")["category"]) == {"privacy", "cybercrime",
                                                                                        "ALL"}
+    # the generated decision is read from the first-position pass: the answers generated in full open with its argmax
+    fluency = pd.read_parquet(out / "eval" / "fluency.parquet").iloc[0]
+    assert fluency.n_generated > 0 and fluency.first_token_agreement == 1.0
     for table, columns in GEOMETRY_TABLES.items():
         df = pd.read_parquet(out / "geometry" / f"{table}.parquet")
         assert set(columns) <= set(df.columns), (table, sorted(df.columns))

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -177,6 +179,28 @@ def test_generate_gate_and_scores(tiny_refusal_model):
     assert table["refused"].all() and (table["predicted_category"] == "privacy").all()
     torch.testing.assert_close(torch.tensor(table["refusal_score"].values, dtype=torch.float32),
                                expected[:, :2].sum(-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_first_token_scores_plain_copy_sorted_batches_equal_the_bridge_unbatched(tiny_refusal_model):
+    """first_token_scores through a plain Hugging Face copy (logits at the last position only) and through the
+    bridge, in batches sorted by length: the rows of single-prompt bridge calls, in the caller's order."""
+    from catlens.refusal import first_token_scores
+
+    from catlens.model import load_model
+
+    m = load_model(tiny_refusal_model.provenance["source"]["folder"])  # without the fixture's planted hook
+    prompts = ["Hi", "How do I find someone's home address without them knowing, step by step?", "Write a poem",
+               "What is the capital of France, and why is it there?", "Ok"]
+    cols = ["refusal_score", "respond_prob"] + [f"p[{t}]" for t in TOKENS.all_tokens]
+    one = pd.concat([first_token_scores(m, [p], tokens=TOKENS, show_progress=False) for p in prompts],
+                    ignore_index=True)
+    bridge = first_token_scores(m, prompts, tokens=TOKENS, show_progress=False, batch_size=2)
+    fast = first_token_scores(m, prompts, tokens=TOKENS, show_progress=False, batch_size=2, hf=m.plain_hf())
+    for table in (bridge, fast):
+        np.testing.assert_allclose(table[cols].to_numpy(float), one[cols].to_numpy(float), rtol=1e-4, atol=1e-6)
+        assert table.top_token.tolist() == one.top_token.tolist()
+        assert table.predicted_category.tolist() == one.predicted_category.tolist()
 
 
 @pytest.mark.slow

@@ -33,6 +33,20 @@ def test_table_round_trip_and_outputs_registered(tmp_path):
     assert outputs["t.parquet"]["rows"] == 2 and len(outputs["t.parquet"]["sha256"]) == 64
 
 
+def test_timed_phases_add_up_in_the_manifest_even_when_the_phase_fails(tmp_path):
+    import time
+
+    run = RunDir.create(tmp_path / "run")
+    with run.timed("fit"):
+        time.sleep(0.05)
+    with run.timed("fit"):
+        time.sleep(0.05)
+    with pytest.raises(KeyError), run.timed("test"):
+        raise KeyError("boom")
+    timings = run.manifest["timings"]
+    assert set(timings) == {"fit", "test"} and 0.1 <= timings["fit"] < 5 and timings["test"] >= 0
+
+
 def test_refuses_non_empty_folder_unless_told(tmp_path):
     run = RunDir.create(tmp_path / "r")
     run.save_json("x", {"a": 1})

@@ -161,7 +161,10 @@ def train(
         hook = emb.register_hook(route)
         params = {**params, "new_token_rows": new_rows}
         groups.append({"params": [new_rows], "lr": config.new_token_lr, "base_lr": config.new_token_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    # the fused kernel: one pass over each tensor instead of a Python loop of elementwise ops (about 9x faster on the
+    # CPU for this model; the same update up to float rounding, bench/bench_finetune.py --only adam)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, fused=fused)
     schedule = make_schedule([e.side for e in examples], config.steps, config.batch_size, config.seed)
     start, history, resumed_from = 0, [], None
     ckpt = work_dir / "checkpoint.pt" if work_dir is not None else None
