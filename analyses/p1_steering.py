@@ -404,6 +404,11 @@ def generate_and_judge(model: Any, ps: Any, policy: Any, out: Path, *, tokens: i
     return judged
 
 
+_NLL: dict[tuple[int, str, tuple[int, ...]], tuple[float, int]] = {}
+"""Per (model id, prompt, answer ids): the answer's mean NLL and token count (the unsteered answers are scored
+against every candidate; each is computed once)."""
+
+
 def benign_ppl(model_ref: Any, judged: Any, ids: set[str] | None = None) -> tuple[float, int]:
     """Perplexity of the benign answers (restricted to ``ids`` when given) under the unsteered ``model_ref``."""
     from catlens.metrics import perplexity_under
@@ -413,9 +418,14 @@ def benign_ppl(model_ref: Any, judged: Any, ids: set[str] | None = None) -> tupl
         part = part[part.id.isin(ids)]
     if not len(part):
         return math.nan, 0
-    t = perplexity_under(model_ref, list(part.prompt), list(part.token_ids))
-    n = t.n_tokens.to_numpy()
-    return float(math.exp((t.nll.to_numpy() * n).sum() / n.sum())), int(len(part))
+    keys = [(id(model_ref), p, tuple(t)) for p, t in zip(part.prompt, part.token_ids)]
+    todo = sorted({k for k in keys if k not in _NLL})
+    if todo:
+        t = perplexity_under(model_ref, [k[1] for k in todo], [list(k[2]) for k in todo])
+        _NLL.update({k: (float(nll), int(n)) for k, nll, n in zip(todo, t.nll, t.n_tokens)})
+    nll = [_NLL[k][0] for k in keys]
+    n = [_NLL[k][1] for k in keys]
+    return float(math.exp(sum(a * b for a, b in zip(nll, n)) / sum(n))), int(len(part))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -640,7 +650,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
         basis = init_basis(fit["dirs"][method], whitener, layer=layer, mode=mode)
         res = train_low_rank(model, train.where(label="harmful"), train.where(label="benign"), layer=layer,
                              basis=basis, steps=args.lowrank_steps, batch_size=8, seed=args.seed,
-                             out=run.path / "lowrank" / mode)
+                             out=run.path / "lowrank" / mode, keep_base_pass=mode == "residual")
         curves.append(res.curve.assign(basis=mode, layer=layer, method=method, forward=res.forward))
         iv = res.intervention
         pols = {"unsteered": None}

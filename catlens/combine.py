@@ -78,6 +78,7 @@ import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -247,6 +248,22 @@ def _positions(mask: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------------- forward paths
+_BASE_BATCH = 32
+"""Batch size of the base pass (no gradient; prompts longest first)."""
+_BASE_PASSES: dict[int, tuple[str, Any]] = {}
+"""Per model (by ``id``, dropped when the model is garbage-collected), the base pass a ``train_low_rank(...,
+keep_base_pass=True)`` call kept (the training prompts' activations, unsteered log-probabilities and prefix
+keys/values, up to ``cache_gb``) with its key: the next map trained on the same prompts, site, layer and forward mode
+(another basis, rank or learning rate) reuses it instead of running the prompts again, and releases it unless it
+keeps it too. Weights edited in place after loading are not detected (the key holds the recorded weight hash)."""
+
+
+def base_pass(model: Any) -> Any:
+    """The base pass :func:`train_low_rank` keeps for ``model`` (None when there is none)."""
+    entry = _BASE_PASSES.get(id(model))
+    return None if entry is None else entry[1]
+
+
 class _Forward:
     """The steered first-response logits of a batch of prompts, with gradient to the map's parameters."""
 
@@ -280,7 +297,7 @@ class _Forward:
         bytes_per_token = None
         from tqdm.auto import tqdm
 
-        order = list(range(len(texts)))
+        order = sorted(range(len(texts)), key=lambda i: (-len(self.seqs[i]), i))  # longest first: little padding
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="low-rank: base pass", disable=not show_progress):
             ids, mask = _pad_left([self.seqs[i] for i in batch], self.pad_id)
@@ -558,6 +575,7 @@ def train_low_rank(
     overwrite: bool = False,
     callback: Callable[[int, dict[str, Any]], Any] | None = None,
     show_progress: bool = True,
+    keep_base_pass: bool = False,
 ) -> LowRankResult:
     """Train P1's low-rank steering map on ``harmful`` and ``benign`` prompts (see the module docstring).
 
@@ -569,7 +587,9 @@ def train_low_rank(
     batch_size)`` steps. ``refusal_ids``: the refusal-token ids (default: the model's refusal tokens, ``[respond]``
     excluded). ``forward`` / ``cache_gb``: see the module docstring. ``callback(step, row)`` runs after every step
     (after any checkpoint); an exception there stops training, and a later call resumes from the last checkpoint.
-    A non-finite loss raises :class:`NonFiniteLossError` naming the step.
+    ``keep_base_pass``: keep this run's pass over the prompts in memory for the next call on the same prompts, site,
+    layer and forward mode (e.g. a second basis), which reuses it (:data:`_BASE_PASSES`). A non-finite loss raises
+    :class:`NonFiniteLossError` naming the step.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -662,9 +682,20 @@ def train_low_rank(
 
     # ---- state -----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    fwd = _Forward(model, rendered_h + rendered_b, site=site_, layer=layer, mode=forward, batch_size=batch_size,
-                   cache_gb=cache_gb, base_rows=range(len(h_texts), len(h_texts) + len(b_texts)),
-                   show_progress=show_progress)
+    base_key = _sha([json.dumps([config[k] for k in ("harmful_sha256", "benign_sha256", "site", "layer", "forward",
+                                                     "cache_gb", "model")], sort_keys=True, default=str)])
+    fwd = base_pass(model)
+    fwd = fwd if fwd is not None and _BASE_PASSES[id(model)][0] == base_key else None
+    if fwd is None:
+        fwd = _Forward(model, rendered_h + rendered_b, site=site_, layer=layer, mode=forward,
+                       batch_size=max(batch_size, _BASE_BATCH), cache_gb=cache_gb,
+                       base_rows=range(len(h_texts), len(h_texts) + len(b_texts)), show_progress=show_progress)
+    if keep_base_pass:
+        if id(model) not in _BASE_PASSES:
+            weakref.finalize(model, _BASE_PASSES.pop, id(model), None)
+        _BASE_PASSES[id(model)] = (base_key, fwd)
+    else:
+        _BASE_PASSES.pop(id(model), None)
     n_h = len(h_texts)
     base_logp = {i - n_h: v for i, v in fwd.base_logp.items()}
     init = _initial_params(basis.detach().float().cpu(), rank, variant, seed, z_scale, pad_scale)

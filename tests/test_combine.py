@@ -210,6 +210,27 @@ def test_training_is_seeded_and_does_not_touch_global_rng(tiny_lm, planted):
     assert not tiny_lm.bridge.list_hooks()
 
 
+def test_a_second_map_on_the_same_prompts_reuses_the_kept_base_pass_and_trains_the_same(tiny_lm, planted):
+    """keep_base_pass: the next map on the same prompts, site and layer (another basis) reuses the base pass
+    (activations, unsteered log-probabilities, prefix keys/values), releases it, and trains what a run with its own
+    base pass trains."""
+    from catlens.combine import base_pass
+
+    g = torch.Generator().manual_seed(3)
+    basis, other = planted[2], torch.linalg.qr(torch.randn(planted[2].shape, generator=g))[0]
+    _train(tiny_lm, basis, steps=3, lr=1e-2)
+    assert base_pass(tiny_lm) is None  # not kept by default
+    _train(tiny_lm, basis, steps=3, lr=1e-2, keep_base_pass=True)
+    first = base_pass(tiny_lm)
+    assert first is not None
+    shared = _train(tiny_lm, other, steps=3, lr=1e-2, keep_base_pass=True)
+    assert base_pass(tiny_lm) is first  # reused, not recomputed
+    own = _train(tiny_lm, other, steps=3, lr=1e-2, forward="full")  # another mode: its own pass, nothing kept
+    assert base_pass(tiny_lm) is None
+    own = _train(tiny_lm, other, steps=3, lr=1e-2)
+    assert own.intervention.same_as(shared.intervention)
+
+
 # ---------------------------------------------------------------------------------------- runs, resume
 def test_resume_after_interruption_is_bitwise_identical(tiny_lm, planted, tmp_path):
     basis = planted[2]
