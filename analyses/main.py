@@ -44,6 +44,7 @@ Writes: <out>/config.toml, <out>/manifest.json (config, per stage: folder, statu
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -631,9 +632,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = resolve_args(argv)
-        from catlens.model import check_device
+        from catlens.model import check_device, resolve_dtype
 
         check_device(cfg.model.device)  # a clear error before any work when e.g. CUDA is absent
+        if cfg.model.dtype == "auto":  # resolved once, so the saved config and the stage hashes name the dtype used
+            dtype = resolve_dtype("auto", cfg.model.device)
+            log.info("model.dtype auto -> %s on %s", dtype, cfg.model.device)
+            cfg = cfg.replace(model=dataclasses.replace(cfg.model, dtype=dtype))
     except (ValueError, FileNotFoundError) as e:  # ConfigError, FileFormatError, an absent device
         raise ConfigError(str(e)) from None
     configure_process(threads=cfg.run.threads, seed=cfg.run.seed)  # process-wide threads and seeds: here, once

@@ -10,7 +10,12 @@ Every number is reported with a baseline measured in the same run:
   * throughput: `collect` (resid_post, every layer, last position, streamed to disk) vs a plain bridge forward pass
     over the same batches with no hooks;
   * memory: peak RSS of `collect` streaming N prompts to disk, each size in its own process, vs the peak RSS of a
-    process that only loads the model and runs one batch.
+    process that only loads the model and runs one batch;
+  * dtype: bfloat16 vs float32 weights (what ``model.dtype = "auto"`` picks on a CPU with native bfloat16): the
+    next-token logits of ``--n-throughput`` prompts (plain forward, batches of 32, longest first) and greedy
+    generation of 16 tokens for 64 of them, with how often the two dtypes agree on the next token.
+
+    python bench/bench_foundation.py --only dtype --out runs/bench-dtype      # about 2 minutes
 """
 
 import argparse
@@ -101,8 +106,8 @@ def main() -> None:
     p.add_argument("--memory-sizes", default="1000,4000")
     p.add_argument("--out", default="runs/bench-foundation")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--only", default="load,throughput,memory",
-                   help="comma-separated parts to run: load, throughput, memory (default: all)")
+    p.add_argument("--only", default="load,throughput,memory,dtype",
+                   help="comma-separated parts to run: load, throughput, memory, dtype (default: all)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -114,8 +119,8 @@ def main() -> None:
     from catlens.runs import RunDir
 
     parts = {x.strip() for x in args.only.split(",") if x.strip()}
-    if not parts or parts - {"load", "throughput", "memory"}:
-        p.error(f"--only {args.only!r}: choose from load, throughput, memory (comma-separated).")
+    if not parts or parts - {"load", "throughput", "memory", "dtype"}:
+        p.error(f"--only {args.only!r}: choose from load, throughput, memory, dtype (comma-separated).")
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite)
     tables = []
     if "load" in parts:
@@ -124,6 +129,8 @@ def main() -> None:
         tables.append(_bench_throughput(run, args.n_throughput))
     if "memory" in parts:
         tables.append(_bench_memory(run, [int(x) for x in args.memory_sizes.split(",") if x]))
+    if "dtype" in parts:
+        tables.append(_bench_dtype(run, args.n_throughput))
     run.finish()
     with pd.option_context("display.width", 160):
         print(*(t.to_string(index=False) for t in tables), sep="\n\n")
@@ -162,6 +169,46 @@ def _bench_memory(run, sizes: list[int]) -> pd.DataFrame:
     memory["ratio_to_baseline"] = memory["peak_rss_mib"] / base["peak_rss_mib"]
     run.save_table("memory", memory)
     return memory
+
+
+def _bench_dtype(run, n: int) -> pd.DataFrame:
+    import torch
+
+    from catlens.model import load_model, native_bfloat16, tokenize_left
+    from catlens.refusal import greedy_batches
+
+    texts = _texts(n)
+    rows, argmax = [], {}
+    for dtype in ("float32", "bfloat16"):
+        lens = load_model(dtype=dtype)
+        hf = lens.plain_hf()
+        rendered = lens.format(texts)
+        order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i]))
+        top = [0] * len(texts)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, len(order), 32):
+                batch = order[s:s + 32]
+                ids, mask = tokenize_left(lens.tokenizer, [rendered[i] for i in batch])
+                logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+                for j, i in zip(range(len(batch)), batch):
+                    top[i] = int(logits[j].argmax())
+        t_fwd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gen = greedy_batches(hf, lens.tokenizer, rendered[:64], max_new_tokens=16, batch_size=32)
+        t_gen = time.perf_counter() - t0
+        argmax[dtype] = (top, gen)
+        rows.append({"dtype": dtype, "native_bfloat16_cpu": native_bfloat16("cpu"), "prompts": len(texts),
+                     "forward_s": t_fwd, "generate_64x16_s": t_gen})
+        del lens, hf
+    table = pd.DataFrame(rows)
+    table["forward_speedup_vs_float32"] = table.forward_s.iloc[0] / table.forward_s
+    table["generate_speedup_vs_float32"] = table.generate_64x16_s.iloc[0] / table.generate_64x16_s
+    (t32, g32), (t16, g16) = argmax["float32"], argmax["bfloat16"]
+    table["next_token_agreement"] = [1.0, sum(a == b for a, b in zip(t32, t16)) / len(t32)]
+    table["identical_generations"] = [1.0, sum(a == b for a, b in zip(g32, g16)) / len(g32)]
+    run.save_table("dtype", table)
+    return table
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ from catlens._typecheck import check_field_type, is_mapping_type, split_optional
 from catlens.errors import FileFormatError, unknown_name_message
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-"""Weight dtypes (the names of :data:`catlens.model.DTYPES`, kept here so reading a config needs no torch)."""
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+"""Weight dtypes (the names of :data:`catlens.model.DTYPES`, kept here so reading a config needs no torch), and
+``auto`` (:func:`catlens.model.resolve_dtype`: bfloat16 where the device has it natively, else float32)."""
 
 
 class ConfigError(ValueError):
@@ -72,8 +73,10 @@ class ModelSection:
     (read from the fine-tune's manifest when ``spec`` is a catlens fine-tune; none for any other ``spec``)."""
     device: str = "cpu"
     """Device for every model (``cpu``, ``cuda``, ``cuda:1``); a clear error when it is absent."""
-    dtype: str = "float32"
-    """Weight dtype of the analysed models: ``float32``, ``bfloat16`` or ``float16``."""
+    dtype: str = "auto"
+    """Weight dtype of the analysed models: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16 where the
+    device computes it natively, e.g. a CPU with AVX512-BF16 or a recent GPU, else float32; resolved once when the job
+    starts and saved as the concrete dtype). The fine-tune always trains in float32."""
     cache_dir: str | None = None
     """Model cache (converted models, fine-tunes). ``None``: ``$CATLENS_CACHE``, else ``~/.cache/catlens``."""
 

@@ -16,6 +16,7 @@ import json
 import logging
 import operator
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -180,12 +181,37 @@ def check_device(device: str | torch.device) -> str:
                      f"device='cpu' (catlens runs on CPU).")
 
 
+def native_bfloat16(device: str = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with the AVX512-BF16 or
+    AMX-BF16 instructions (Linux, read from ``/proc/cpuinfo``). Elsewhere bfloat16 is emulated and slower than
+    float32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``"auto"`` -> ``"bfloat16"`` where :func:`native_bfloat16` (about 3x faster than float32 on such a CPU,
+    ``bench/bench_foundation.py --only dtype``), else ``"float32"``; any other name is returned as given."""
+    if dtype == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return dtype
+
+
 def add_model_options(parser: Any) -> None:
     """``--device`` and ``--dtype`` on an analysis script's parser, as every entry point spells them (pass them to
     :func:`load_model`); a device that is absent here is reported by :func:`check_device` when the model loads."""
     parser.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="model weights' dtype (default float32; bfloat16 for 8B models on a GPU)")
+    parser.add_argument("--dtype", default="float32", choices=[*DTYPES, "auto"],
+                        help="model weights' dtype (default float32; bfloat16 for 8B models on a GPU; auto: "
+                             "bfloat16 where the device has it natively, else float32)")
 
 
 def _hub_offline() -> bool:
@@ -495,9 +521,11 @@ def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], 
 def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
                cache: str | os.PathLike[str] | None = None, revision: str | None = None) -> LensModel:
     """Load a chat model as a :class:`LensModel` (see the module docstring for ``spec``). Threads are the
-    process's: entry points set them once (:func:`catlens.runs.configure_process`)."""
+    process's: entry points set them once (:func:`catlens.runs.configure_process`). ``dtype="auto"``:
+    :func:`resolve_dtype`."""
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)} or auto.")
     device = check_device(device)
     kind, where = resolve_spec(spec, cache)
     if kind == "hub":

@@ -179,3 +179,21 @@ def test_tokenize_left_pads_left_and_restores_the_padding_side(real_model):
     assert ids[0, mask[0].bool()].tolist() == tok(rendered[0], add_special_tokens=False)["input_ids"]
     lens_ids, lens_mask = real_model.tokenize(rendered)
     assert torch.equal(lens_ids, ids) and torch.equal(lens_mask, mask)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_device_has_it_natively(tiny_model_dir, monkeypatch):
+    import catlens.model as M
+
+    assert M.resolve_dtype("float16") == "float16" and M.resolve_dtype("float32", "cuda") == "float32"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(M, "native_bfloat16", lambda device="cpu", native=native: native)
+        assert M.resolve_dtype("auto") == expected
+        assert M.load_model(tiny_model_dir, dtype="auto").dtype == M.DTYPES[expected]
+    monkeypatch.undo()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # the real answer follows the CPU's flags
+        flags = cpuinfo.read_text()
+        assert M.native_bfloat16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert M.native_bfloat16("meta") is False
+    with pytest.raises(ValueError, match="or auto"):
+        M.load_model(tiny_model_dir, dtype="bf16")
