@@ -16,6 +16,12 @@ Every number is reported with a baseline measured in the same run:
     generation of 16 tokens for 64 of them, with how often the two dtypes agree on the next token.
 
     python bench/bench_foundation.py --only dtype --out runs/bench-dtype      # about 2 minutes
+
+  * scores: :func:`catlens.refusal.first_token_scores` over ``--n-throughput`` prompts of mixed lengths, through a
+    plain Hugging Face copy with last-position logits (what the evaluation uses) and through the bridge, both in
+    batches sorted by length, vs the loop it replaced (bridge, full logits, batches in the caller's order); ordinary
+    vocabulary tokens stand in for the refusal tokens (the stock model has none). The largest score difference to
+    the old loop is reported.
 """
 
 import argparse
@@ -106,8 +112,8 @@ def main() -> None:
     p.add_argument("--memory-sizes", default="1000,4000")
     p.add_argument("--out", default="runs/bench-foundation")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--only", default="load,throughput,memory,dtype",
-                   help="comma-separated parts to run: load, throughput, memory, dtype (default: all)")
+    p.add_argument("--only", default="load,throughput,memory,dtype,scores",
+                   help="comma-separated parts to run: load, throughput, memory, dtype, scores (default: all)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -119,8 +125,8 @@ def main() -> None:
     from catlens.runs import RunDir
 
     parts = {x.strip() for x in args.only.split(",") if x.strip()}
-    if not parts or parts - {"load", "throughput", "memory", "dtype"}:
-        p.error(f"--only {args.only!r}: choose from load, throughput, memory, dtype (comma-separated).")
+    if not parts or parts - {"load", "throughput", "memory", "dtype", "scores"}:
+        p.error(f"--only {args.only!r}: choose from load, throughput, memory, dtype, scores (comma-separated).")
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite)
     tables = []
     if "load" in parts:
@@ -131,6 +137,8 @@ def main() -> None:
         tables.append(_bench_memory(run, [int(x) for x in args.memory_sizes.split(",") if x]))
     if "dtype" in parts:
         tables.append(_bench_dtype(run, args.n_throughput))
+    if "scores" in parts:
+        tables.append(_bench_scores(run, args.n_throughput))
     run.finish()
     with pd.option_context("display.width", 160):
         print(*(t.to_string(index=False) for t in tables), sep="\n\n")
@@ -208,6 +216,46 @@ def _bench_dtype(run, n: int) -> pd.DataFrame:
     table["next_token_agreement"] = [1.0, sum(a == b for a, b in zip(t32, t16)) / len(t32)]
     table["identical_generations"] = [1.0, sum(a == b for a, b in zip(g32, g16)) / len(g32)]
     run.save_table("dtype", table)
+    return table
+
+
+def _bench_scores(run, n: int) -> pd.DataFrame:
+    import torch
+
+    from catlens.model import load_model
+    from catlens.refusal import RefusalTokens, decide, first_token_scores, special_token_probs
+
+    lens = load_model()
+    tokens = RefusalTokens(categories=("stand_in",), refuse=("No",), respond="Sure")
+    ids = tokens.ids(lens.tokenizer)
+    texts = [t * (1 + i % 4) for i, t in enumerate(_texts(n))]  # one to four copies: lengths vary as in the eval
+
+    def old_loop() -> list[float]:  # what first_token_scores did before: caller order, bridge, full logits
+        out: list[float] = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), 32):
+                out += decide(special_token_probs(lens.logits(texts[s:s + 32]), ids)).refusal_score.tolist()
+        return out
+
+    t0 = time.perf_counter()
+    old = old_loop()
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bridge = first_token_scores(lens, texts, tokens=tokens, show_progress=False)
+    t_bridge = time.perf_counter() - t0
+    plain = lens.plain_hf()
+    t0 = time.perf_counter()
+    fast = first_token_scores(lens, texts, tokens=tokens, show_progress=False, hf=plain)
+    t_fast = time.perf_counter() - t0
+    rows = []
+    for what, t, table in (("caller-order batches, bridge, full logits (before)", t_old, None),
+                           ("sorted batches, bridge", t_bridge, bridge),
+                           ("sorted batches, plain copy, last-position logits (now)", t_fast, fast)):
+        diff = 0.0 if table is None else float(max(abs(a - b) for a, b in zip(table.refusal_score, old)))
+        rows.append({"path": what, "prompts": len(texts), "seconds": t, "speedup_vs_before": t_old / t,
+                     "max_abs_score_diff_vs_before": diff})
+    table = pd.DataFrame(rows)
+    run.save_table("scores", table)
     return table
 
 

@@ -3,6 +3,7 @@ schema, stage reuse and rerun by config hash, the ``--model`` path, and the guar
 specificity) with the argv they receive. The fine-tune stage trains the tiny model on a handful of built-in prompts
 (seconds), so every stage runs for real."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 
 from catlens.config import from_dict, resolve
+from catlens.model import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,6 +140,8 @@ def test_every_stage_ran_and_wrote_its_files(pipeline):
 
     # config.toml is the resolved tree, also in the manifest
     cfg = resolve(root / "tiny.toml")
+    assert cfg.model.dtype == "auto"  # the default: resolved once when the job starts, and saved resolved
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, dtype=resolve_dtype("auto", "cpu")))
     assert from_dict(tomllib.loads((out / "config.toml").read_text())) == cfg
     assert m["config"] == cfg.to_dict() and m["config_hash"] == cfg.hash
     assert resolve(out / "config.toml") == cfg
@@ -252,7 +256,9 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     main.main(argv)
     calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
     assert calls == [["--model", str(model), "--out", str(out / "p1"), "--seed", "7", "--data-dir",
-                      str(tmp_path / "data"), "--quick", "--stock-model", str(other), "--layers", "1-2", "--gate"]]
+                      str(tmp_path / "data"), "--quick", "--stock-model", str(other),
+                      *([] if resolve_dtype("auto") == "float32" else ["--dtype", resolve_dtype("auto")]),
+                      "--layers", "1-2", "--gate"]]
     stages = manifest(out)["stages"]
     assert stages["p1"]["status"] == "done" and stages["p2"]["status"] == "skipped: not available"
     assert "p2_steering.py does not exist" in stages["p2"]["reason"]
