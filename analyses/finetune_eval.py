@@ -99,18 +99,14 @@ def auroc(pos: list[float], neg: list[float]) -> float:
 @torch.inference_mode()
 def answer_nll(stock: Any, prompts: list[str], answers: list[list[int]]) -> tuple[float, int]:
     """Summed negative log-likelihood and token count of ``answers`` (stock-vocabulary ids) given the chat prompts,
-    under the stock model."""
-    total, count = 0.0, 0
-    for text, ans in zip(prompts, answers):
-        if not ans:
-            continue
-        ids, _ = stock.tokenize(stock.format([text]))
-        seq = torch.cat([ids[0], torch.tensor(ans, dtype=torch.long)])[None]
-        logits = stock.hf(seq).logits[0, ids.shape[1] - 1:-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, seq[0, ids.shape[1]:], reduction="sum")
-        total += float(nll)
-        count += len(ans)
-    return total, count
+    under the stock model (:func:`catlens.metrics.perplexity_under`, batched; empty answers are left out)."""
+    from catlens.metrics import perplexity_under
+
+    keep = [(p, a) for p, a in zip(prompts, answers) if a]
+    if not keep:
+        return 0.0, 0
+    t = perplexity_under(stock, [p for p, _ in keep], [a for _, a in keep])
+    return float((t.nll * t.n_tokens).sum()), int(t.n_tokens.sum())
 
 
 def main(argv: list[str] | None = None) -> int:

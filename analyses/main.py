@@ -44,6 +44,7 @@ Writes: <out>/config.toml, <out>/manifest.json (config, per stage: folder, statu
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -390,11 +391,23 @@ def figure_stage_of(script: Path, module: ModuleType | None = None) -> str:
 
 
 def stage_figures(cfg: Config, job: Job, folder: Path) -> None:
-    from tqdm.auto import tqdm
+    from catlens.plotting import static_export_session
 
     run = RunDir.create(folder, config={"png": cfg.run.png}, overwrite=True, seed=cfg.run.seed)
     written: dict[str, str] = {}
     errors = []
+    with static_export_session() if cfg.run.png else contextlib.nullcontext():  # one browser for every PNG
+        _draw_figures(cfg, job, folder, written, errors)
+    run.update_manifest(figures=written)
+    job.figures = written
+    if errors:
+        raise RuntimeError("figure script(s) failed: " + "; ".join(errors))
+    run.finish(n_figures=len(written))
+
+
+def _draw_figures(cfg: Config, job: Job, folder: Path, written: dict[str, str], errors: list[str]) -> None:
+    from tqdm.auto import tqdm
+
     for script in tqdm(sorted(FIGURES.glob("fig_*.py")), desc="figures", unit="script"):
         module = _load_script(script)
         source = figure_stage_of(script, module)
@@ -413,11 +426,6 @@ def stage_figures(cfg: Config, job: Job, folder: Path) -> None:
             errors.append(f"{script.stem}: {type(e).__name__}: {e}")
             continue
         written.update({f"{script.stem}:{k}": str(v) for k, v in (paths or {}).items()})
-    run.update_manifest(figures=written)
-    job.figures = written
-    if errors:
-        raise RuntimeError("figure script(s) failed: " + "; ".join(errors))
-    run.finish(n_figures=len(written))
 
 
 def stage_report(cfg: Config, job: Job, folder: Path) -> dict[str, Any]:

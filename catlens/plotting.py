@@ -13,7 +13,8 @@ plotly is imported inside the functions, so importing this module is cheap.
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,34 @@ def static_export_available() -> bool:
         import shutil
 
         return any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome"))
+
+
+@contextmanager
+def static_export_session() -> Iterator[None]:
+    """Keep one browser open for every static figure written inside the block (kaleido's sync server) instead of
+    starting one per figure; without a browser, or with a kaleido that has no server, each figure goes on as before.
+
+        with static_export_session():
+            for fig, path in figures:
+                save_figure(fig, path)
+    """
+    started = False
+    if static_export_available():
+        try:
+            import kaleido
+
+            kaleido.start_sync_server(silence_warnings=True)
+            started = True
+        except Exception as e:  # noqa: BLE001 - an older kaleido, or a browser that does not start
+            log.info("static export: one browser per figure (%s: %s)", type(e).__name__, e)
+    try:
+        yield
+    finally:
+        if started:
+            try:
+                kaleido.stop_sync_server(silence_warnings=True)
+            except Exception as e:  # noqa: BLE001 - closing must not hide the block's own error
+                log.info("static export: closing the browser failed (%s: %s)", type(e).__name__, e)
 
 
 def _warn_no_browser(reason: str) -> None:

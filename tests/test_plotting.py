@@ -98,3 +98,24 @@ def test_save_figure_png_with_a_browser(cosines, tmp_path):
     written = plotting.save_figure(fig, tmp_path / "cos", data=cosines)
     png = written["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_one_browser_session_writes_the_same_pngs_and_closes(cosines, tmp_path):
+    """static_export_session keeps kaleido's server open for every PNG in the block: the images equal those written
+    one browser per figure, and the server is closed afterwards (also when the block raises)."""
+    if not plotting.static_export_available():
+        pytest.skip("no Chrome/Chromium for kaleido (apt-get install -y chromium)")
+    import kaleido
+
+    fig = plotting.heatmap(cosines, x="category_b", y="category_a", z="cosine", facet="space")
+    alone = plotting.save_figure(fig, tmp_path / "alone", formats=("png",))["png"].read_bytes()
+    with plotting.static_export_session():
+        assert kaleido._global_server.is_running()  # noqa: SLF001 - the singleton the session opens
+        shared = [plotting.save_figure(fig, tmp_path / f"s{i}", formats=("png",))["png"].read_bytes()
+                  for i in range(2)]
+    assert not kaleido._global_server.is_running()  # noqa: SLF001
+    assert shared[0] == shared[1] == alone
+    with pytest.raises(KeyError), plotting.static_export_session():
+        raise KeyError("boom")
+    assert not kaleido._global_server.is_running()  # noqa: SLF001
