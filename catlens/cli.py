@@ -321,7 +321,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 _FINETUNE_EXAMPLES = """\
 Examples:
   catlens finetune --config quick                    # built-in prompts, about 3 min
-  catlens finetune                                   # default config, about 12 min on 2 CPU cores
+  catlens finetune                                   # default config, 12-18 min on 2 CPU cores
   catlens finetune --method lora --init mean --seed 1
   catlens finetune --config coconot --data-dir ../shared/data
   catlens finetune --base meta-llama/Meta-Llama-3-8B-Instruct --device cuda --dtype bfloat16 --method lora

@@ -56,7 +56,8 @@ def test_default_file_is_the_builtin_default():
 def test_quick_file_is_the_quick_flag():
     q = resolve(CONFIGS / "quick.toml")
     assert q == resolve(sets=["run.quick=true", "run.out=runs/main-quick"])
-    assert (q.run.quick, q.finetune.config, q.data.per_category) == (True, "quick", 10)
+    assert (q.run.quick, q.finetune.config, q.data.per_category, q.data.per_set) == (True, "quick", 5, 30)
+    assert q.p1.args["layers"] == "21" and q.eval.args == {"gen-per-set": 8} and q.geometry.tsne_layers == "none"
     assert Config().finetune.config == "default" and Config().data.per_category == 20
 
 
@@ -167,7 +168,7 @@ def test_later_layers_win(tmp_path):
     # quick defaults sit under the file: an explicit preset in the file stays
     (tmp_path / "q.toml").write_text("[run]\nquick = true\n[finetune]\nconfig = 'default'\n")
     q = resolve(tmp_path / "q.toml")
-    assert (q.finetune.config, q.data.per_category) == ("default", 10)
+    assert (q.finetune.config, q.data.per_category) == ("default", 5)
 
 
 def test_main_shorthands_map_onto_keys():
@@ -308,10 +309,10 @@ def test_shared_field_type_check_serves_both_configs():
         ft_check("categories", "a")
 
 
-def test_demo_sizes_are_defaults_merged_under_overrides_and_unset_by_quick():
+def test_demo_sizes_are_defaults_merged_under_overrides_and_replaced_by_quick():
     """The steering stages' demo sizes are the defaults; a --set changes one key and keeps the rest; null removes
-    one option; run.quick unsets them all (the scripts' own --quick sizes apply)."""
-    from catlens.config import DEMO_ARGS, args_to_argv, resolve
+    one option; run.quick replaces them by the quick sizes (no demo key left over)."""
+    from catlens.config import DEMO_ARGS, QUICK_ARGS, args_to_argv, resolve
 
     cfg = resolve()
     for name, args in DEMO_ARGS.items():
@@ -322,5 +323,5 @@ def test_demo_sizes_are_defaults_merged_under_overrides_and_unset_by_quick():
     assert "--test-cap" not in argv and argv[argv.index("--layers") + 1] == "20"
     quick = resolve(sets=["run.quick=true"])
     for name in DEMO_ARGS:
-        assert args_to_argv(quick.section(name).args) == []
+        assert args_to_argv(quick.section(name).args) == args_to_argv(QUICK_ARGS[name])
     assert resolve(CONFIGS / "quick.toml").p1.args == quick.p1.args

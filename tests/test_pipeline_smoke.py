@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from catlens.config import from_dict, resolve
+from catlens.config import DEMO_ARGS, QUICK_ARGS, args_to_argv, from_dict, resolve
 from catlens.model import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +99,11 @@ cv_folds = 2
 def run_pipeline(main, root: Path, base: Path, *extra: str, device: str = "cpu") -> dict:
     (root / "tiny.toml").write_text(tiny_config_text(root, base, device))
     return main.main(["--config", str(root / "tiny.toml"), *extra])
+
+
+def _layers_and_gate(argv: list[str]) -> tuple[str, str]:
+    """The --layers value of a p1 call and its last item (the config file's --gate flag comes last)."""
+    return argv[argv.index("--layers") + 1], argv[-1]
 
 
 def manifest(folder: Path) -> dict:
@@ -258,7 +263,7 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     assert calls == [["--model", str(model), "--out", str(out / "p1"), "--seed", "7", "--data-dir",
                       str(tmp_path / "data"), "--quick", "--stock-model", str(other),
                       *([] if resolve_dtype("auto") == "float32" else ["--dtype", resolve_dtype("auto")]),
-                      "--layers", "1-2", "--gate"]]
+                      *args_to_argv({**QUICK_ARGS["p1"], "layers": "1-2", "gate": True})]]  # quick sizes, file wins
     stages = manifest(out)["stages"]
     assert stages["p1"]["status"] == "done" and stages["p2"]["status"] == "skipped: not available"
     assert "p2_steering.py does not exist" in stages["p2"]["reason"]
@@ -272,7 +277,7 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     assert manifest(out)["stages"]["p1"]["status"] == "reused"
     main.main(argv + ["--set", "p1.args.layers=0-1"])  # changed args: rerun, replacing the old folder
     calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 2 and "--overwrite" in calls[1] and calls[1][-3:] == ["--layers", "0-1", "--gate"]
+    assert len(calls) == 2 and "--overwrite" in calls[1] and _layers_and_gate(calls[1]) == ("0-1", "--gate")
     assert manifest(out)["stages"]["p1"]["status"] == "done"
 
     # an edited script reruns its stage (same config); a failing stage is recorded, the others still run, and the
@@ -297,7 +302,7 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     main.main(argv + ["--set", "p1.args.layers=0-1"])
     assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "done"
     main.main(argv + ["--set", "p1.args.layers=1-3"])  # a finished stage with another configuration is replaced
-    assert "--overwrite" in last_call() and last_call()[-3:] == ["--layers", "1-3", "--gate"]
+    assert "--overwrite" in last_call() and _layers_and_gate(last_call()) == ("1-3", "--gate")
 
 
 @pytest.mark.gpu
@@ -355,7 +360,8 @@ def test_script_stages_give_their_scripts_arguments_the_scripts_accept(quick, tm
         parsers[stem](module)(argv)  # SystemExit (argparse) fails the test
     assert seen["p2_steering"][seen["p2_steering"].index("--model") + 1] == "stock-model"
     assert seen["p1_steering"][seen["p1_steering"].index("--stock-model") + 1] == "stock-model"
-    assert ("--test-cap" in seen["p1_steering"]) is not quick
+    p1 = seen["p1_steering"]
+    assert p1[p1.index("--test-cap") + 1] == str((QUICK_ARGS if quick else DEMO_ARGS)["p1"]["test-cap"])
 
 
 def test_a_dependency_that_failed_and_then_succeeded_reruns_its_dependants(tmp_path):

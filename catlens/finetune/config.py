@@ -246,7 +246,7 @@ CONFIGS: dict[str, FinetuneConfig] = {
                             prototype_prompts=12, checkpoint_every=10),
     "coconot": FinetuneConfig(name="coconot", scheme="coconot", categories=COCONOT_CATEGORIES, data="datasets"),
 }
-"""Presets: ``default`` (about 12 min on 2 CPU cores, self-distillation included), ``quick`` (built-in prompts,
+"""Presets: ``default`` (12-18 min on 2 CPU cores, self-distillation included), ``quick`` (built-in prompts,
 under 3 min, for tests and demos; a weaker refuser) and ``coconot`` (CoCoNot's five categories with the published checkpoint's token strings, as in P1)."""
 
 
