@@ -240,17 +240,17 @@ class Config:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
 _DEFAULT = Config()
 QUICK_ARGS: dict[str, dict[str, Any]] = {
-    "p1": {"layers": "21", "methods": "one_vs_benign", "toward": "0.2", "away": "0.2", "train-cap": 60,
-           "val-cap": 10, "test-cap": 10, "gen-n": 8, "gen-tokens": 10, "candidates": 1, "lowrank-steps": 10,
-           "reverse-n": 8},
-    "p2": {"per-category": 4, "n-alpaca": 16, "n-benign": 4, "methods": "unsupervised", "coeffs": "4",
+    "p1": {"layers": "21", "methods": "one_vs_benign", "toward": "0.2", "away": "0.2", "train-cap": 40,
+           "val-cap": 8, "test-cap": 6, "gen-n": 6, "gen-tokens": 10, "candidates": 1, "lowrank-steps": 6,
+           "reverse-n": 6},
+    "p2": {"per-category": 6, "n-alpaca": 12, "n-benign": 4, "methods": "unsupervised", "coeffs": "4",
            "layer-sets": "15", "max-new-tokens": 10},
     "specificity": {"quick": True},
 }
 """The ``--quick`` job's sizes for the steering analyses: one layer, one setting per side, a handful of prompts per
 set (a smoke run of every step, not a measurement; the scripts also get ``--quick``)."""
 QUICK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "finetune": {"config": "quick"}, "data": {"per_category": 5, "per_set": 30, "prompts_per_group": 4},
+    "finetune": {"config": "quick"}, "data": {"per_category": 5, "per_set": 30, "prompts_per_group": 3},
     "eval": {"max_new_tokens": 16, "ungated": 8, "args": {"gen-per-set": 8}},
     "geometry": {"tsne_layers": "none", "cv_folds": 3},
     **{name: {"args": {**{k: None for k in DEMO_ARGS[name]}, **QUICK_ARGS[name]}} for name in DEMO_ARGS}}
