@@ -167,32 +167,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------------------------ first-token scores
     frames = []
-    timer = time.perf_counter()
-    for name, ps in sets.items():
-        s = first_token_scores(model, ps.texts, tokens=tokens, show_progress=False, hf=plain)
-        s.insert(0, "set", name)
-        s.insert(1, "id", ps.ids)
-        s.insert(2, "label", ps.labels)
-        s.insert(3, "category", [c or "" for c in ps.categories_of])
-        s.insert(4, "form", [prompt_form(p.text, p.meta) for p in ps])
-        s.insert(5, "source", [p.source for p in ps])
-        frames.append(s)
-        log.info("%s: first-token refusal %.3f (n=%d)", name, s["refused"].mean(), len(s))
-    scores = pd.concat(frames, ignore_index=True)
-    # the generated decision: greedy generation opens with the argmax at the first response position
-    category_of = dict(zip(tokens.refuse, tokens.categories))
-    scores["refused_generated"] = scores.top_token.isin(category_of)
-    scores["generated_category"] = [category_of.get(t, "") for t in scores.top_token]
-    run.save_table("scores", scores)
-    phase_seconds = {"first_token_scores": time.perf_counter() - timer}
+    with run.timed("first_token_scores"):
+        for name, ps in sets.items():
+            s = first_token_scores(model, ps.texts, tokens=tokens, show_progress=False, hf=plain)
+            s.insert(0, "set", name)
+            s.insert(1, "id", ps.ids)
+            s.insert(2, "label", ps.labels)
+            s.insert(3, "category", [c or "" for c in ps.categories_of])
+            s.insert(4, "form", [prompt_form(p.text, p.meta) for p in ps])
+            s.insert(5, "source", [p.source for p in ps])
+            frames.append(s)
+            log.info("%s: first-token refusal %.3f (n=%d)", name, s["refused"].mean(), len(s))
+        scores = pd.concat(frames, ignore_index=True)
+        # the generated decision: greedy generation opens with the argmax at the first response position
+        category_of = dict(zip(tokens.refuse, tokens.categories))
+        scores["refused_generated"] = scores.top_token.isin(category_of)
+        scores["generated_category"] = [category_of.get(t, "") for t in scores.top_token]
+        run.save_table("scores", scores)
 
     # ------------------------------------------------------------------------------------------- generation
     todo = [(name, p) for name, ps in sets.items() if name in ("harmful_heldout", *BENIGN_SETS) for p in ps
             if (p.id in gen_ids if name == "harmful_heldout" else f"{name}::{p.id}" in gen_ids)]
-    timer = time.perf_counter()
-    gen = generate_ids(model, [p.text for _, p in todo], max_new_tokens=args.max_new_tokens, tokens=tokens,
-                       batch_size=args.batch_size, hf=plain)
-    phase_seconds["generation"] = time.perf_counter() - timer
+    with run.timed("generation"):
+        gen = generate_ids(model, [p.text for _, p in todo], max_new_tokens=args.max_new_tokens, tokens=tokens,
+                           batch_size=args.batch_size, hf=plain)
     tok = model.tokenizer
     special_ids = set(tokens.ids(tok))
     rows = []
@@ -271,25 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     run.save_table("auroc", au)
 
     # ------------------------------------------------------------------------------------------- fluency
-    timer = time.perf_counter()
-    benign_g = gens[(gens.label == "benign") & (gens.first_token == tokens.respond)]
-    prompts_by_key = {(name, p.id): p.text for name, ps in sets.items() for p in ps}
-    sample = benign_g.sample(min(len(benign_g), 120), random_state=args.seed) if len(benign_g) else benign_g
-    ptexts = [prompts_by_key[(r.set, r.id)] for r in sample.itertuples()]
-    nll, n_tok = answer_nll(stock, ptexts, list(sample.body_ids))
-    stock_ids = generate_ids(stock, ptexts, max_new_tokens=args.max_new_tokens, tokens=None, gate=False,
-                             batch_size=args.batch_size, hf=plain_stock, show_progress=False)
-    stock_ids = [[i for i in s if i != stock.tokenizer.eos_token_id] for s in stock_ids]
-    nll_s, n_s = answer_nll(stock, ptexts, stock_ids)
-    # repeated special tokens without the gate (the artefact the gate prevents)
-    ungated_prompts = [p.text for _, p in todo]
-    rng = __import__("random").Random(args.seed)
-    ungated_prompts = rng.sample(ungated_prompts, min(args.ungated, len(ungated_prompts)))
-    free = generate_ids(model, ungated_prompts, max_new_tokens=args.max_new_tokens, tokens=tokens, gate=False,
-                        batch_size=args.batch_size, hf=plain, show_progress=False)
-    free_parsed = [parse_response(tok.decode(ids, skip_special_tokens=False), tokens) for ids in free]
-    bodies = [tok.decode(b) for b in benign_g.body_ids]
-    phase_seconds["fluency"] = time.perf_counter() - timer
+    with run.timed("fluency"):
+        benign_g = gens[(gens.label == "benign") & (gens.first_token == tokens.respond)]
+        prompts_by_key = {(name, p.id): p.text for name, ps in sets.items() for p in ps}
+        sample = benign_g.sample(min(len(benign_g), 120), random_state=args.seed) if len(benign_g) else benign_g
+        ptexts = [prompts_by_key[(r.set, r.id)] for r in sample.itertuples()]
+        nll, n_tok = answer_nll(stock, ptexts, list(sample.body_ids))
+        stock_ids = generate_ids(stock, ptexts, max_new_tokens=args.max_new_tokens, tokens=None, gate=False,
+                                 batch_size=args.batch_size, hf=plain_stock, show_progress=False)
+        stock_ids = [[i for i in s if i != stock.tokenizer.eos_token_id] for s in stock_ids]
+        nll_s, n_s = answer_nll(stock, ptexts, stock_ids)
+        # repeated special tokens without the gate (the artefact the gate prevents)
+        ungated_prompts = [p.text for _, p in todo]
+        rng = __import__("random").Random(args.seed)
+        ungated_prompts = rng.sample(ungated_prompts, min(args.ungated, len(ungated_prompts)))
+        free = generate_ids(model, ungated_prompts, max_new_tokens=args.max_new_tokens, tokens=tokens, gate=False,
+                            batch_size=args.batch_size, hf=plain, show_progress=False)
+        free_parsed = [parse_response(tok.decode(ids, skip_special_tokens=False), tokens) for ids in free]
+        bodies = [tok.decode(b) for b in benign_g.body_ids]
     greedy_first = scores.set_index(["set", "id"]).top_token
     opened = [tok.convert_ids_to_tokens(ids[0]) if ids else "" for ids in gen]
     agree = [o == greedy_first[(name, p.id)] for (name, p), o in zip(todo, opened)]
@@ -330,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "form_mix": data.mix().to_dict("records"),
         "targets": TARGETS,
         "eval_seconds": round(time.perf_counter() - t0, 1),
-        "phase_seconds": {k: round(v, 1) for k, v in phase_seconds.items()},
+        "phase_seconds": {k: round(v, 1) for k, v in run.manifest["timings"].items()},
     }
     summary["alpaca_over_refusal"] = rate(o, "alpaca_test", "over_refusal_generated") if len(o) else math.nan
     summary["xstest_safe_over_refusal"] = rate(o, "xstest_safe", "over_refusal_generated") if len(o) else math.nan

@@ -199,7 +199,7 @@ def _bench_dtype(run, n: int) -> pd.DataFrame:
                 batch = order[s:s + 32]
                 ids, mask = tokenize_left(lens.tokenizer, [rendered[i] for i in batch])
                 logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-                for j, i in zip(range(len(batch)), batch):
+                for j, i in enumerate(batch):
                     top[i] = int(logits[j].argmax())
         t_fwd = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -684,8 +684,8 @@ def train_low_rank(
     t0 = time.perf_counter()
     base_key = _sha([json.dumps([config[k] for k in ("harmful_sha256", "benign_sha256", "site", "layer", "forward",
                                                      "cache_gb", "model")], sort_keys=True, default=str)])
-    fwd = base_pass(model)
-    fwd = fwd if fwd is not None and _BASE_PASSES[id(model)][0] == base_key else None
+    kept = _BASE_PASSES.get(id(model))
+    fwd = kept[1] if kept is not None and kept[0] == base_key else None
     if fwd is None:
         fwd = _Forward(model, rendered_h + rendered_b, site=site_, layer=layer, mode=forward,
                        batch_size=max(batch_size, _BASE_BATCH), cache_gb=cache_gb,

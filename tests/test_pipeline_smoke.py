@@ -162,6 +162,8 @@ def test_every_stage_ran_and_wrote_its_files(pipeline):
     # the generated decision is read from the first-position pass: the answers generated in full open with its argmax
     fluency = pd.read_parquet(out / "eval" / "fluency.parquet").iloc[0]
     assert fluency.n_generated > 0 and fluency.first_token_agreement == 1.0
+    phases = json.loads((out / "eval" / "summary.json").read_text())["phase_seconds"]  # RunDir.timed, per phase
+    assert set(phases) == {"first_token_scores", "generation", "fluency"} and all(v >= 0 for v in phases.values())
     for table, columns in GEOMETRY_TABLES.items():
         df = pd.read_parquet(out / "geometry" / f"{table}.parquet")
         assert set(columns) <= set(df.columns), (table, sorted(df.columns))
