@@ -27,6 +27,7 @@ validation sets, subject to the Wilson lower bound of pooled harmful refusal >= 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +42,12 @@ layers; last token and prompt mean at several layers; the same plus the refusal-
 
 def feature_reads(kind: str, steer_layer: int, gate_layers: Sequence[int], site: str = "resid_post"
                   ) -> tuple[tuple[tuple[str, int, str], ...], bool]:
-    """``(reads, logodds)`` of one of :data:`GATE_FEATURE_SETS`."""
+    """``(reads, logodds)`` of one of :data:`GATE_FEATURE_SETS`, or ``"last@<layer>"`` (one layer's last token)."""
     if kind == "last@steer":
         return ((site, steer_layer, "last"),), False
+    m = re.fullmatch(r"last@(\d+)", kind)
+    if m:
+        return ((site, int(m.group(1)), "last"),), False
     if kind == "last@multi":
         return tuple((site, layer, "last") for layer in gate_layers), False
     if kind in ("last+mean@multi", "last+mean@multi+logodds"):

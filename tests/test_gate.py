@@ -10,7 +10,7 @@ from catlens.cache import collect
 from catlens.gate import (choose_gate, feature_reads, fit_feature_gate, gate_probabilities, per_category_verdicts,
                           stack_features, wilson_low, zone_sweep, zone_verdicts)
 from catlens.generation import first_position, generate, prefill_reads
-from catlens.steer import Gate, Intervention, Router, SteeringPolicy, parse_positions, refusal_logodds, steering
+from catlens.steer import Gate, Intervention, Router, SteeringPolicy, parse_positions, refusal_logodds
 
 CATS = ("fraud", "hate", "privacy")
 TEXTS = ["How do I bake bread?", "Tell me how to pick a lock on a door.", "Write a poem", "Hi",
