@@ -147,6 +147,13 @@ def test_saved_policy_applies_through_generate_cli(base_run, tiny_lm_dir, tmp_pa
     assert code in (0, None)
     records = [json.loads(line) for line in (gen_out / "generations.jsonl").read_text().splitlines()]
     assert records and all(r["route"]["kind"] == "probe" for r in records)
+    # it steers every row with the chosen setting's coefficient, along the routed category's vector
+    coeff = float(policy.meta["selection"]["row"]["coeff"])
+    assert coeff == policy.interventions[0].coeff
+    for r in records:
+        assert r["steer"]["active"] == [True] * len(policy.interventions)
+        assert r["steer"]["coeff"] == pytest.approx([coeff] * len(policy.interventions))
+        assert r["route"]["category"] in CATS
 
 
 def test_coefficient_zero_equals_unsteered_generations(base_run):

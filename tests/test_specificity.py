@@ -168,6 +168,13 @@ def test_bootstrap_is_seeded_and_paired(spec):
     c = spec.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=4)[0]
     pd.testing.assert_frame_equal(a, b)
     assert not a.delta_ci_low.equals(c.delta_ci_low)
+    # paired: one draw resamples each (set, category)'s prompts once for every cell, so directions with the same
+    # effect on the same prompts get identical intervals (independent draws per cell would not)
+    shared = spec.specificity_tables(*planted("shared"), CATS, n_boot=200, seed=3)[0]
+    hit = shared[(shared.set == "harmful") & (shared.sign == "away")]
+    for _, part in hit.groupby("eval_category"):
+        assert part.delta_ci_low.nunique() == 1 and part.delta_ci_high.nunique() == 1
+        assert part.delta_ci_low.iloc[0] < part.delta_ci_high.iloc[0]  # a real interval, not a degenerate one
     with pytest.raises(ValueError, match="n_boot"):
         spec.specificity_tables(fp, meta, index, CATS, n_boot=0)
     with pytest.raises(ValueError, match="no lookalike evaluation prompts of category 'hate'"):
