@@ -438,3 +438,13 @@ def test_layer_and_scale_chosen_on_val_and_measured_on_test(spec, tiny_lm_dir, t
     assert set(pd.read_parquet(out / "cache" / "first_position_raw.parquet").id).isdisjoint(
         {f"{c}/{k}" for c in CATS for k in ("h3", "h4", "l2", "l3")})
     assert (load_table(out / "summary").n_perm == 0).all() and not (out / "directions" / "permuted_0").exists()
+
+
+def test_auto_grid_is_two_layers_and_two_scales(spec):
+    # with a policy: its layer and the layer at 70 % of the depth (50 % when they coincide); its scale and twice it
+    assert spec.resolve_grid(30, {"layer": 21}, None, None, 0.1) == ([21, 20], [0.1, 0.2])
+    assert spec.resolve_grid(30, {"layer": 20}, None, None, 0.1) == ([20, 14], [0.1, 0.2])
+    assert spec.resolve_grid(30, {"layer": -1}, None, None, 0.3) == ([29, 20], [0.3, 0.6])
+    # without one: 50 % and 70 % of the depth, scales 0.1 and 0.2; explicit values win
+    assert spec.resolve_grid(30, None, None, None, None) == ([14, 20], [0.1, 0.2])
+    assert spec.resolve_grid(30, None, [3, 3, 5], [0.5], None) == ([3, 5], [0.5])
