@@ -52,13 +52,13 @@ def test_minimised_objective():
 
 # ------------------------------------------------------------------------------------------- tie-breaks
 def test_ties_broken_by_magnitude_then_key_then_order():
-    t = pd.DataFrame({"setting": ["c", "b", "a", "d", "e"], "score": [0.5, 0.5, 0.5, 0.5, 0.4],
+    t = pd.DataFrame({"setting": ["c2", "b1", "a3", "d0", "e"], "score": [0.5, 0.5, 0.5, 0.5, 0.4],
                       "toward": [0.2, 0.1, 0.1, None, 0.0], "away": [-0.1, -0.2, -0.2, -0.3, None]})
     t["size"] = total_magnitude(t, ["toward", "away"])
     assert t["size"].tolist() == pytest.approx([0.3, 0.3, 0.3, 0.3, 0.0])  # missing counts 0
     rule = _rule(tie_breaks=(TieBreak("size", "min"),), key="setting")
     sel = select(t, rule)
-    assert sel.index == 2 and sel.n_tied == 4  # all four tied on size: the key 'a' wins
+    assert sel.index == 2 and sel.n_tied == 4  # all four tied on size: the key 'a3' (ascending) wins
     assert "4 tied" in sel.reason and "setting ascending" in sel.reason
     t.loc[0, "away"] = -0.05  # now row 0 is the smallest total magnitude among the tied
     t["size"] = total_magnitude(t, ["toward", "away"])
