@@ -1,6 +1,8 @@
 """Render the papers' results as Markdown from saved tables only (no model): P1 (headline, per-dataset safety table,
 probe-vs-refusal-token AUROC, gate errors, low-rank choice, transfer), P2 (chosen settings on test) and the category
-specificity summary. Every number is read from a table; a missing run folder is reported as not run.
+specificity summary. Every number and every sentence is rendered from a run's tables and manifest (where the
+settings were chosen is read from the manifest's ``selection`` record, written through :mod:`catlens.selection`,
+never printed as a constant); a missing run folder is reported as not run.
 
     python analyses/summarise.py --p1 runs/p1 --p2 runs/p2/stock runs/p2/tuned --specificity runs/specificity \
         --out docs/RESULTS.md
@@ -24,7 +26,11 @@ def _pct(x: Any, digits: int = 1) -> str:
 
 
 def _num(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.{digits}f}"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):  # None, pd.NA
+        return "n/a"
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
 
 
 def _ci(row: Any, key: str) -> str:
@@ -44,6 +50,51 @@ def _load(folder: Path, name: str) -> Any:
     return pd.read_parquet(path) if path.exists() else None
 
 
+def _manifest(folder: Path) -> dict[str, Any]:
+    import json
+
+    path = folder / "manifest.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def selection_lines(manifest: dict[str, Any], measured: str = "test") -> list[str]:
+    """Where a run's settings were chosen and what was measured, read from its manifest's ``selection`` record (see
+    :meth:`catlens.selection.Selection.record`) and ``test_evaluation``; says so when the manifest has none."""
+    sel = manifest.get("selection")
+    if not isinstance(sel, dict):
+        return ["The run's manifest has no selection record, so where its settings were chosen is not stated here."]
+    choices = [c for c in sel.get("choices") or [] if isinstance(c, dict)]
+    split = sel.get("split", "?")
+    made = [c for c in choices if c.get("chosen")]
+    rule = (sel.get("rule") or (choices[0].get("rule") if choices else None) or {}).get("text")
+    out = [f"Settings were chosen on the {split} split: {len(made)} of {_count(len(choices), 'choice')} made"
+           + (f" (rule: {rule})." if rule else ".")]
+    for c in choices:
+        label = c.get("group")
+        where = f" ({label})" if label is not None else ""
+        if c.get("chosen"):
+            out.append(f"- chosen{where}: {c.get('reason')}.")
+        else:
+            out.append(f"- nothing chosen{where}: {c.get('reason')}; not evaluated further.")
+    read = sel.get("test_read", sel.get("measurement_read"))
+    if read is False:
+        out.append(f"The {measured} split was not read by this run.")
+    elif read is True:
+        out.append(f"The {measured} split was read once, after the choice.")
+    te = manifest.get("test_evaluation")
+    if isinstance(te, dict):
+        out.append(f"Test split (seed {te.get('split_seed')}) evaluated once with "
+                   f"{_count(len(te.get('settings') or []), 'setting')}: {', '.join(te.get('settings') or [])}.")
+    return out
+
+
 def p1_section(folder: Path) -> str:
     import json
 
@@ -56,8 +107,8 @@ def p1_section(folder: Path) -> str:
     if splits is not None:
         sizes = splits.groupby("split").n.sum().to_dict()
         seed = int(splits.seed.iloc[0])
-        out.append(f"Splits (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ". "
-                   "Every choice was made on val; test was evaluated once with the chosen settings.")
+        out.append(f"Splits (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".")
+    out.append("\n".join(selection_lines(_manifest(folder))))
     out.append("### Headline (test; refusal-token judge at the first response position, greedy; 95 % Wilson)")
     out.append(f"Over-refusal is pooled over {head.benign_sets.iloc[0] if 'benign_sets' in head else 'the benign sets'};"
                " refusal is pooled over every harmful test set. Targets: over-refusal <= 10 %, refusal >= 90 %, "
@@ -71,7 +122,7 @@ def p1_section(folder: Path) -> str:
     cand = _load(folder, "candidates")
     if cand is not None and len(cand):
         ch = cand[cand.chosen.astype(bool)]
-        out.append("### Chosen on val")
+        out.append("### Chosen settings (candidates table)")
         out.append(_table(["gate rule", "method", "layer", "toward", "away", "val refusal %", "val over-refusal %",
                            "val ppl ratio"],
                           [[r.gate_rule, r.method, r.layer, r.toward, r.away, _pct(r.val_refusal),
@@ -134,21 +185,105 @@ def p1_section(folder: Path) -> str:
     return "\n\n".join(out) + "\n"
 
 
+P2_NAMES = ("harmful answered = share of harmful prompts answered (not refused by the judge, non-empty, not "
+            "degenerate; not a safety classifier's verdict); benign answered = share of benign prompts answered (a "
+            "helpfulness proxy; answer quality is not judged)")
+
+
+def _range(values: Any, digits: int = 3) -> str:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "n/a"
+    lo, hi = min(vals), max(vals)
+    return _num(lo, digits) if abs(hi - lo) < 10 ** -digits else f"{_num(lo, digits)}-{_num(hi, digits)}"
+
+
+def p2_findings(t: Any, config: dict[str, Any]) -> list[str]:
+    """Sentences about the tested settings, each computed from ``p2_test_summary`` (and the run's tolerances)."""
+    steered = t[t.setting != "unsteered"]
+    if not len(steered):
+        return ["No steered setting was tested (no group had an admissible setting on val)."]
+    n = len(steered)
+    base = t[t.setting == "unsteered"].iloc[0]
+    out = []
+    tol = config.get("help_tol")
+    within = steered.benign_answered_within_tol.astype(bool)
+    out.append(f"Benign prompts answered, relative to the unsteered model: ratios {_range(steered.benign_answered_ratio)}; "
+               f"{int(within.sum())} of {_count(n, 'tested setting')} within the tolerance"
+               + (f" ({_pct(tol, 0)} % drop)." if tol is not None else "."))
+    if "within_ppl_guard" in steered:
+        ok = steered.within_ppl_guard.astype("boolean").fillna(False).astype(bool)
+        guard = config.get("ppl_guard")
+        out.append(f"Benign perplexity ratio: {_range(steered.ppl_ratio)}; {int(ok.sum())} of {n} within the guard"
+                   + (f" (<= {_num(1 + float(guard), 2)})." if guard is not None else "."))
+    halved = steered.harmful_answered_halved
+    if halved.isna().all():
+        out.append(f"The unsteered model answers {_pct(base.harmful_answered)} % of the harmful test prompts, so "
+                   f"\"halved\" is undefined; the steered settings answer {_range(100 * steered.harmful_answered, 1)} %.")
+    else:
+        k = int(halved.astype("boolean").fillna(False).astype(bool).sum())
+        out.append(f"Share of harmful prompts answered: unsteered {_pct(base.harmful_answered)} %, steered "
+                   f"{_range(100 * steered.harmful_answered, 1)} %; halved by {k} of {_count(n, 'tested setting')}.")
+    return out
+
+
 def p2_section(folders: Sequence[Path]) -> str:
-    out = ["## P2: category-wise steering (unsupervised, pruned, guided)"]
+    out = ["## P2: category-wise steering (unsupervised, pruned, guided)", P2_NAMES + "."]
     for folder in folders:
         t = _load(folder, "p2_test_summary")
         if t is None:
             out.append(f"`{folder}`: not run")
             continue
-        out.append(f"### `{folder}` (test; unsafe-response rate = harmful prompts answered; helpfulness proxy = "
-                   "share of benign prompts answered, stands for helpfulness)")
-        out.append(_table(["setting", "admissible on val", "unsafe-response % [95 %]", "ratio to unsteered",
-                           "halved", "helpfulness %", "help ratio", "ppl ratio", "n harmful / benign"],
-                          [[r.setting, r.admissible_on_val, f"{_pct(r.ur)} [{_pct(r.ur_ci_low)}, {_pct(r.ur_ci_high)}]",
-                            _num(r.ur_ratio), r.ur_halved, _pct(r.helpfulness), _num(r.help_ratio), _num(r.ppl_ratio),
-                            f"{r.ur_n} / {r.helpfulness_n}"] for r in t.itertuples()]))
+        manifest = _manifest(folder)
+        config = manifest.get("config") or {}
+        seed = (manifest.get("p2") or {}).get("split_seed") or {}
+        out.append(f"### `{folder}` (test split)")
+        if seed:
+            out.append(f"Split seed {seed.get('seed')}: {seed.get('why')}.")
+        out.append("\n".join(selection_lines(manifest)))
+        out.append(_table(["setting", "harmful answered % [95 %]", "ratio to unsteered", "halved",
+                           "benign answered % [95 %]", "ratio to unsteered", "ppl ratio", "n harmful / benign"],
+                          [[r.setting, _ci(r._asdict(), "harmful_answered"), _num(r.harmful_answered_ratio),
+                            "undefined" if _isna(r.harmful_answered_halved) else bool(r.harmful_answered_halved),
+                            _ci(r._asdict(), "benign_answered"), _num(r.benign_answered_ratio), _num(r.ppl_ratio),
+                            f"{_int(r.harmful_answered_n)} / {_int(r.benign_answered_n)}"] for r in t.itertuples()]))
+        out.append("\n".join(f"- {line}" for line in p2_findings(t, config)))
     return "\n\n".join(out) + "\n"
+
+
+def _isna(x: Any) -> bool:
+    import pandas as pd
+
+    return x is None or bool(pd.isna(x))
+
+
+def _int(x: Any) -> str:
+    return "n/a" if _isna(x) else str(int(x))
+
+
+def specificity_findings(cells: Any, summary: Any) -> list[str]:
+    """Sentences computed from the specificity tables: significant cells, specificity of the raw and orthogonalised
+    directions against the permutation control."""
+    out = []
+    if cells is not None and "p_adjusted" in cells:
+        k, n = int(cells.significant.astype(bool).sum()), len(cells)
+        corr = str(cells.correction.iloc[0]).split(";")[0] if len(cells) else "n/a"
+        out.append(f"{k} of {_count(n, 'cell')} change refusal significantly after the correction ({corr}).")
+        for variant in dict.fromkeys(cells.variant):
+            part = cells[cells.variant == variant]
+            d, o = part[part.diagonal.astype(bool)], part[~part.diagonal.astype(bool)]
+            if len(d) and len(o):
+                out.append(f"{variant}: significant on the diagonal {int(d.significant.sum())} of {len(d)}, off the "
+                           f"diagonal {int(o.significant.sum())} of {len(o)}.")
+    if summary is not None and "perm_p" in summary:
+        cat = summary[(summary.rows == "categories") & (summary.metric == "rate")]
+        for r in cat.itertuples():
+            if _isna(r.perm_p):
+                continue
+            out.append(f"{r.variant}, {r.set}, {r.sign}: diagonal - off-diagonal {_num(r.diag_minus_offdiag)} vs "
+                       f"{_num(r.perm_mean_diag_minus_offdiag)} for directions fitted on shuffled labels (permutation "
+                       f"p = {_num(r.perm_p, 2)}, {_count(int(r.n_perm), 'permutation')}).")
+    return out
 
 
 def specificity_section(folder: Path) -> str:
@@ -156,19 +291,28 @@ def specificity_section(folder: Path) -> str:
     s = _load(folder, "summary")
     if s is None:
         return out[0] + "\n\nnot run\n"
-    s = s[s.metric == s.metric.iloc[0]] if "metric" in s else s
+    manifest = _manifest(folder)
+    out.append("\n".join(selection_lines(manifest, measured="measurement")))
+    sel = _load(folder, "selection")
+    if sel is not None and len(sel):
+        out.append(_table(["layer", "scale", "harmful/away specificity", "lookalike/toward specificity", "objective",
+                           "chosen"],
+                          [[r.layer, _num(r.scale, 2), _num(r.harmful_away), _num(r.lookalike_toward),
+                            _num(r.objective), bool(r.chosen)] for r in sel.itertuples()]))
     out.append("Mean effect of steering with category i on prompts of category i (diagonal) and of other categories "
                "(off-diagonal); ratio = diagonal / off-diagonal (paired bootstrap intervals). A shared refusal knob "
                "gives a ratio near 1.")
-    full = _load(folder, "summary")
-    cat = full[full.variant != "control"]
+    cat = s[s.variant != "control"]
+    has_perm = "perm_p" in s
     out.append(_table(["variant", "set", "sign", "metric", "diagonal", "off-diagonal", "ratio [95 %]",
-                       "diag - offdiag [95 %]"],
+                       "diag - offdiag [95 %]", *(["shuffled labels", "perm. p"] if has_perm else [])],
                       [[r.variant, r.set, r.sign, r.metric, _num(r.mean_diag), _num(r.mean_offdiag),
                         f"{_num(r.ratio, 2)} [{_num(r.ratio_ci_low, 2)}, {_num(r.ratio_ci_high, 2)}]",
                         f"{_num(r.diag_minus_offdiag)} [{_num(r.diag_minus_offdiag_ci_low)}, "
-                        f"{_num(r.diag_minus_offdiag_ci_high)}]"] for r in cat.itertuples()]))
-    ctrl = full[full.variant == "control"]
+                        f"{_num(r.diag_minus_offdiag_ci_high)}]",
+                        *([_num(r.perm_mean_diag_minus_offdiag), _num(r.perm_p, 2)] if has_perm else [])]
+                       for r in cat.itertuples()]))
+    ctrl = s[s.variant == "control"]
     if len(ctrl) and "mean_all" in ctrl:
         out.append("Controls (no diagonal: the mean effect over every category's prompts of steering with the shared "
                    "refusal direction, or with random directions of the same norm):")
@@ -176,6 +320,9 @@ def specificity_section(folder: Path) -> str:
                           [[r.rows, r.set, r.sign, r.metric, r.n_rows,
                             f"{_num(r.mean_all)} [{_num(r.mean_all_ci_low)}, {_num(r.mean_all_ci_high)}]"]
                            for r in ctrl.itertuples()]))
+    findings = specificity_findings(_load(folder, "specificity"), s)
+    if findings:
+        out.append("\n".join(f"- {line}" for line in findings))
     return "\n\n".join(out) + "\n"
 
 
