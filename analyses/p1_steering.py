@@ -659,7 +659,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     policies = dict(chosen["policies"])
     run.update_manifest(selection={
         "split": "val", "test_read": False,
-        "rule": {"zones": swept["sweep"].objective.iloc[0],
+        "rule": {"text": "zones: " + swept["sweep"].objective.iloc[0] + "; candidates: perplexity ratio <= "
+                         f"{1 + args.ppl_guard:.2f}, then the lowest over-refusal on generated val answers "
+                         f"({args.judge}) with harmful refusal >= {args.target_refusal}",
+                 "zones": swept["sweep"].objective.iloc[0],
                  "candidates": f"perplexity ratio <= {1 + args.ppl_guard:.2f}; harmful refusal >= "
                                f"{args.target_refusal} on generated val answers ({args.judge}); lowest over-refusal"},
         "choices": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}

@@ -95,10 +95,34 @@ def selection_lines(manifest: dict[str, Any], measured: str = "test") -> list[st
     return out
 
 
+SEEN_WHILE_CHOOSING = {"xstest_safe": "seen while choosing the fine-tune recipe (docs/FINETUNE.md's ablations), so "
+                                      "not an untouched test set"}
+"""Protocol facts about datasets, said next to their numbers."""
+
+
+def p1_findings(head: Any) -> list[str]:
+    """Sentences about the headline, each computed from the ``headline`` table."""
+    out = []
+    allp = head[head.benign_pool == "all"]
+    base = allp[allp.policy == "unsteered"]
+    steered = allp[allp.policy != "unsteered"]
+    if not len(steered) or not len(base):
+        return ["No steered policy was evaluated on the test sets."]
+    b = base.iloc[0]
+    best = steered.sort_values(["meets_targets", "over_refusal"], ascending=[False, True]).iloc[0]
+    met = steered[steered.meets_targets.astype(bool)]
+    out.append(f"{int(len(met))} of {_count(len(steered), 'steered policy', 'steered policies')} meet all three "
+               f"targets on the pooled test sets.")
+    out.append(f"Lowest pooled over-refusal: {best.policy}, {_pct(best.over_refusal)} % (unsteered "
+               f"{_pct(b.over_refusal)} %) at harmful refusal {_pct(best.refusal)} % (unsteered {_pct(b.refusal)} %) "
+               f"and perplexity ratio {_num(best.ppl_ratio)}.")
+    return out
+
+
 def p1_section(folder: Path) -> str:
     import json
 
-    out = [f"## P1: categorical steering, gate, low-rank combination, transfer (`{folder}`)"]
+    out = [f"## P1: categorical steering, three-zone gate, low-rank combination, transfer (`{folder}`)"]
     head = _load(folder, "headline")
     if head is None:
         return out[0] + "\n\nnot run: `python analyses/p1_steering.py --model <tuned folder> --out " \
@@ -109,63 +133,103 @@ def p1_section(folder: Path) -> str:
         seed = int(splits.seed.iloc[0])
         out.append(f"Splits (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".")
     out.append("\n".join(selection_lines(_manifest(folder))))
-    out.append("### Headline (test; refusal-token judge at the first response position, greedy; 95 % Wilson)")
-    out.append(f"Over-refusal is pooled over {head.benign_sets.iloc[0] if 'benign_sets' in head else 'the benign sets'};"
-               " refusal is pooled over every harmful test set. Targets: over-refusal <= 10 %, refusal >= 90 %, "
-               "perplexity ratio <= 1.10 (coherence proxy: perplexity of benign answers under the unsteered model, "
-               "on the generated subsample).")
-    out.append(_table(["policy", "over-refusal %", "macro over-refusal %", "refusal %", "macro refusal %",
-                       "ppl ratio", "n benign / harmful"],
-                      [[r.policy, _ci(r._asdict(), "over_refusal"), _pct(r.over_refusal_macro), _ci(r._asdict(), "refusal"),
-                        _pct(r.refusal_macro), _num(r.ppl_ratio), f"{r.over_refusal_n} / {r.refusal_n}"]
-                       for r in head.itertuples()]))
+    judge = head.judge.iloc[0] if "judge" in head else "?"
+    out.append(f"### Headline (test; judge: {judge}; 95 % Wilson)")
+    pools = head.drop_duplicates("benign_pool")
+    out.append("Over-refusal is pooled over the benign sets of each pool ("
+               + "; ".join(f"{r.benign_pool}: {r.benign_sets}" for r in pools.itertuples())
+               + "); refusal is pooled over every harmful test set. "
+               + " ".join(f"{k}: {v}." for k, v in SEEN_WHILE_CHOOSING.items()
+                          if any(k in str(x) for x in head.benign_sets))
+               + f" Targets: over-refusal <= {_pct(head.target_over_refusal.iloc[0])} %, refusal >= "
+                 f"{_pct(head.target_refusal.iloc[0])} %, perplexity ratio <= {_num(head.target_ppl_ratio.iloc[0], 2)}"
+                 " (perplexity of benign answers under the unsteered model).")
+    out.append(_table(["policy", "benign pool", "over-refusal %", "macro over-refusal %", "refusal %", "ppl ratio",
+                       "meets targets", "n benign / harmful"],
+                      [[r.policy, r.benign_pool, _ci(r._asdict(), "over_refusal"), _pct(r.over_refusal_macro),
+                        _ci(r._asdict(), "refusal"), _num(r.ppl_ratio), str(bool(r.meets_targets)),
+                        f"{r.over_refusal_n} / {r.refusal_n}"] for r in head.itertuples()]))
+    out.append(" ".join(p1_findings(head)))
+    hfp = _load(folder, "headline_first_position")
+    if hfp is not None and len(hfp):
+        out.append("First-position refusal-token judge on every test prompt (the sweep's judge):")
+        out.append(_table(["policy", "benign pool", "over-refusal %", "refusal %", "n benign / harmful"],
+                          [[r.policy, r.benign_pool, _ci(r._asdict(), "over_refusal"), _ci(r._asdict(), "refusal"),
+                            f"{r.over_refusal_n} / {r.refusal_n}"] for r in hfp.itertuples()]))
+    gates = _load(folder, "gates")
+    if gates is not None and len(gates):
+        out.append("### The gate's features, chosen on val (AUROC harmful vs the headline's benign val sets)")
+        out.append(_table(["features", "reads", "log-odds", "val AUROC (focus)", "val AUROC (all)", "chosen"],
+                          [[r.features, r.reads or "-", str(bool(r.logodds)), _num(r.val_auroc_focus),
+                            _num(r.val_auroc_all), "yes" if r.chosen else ""] for r in gates.itertuples()]))
     cand = _load(folder, "candidates")
     if cand is not None and len(cand):
         ch = cand[cand.chosen.astype(bool)]
-        out.append("### Chosen settings (candidates table)")
-        out.append(_table(["gate rule", "method", "layer", "toward", "away", "val refusal %", "val over-refusal %",
-                           "val ppl ratio"],
-                          [[r.gate_rule, r.method, r.layer, r.toward, r.away, _pct(r.val_refusal),
-                            _pct(r.val_over_refusal), _num(r.ppl_ratio)] for r in ch.itertuples()]))
-    lr = _load(folder, "lowrank_sweep")
-    if lr is not None and "chosen" in lr:
-        ch = lr[lr.chosen.fillna(False).astype(bool)]
-        if len(ch):
-            out.append(_table(["low-rank basis", "gate rule", "toward x", "away x", "val refusal %",
-                               "val over-refusal %", "val ppl ratio"],
-                              [[r.basis, r.gate_rule, r.toward, r.away, _pct(r.refusal), _pct(r.over_refusal),
-                                _num(r.ppl_ratio)] for r in ch.itertuples()]))
-    rates = _load(folder, "test_rates")
-    if rates is not None:
-        t = rates[(rates.grouping == "dataset") & (rates.row != "macro")]
-        pols = list(dict.fromkeys(t.policy))
-        out.append("### Per dataset (test; % refused ± SE)")
-        rows = []
-        for (side, ds), g in t.groupby(["side", "dataset"], sort=True):
-            cells = {r.policy: f"{_pct(r.rate)} ± {_pct(r.se)} (n={r.n})" for r in g.itertuples()}
-            rows.append([side, "pooled" if ds == "(all)" else ds] + [cells.get(p, "") for p in pols])
-        out.append(_table(["side", "dataset", *pols], rows))
-    sub = _load(folder, "test_rates_substring")
+        out.append("### Chosen settings (val; generated answers judged in full)")
+        out.append(_table(["zones", "method", "layer", "toward", "away", "positions", "lower", "upper",
+                           "val refusal %", "val over-refusal %", "val ppl ratio", "why"],
+                          [[r.mode, r.method, r.layer, r.toward, r.away, r.positions, _num(r.lower), _num(r.upper),
+                            _pct(r.refusal), _pct(r.over_refusal), _num(r.ppl_ratio), r.reason]
+                           for r in ch.itertuples()]))
+        n_ok = int(cand[cand["mode"] != "unsteered"].admissible.astype(bool).sum())
+        out.append(f"{n_ok} of {_count(int((cand['mode'] != 'unsteered').sum()), 'candidate')} passed the "
+                   "perplexity guard.")
+    sw = _load(folder, "sweep")
+    if sw is not None and len(sw):
+        feas = sw[(sw["mode"] != "unsteered")]
+        out.append(f"Sweep (val, first position): {int(feas.feasible.astype(bool).sum())} of "
+                   f"{_count(len(feas), 'setting')} meet the constraint ({sw.objective.iloc[0]}).")
+    full = _load(folder, "test_rates_full")
+    if full is not None and len(full):
+        t = full[(full.row != "macro")]
+        for jname, jt in t.groupby("judge", sort=False):
+            pols = list(dict.fromkeys(jt.policy))
+            out.append(f"### Per dataset (test; judge {jname}; % refused ± SE)")
+            rows = []
+            for (side, ds), g in jt.groupby(["side", "dataset"], sort=True):
+                cells = {r.policy: f"{_pct(r.rate)} ± {_pct(r.se)} (n={r.n})" for r in g.itertuples()}
+                note = " (" + SEEN_WHILE_CHOOSING[ds].split(" (")[0] + ")" if ds in SEEN_WHILE_CHOOSING else ""
+                rows.append([side, ("pooled" if ds == "(all)" else ds) + note] + [cells.get(p, "") for p in pols])
+            out.append(_table(["side", "dataset", *pols], rows))
     agree = _load(folder, "agreement")
-    if sub is not None and agree is not None:
-        out.append("### Second judge (substring) on the generated subsample, and agreement with the refusal token")
-        rows = []
-        for r in sub.itertuples():
-            a = agree[agree.policy == r.policy]
-            rows.append([r.policy, r.side, f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}] (n={r.n})",
-                         _pct(a.agreement.iloc[0]) if len(a) else "n/a", _num(a.kappa.iloc[0], 2) if len(a) else ""])
-        out.append(_table(["policy", "side", "substring refusal %", "agreement %", "kappa"], rows))
+    if agree is not None and len(agree) and "judge_a" in agree:
+        out.append("### Judges: pairwise agreement and Cohen's kappa on the generated test answers")
+        out.append(_table(["policy", "judges", "n", "agreement %", "kappa"],
+                          [[r.policy, f"{r.judge_a} / {r.judge_b}", r.n, _pct(r.agreement), _num(r.kappa, 2)]
+                           for r in agree.itertuples()]))
+        dis = _load(folder, "disagreements")
+        if dis is not None:
+            out.append(f"{len(dis)} generated answers on which the judges disagree are in `disagreements.csv`.")
     au = _load(folder, "auroc")
     if au is not None and len(au):
-        out.append("### Does the probe separate harmful prompts from lookalikes better than the refusal token?")
+        out.append("### The gate against the model's own first-token refusal (test AUROC, 95 % bootstrap)")
         out.append(_table(["pair", "score", "AUROC [95 % bootstrap]", "n pos / neg"],
                           [[r.pair, r.score, f"{_num(r.auroc)} [{_num(r.ci_low)}, {_num(r.ci_high)}]",
                             f"{r.n_pos} / {r.n_neg}"] for r in au.itertuples()]))
     ge = _load(folder, "gate_errors")
     if ge is not None and len(ge):
-        out.append("Gate errors on test (benign flagged, or harmful not flagged):")
-        out.append(_table(["dataset", "label", "n", "flagged", "errors %"],
-                          [[r.dataset, r.label, r.n, r.flagged, _pct(r.error_rate)] for r in ge.itertuples()]))
+        out.append("Gate zones on test (benign steered toward refusal, or harmful not steered toward it, are errors):")
+        out.append(_table(["dataset", "label", "n", "toward", "not steered", "away", "errors %"],
+                          [[r.dataset, r.label, r.n, r.toward, r.none, r.away, _pct(r.error_rate)]
+                           for r in ge.itertuples()]))
+    jb = _load(folder, "jailbreaks")
+    if jb is not None and len(jb):
+        t = jb[jb.row != "macro"] if "row" in jb else jb
+        pols = list(dict.fromkeys(t.policy))
+        out.append("### Jailbreak templates around harmful test prompts (% refused, 95 % Wilson)")
+        rows = []
+        for tmpl, g in t.groupby("template", sort=True):
+            cells = {r.policy: f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}] (n={r.n})" for r in g.itertuples()}
+            rows.append(["pooled" if tmpl == "(all)" else tmpl] + [cells.get(p, "") for p in pols])
+        out.append(_table(["template", *pols], rows))
+    lr = _load(folder, "lowrank_sweep")
+    if lr is not None and "chosen" in lr:
+        ch = lr[lr.chosen.fillna(False).astype(bool)]
+        if len(ch):
+            out.append(_table(["low-rank basis", "toward x", "away x", "lower", "upper", "val refusal %",
+                               "val over-refusal %", "val ppl ratio"],
+                              [[r.basis, r.toward, r.away, _num(r.lower), _num(r.upper), _pct(r.refusal),
+                                _pct(r.over_refusal), _num(r.ppl_ratio)] for r in ch.itertuples()]))
     tr = _load(folder, "transfer")
     if tr is not None and len(tr):
         out.append("### Transfer to the stock model (no retraining; substring judge on generated answers)")
