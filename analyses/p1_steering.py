@@ -438,8 +438,12 @@ def run_sweep(model: Any, sets: dict[str, Any], fit: dict[str, Any], layers: Seq
     sweep["size"] = sweep.toward.fillna(0).abs() + sweep.away.fillna(0).abs()
     sweep["split"] = "val"
     sweep["n_harmful"], sweep["n_focus_benign"] = n_h, int(focus.sum())
-    sweep["objective"] = ("min pooled over-refusal on " + ",".join(s for s in BENIGN_HEADLINE if s != "xstest_safe")
-                          + f" (val) s.t. Wilson low of pooled harmful refusal >= {args.min_refusal_low}")
+    sweep["objective_text"] = ("min pooled over-refusal on " + ",".join(s for s in BENIGN_HEADLINE
+                                                                         if s != "xstest_safe")
+                               + f" (val) s.t. Wilson low of pooled harmful refusal >= {args.min_refusal_low}")
+    # figures rank settings by a number: minus over-refusal where the constraint holds, else minus 1 - refusal_low
+    sweep["objective"] = (-sweep.over_refusal).where(sweep.feasible, -1.0 - (1.0 - sweep.refusal_low))
+    sweep["gate_rule"] = sweep["mode"]  # the zone mode plays the old gate rule's part in the figures
     fr = pd.concat(frontier, ignore_index=True)
     return {"sweep": sweep, "frontier": fr[_pareto_mask(fr)].reset_index(drop=True)}
 
@@ -659,10 +663,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     policies = dict(chosen["policies"])
     run.update_manifest(selection={
         "split": "val", "test_read": False,
-        "rule": {"text": "zones: " + swept["sweep"].objective.iloc[0] + "; candidates: perplexity ratio <= "
+        "rule": {"text": "zones: " + swept["sweep"].objective_text.iloc[0] + "; candidates: perplexity ratio <= "
                          f"{1 + args.ppl_guard:.2f}, then the lowest over-refusal on generated val answers "
                          f"({args.judge}) with harmful refusal >= {args.target_refusal}",
-                 "zones": swept["sweep"].objective.iloc[0],
+                 "zones": swept["sweep"].objective_text.iloc[0],
                  "candidates": f"perplexity ratio <= {1 + args.ppl_guard:.2f}; harmful refusal >= "
                                f"{args.target_refusal} on generated val answers ({args.judge}); lowest over-refusal"},
         "choices": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
@@ -1020,8 +1024,10 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     dis = judged[judged[jcols].astype(bool).nunique(axis=1) > 1]
     run.save_table("disagreements", dis[["policy", "id", "dataset", "label", *jcols, "response"]]
                    if "response" in dis else dis[["policy", "id", "dataset", "label", *jcols]])
-    headline = pd.DataFrame(_headline_rows(judged, col, ppl, f"{args.judge} (whole answer, {args.gen_tokens} "
-                                                             f"new tokens)"))
+    pools = pd.DataFrame(_headline_rows(judged, col, ppl, f"{args.judge} (whole answer, {args.gen_tokens} "
+                                                          f"new tokens)"))
+    run.save_table("headline_pools", pools)
+    headline = pools[pools.benign_pool == "all"].reset_index(drop=True)  # one row per policy (figures, report)
     run.save_table("headline", headline)
 
     # the gate against the model's own first-token refusal, per benign set and per category (test)

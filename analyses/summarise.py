@@ -123,7 +123,7 @@ def p1_section(folder: Path) -> str:
     import json
 
     out = [f"## P1: categorical steering, three-zone gate, low-rank combination, transfer (`{folder}`)"]
-    head = _load(folder, "headline")
+    head = _load(folder, "headline_pools")
     if head is None:
         return out[0] + "\n\nnot run: `python analyses/p1_steering.py --model <tuned folder> --out " \
                         f"{folder}`\n"
@@ -178,7 +178,7 @@ def p1_section(folder: Path) -> str:
     if sw is not None and len(sw):
         feas = sw[(sw["mode"] != "unsteered")]
         out.append(f"Sweep (val, first position): {int(feas.feasible.astype(bool).sum())} of "
-                   f"{_count(len(feas), 'setting')} meet the constraint ({sw.objective.iloc[0]}).")
+                   f"{_count(len(feas), 'setting')} meet the constraint ({sw.objective_text.iloc[0]}).")
     full = _load(folder, "test_rates_full")
     if full is not None and len(full):
         t = full[(full.row != "macro")]

@@ -45,20 +45,22 @@ def p1_run(tiny8, data_dir, tmp_path_factory):
 def test_p1_writes_every_table(p1_run):
     mod, out, summary, _ = p1_run
     for name in ("splits", "gates", "sweep", "frontier", "candidates", "test_rates", "headline",
-                 "headline_first_position", "judges", "agreement", "disagreements", "auroc", "gate_errors",
+                 "headline_first_position", "headline_pools", "judges", "agreement", "disagreements", "auroc", "gate_errors",
                  "jailbreaks", "perplexity", "test_rates_full"):
         assert (out / f"{name}.parquet").exists(), name
         assert (out / f"{name}.csv").exists(), name
     sweep = pd.read_parquet(out / "sweep.parquet")
     assert {"method", "layer", "mode", "toward", "away", "refusal", "refusal_low", "over_refusal", "lower", "upper",
-            "feasible", "split", "objective"} <= set(sweep.columns)
+            "feasible", "split", "objective", "objective_text"} <= set(sweep.columns)
     # unsteered + 2 methods x 2 layers x 1 toward x 1 away x (global + p1 gate [+ per category when feasible])
     assert (sweep["mode"] == "unsteered").sum() == 1
     assert (sweep["mode"] == "global").sum() == 4 and (sweep["mode"] == "p1_gate").sum() == 4
     assert (sweep.dropna(subset=["lower"]).lower <= sweep.dropna(subset=["lower"]).upper).all()
-    head = pd.read_parquet(out / "headline.parquet")
+    head = pd.read_parquet(out / "headline_pools.parquet")
     assert "unsteered" in set(head.policy)
     assert {"all", "without_xstest", "hardbenign"} <= set(head.benign_pool)
+    one = pd.read_parquet(out / "headline.parquet")
+    assert (one.benign_pool == "all").all() and one.policy.is_unique
     assert head.judge.str.startswith("full_answer").all()
     gates = pd.read_parquet(out / "gates.parquet")
     assert gates.chosen.sum() == 1 and "logodds" in set(gates.features)
@@ -216,7 +218,7 @@ def test_summarise_renders_numbers_read_from_the_tables(p1_run, tmp_path):
     _, out, _, _ = p1_run
     text = mod.main(["--p1", str(out), "--specificity", str(tmp_path / "none"), "--out", str(tmp_path / "r.md")])
     assert (tmp_path / "r.md").read_text() == text
-    head = pd.read_parquet(out / "headline.parquet")
+    head = pd.read_parquet(out / "headline_pools.parquet")
     for r in head.itertuples():
         assert f"| {r.policy} | {r.benign_pool} | {100 * r.over_refusal:.1f} [{100 * r.over_refusal_ci_low:.1f}, " in text
     assert "The test split was read once, after the choice." in text  # read from the manifest, not typed
