@@ -1,7 +1,7 @@
-"""P1's steering results in miniature (issue 10): categorical steering with a probe gate and a refusal-token router,
-chosen on validation prompts and evaluated once on held-out benchmark halves and XSTest, with intervals; the
-probe-vs-refusal-token AUROC; the learned low-rank combination (when ``catlens.combine`` is available); transfer of
-the chosen interventions to the stock model.
+"""P1's steering result, with a protocol a referee accepts: categorical steering with a three-zone feature gate and
+a refusal-token router, chosen on validation prompts by the headline's own objective and evaluated once on
+held-out benchmark halves, XSTest and catlens's hard-benign test split, judged on whole answers, with intervals;
+the learned low-rank combination; transfer in both directions; refusal under jailbreak templates.
 
 Usage:
     python analyses/p1_steering.py --model ~/.cache/catlens/finetunes/refusal-default --out runs/p1
@@ -9,34 +9,36 @@ Usage:
 
 Protocol (fixed before any number is looked at; written into ``splits.parquet`` and the manifest):
 
-* **train** (directions, reference norms, gate probe, router probe, low-rank map): the fine-tune's own training
-  prompts (``catlens.finetune.assemble_data``; the model has seen them, which is what direction fitting wants) and
-  the built-in ``train`` split, capped per side (``--train-cap``, seeded);
-* **val** (every choice: method, layer, toward/away coefficients, gate threshold rule, low-rank coefficients): the
-  built-in ``val`` split plus a seeded half (stratified by category) of every held-out benchmark set except XSTest,
-  capped per set (``--val-cap``); HarmBench is its ``standard`` behaviours (the contextual ones carry pages of
-  context and are not part of the issue's sets);
-* **test** (evaluated once, with the chosen settings): the other halves, XSTest (test-only) and the built-in
-  ``test`` split. The leakage check (exact and near duplicates) runs on every pair of (train, val, test).
+* **train** (directions, reference norms, router, low-rank map): the fine-tune's own training prompts and the
+  built-in ``train`` split, capped per side (``--train-cap``, seeded). The **gate** trains on these plus the
+  hard-benign set's ``train`` split (``catlens/data/hardbenign_prompts.jsonl``: never seen by the fine-tune);
+* **val** (every choice: gate features, method, layer, toward/away coefficients, zone thresholds, positions scope,
+  low-rank multipliers): the built-in ``val`` split, a seeded half of every held-out benchmark set except XSTest
+  (capped per set, ``--val-cap``) and the hard-benign ``val`` split (uncapped);
+* **test** (evaluated once, with the chosen settings): the other halves, XSTest (test-only; it was seen while the
+  fine-tune recipe was chosen, and the results say so), the built-in ``test`` split and the hard-benign ``test``
+  split. The leakage check (exact and near duplicates) compares every val and test prompt with every train prompt
+  (the whole pool, not the capped sample) and val with test.
 
-Refusal is read at the first response position with :func:`catlens.generation.first_position` (greedy: exactly the
-``refusal_token`` judge's verdict on a generated answer), which evaluates every sweep setting on one shared prefill.
-A seeded subsample of the test prompts is also generated in full (``--gen-n`` per side, ``--gen-tokens``) for the
-second judge (``substring``), judge agreement and the coherence proxy (perplexity of benign answers under the
-unsteered model); the same is done on val for the few best settings, whose perplexity guard (``--ppl-guard``)
-decides admissibility.
+Choosing (the headline's definition throughout): the gate's features are the candidate with the best val AUROC
+of harmful vs the headline's benign sets (:func:`catlens.gate.choose_gate`); for every (method, layer, toward,
+away) the zones are swept for free on the first-position passes (:func:`catlens.gate.zone_sweep`): the lowest
+pooled over-refusal on the headline's benign val sets (XSTest excepted) with the Wilson lower bound of pooled
+harmful refusal >= ``--min-refusal-low``, with one global pair and one pair per router category. The best settings
+are then generated in full on val at every positions scope (``--scopes``: the decision position alone, it and the
+first K generated tokens, every generated token) and judged on whole answers (``--judge``); the perplexity guard
+(``--ppl-guard``) decides admissibility, and the lowest over-refusal with harmful refusal >= ``--target-refusal``
+wins. P1's own gate (one layer's last token, Youden threshold, two zones) is chosen the same way for comparison.
+A rerun of the same ``--out`` resumes; with another configuration it is refused.
 
-Sweep: for each method and layer, the toward grid and the away grid are evaluated with every row steered, and the
-gate (scores from the unsteered activations) assigns each row its side offline: ``|T| + |A|`` passes cover every
-``|T| x |A| x gate rule`` combination. Coefficients are fractions of the layer's mean residual norm.
-
-Outputs (Parquet + CSV): ``splits``, ``gates`` (per layer: val AUROC, thresholds), ``sweep`` (val grid),
-``candidates`` (val perplexity guard), ``test_rates`` (per policy x dataset / category: rates with SE and Wilson
-intervals, pooled and macro rows), ``headline`` (per policy: pooled over-refusal over XSTest safe, CoCoNot contrast,
-JBB benign and lookalikes; pooled refusal over the harmful sets; perplexity ratio), ``judges`` and ``agreement``
-(second judge on the generated subsample), ``auroc`` (probe score vs refusal-token probability), ``gate_errors``,
-``transfer`` (stock model), ``lowrank_curve`` and the policy folders ``policies/<name>`` that ``catlens generate
---policy`` applies.
+Outputs (Parquet + CSV): ``splits``, ``gates`` (candidate gate features, val AUROC), ``sweep`` and ``frontier``
+(val), ``candidates`` (generated val answers, perplexity guard), ``test_rates`` (first position, every test
+prompt), ``headline`` / ``headline_pools`` (full-answer judge on generated test answers: pooled over-refusal with
+and without XSTest and on the hard-benign test split, pooled refusal, perplexity ratio), ``headline_first_position``,
+``test_rates_full`` (every judge), ``judges``, ``agreement`` (pairwise kappa), ``disagreements``, ``auroc`` (the
+gate vs the refusal token per benign set and per category), ``gate_errors`` (zones per dataset), ``jailbreaks``,
+``perplexity``, ``transfer``, ``reverse_transfer``, ``lowrank_curve``/``lowrank_sweep`` and the policy folders
+``policies/<name>`` that ``catlens generate --policy`` applies.
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ from catlens.cli import parse_floats
 log = logging.getLogger("analyses.p1_steering")
 
 METHODS = ("one_vs_benign", "p1_mean_difference", "one_vs_rest")
-RESUME_IGNORES = ("threads", "overwrite", "device", "batch_size", "stock_model", "reverse_n", "lowrank_steps",
-                  "jailbreak_n")
+RESUME_IGNORES = ("threads", "overwrite", "device", "batch_size", "stock_model", "reverse_n")
 """Options a resumed run may change (they change speed, or add or skip later stages, not what was computed)."""
 BENIGN_HEADLINE = ("xstest_safe", "coconot_contrast", "jbb_benign", "builtin_lookalike", "hardbenign")
 """The benign sets the headline pools (over-refusal); on val, without XSTest (test-only), they are the zones'
@@ -482,15 +483,15 @@ def _gen_subsample(ps: Any, n_per_side: int, seed: int) -> Any:
 def generate_and_judge(model: Any, ps: Any, policy: Any, out: Path, *, tokens: int, batch_size: int,
                        allow_transfer: bool = False) -> Any:
     """Generate (resumable: ``out`` is a generation folder), judge with every applicable judge; a DataFrame."""
-    from catlens.generation import _refusal_ids, generate
+    from catlens.generation import generate, refusal_token_ids
     from catlens.judges import judge_records
 
     import pandas as pd
 
     recs = generate(model, ps, policy, max_new_tokens=tokens, batch_size=batch_size, out=out,
                     allow_transfer=allow_transfer)
-    has_tokens = _refusal_ids(model)[0] is not None
-    judged = judge_records(recs, ("refusal_token", "substring") if has_tokens else ("substring",))
+    has_tokens = refusal_token_ids(model)[0] is not None
+    judged = judge_records(recs, (("refusal_token",) if has_tokens else ()) + ("substring", "full_answer"))
     judged["token_ids"] = [r["token_ids"] for r in recs]
     judged["prompt"] = [r["prompt"] for r in recs]
     judged["dataset"] = [r["source"] for r in recs]

@@ -859,9 +859,9 @@ def resolve_grid(model: Any, plan: Plan) -> tuple[list[tuple[int, ...]], list[in
 
 def resolve_judges(model: Any, plan: Plan) -> tuple[list[str], dict[str, Any]]:
     """The judges (primary first) and their options."""
-    from catlens.generation import _refusal_ids
+    from catlens.generation import refusal_token_ids
 
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     judges = ["substring"] + (["refusal_token"] if tokens is not None else [])
     if plan.judge not in judges:
         raise ValueError(f"--judge {plan.judge!r} needs a model with refusal tokens; {model.name!r} has none. Use "

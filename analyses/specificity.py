@@ -955,9 +955,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     positions = setting["positions"] if setting else "last_prompt"
     if isinstance(positions, list):
         positions = tuple(positions)
-    from catlens.generation import _refusal_ids
+    from catlens.generation import refusal_token_ids
 
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     if tokens is None:
         raise ValueError(f"{model.name!r} has no refusal tokens; the specificity test reads refusal at the first "
                          f"response position of a refusal-token model (catlens finetune).")

@@ -61,10 +61,10 @@ def _directions(method: str, harm_by_cat: dict[str, torch.Tensor], benign: torch
 
 
 def _judge(model: Any) -> tuple[str, Any]:
-    from catlens.generation import _refusal_ids
+    from catlens.generation import refusal_token_ids
     from catlens.judges import get_judge
 
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     if tokens is not None:
         return "refusal_token", get_judge("refusal_token", tokens=tokens)
     return "substring", get_judge("substring")
@@ -126,7 +126,7 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     harm_by_cat = {c: X[torch.tensor(((tr_frame.label == "harmful") & (tr_frame.category == c)).to_numpy())]
                    for c in cats}
     ref_norm = X.norm(dim=-1).mean(0)  # [layer]
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     judge_name, judge = _judge(model)
 
     def judged(records: list[dict[str, Any]]) -> dict[str, bool]:

@@ -97,7 +97,9 @@ def _row_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def _refusal_ids(model: Any) -> tuple[Any, list[int]]:
+def refusal_token_ids(model: Any) -> tuple[Any, list[int]]:
+    """``(RefusalTokens, their vocabulary ids)`` of ``model`` (refusal tokens then ``[respond]``), or
+    ``(None, [])`` for a model without them."""
     from catlens.refusal import RefusalTokens
 
     try:
@@ -461,7 +463,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     if policy is not None:
         policy.check_model(model, allow_transfer=allow_transfer)
     _check_overrides(policy, rows, len(items))
-    tokens, token_ids = _refusal_ids(model)
+    tokens, token_ids = refusal_token_ids(model)
     config = {"model": model.name, "policy": _policy_digest(policy), "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
               "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
@@ -564,7 +566,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
         from catlens.errors import unknown_name_message
 
         raise ValueError(unknown_name_message("policy in rows", sorted(unknown)[0], list(resolved)))
-    tokens, token_ids = _refusal_ids(model)
+    tokens, token_ids = refusal_token_ids(model)
     refuse_ids = token_ids[:-1] if token_ids else []
     respond_id = token_ids[-1] if token_ids else None
 
@@ -763,7 +765,7 @@ def _cmd_generate(args: Any) -> int:
     records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        sample=args.sample, temperature=args.temperature, seed=args.seed,
                        allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
     # every judge that applies to this model runs; the default one fills 'refused', the others go into the
     # agreement table (percent agreement and Cohen's kappa)
@@ -812,7 +814,7 @@ def prefill_reads(model: Any, prompts: Any, reads: Sequence[tuple[Any, int, str]
         raise ValueError("prefill_reads needs at least one prompt.")
     keys = [(getattr(s, "value", str(s)), int(layer), str(pool)) for s, layer, pool in reads]
     spec = {_read_key(*k): k for k in keys}
-    tokens, token_ids = _refusal_ids(model)
+    tokens, token_ids = refusal_token_ids(model)
     refuse_ids = token_ids[:-1] if token_ids else []
     cats = [c for c in tokens.categories] if tokens is not None else []
     rendered_len = [len(t) for t in model.format([it.text for it in items], fmt, system=system)]
