@@ -539,7 +539,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                             "from the steering layer)")
     p.add_argument("--gate-c", type=float, default=0.1, help="inverse L2 strength of the gate's logistic probe")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--toward", default="0.05,0.1,0.2", help="coefficients toward refusal (fractions of the norm)")
+    p.add_argument("--toward", default="0.1,0.2,0.4", help="coefficients toward refusal (fractions of the norm)")
     p.add_argument("--away", default="0.2,0.4,0.6,1.0", help="magnitudes away from refusal (applied negatively)")
     p.add_argument("--scopes", default="last_prompt+0,last_prompt+4,last_prompt",
                    help="positions scopes tried for each candidate: the decision position only, it and the first "
