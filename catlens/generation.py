@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from catlens import decisions
 from catlens.steer import (
     BatchContext,
     Rows,
@@ -167,119 +168,35 @@ def _prepare_batch(model: Any, items: Sequence[_Item], *, fmt: str, system: str 
 
 
 def _read_spec(policy: SteeringPolicy | None) -> dict[str, tuple[Any, int]]:
-    """What ``policy``'s decisions read from the unsteered last-prompt-token call: ``"gate"`` and ``"router"`` (a
-    probe router) -> ``(site, layer)``; empty without them."""
-    spec: dict[str, tuple[Any, int]] = {}
-    if policy is not None and policy.gate is not None:
-        spec["gate"] = (policy.gate.site, policy.gate.layer)
-    if policy is not None and policy.router is not None and policy.router.kind == "probe":
-        spec["router"] = (policy.router.site, policy.router.layer)
-    return spec
+    """What ``policy``'s decisions read (:func:`catlens.decisions.reads`)."""
+    return decisions.reads(policy)
 
 
 def _rerun_scope(policy: SteeringPolicy) -> str:
-    """What a decision changes: 'none' (generated tokens only), 'last' (the last prompt token), 'all'."""
-    scope = "none"
-    for iv in policy.interventions:
-        pos = iv.positions
-        if pos == "generated":
-            continue
-        if pos == "last_prompt" or pos == (-1,):
-            scope = "last" if scope == "none" else scope
-        else:
-            return "all"
-    return scope
+    """What a decision changes (:func:`catlens.decisions.rerun_scope`)."""
+    return decisions.rerun_scope(policy)
 
 
 def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor | None,
             tokens: Any, rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
-    """Fill ``rows`` from the gate and router; return the per-row decision records."""
-    B = len(items)
-    gates: list[dict | None] = [None] * B
-    routes: list[dict | None] = [None] * B
-    if policy.gate is not None:
-        g = policy.gate
-        score = g.score(reads["gate"])
-        flagged = score >= g.threshold
-        for b in range(B):
-            outcome = "toward" if bool(flagged[b]) else "away"
-            c = policy.toward if outcome == "toward" else policy.away
-            for i in range(len(policy.interventions)):
-                rows.active[i][b] = c is not None
-                rows.coeff[i][b] = 0.0 if c is None else c
-            gates[b] = {"score": float(score[b]), "threshold": g.threshold, "outcome": outcome if c is not None
-                        else "none", "flagged": bool(flagged[b]), "coeff": c}
-    r = policy.router
-    if r is not None:
-        if r.kind == "refusal_tokens":
-            from catlens.refusal import special_token_probs
+    """Fill ``rows`` from the gate and router (:func:`catlens.decisions.decide`); this engine supplies the reads and
+    the refusal-token probabilities at the first response position."""
+    probs = None
+    if decisions.needs_logits(policy):
+        from catlens.refusal import special_token_probs
 
-            cols = [tokens.token_of(c) for c in r.categories]
-            ids = [model.token_id(t) for t in cols]
-            probs = special_token_probs(logits, ids)
-            choice = probs.argmax(dim=1).tolist()
-            extra = [{"p": float(probs[b, choice[b]])} for b in range(B)]
-        elif r.kind == "probe":
-            scores = reads["router"] @ r.weight.T.to(reads["router"].device) + r.bias.to(reads["router"].device)
-            choice = scores.argmax(dim=1).tolist()
-            extra = [{"logit": float(scores[b, choice[b]])} for b in range(B)]
-        else:  # fixed: the prompt's own category
-            choice, extra = [], []
-            for it in items:
-                if it.category not in r.categories:
-                    raise ValueError(f"router kind 'fixed' needs each prompt's category among {list(r.categories)}; "
-                                     f"prompt {it.id!r} has category {it.category!r}.")
-                choice.append(r.categories.index(it.category))
-                extra.append({})
-        for b in range(B):
-            cat = r.categories[choice[b]]
-            for i, iv in enumerate(policy.interventions):
-                if iv.kind != "low_rank" and iv.n_directions > 1:
-                    rows.direction[i][b] = iv.direction_index(cat)
-            routes[b] = {"kind": r.kind, "category": cat, **extra[b]}
-    return gates, routes
+        probs = special_token_probs(logits, decisions.router_token_ids(policy, tokens, model.token_id))
+    return decisions.decide(policy, rows, reads=reads, router_probs=probs, categories=[it.category for it in items],
+                            ids=[it.id for it in items])
 
 
 def _apply_row_overrides(policy: SteeringPolicy, rows: Rows, overrides: Mapping[str, Sequence[Any]] | None,
                          batch: Sequence[int]) -> None:
-    if not overrides:
-        return
-    for key, values in overrides.items():
-        for j, idx in enumerate(batch):
-            v = values[idx]
-            for i, iv in enumerate(policy.interventions):
-                if key == "coeff":
-                    rows.coeff[i][j] = float(v)
-                elif key == "active":
-                    rows.active[i][j] = bool(v)
-                elif key == "direction":
-                    rows.direction[i][j] = iv.direction_index(v) if isinstance(v, str) else int(v)
+    decisions.apply_overrides(policy, rows, overrides, batch)
 
 
 def _check_overrides(policy: SteeringPolicy | None, overrides: Mapping[str, Sequence[Any]] | None, n: int) -> None:
-    if not overrides:
-        return
-    if policy is None:
-        raise ValueError("rows= needs a steering policy (steer=...).")
-    import math
-
-    for key, values in overrides.items():
-        if key not in ("coeff", "active", "direction"):
-            from catlens.errors import unknown_name_message
-
-            raise ValueError(unknown_name_message("per-row parameter", key, ["active", "coeff", "direction"]))
-        if len(values) != n:
-            raise ValueError(f"rows[{key!r}] has {len(values)} entries for {n} prompts; give one per prompt.")
-        if key == "coeff" and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ValueError("rows['coeff'] must hold finite numbers.")
-        if key == "direction":
-            for iv in policy.interventions:
-                for v in values:
-                    if isinstance(v, str):
-                        iv.direction_index(v)
-                    elif not 0 <= int(v) < iv.n_directions:
-                        raise ValueError(f"rows['direction'] value {v} is out of range for {iv.n_directions} "
-                                         f"directions.")
+    decisions.check_overrides(policy, overrides, n)
 
 
 def _pick(logits: Tensor, sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -393,8 +310,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                             if first_probs is not None else None),
             "refusal_score": float(first_probs[b, :-1].sum()) if first_probs is not None else None,
             "gate": gates[b], "route": routes[b],
-            "steer": ({"active": [bool(a[b]) for a in rows.active], "coeff": [float(c[b]) for c in rows.coeff],
-                       "direction": [int(d[b]) for d in rows.direction]} if rows is not None else None),
+            "steer": decisions.steer_record(rows, b),
             "seconds": seconds / B,
         }
         records.append(rec)
@@ -631,14 +547,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
 
 
 def _policy_digest(policy: SteeringPolicy | None) -> str | None:
-    if policy is None:
-        return None
-    spec, tensors = policy.to_plain()
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].numpy().tobytes())
-    return h.hexdigest()
+    return decisions.digest(policy)
 
 
 def _jsonable(x: Any) -> Any:

@@ -475,6 +475,25 @@ class SteeringPolicy:
         """Whether rows need a decision from the prefill (gate or router)."""
         return self.gate is not None or (self.router is not None and self.router.kind != "fixed")
 
+    # decisions, the same for every engine (catlens.decisions)
+    def reads(self) -> dict[str, tuple[Site, int]]:
+        """What the gate and a probe router read at the last prompt token: role -> ``(site, layer)``."""
+        from catlens import decisions
+
+        return decisions.reads(self)
+
+    def decide(self, rows: "Rows", **inputs: Any) -> tuple[list[dict | None], list[dict | None]]:
+        """Fill ``rows`` from the gate and router; the ``gate`` and ``route`` records (:func:`catlens.decisions.decide`)."""
+        from catlens import decisions
+
+        return decisions.decide(self, rows, **inputs)
+
+    def digest(self) -> str:
+        """sha256 of the policy's content (spec and tensors)."""
+        from catlens import decisions
+
+        return decisions.digest(self)
+
     def check_model(self, model: Any, *, allow_transfer: bool = False) -> None:
         """Clear errors when ``model`` cannot take this policy: widths, layers, refusal tokens; and, unless
         ``allow_transfer``, a model other than the one the policy was made on."""
