@@ -205,12 +205,14 @@ class _Runtime:
                 return (positions, new, r) if r is None else (positions, h + (new - s), r)
             hs.append(block.register_forward_pre_hook(pre))
         elif site == "resid_mid":
-            def mid(mod, args):
-                h, r = args[0], args[1]
-                s = h + r
-                new = self._process(key, s)
-                return None if new is None else (h + (new - s), r, *args[2:])
-            hs.append(block.post_attention_layernorm.register_forward_pre_hook(mid))
+            # catlens's resid_mid is TransformerLens 4's blocks.L.hook_resid_mid, an alias of ln2.hook_in: an edit
+            # there changes the MLP's input only, not the residual stream carried to resid_post. The same here:
+            # the norm's output is recomputed from the edited sum; the residual it passes on is left as it was.
+            def mid(mod, args, out):
+                normed, r = out
+                new = self._process(key, r)
+                return out if new is None else (mod.forward(new), r)
+            hs.append(block.post_attention_layernorm.register_forward_hook(mid))
         elif site in ("attn_out", "mlp_out"):
             mod = block.self_attn if site == "attn_out" else block.mlp
 
@@ -232,6 +234,11 @@ class _Runtime:
         self.stats["forwards"] += 1
         plan = _Plan(self, positions)
         self.stats["planned"] += bool(plan.active)
+        for j in plan.active:  # a prompt continued from an earlier forward call: chunked prefill
+            p = plan.pos[plan.rows_of[j]]
+            if len(p) and 0 < int(p.min()) < plan.reqs[j].T:
+                self.stats["chunked"] = self.stats.get("chunked", 0) + 1
+        self.stats["max_batch"] = max(self.stats.get("max_batch", 0), len(plan.active))
         self.stats["last_req_ids"] = list(self.runner.input_batch.req_ids[:self.runner.input_batch.num_reqs])
         self.plan = plan if plan.active else None
 
@@ -403,15 +410,19 @@ def install(worker: Any) -> dict[str, Any]:
             "dtype": str(next(_RT.model.parameters()).dtype).removeprefix("torch.")}
 
 
-def register_policy(worker: Any, pid: str, plain: tuple[dict, dict], single_pass: bool) -> int:
-    """Register a policy (its ``to_plain()`` spec and tensors) under ``pid`` and hook every ``(layer, site)`` it
-    edits or reads."""
+def register_policy(worker: Any, pid: str, spec_json: str, tensor_bytes: bytes, single_pass: bool) -> int:
+    """Register a policy (its ``to_plain()`` spec as JSON and its tensors as safetensors bytes) under ``pid`` and
+    hook every ``(layer, site)`` it edits or reads."""
+    import json
+
+    from safetensors.torch import load
+
     from catlens.steer import Gate, Intervention, Router, SteeringPolicy
 
     rt = _RT
     if pid in rt.policies:
         return len(rt.policies)
-    spec, tensors = plain
+    spec, tensors = json.loads(spec_json), load(tensor_bytes)
     ivs = tuple(Intervention.from_dict(d, tensors) for d in spec["interventions"])
     gate = router = None
     if spec.get("gate"):

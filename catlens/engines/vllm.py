@@ -47,7 +47,7 @@ import torch
 from catlens import decisions
 from catlens.engines import VLLM_INSTALL, vllm_available
 from catlens.model import DEFAULT_MODEL, LensModel, Site
-from catlens.steer import Rows, SteeringPolicy, as_policy
+from catlens.steer import Intervention, Rows, SteeringPolicy, as_policy
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +56,47 @@ ARCHITECTURES = ("LlamaForCausalLM",)
 _WORKER = "catlens.engines._vllm_worker"
 
 
-class EngineModel:
-    """The facts of a model that catlens's checks, formatting and tokenising need, without its weights (the weights
-    live in the engine). Formatting and tokenising are :class:`catlens.model.LensModel`'s own methods."""
-
-    format = LensModel.format
-    _chat = LensModel._chat
-    assistant_header = LensModel.assistant_header
-    _bos_text = LensModel._bos_text
-    tokenize = LensModel.tokenize
-    token_id = LensModel.token_id
-    hook_name = LensModel.hook_name
-    layer = LensModel.layer
-    resolve_layers = LensModel.resolve_layers
+class EngineModel(LensModel):
+    """The facts of a model that catlens's checks, formatting and tokenising need, without its weights (they live in
+    the engine): a :class:`catlens.model.LensModel` without a bridge (``hf`` is ``None``)."""
 
     def __init__(self, tokenizer: Any, name: str, provenance: dict[str, Any], config: Any, dtype: str) -> None:
+        self.bridge = None
         self.tokenizer = tokenizer
         self.name = name
         self.provenance = provenance
         self.config = config
-        self.n_layers = int(config.num_hidden_layers)
-        self.d_model = int(config.hidden_size)
-        self.n_heads = int(config.num_attention_heads)
-        self.d_head = int(getattr(config, "head_dim", None) or self.d_model // self.n_heads)
-        self.dtype = getattr(torch, dtype)
-        self.device = torch.device("cpu")
+        self._dims = (int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads),
+                      int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads))
+        self._dtype = getattr(torch, dtype)
+
+    @property
+    def hf(self) -> Any:
+        return None
+
+    @property
+    def n_layers(self) -> int:
+        return self._dims[0]
+
+    @property
+    def d_model(self) -> int:
+        return self._dims[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self._dims[2]
+
+    @property
+    def d_head(self) -> int:
+        return self._dims[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
 
     def __repr__(self) -> str:
         return f"EngineModel({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, engine=vllm)"
@@ -183,8 +199,12 @@ class VLLMEngine:
 
         pid = policy.digest()
         if pid not in self._registered:
+            from safetensors.torch import save
+
+            spec, tensors = policy.to_plain()  # as JSON text and safetensors bytes: RPC arguments stay plain data
             self.llm.collective_rpc(_vllm_worker.register_policy,
-                                    args=(pid, policy.to_plain(), decisions.single_pass(policy, self.model.n_layers)))
+                                    args=(pid, json.dumps(spec), save({k: t.contiguous() for k, t in tensors.items()}),
+                                          decisions.single_pass(policy, self.model.n_layers)))
             self._registered[pid] = policy
         return pid
 
@@ -210,9 +230,13 @@ class VLLMEngine:
                  sample: bool = False, temperature: float = 1.0, seed: int = 0, out: str | os.PathLike[str] | None = None,
                  overwrite: bool = False, chunk: int = 1024, show_progress: bool = True) -> list[dict[str, Any]]:
         """:func:`catlens.generation.generate` on vLLM: the same arguments (greedy by default), the same records and
-        ``out`` folder. ``two_pass``: ``None`` decides inside the engine when the policy allows it
-        (:meth:`single_pass`), ``True`` always decides on a separate unsteered prefill first. ``sample=True``
-        samples with vLLM's sampler seeded per prompt (not the same draws as catlens's sampler)."""
+        ``out`` folder.
+
+        ``steer`` is one policy for every prompt or, for one continuous batch that mixes settings, a list with one
+        policy (or ``None``, unsteered) per prompt. ``two_pass``: ``None`` decides inside the engine when the policy
+        allows it (:meth:`single_pass`), ``True`` always decides on a separate unsteered prefill first.
+        ``sample=True`` samples with vLLM's sampler seeded per prompt (not the same draws as catlens's sampler).
+        ``self.last_edits`` holds, per prompt id, how many positions each intervention edited."""
         from catlens.generation import SPECIAL_MODES, _items, _jsonable, _open_run, _read_final, _refusal_ids
         from catlens.refusal import decode_response
 
@@ -224,16 +248,31 @@ class VLLMEngine:
             raise ValueError(unknown_name_message("special_tokens mode", special_tokens, SPECIAL_MODES))
         if sample and not (temperature > 0 and temperature != float("inf")):
             raise ValueError(f"temperature={temperature!r} must be a finite number > 0.")
+        if two_pass not in (None, True):
+            raise ValueError(f"two_pass={two_pass!r}: None (decide in the engine when the policy allows it) or True.")
         items = _items(prompts)
-        policy = as_policy(steer)
-        if policy is not None:
-            self.check_policy(policy, allow_transfer=allow_transfer)
-        decisions.check_overrides(policy, rows, len(items))
+        if isinstance(steer, list) and not all(isinstance(p, Intervention) for p in steer):
+            if len(steer) != len(items) or not all(p is None or isinstance(p, (SteeringPolicy, Intervention))
+                                                   for p in steer):
+                raise ValueError(f"steer as a list needs one policy (or Intervention, or None) per prompt "
+                                 f"({len(items)} prompts); got {len(steer)} entries of "
+                                 f"{sorted({type(p).__name__ for p in steer})}.")
+            made: dict[int, SteeringPolicy | None] = {}
+            pols = [made.setdefault(id(p), as_policy(p)) for p in steer]
+        else:
+            pols = [as_policy(steer)] * len(items)
+        distinct = {id(p): p for p in pols if p is not None}
+        for p in distinct.values():  # every check before any request runs
+            self.check_policy(p, allow_transfer=allow_transfer)
+            decisions.check_overrides(p, rows, len(items))
+        if rows and not distinct:
+            decisions.check_overrides(None, rows, len(items))
         model = self.model
         tokens, token_ids = _refusal_ids(model)
+        digests = [decisions.digest(p) for p in pols]
         config = {"model": model.name, "engine": "vllm", "engine_dtype": self.dtype, "tensor_parallel_size": self.tp,
-                  "policy": decisions.digest(policy), "max_new_tokens": max_new_tokens, "sample": sample,
-                  "temperature": temperature, "seed": seed, "fmt": fmt, "system": system,
+                  "policy": digests[0] if len(set(digests)) == 1 else digests, "max_new_tokens": max_new_tokens,
+                  "sample": sample, "temperature": temperature, "seed": seed, "fmt": fmt, "system": system,
                   "special_tokens": special_tokens, "rows": _jsonable(rows), "stop_at_eos": stop_at_eos,
                   "two_pass": two_pass,
                   "prompts": hashlib.sha256(json.dumps([it.__dict__ for it in items]).encode()).hexdigest()}
@@ -244,16 +283,16 @@ class VLLMEngine:
                 return _read_final(run)
             done = {r["id"]: r for r in run.read_jsonl("generations.partial")}
             run.record_model(model)
-        pid = self._register(policy) if policy is not None else None
-        two = policy is not None and policy.decides and (two_pass is True or not self.single_pass(policy))
+        pids = {k: self._register(p) for k, p in distinct.items()}
         eos = model.tokenizer.eos_token_id
         ban = token_ids if (token_ids and special_tokens != "free") else None
         todo = [i for i, it in enumerate(items) if it.id not in done]
         results: dict[str, dict[str, Any]] = {}
+        self.last_edits: dict[str, list[int]] = {}
         for s in range(0, len(todo), chunk):
             idx = todo[s:s + chunk]
-            recs = self._generate_chunk([items[i] for i in idx], idx, policy, pid, two, rows, fmt=fmt,
-                                        system=system, max_new_tokens=max_new_tokens, eos=eos, ban=ban,
+            recs = self._generate_chunk([items[i] for i in idx], idx, [pols[i] for i in idx], pids, two_pass, rows,
+                                        fmt=fmt, system=system, max_new_tokens=max_new_tokens, eos=eos, ban=ban,
                                         first=token_ids, stop_at_eos=stop_at_eos, sample=sample,
                                         temperature=temperature, seed=seed, show_progress=show_progress)
             for r in recs:
@@ -262,6 +301,7 @@ class VLLMEngine:
                     fp = r["first_probs"]
                     r["first_probs"] = {t: float(fp[k]) for k, t in enumerate(tokens.all_tokens)}
                     r["refusal_score"] = float(sum(fp[:-1]))
+                self.last_edits[r["id"]] = r.pop("_edited")
             if run is not None:
                 run.append_jsonl("timing", [{"ids": [r["id"] for r in recs],
                                              "seconds": sum(r["seconds"] for r in recs)}])
@@ -281,10 +321,10 @@ class VLLMEngine:
             run.finish(n=len(records))
         return records
 
-    def _generate_chunk(self, items: list[Any], index: list[int], policy: SteeringPolicy | None, pid: str | None,
-                        two: bool, overrides: Any, *, fmt: str, system: str | None, max_new_tokens: int, eos: int,
-                        ban: list[int] | None, first: list[int], stop_at_eos: bool, sample: bool,
-                        temperature: float, seed: int, show_progress: bool) -> list[dict[str, Any]]:
+    def _generate_chunk(self, items: list[Any], index: list[int], pols: list[SteeringPolicy | None],
+                        pids: dict[int, str], two_pass: bool | None, overrides: Any, *, fmt: str, system: str | None,
+                        max_new_tokens: int, eos: int, ban: list[int] | None, first: list[int], stop_at_eos: bool,
+                        sample: bool, temperature: float, seed: int, show_progress: bool) -> list[dict[str, Any]]:
         from vllm import SamplingParams
 
         from catlens.generation import _row_seed
@@ -294,44 +334,45 @@ class VLLMEngine:
         rendered = model.format([it.text for it in items], fmt, system=system)
         enc = model.tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
         B = len(items)
-        rows = None
         gates: list[Any] = [None] * B
         routes: list[Any] = [None] * B
-        router_ids: list[int] = []
-        if policy is not None:
-            rows = Rows.default(policy, B)
-            decisions.apply_overrides(policy, rows, overrides, index)
-            if policy.router is not None and policy.router.kind == "fixed":  # decided from the prompts alone
-                fixed_only = replace_gate(policy)
-                _, routes = decisions.decide(fixed_only, rows, categories=[it.category for it in items],
-                                             ids=[it.id for it in items])
-            if decisions.needs_logits(policy):
-                tokens = _tokens(model)
-                router_ids = decisions.router_token_ids(policy, tokens, model.token_id)
+        steer: list[Any] = [None] * B  # per row: its steer record (rows of one prompt)
+        mode: list[str | None] = [None] * B
+        router_ids: dict[int, list[int]] = {}
+        for k, pol in {id(p): p for p in pols if p is not None}.items():  # rows per policy, decided like generate
+            members = [b for b in range(B) if pols[b] is pol]
+            rows = Rows.default(pol, len(members))
+            decisions.apply_overrides(pol, rows, overrides, [index[b] for b in members])
+            if pol.router is not None and pol.router.kind == "fixed":  # decided from the prompts alone
+                _, r = decisions.decide(replace_gate(pol), rows, categories=[items[b].category for b in members],
+                                        ids=[items[b].id for b in members])
+                for j, b in enumerate(members):
+                    routes[b] = r[j]
+            router_ids[k] = (decisions.router_token_ids(pol, _tokens(model), model.token_id)
+                             if decisions.needs_logits(pol) else [])
+            two = pol.decides and (two_pass is True or not self.single_pass(pol))
+            for j, b in enumerate(members):
+                steer[b] = decisions.steer_record(rows, j)
+                mode[b] = ("probe" if two else "decide") if pol.decides else "rows"
         nonce = uuid.uuid4().hex[:8]
 
-        def spec(b: int, mode: str, steer_rows: Any) -> dict[str, Any]:
-            d: dict[str, Any] = {"key": f"{nonce}:{b}:{mode}", "first": first or None}
-            if policy is not None:
-                d.update(policy=pid, mode=mode, steer=decisions.steer_record(steer_rows, b),
-                         category=items[b].category, router_ids=router_ids)
+        def spec(b: int, m: str | None) -> dict[str, Any]:
+            d: dict[str, Any] = {"key": f"{nonce}:{b}:{m}", "first": first or None}
+            if pols[b] is not None:
+                d.update(policy=pids[id(pols[b])], mode=m, steer=steer[b], category=items[b].category,
+                         router_ids=router_ids[id(pols[b])])
             return d
 
-        def prompt(b: int, salt: str | None) -> dict[str, Any]:
+        def prompt(b: int, d: dict[str, Any]) -> dict[str, Any]:
             p: dict[str, Any] = {"prompt_token_ids": list(enc[b])}
-            if salt:
-                p["cache_salt"] = salt
+            if pols[b] is not None and d["mode"] != "probe":  # steered KV is never shared (module docstring)
+                p["cache_salt"] = hashlib.sha256(json.dumps([d["policy"], d["mode"], d["steer"]],
+                                                            sort_keys=True).encode()).hexdigest()[:32]
             return p
-
-        def salt_of(d: dict[str, Any]) -> str | None:
-            if policy is None or d.get("mode") == "probe":
-                return None
-            return hashlib.sha256(json.dumps([pid, d["mode"], d["steer"]], sort_keys=True).encode()).hexdigest()[:32]
 
         def params(d: dict[str, Any], n_tokens: int, b: int) -> Any:
             kw: dict[str, Any] = {"max_tokens": n_tokens, "ignore_eos": True, "detokenize": False,
-                                  "skip_special_tokens": False}
-            kw["stop_token_ids"] = [eos] if stop_at_eos else []
+                                  "skip_special_tokens": False, "stop_token_ids": [eos] if stop_at_eos else []}
             if sample:
                 kw.update(temperature=temperature, seed=_row_seed(seed, items[b].id))
             else:
@@ -341,50 +382,41 @@ class VLLMEngine:
                 extra["ban_after_first"] = ban
             return SamplingParams(extra_args={"catlens": extra}, **kw)
 
-        if two:  # pass 1: an unsteered one-token prefill that decides
-            specs = [spec(b, "probe", rows) for b in range(B)]
-            self._run([prompt(b, None) for b in range(B)], [params(specs[b], 1, b) for b in range(B)])
-            got = self._fetch([d["key"] for d in specs])
-            for b, g in enumerate(got):
+        probe = [b for b in range(B) if mode[b] == "probe"]
+        if probe:  # two-pass mode, pass 1: an unsteered one-token prefill decides
+            specs = {b: spec(b, "probe") for b in probe}
+            self._run([prompt(b, specs[b]) for b in probe], [params(specs[b], 1, b) for b in probe])
+            for b, g in zip(probe, self._fetch([specs[b]["key"] for b in probe])):
                 if g is None or not g["decided"]:
                     raise RuntimeError(f"the vLLM engine made no decision for prompt {items[b].id!r} in the first "
                                        f"pass; this is a catlens bug (the hooks did not see its last prompt token).")
-                gates[b], routes[b] = g["gate"], g["route"]
-                for i in range(len(policy.interventions)):
-                    rows.active[i][b] = g["steer"]["active"][i]
-                    rows.coeff[i][b] = g["steer"]["coeff"][i]
-                    rows.direction[i][b] = g["steer"]["direction"][i]
-            mode = "rows"
-        elif policy is not None and policy.decides:
-            mode = "decide"
-        else:
-            mode = "rows"
-        specs = [spec(b, mode, rows) for b in range(B)]
-        outs = self._run([prompt(b, salt_of(specs[b])) for b in range(B)],
+                gates[b], routes[b], steer[b], mode[b] = g["gate"], g["route"], g["steer"], "rows"
+        specs = {b: spec(b, mode[b]) for b in range(B)}
+        outs = self._run([prompt(b, specs[b]) for b in range(B)],
                          [params(specs[b], max_new_tokens, b) for b in range(B)], show_progress)
-        got = self._fetch([d["key"] for d in specs])
+        got = self._fetch([specs[b]["key"] for b in range(B)])
         seconds = time.perf_counter() - t0
         records = []
         for b, (it, o, g) in enumerate(zip(items, outs, got)):
             toks = list(o.outputs[0].token_ids)
-            steer = None
-            if policy is not None:
-                if g is None or not g["decided"]:
+            if g is None:
+                raise RuntimeError(f"the vLLM engine has no catlens record for prompt {it.id!r}; its hooks did not "
+                                   f"see the request (a catlens bug).")
+            if pols[b] is not None:
+                if not g["decided"]:
                     raise RuntimeError(f"the vLLM engine made no decision for prompt {it.id!r}; this is a catlens "
-                                       f"bug (its hooks did not see the request).")
-                steer = g["steer"]
-                if mode == "decide":
+                                       f"bug (its hooks did not see the request's last prompt token).")
+                steer[b] = g["steer"]
+                if mode[b] == "decide":
                     gates[b], routes[b] = g["gate"], g["route"]
             records.append({
                 "id": it.id, "prompt": it.text, "label": it.label, "category": it.category, "source": it.source,
                 "response": None, "token_ids": toks, "n_new_tokens": len(toks),
                 "finished": bool(toks) and toks[-1] == eos,
-                "first_probs": (g or {}).get("first") if first else None, "refusal_score": None,
-                "gate": gates[b], "route": routes[b], "steer": steer, "seconds": seconds / B,
-                "_edited": (g or {}).get("edited"),
+                "first_probs": g.get("first") if first else None, "refusal_score": None,
+                "gate": gates[b], "route": routes[b], "steer": steer[b], "seconds": seconds / B,
+                "_edited": g.get("edited"),
             })
-        for r in records:
-            r.pop("_edited") if not policy else None
         return records
 
     # ---------------------------------------------------------------------------------------------- capture
