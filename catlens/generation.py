@@ -620,6 +620,9 @@ def add_cli(sub: Any) -> None:
                                                  "on refusal-token models, else substring)")
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--engine", default="catlens", help="catlens (default) | vllm (pip install 'catlens[vllm]')")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model with --engine vllm")
+    p.add_argument("--engine-dtype", default="float32", help="float32 | bfloat16 | float16 with --engine vllm")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -644,6 +647,9 @@ def _cmd_generate(args: Any) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a folder.")
+    from catlens.engines import check_engine
+
+    check_engine(args.engine)
     policy = SteeringPolicy.load(args.policy) if args.policy else None
     resolve_spec(args.model, args.cache_dir)
     prompts = load_prompts(args.prompts, data_dir=args.data_dir)
@@ -654,10 +660,20 @@ def _cmd_generate(args: Any) -> int:
     items = list(prompts)[: args.limit] if args.limit else list(prompts)
     if not items:
         raise ValueError(f"no prompts left in {args.prompts!r} after --split {args.split} --label {args.label}.")
-    model = load_model(args.model, cache=args.cache_dir)
-    records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       sample=args.sample, temperature=args.temperature, seed=args.seed,
-                       allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
+    if args.engine == "vllm":  # the same records and files from vLLM (catlens.engines.vllm)
+        from catlens.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine(args.model, cache=args.cache_dir, dtype=args.engine_dtype,
+                            tensor_parallel_size=args.tensor_parallel_size)
+        model = engine.model
+        records = engine.generate(items, policy, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                                  temperature=args.temperature, seed=args.seed, allow_transfer=args.transfer,
+                                  out=out, overwrite=args.overwrite)
+    else:
+        model = load_model(args.model, cache=args.cache_dir)
+        records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           sample=args.sample, temperature=args.temperature, seed=args.seed,
+                           allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
     tokens, _ = _refusal_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
     # every judge that applies to this model runs; the default one fills 'refused', the others go into the

@@ -273,3 +273,39 @@ def test_out_folder_and_records_match_catlens_format(engine, lm, tmp_path):
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in got]  # read back, not regenerated
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
     assert manifest["config"]["engine"] == "vllm"
+
+
+def test_cli_generate_and_cache_write_what_the_default_engine_writes(engine, vdir, tmp_path, monkeypatch, capsys):
+    import json
+
+    import catlens.engines.vllm as vmod
+    from catlens.cli import main
+
+    monkeypatch.setattr(vmod, "VLLMEngine", lambda *a, **k: engine)  # the module's engine (no second start)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    pol = _policies(64)["gated_refusal_routed_p1"]
+    pol.save(tmp_path / "pol")
+    base = ["generate", "--model", str(vdir), "--prompts", str(prompts), "--policy", str(tmp_path / "pol"),
+            "--max-new-tokens", "6"]
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0
+    assert main([*base, "--engine", "vllm", "--out", str(tmp_path / "v")]) == 0
+    capsys.readouterr()
+    c = [json.loads(x) for x in (tmp_path / "c" / "responses.jsonl").read_text().splitlines()]
+    v = [json.loads(x) for x in (tmp_path / "v" / "responses.jsonl").read_text().splitlines()]
+    assert [set(x) for x in v] == [set(x) for x in c]
+    assert _agree([x["refused"] for x in v], [x["refused"] for x in c]) >= 0.95
+    assert (tmp_path / "v" / "rates.csv").read_text().splitlines()[0] == \
+        (tmp_path / "c" / "rates.csv").read_text().splitlines()[0]
+    cache = ["cache", "--model", str(vdir), "--prompts", str(prompts), "--sites", "resid_post,attn_out",
+             "--layers", "1,3", "--positions", "-2,-1"]
+    assert main([*cache, "--out", str(tmp_path / "sc")]) == 0
+    assert main([*cache, "--engine", "vllm", "--out", str(tmp_path / "sv")]) == 0
+    from catlens.cache import ActivationStore
+
+    a, b = ActivationStore.load(tmp_path / "sv"), ActivationStore.load(tmp_path / "sc")
+    assert a.meta["model_identity"]["engine"].startswith("vllm")
+    for site in ("resid_post", "attn_out"):
+        x, y = a.get_all(site), b.get_all(site)
+        scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+        torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=1e-4)

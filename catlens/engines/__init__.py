@@ -23,6 +23,10 @@ VLLM_INSTALL = ("the vLLM engine needs vLLM, which is not installed. Install it 
                 "in) or, on a CUDA machine, `pip install vllm` (see README, 'vLLM engine').")
 
 
+class EngineNotInstalled(ImportError, ValueError):
+    """An engine was asked for whose package is not installed (the message says how to install it)."""
+
+
 def vllm_available() -> bool:
     """Whether vLLM can be imported here (without importing it)."""
     import importlib.util
@@ -37,7 +41,7 @@ def check_engine(engine: str) -> str:
 
         raise ValueError(unknown_name_message("engine", engine, ENGINES))
     if engine == "vllm" and not vllm_available():
-        raise ImportError(VLLM_INSTALL)
+        raise EngineNotInstalled(VLLM_INSTALL)
     return engine
 
 

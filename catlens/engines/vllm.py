@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from catlens import decisions
-from catlens.engines import VLLM_INSTALL, vllm_available
+from catlens.engines import VLLM_INSTALL, EngineNotInstalled, vllm_available
 from catlens.model import DEFAULT_MODEL, LensModel, Site
 from catlens.steer import Intervention, Rows, SteeringPolicy, as_policy
 
@@ -128,7 +128,7 @@ class VLLMEngine:
                  max_model_len: int = 2048, max_num_seqs: int = 256, seed: int = 0,
                  enable_prefix_caching: bool = True, kv_cache_gib: float | None = None, **llm_kwargs: Any) -> None:
         if not vllm_available():
-            raise ImportError(VLLM_INSTALL)
+            raise EngineNotInstalled(VLLM_INSTALL)
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={dtype!r}: choose float32, bfloat16 or float16.")
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
