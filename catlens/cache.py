@@ -568,15 +568,20 @@ def _model_identity(model: LensModel) -> dict[str, Any]:
     elif source.get("weights_sha256"):
         weights = {"safetensors_sha256": source["weights_sha256"]}
     else:
-        commit = getattr(getattr(model.hf, "config", None), "_commit_hash", None)
+        commit = getattr(getattr(getattr(model, "hf", None), "config", None), "_commit_hash", None)
         if source.get("kind") == "hub" and commit:
             weights = {"hub": source.get("spec"), "commit": commit}
+        elif getattr(model, "hf", None) is None:
+            weights = {"spec": source.get("spec")}
         else:
             h = hashlib.sha256()  # (this digest is what stores of such models recorded; kept so they resume)
             for name, t in model.hf.state_dict().items():
                 h.update(name.encode())
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
             weights = {"parameters_sha256": h.hexdigest()}
+    if getattr(model, "hf", None) is None:  # an engine's model (catlens.engines): its weights live in the engine
+        return {"name": model.name, "dtype": str(model.dtype).removeprefix("torch."),
+                "weights_sha256": _sha256_json(weights), "engine": prov.get("backend")}
     return {"name": model.name, "dtype": str(model.dtype).removeprefix("torch."),
             "weights_sha256": _sha256_json(weights), "parameters_sha256": _parameters_sha256(model)}
 
@@ -673,7 +678,7 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
             layers: Sequence[int] | None = None, positions: str | Sequence[int] = "last", *, fmt: str = "chat",
             system: str | None = None, append: str | Sequence[str] = "", batch_size: int = 16,
             out: str | os.PathLike[str] | None = None, shard_size: int = 256, dtype: str = "float32",
-            show_progress: bool = True, overwrite: bool = False) -> ActivationStore:
+            show_progress: bool = True, overwrite: bool = False, engine: Any = None) -> ActivationStore:
     """Run ``prompts`` (a PromptSet, or a list of strings) through ``model`` and read activations.
 
     ``layers=None`` reads every layer. With ``out`` the store is streamed to that folder in shards, an
@@ -681,8 +686,14 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
     grow with the number of prompts); ``overwrite=True`` replaces a store made with other arguments (never a folder
     that is not an activation store). Without ``out`` everything stays in memory. Forward passes stop after the last
     requested layer. Every argument is checked before any folder is created.
+
+    ``engine``: ``None``/``"catlens"`` (this process, the TransformerLens bridge), ``"vllm"`` (start a
+    :class:`catlens.engines.vllm.VLLMEngine` on ``model``'s checkpoint) or a running ``VLLMEngine``: the store has
+    the same format; its ``model_identity`` names the engine, so a store is never resumed with the other engine.
     """
     from tqdm.auto import tqdm
+
+    model, engine = _resolve_engine(model, engine)
 
     # 1. every check, before anything is created
     site_list = [Site.parse(s) for s in ([sites] if isinstance(sites, (str, Site)) else sites)]
@@ -761,7 +772,7 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
         for start in range(a, b, batch_size):
             stop = min(start + batch_size, b)
             acts, lengths = _forward_batch(model, render(start, stop), texts[start:stop], site_list, layer_list,
-                                           pos_names, fmt)
+                                           pos_names, fmt, engine=engine)
             for s, t in acts.items():
                 if s not in shard:
                     shard[s] = torch.empty((b - a, *t.shape[1:]), dtype=store_dtype)
@@ -976,9 +987,44 @@ def _instruction_masks(model: LensModel, rendered: Sequence[str], texts: Sequenc
     return instr, after
 
 
+def _resolve_engine(model: Any, engine: Any) -> tuple[Any, Any]:
+    """``(model, engine)`` for :func:`collect`: the model whose tokenizer and identity the store records, and the
+    engine that computes the activations (``None``: the model itself)."""
+    if engine is None or engine == "catlens":
+        return model, None
+    if engine == "vllm":
+        from catlens.engines import check_engine
+        from catlens.engines.vllm import VLLMEngine
+
+        check_engine("vllm")
+        source = (getattr(model, "provenance", {}) or {}).get("source", {})
+        spec = source.get("folder") or source.get("spec") or model
+        engine = VLLMEngine(spec, dtype=str(model.dtype).removeprefix("torch."))
+    if isinstance(engine, str):
+        raise ValueError(unknown_name_message("engine", engine, ["catlens", "vllm"]))
+    if not hasattr(engine, "forward_batch"):
+        raise TypeError(f"engine must be 'catlens', 'vllm' or a running engine (VLLMEngine), got "
+                        f"{type(engine).__name__}.")
+    if model is not None and getattr(model, "name", None) != engine.model.name:
+        raise ValueError(f"model {getattr(model, 'name', model)!r} and the engine's model {engine.model.name!r} "
+                         f"differ; pass the engine's own model (engine.model) or the same checkpoint.")
+    return engine.model, engine
+
+
+def _left_padded(caps: Sequence[Mapping[str, Tensor]], key: str, width: int) -> Tensor:
+    """Per-prompt ``[T d]`` captures as one left-padded ``[batch width d]`` tensor (zeros at the pads)."""
+    d = caps[0][key].shape[-1]
+    x = torch.zeros(len(caps), width, d)
+    for b, c in enumerate(caps):
+        t = c[key]
+        x[b, width - t.shape[0]:] = t
+    return x
+
+
 @torch.inference_mode()
 def _forward_batch(model: LensModel, rendered: Sequence[str], texts: Sequence[str], sites: Sequence[Site],
-                   layers: Sequence[int], positions: Sequence[str], fmt: str) -> tuple[dict[str, Tensor], list[int]]:
+                   layers: Sequence[int], positions: Sequence[str], fmt: str,
+                   engine: Any = None) -> tuple[dict[str, Tensor], list[int]]:
     ids, mask = model.tokenize(rendered)
     width = ids.shape[1]
     need_masks = positions[0] in ("mean", "post_instruction")
@@ -1002,16 +1048,25 @@ def _forward_batch(model: LensModel, rendered: Sequence[str], texts: Sequence[st
     store: dict[str, list[Tensor]] = {s.value: [None] * len(layers) for s in sites}  # type: ignore[misc]
     slot = {hook_name(s, l): (s.value, i) for s in sites for i, l in enumerate(layers)}
 
+    def reduce(x: Tensor) -> Tensor:
+        if reduce_mask is not None:
+            m = reduce_mask.to(x.dtype).unsqueeze(-1)
+            return ((x * m).sum(1) / m.sum(1).clamp_min(1)).unsqueeze(1)
+        return x[:, offsets]
+
+    if engine is not None:  # every prompt position from the engine, reduced exactly as below
+        caps = engine.forward_batch(rendered, sites, layers)
+        for s in sites:
+            for i, layer in enumerate(layers):
+                store[s.value][i] = reduce(_left_padded(caps, f"{s.value}.{layer % model.n_layers}", width)).float()
+        acts = {s: torch.stack(v, dim=2) for s, v in store.items()}
+        return acts, mask.sum(1).tolist()
+
     def reader(site: str, i: int) -> Any:
         # Hook names can be aliases (hook_z is attn.o.hook_in), so each hook gets its own slot by closure.
         def read(act: Tensor, hook: Any) -> Tensor:
             x = act.flatten(2) if act.dim() == 4 else act  # z: [batch pos head d_head] -> [batch pos head*d_head]
-            if reduce_mask is not None:
-                m = reduce_mask.to(x.dtype).unsqueeze(-1)
-                value = ((x * m).sum(1) / m.sum(1).clamp_min(1)).unsqueeze(1)
-            else:
-                value = x[:, offsets]
-            store[site][i] = value.float().cpu()
+            store[site][i] = reduce(x).float().cpu()
             return act
 
         return read

@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_positive_int, default=256)
     p.add_argument("--out", required=True, help="store folder (rerun to resume)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other arguments")
+    p.add_argument("--engine", default="catlens", help="catlens (default) | vllm (pip install 'catlens[vllm]')")
+    p.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="GPUs per model (--engine vllm)")
     p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("report", help="rebuild report.html of a run folder from its saved tables",
@@ -299,6 +301,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     check_folder_target(args.out, "--out", "The store is a folder: choose another --out.")
     _check_cache_dir(args.cache_dir)
     resolve_spec(args.model, args.cache_dir)
+    from catlens.engines import check_engine
+
+    check_engine(args.engine)
     prompts = load_prompts(args.prompts, data_dir=args.data_dir)
     if args.split:
         every, prompts = prompts, prompts.where(split=args.split)
@@ -309,10 +314,17 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             raise ValueError(f"--split {args.split!r} leaves no prompts of {args.prompts!r}; {fix}.")
     if not len(prompts):
         raise ValueError(f"--prompts {args.prompts!r} holds no prompts; give a prompt set with at least one prompt.")
-    model = load_model(args.model, cache=args.cache_dir)
+    engine = None
+    if args.engine == "vllm":  # the same store, computed by vLLM (catlens.engines.vllm)
+        from catlens.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine(args.model, cache=args.cache_dir, tensor_parallel_size=args.tensor_parallel_size)
+        model = engine.model
+    else:
+        model = load_model(args.model, cache=args.cache_dir)
     store = collect(model, prompts, sites=sites, layers=layers, positions=positions,
                     fmt=args.fmt, batch_size=args.batch_size, shard_size=args.shard_size, out=args.out,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, engine=engine)
     print(f"{store!r}\nwrote {args.out}")
     return 0
 

@@ -39,13 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from catlens import decisions
 from catlens.steer import (
     BatchContext,
     Rows,
     Session,
     SteeringPolicy,
     as_policy,
-    positions_window,
     reading,
 )
 
@@ -170,15 +170,10 @@ def _prepare_batch(model: Any, items: Sequence[_Item], *, fmt: str, system: str 
 
 
 def _read_spec(policy: SteeringPolicy | None) -> dict[str, tuple[Any, int, str]]:
-    """What ``policy``'s decisions read from its unsteered prefill: ``"gate:<i>"`` (the gate's reads, in order) and
-    ``"router"`` (a probe router) -> ``(site, layer, pool)``; empty without them."""
-    spec: dict[str, tuple[Any, int, str]] = {}
-    if policy is not None and policy.gate is not None:
-        for i, (site, layer, pool) in enumerate(policy.gate.feature_reads):
-            spec[f"gate:{i}"] = (site, layer, pool)
-    if policy is not None and policy.router is not None and policy.router.kind == "probe":
-        spec["router"] = (policy.router.site, policy.router.layer, "last")
-    return spec
+    """What ``policy``'s decisions read: role -> ``(site, layer, pool)`` (:func:`catlens.decisions.reads` and
+    :func:`catlens.decisions.read_pools`)."""
+    pools = decisions.read_pools(policy)
+    return {role: (site, layer, pools[role]) for role, (site, layer) in decisions.reads(policy).items()}
 
 
 def _read_key(site: Any, layer: int, pool: str) -> str:
@@ -186,116 +181,35 @@ def _read_key(site: Any, layer: int, pool: str) -> str:
 
 
 def _rerun_scope(policy: SteeringPolicy) -> str:
-    """What a decision changes: 'none' (generated tokens only), 'last' (the last prompt token), 'all'."""
-    scope = "none"
-    for iv in policy.interventions:
-        pos = iv.positions
-        if pos == "generated":
-            continue
-        if pos == "last_prompt" or pos == (-1,) or positions_window(pos) is not None:
-            scope = "last" if scope == "none" else scope
-        else:
-            return "all"
-    return scope
+    """What a decision changes (:func:`catlens.decisions.rerun_scope`)."""
+    return decisions.rerun_scope(policy)
 
 
 def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor | None,
             tokens: Any, rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
-    """Fill ``rows`` from the router and the gate (the router first: a gate may have thresholds per category);
-    return the per-row decision records."""
-    B = len(items)
-    gates: list[dict | None] = [None] * B
-    routes: list[dict | None] = [None] * B
-    r = policy.router
-    if r is not None:
-        if r.kind == "refusal_tokens":
-            from catlens.refusal import special_token_probs
+    """Fill ``rows`` from the gate and router (:func:`catlens.decisions.decide`); this engine supplies the reads and
+    the refusal-token probabilities at the first response position."""
+    probs = lo = None
+    if decisions.needs_logits(policy):
+        from catlens.refusal import special_token_probs
 
-            cols = [tokens.token_of(c) for c in r.categories]
-            ids = [model.token_id(t) for t in cols]
-            probs = special_token_probs(logits, ids)
-            choice = probs.argmax(dim=1).tolist()
-            extra = [{"p": float(probs[b, choice[b]])} for b in range(B)]
-        elif r.kind == "probe":
-            scores = reads["router"] @ r.weight.T.to(reads["router"].device) + r.bias.to(reads["router"].device)
-            choice = scores.argmax(dim=1).tolist()
-            extra = [{"logit": float(scores[b, choice[b]])} for b in range(B)]
-        else:  # fixed: the prompt's own category
-            choice, extra = [], []
-            for it in items:
-                if it.category not in r.categories:
-                    raise ValueError(f"router kind 'fixed' needs each prompt's category among {list(r.categories)}; "
-                                     f"prompt {it.id!r} has category {it.category!r}.")
-                choice.append(r.categories.index(it.category))
-                extra.append({})
-        for b in range(B):
-            cat = r.categories[choice[b]]
-            for i, iv in enumerate(policy.interventions):
-                if iv.kind != "low_rank" and iv.n_directions > 1:
-                    rows.direction[i][b] = iv.direction_index(cat)
-            routes[b] = {"kind": r.kind, "category": cat, **extra[b]}
-    if policy.gate is not None:
-        g = policy.gate
-        lo = None
-        if g.logodds:
+        if policy.router is not None and policy.router.kind == "refusal_tokens":
+            probs = special_token_probs(logits, decisions.router_token_ids(policy, tokens, model.token_id))
+        if policy.gate is not None and policy.gate.logodds:
             from catlens.steer import refusal_logodds
 
             lo = refusal_logodds(logits, [model.token_id(t) for t in tokens.all_tokens[:-1]])
-        score = g.score(g.features([reads[f"gate:{i}"] for i in range(len(g.feature_reads))], lo))
-        for b in range(B):
-            cat = routes[b]["category"] if routes[b] else None
-            outcome = g.outcome(float(score[b]), cat)
-            c = policy.toward if outcome == "toward" else policy.away if outcome == "away" else None
-            for i in range(len(policy.interventions)):
-                rows.active[i][b] = c is not None
-                rows.coeff[i][b] = 0.0 if c is None else c
-            lower, upper = g.bounds(cat)
-            gates[b] = {"score": float(score[b]), "threshold": upper, "lower": lower,
-                        "outcome": outcome if c is not None else "none", "zone": outcome,
-                        "flagged": outcome == "toward", "coeff": c}
-    return gates, routes
+    return decisions.decide(policy, rows, reads=reads, router_probs=probs, logodds=lo,
+                            categories=[it.category for it in items], ids=[it.id for it in items])
 
 
 def _apply_row_overrides(policy: SteeringPolicy, rows: Rows, overrides: Mapping[str, Sequence[Any]] | None,
                          batch: Sequence[int]) -> None:
-    if not overrides:
-        return
-    for key, values in overrides.items():
-        for j, idx in enumerate(batch):
-            v = values[idx]
-            for i, iv in enumerate(policy.interventions):
-                if key == "coeff":
-                    rows.coeff[i][j] = float(v)
-                elif key == "active":
-                    rows.active[i][j] = bool(v)
-                elif key == "direction":
-                    rows.direction[i][j] = iv.direction_index(v) if isinstance(v, str) else int(v)
+    decisions.apply_overrides(policy, rows, overrides, batch)
 
 
 def _check_overrides(policy: SteeringPolicy | None, overrides: Mapping[str, Sequence[Any]] | None, n: int) -> None:
-    if not overrides:
-        return
-    if policy is None:
-        raise ValueError("rows= needs a steering policy (steer=...).")
-    import math
-
-    for key, values in overrides.items():
-        if key not in ("coeff", "active", "direction"):
-            from catlens.errors import unknown_name_message
-
-            raise ValueError(unknown_name_message("per-row parameter", key, ["active", "coeff", "direction"]))
-        if len(values) != n:
-            raise ValueError(f"rows[{key!r}] has {len(values)} entries for {n} prompts; give one per prompt.")
-        if key == "coeff" and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ValueError("rows['coeff'] must hold finite numbers.")
-        if key == "direction":
-            for iv in policy.interventions:
-                for v in values:
-                    if isinstance(v, str):
-                        iv.direction_index(v)
-                    elif not 0 <= int(v) < iv.n_directions:
-                        raise ValueError(f"rows['direction'] value {v} is out of range for {iv.n_directions} "
-                                         f"directions.")
+    decisions.check_overrides(policy, overrides, n)
 
 
 def _pick(logits: Tensor, sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -409,8 +323,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
                             if first_probs is not None else None),
             "refusal_score": float(first_probs[b, :-1].sum()) if first_probs is not None else None,
             "gate": gates[b], "route": routes[b],
-            "steer": ({"active": [bool(a[b]) for a in rows.active], "coeff": [float(c[b]) for c in rows.coeff],
-                       "direction": [int(d[b]) for d in rows.direction]} if rows is not None else None),
+            "steer": decisions.steer_record(rows, b),
             "seconds": seconds / B,
         }
         records.append(rec)
@@ -647,14 +560,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
 
 
 def _policy_digest(policy: SteeringPolicy | None) -> str | None:
-    if policy is None:
-        return None
-    spec, tensors = policy.to_plain()
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].numpy().tobytes())
-    return h.hexdigest()
+    return decisions.digest(policy)
 
 
 def _jsonable(x: Any) -> Any:
@@ -727,6 +633,9 @@ def add_cli(sub: Any) -> None:
                                                  "on refusal-token models, else substring)")
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--engine", default="catlens", help="catlens (default) | vllm (pip install 'catlens[vllm]')")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model with --engine vllm")
+    p.add_argument("--engine-dtype", default="float32", help="float32 | bfloat16 | float16 with --engine vllm")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -751,6 +660,9 @@ def _cmd_generate(args: Any) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a folder.")
+    from catlens.engines import check_engine
+
+    check_engine(args.engine)
     policy = SteeringPolicy.load(args.policy) if args.policy else None
     resolve_spec(args.model, args.cache_dir)
     prompts = load_prompts(args.prompts, data_dir=args.data_dir)
@@ -761,10 +673,20 @@ def _cmd_generate(args: Any) -> int:
     items = list(prompts)[: args.limit] if args.limit else list(prompts)
     if not items:
         raise ValueError(f"no prompts left in {args.prompts!r} after --split {args.split} --label {args.label}.")
-    model = load_model(args.model, cache=args.cache_dir)
-    records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       sample=args.sample, temperature=args.temperature, seed=args.seed,
-                       allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
+    if args.engine == "vllm":  # the same records and files from vLLM (catlens.engines.vllm)
+        from catlens.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine(args.model, cache=args.cache_dir, dtype=args.engine_dtype,
+                            tensor_parallel_size=args.tensor_parallel_size)
+        model = engine.model
+        records = engine.generate(items, policy, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                                  temperature=args.temperature, seed=args.seed, allow_transfer=args.transfer,
+                                  out=out, overwrite=args.overwrite)
+    else:
+        model = load_model(args.model, cache=args.cache_dir)
+        records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           sample=args.sample, temperature=args.temperature, seed=args.seed,
+                           allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
     tokens, _ = refusal_token_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
     # every judge that applies to this model runs; the default one fills 'refused', the others go into the

