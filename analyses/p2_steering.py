@@ -756,7 +756,8 @@ def run_p2(model: Any, ps: Any, info: dict[str, Any], plan: Plan, run: Any) -> d
     from tqdm.auto import tqdm
 
     from catlens.cache import collect
-    from catlens.generation import _refusal_ids, generate
+    from catlens.generation import generate
+    from catlens.refusal import refusal_token_ids as _refusal_ids
     from catlens.judges import judge_records
     from catlens.metrics import answered
     from catlens.probes import fit_router_probe

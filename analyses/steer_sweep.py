@@ -47,23 +47,11 @@ log = logging.getLogger("analyses.steer_sweep")
 METHODS = ("one_vs_benign", "one_vs_rest")
 
 
-def _directions(method: str, harm_by_cat: dict[str, torch.Tensor], benign: torch.Tensor, layers: Sequence[int]) -> Any:
-    from catlens import directions as D
-
-    if method == "one_vs_benign":
-        return D.one_vs_benign(harm_by_cat, benign, normalize=True, layers=layers)
-    if method == "one_vs_rest":
-        return D.one_vs_rest(harm_by_cat, normalize=True, layers=layers)
-    from catlens.errors import unknown_name_message
-
-    raise ValueError(unknown_name_message("method", method, METHODS))
-
-
 def _judge(model: Any) -> tuple[str, Any]:
-    from catlens.generation import _refusal_ids
     from catlens.judges import get_judge
+    from catlens.refusal import refusal_token_ids
 
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     if tokens is not None:
         return "refusal_token", get_judge("refusal_token", tokens=tokens)
     return "substring", get_judge("substring")
@@ -89,10 +77,12 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     import pandas as pd
 
     from catlens.cache import collect
-    from catlens.generation import _refusal_ids, generate
+    from catlens.directions import fit_directions
+    from catlens.generation import generate
     from catlens.metrics import binomial_se, wilson_interval
     from catlens.probes import fit_gate, fit_router_probe, gate_scores
     from catlens.prompts import check_leakage
+    from catlens.refusal import refusal_token_ids
     from catlens.steer import Intervention, Router, SteeringPolicy, model_fingerprint
 
     for m in methods:
@@ -124,7 +114,7 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     harm_by_cat = {c: X[torch.tensor(((tr_frame.label == "harmful") & (tr_frame.category == c)).to_numpy())]
                    for c in cats}
     ref_norm = X.norm(dim=-1).mean(0)  # [layer]
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     judge_name, judge = _judge(model)
 
     def judged(records: list[dict[str, Any]]) -> dict[str, bool]:
@@ -157,7 +147,7 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
             router = fit_router_probe(X[harm_rows, li], list(tr_frame[tr_frame.label == "harmful"].category),
                                       layer=layer)
         for method in methods:
-            dirs = _directions(method, harm_by_cat, X[~is_h], layers)
+            dirs = fit_directions(harm_by_cat, method, benign=X[~is_h], normalize=True, layers=layers)
             vecs = dirs.at(layer)
             iv = Intervention("resid_post", layer, vecs, labels=tuple(dirs.categories), positions=positions,
                               normalize=True, scale=scale, ref_norm=float(ref_norm[li]) if scale == "norm" else None)
@@ -261,7 +251,7 @@ def _pareto(table: Any) -> list[bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from catlens.model import load_model
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
     from catlens.runs import RunDir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from catlens.errors import check_folder_target, unknown_name_message
+from catlens.options import NAMED_POSITIONS, parse_layers, parse_positions
 
 log = logging.getLogger("catlens")
 
@@ -33,42 +34,6 @@ _USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsEr
 # "--positions=-3,-1" (argparse would take "-3,-1" for an option)
 _NEGATIVE_VALUE_OPTIONS = ("--positions", "--layers")
 _NEGATIVE_VALUE = re.compile(r"^-\d")
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"all"``/None -> None (every layer); ``"0-3,10,-1"`` -> [0, 1, 2, 3, 10, -1].
-
-    >>> parse_layers("0-3,10,-1")
-    [0, 1, 2, 3, 10, -1]
-    >>> parse_layers("5-2")
-    Traceback (most recent call last):
-    ...
-    ValueError: --layers '5-2': the range 5-2 is empty (its start is after its end); write it as '2-5'.
-    """
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                start, stop = int(a), int(b)
-                if start > stop:
-                    raise ValueError(f"--layers {text!r}: the range {part} is empty (its start is after its end); "
-                                     f"write it as '{stop}-{start}'.")
-                out.extend(range(start, stop + 1))
-            else:
-                out.append(int(part))
-        except ValueError as e:
-            if str(e).startswith("--layers"):
-                raise
-            raise ValueError(f"--layers {text!r}: cannot read {part!r}; use 'all', single layers and ranges like "
-                             f"'0-5,10,-1'.") from None
-    repeated = sorted({x for x in out if out.count(x) > 1})
-    if repeated:
-        raise ValueError(f"--layers {text!r}: layer(s) {repeated} listed more than once; list each layer once.")
-    return out
 
 
 def parse_floats(text: str | None, name: str, *, example: str = "0.1,0.2", positive: bool = False,
@@ -110,19 +75,18 @@ def parse_floats(text: str | None, name: str, *, example: str = "0.1,0.2", posit
 
 def _positions(text: str) -> str | list[int]:
     """``--positions``: a named position, or comma-separated negative offsets like ``-3,-1``."""
-    from catlens.cache import _NAMED_POSITIONS
 
     t = text.strip()
-    if t in _NAMED_POSITIONS:
+    if t in NAMED_POSITIONS:
         return t
     if t and t[0] in "-+0123456789":
         try:
             return [int(p) for p in t.split(",")]
         except ValueError:
             raise ValueError(f"--positions {text!r}: cannot read it as offsets; give comma-separated negative "
-                             f"offsets like '-3,-1', or one of {', '.join(_NAMED_POSITIONS)}.") from None
+                             f"offsets like '-3,-1', or one of {', '.join(NAMED_POSITIONS)}.") from None
     raise ValueError("--positions: " + unknown_name_message(
-        "positions", text, _NAMED_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
+        "positions", text, NAMED_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
 
 
 def _positive_int(text: str) -> int:
@@ -282,7 +246,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from catlens.cache import _parse_positions, collect
+    from catlens.cache import collect
     from catlens.datasets import load_prompts
     from catlens.model import FORMATS, Site, load_model, resolve_spec
 
@@ -293,7 +257,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise ValueError(f"--sites {args.sites!r} names no site; give one or more of "
                          f"{', '.join(s.value for s in Site)}, comma-separated (e.g. 'resid_post').")
     positions = _positions(args.positions)
-    _parse_positions(positions)
+    parse_positions(positions)
     if args.fmt not in FORMATS:
         raise ValueError("--fmt: " + unknown_name_message("prompt format", args.fmt, FORMATS))
     check_folder_target(args.out, "--out", "The store is a folder: choose another --out.")

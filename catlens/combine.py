@@ -88,8 +88,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from catlens.errors import unknown_name_message
-from catlens.finetune.training import NonFiniteLossError
+from catlens.errors import NonFiniteLossError, unknown_name_message
 from catlens.model import Site
 from catlens.steer import Gate, Intervention, SteeringPolicy, model_fingerprint, steering
 
@@ -100,7 +99,6 @@ __all__ = [
     "VARIANTS",
     "FORWARDS",
     "CURVE_COLUMNS",
-    "NonFiniteLossError",
     "init_basis",
     "train_low_rank",
     "LowRankResult",

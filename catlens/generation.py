@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from catlens.errors import GenerationCancelled
 from catlens.steer import (
     BatchContext,
     Rows,
@@ -51,10 +52,6 @@ from catlens.steer import (
 log = logging.getLogger(__name__)
 
 SPECIAL_MODES = ("auto", "first_only", "free")
-
-
-class GenerationCancelled(RuntimeError):
-    """Raised by :func:`generate` when its ``should_stop`` callback returns True (the explorer's cancel flag)."""
 
 
 @dataclass(frozen=True)
@@ -94,16 +91,6 @@ def _items(prompts: Any) -> list[_Item]:
 
 def _row_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def _refusal_ids(model: Any) -> tuple[Any, list[int]]:
-    from catlens.refusal import RefusalTokens
-
-    try:
-        tokens = RefusalTokens.from_model(model)
-        return tokens, tokens.ids(model.tokenizer)
-    except ValueError:
-        return None, []
 
 
 class _Decoder:
@@ -447,8 +434,10 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     if policy is not None:
         policy.check_model(model, allow_transfer=allow_transfer)
     _check_overrides(policy, rows, len(items))
-    tokens, token_ids = _refusal_ids(model)
-    config = {"model": model.name, "policy": _policy_digest(policy), "max_new_tokens": max_new_tokens,
+    from catlens.refusal import refusal_token_ids
+
+    tokens, token_ids = refusal_token_ids(model)
+    config = {"model": model.name, "policy": policy_digest(policy), "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
               "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
               "special_tokens": special_tokens, "rows": _jsonable(rows), "stop_at_eos": stop_at_eos,
@@ -550,7 +539,9 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
         from catlens.errors import unknown_name_message
 
         raise ValueError(unknown_name_message("policy in rows", sorted(unknown)[0], list(resolved)))
-    tokens, token_ids = _refusal_ids(model)
+    from catlens.refusal import refusal_token_ids
+
+    tokens, token_ids = refusal_token_ids(model)
     refuse_ids = token_ids[:-1] if token_ids else []
     respond_id = token_ids[-1] if token_ids else None
 
@@ -630,7 +621,8 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
     return pd.DataFrame([r for name in resolved for r in out[name]], columns=list(FIRST_POSITION_COLUMNS))
 
 
-def _policy_digest(policy: SteeringPolicy | None) -> str | None:
+def policy_digest(policy: SteeringPolicy | None) -> str | None:
+    """sha256 of a policy's plain form (spec and tensors): the key of cached results computed under it."""
     if policy is None:
         return None
     spec, tensors = policy.to_plain()
@@ -720,7 +712,7 @@ def _cmd_generate(args: Any) -> int:
     from catlens.judges import JUDGES, agreement_table, judge_records
     from catlens.metrics import rate_table
     from catlens.model import load_model, resolve_spec
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
     from catlens.runs import write_text_atomic
 
     # every cheap check before loading anything or creating a folder
@@ -749,7 +741,9 @@ def _cmd_generate(args: Any) -> int:
     records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        sample=args.sample, temperature=args.temperature, seed=args.seed,
                        allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
-    tokens, _ = _refusal_ids(model)
+    from catlens.refusal import refusal_token_ids
+
+    tokens, _ = refusal_token_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
     # every judge that applies to this model runs; the default one fills 'refused', the others go into the
     # agreement table (percent agreement and Cohen's kappa)

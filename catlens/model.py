@@ -29,7 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from catlens.errors import check_folder_target, unknown_name_message
-from catlens.runs import atomic_path, package_version, package_versions, sha256_file, sha256_text
+from catlens.runs import atomic_path, package_versions, read_finetune_manifest, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FORMATS = ("chat", "raw", "p1_header", "p1_append")
 """Prompt formats of :meth:`LensModel.format`."""
 _VERSIONED = ("catlens", "transformer-lens", "transformers", "torch")
-_version = package_version  # kept for callers that import it from here (catlens.finetune)
 
 
 # ---------------------------------------------------------------------------------------------- hook names
@@ -507,9 +506,7 @@ def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], 
         source.update(json.loads((folder / "catlens_source.json").read_text()), kind="embedded", folder=str(folder))
         return source
     source["folder"] = str(folder)
-    from catlens.finetune.manifest import read_manifest
-
-    finetune = read_manifest(folder)
+    finetune = read_finetune_manifest(folder)
     if finetune is not None:
         source["finetune"] = finetune
     weights = sorted(folder.glob("*.safetensors"))

@@ -89,7 +89,7 @@ def _cases() -> list[Case]:
     from catlens import model as M
     from catlens import prompts as P
     from catlens import taxonomy as T
-    from catlens.cli import parse_layers
+    from catlens.options import parse_layers
 
     def prompt(**kw: Any) -> Any:
         # fields set after construction: under the test suite's runtime type checks (jaxtyping + beartype) a wrong
@@ -425,7 +425,7 @@ def test_negative_option_values_in_the_form_the_help_shows(argv, tmp_path):
 
 
 def test_layer_ranges_must_not_be_empty():
-    from catlens.cli import parse_layers
+    from catlens.options import parse_layers
 
     assert parse_layers("2-5") == [2, 3, 4, 5] and parse_layers("-3--1") == [-3, -2, -1]
     with pytest.raises(ValueError, match="'5-2'.*'2-5'"):
@@ -450,25 +450,11 @@ def test_data_list_without_the_default_folder_still_lists(monkeypatch):
         D.list_datasets()
 
 
-def test_load_prompts_lives_with_the_loaders():
-    import subprocess
-
-    import catlens
-    import catlens.datasets
-    import catlens.prompts
-
-    assert catlens.load_prompts is catlens.datasets.load_prompts is catlens.prompts.load_prompts
-    assert catlens.prompts.load_builtin is catlens.datasets.load_builtin
-    code = "import sys, catlens.prompts; assert 'catlens.datasets' not in sys.modules, 'prompts imports datasets'"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 def test_one_helper_for_package_versions():
-    from catlens import model, runs
+    from catlens import runs
 
     versions = runs.package_versions(["torch", "no-such-distribution-catlens"])
     assert versions["torch"] and versions["no-such-distribution-catlens"] is None and "python" in versions
-    assert model._version is runs.package_version  # the name catlens.finetune imports
 
 
 @pytest.mark.slow

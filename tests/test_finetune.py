@@ -23,6 +23,7 @@ from catlens.finetune import (
     prototype_rows,
     read_manifest,
 )
+from catlens.errors import NonFiniteLossError
 from catlens.prompts import Prompt, PromptSet, check_leakage
 
 
@@ -444,15 +445,6 @@ def test_config_hash_is_stable_and_device_free():
     assert get_config("quick", dtype="bfloat16").hash != CONFIGS["quick"].hash
 
 
-def test_one_chat_rendering():
-    import catlens.finetune
-    import catlens.model
-
-    assert catlens.finetune.render_chat is catlens.model.render_chat
-    assert not hasattr(catlens.finetune.targets, "render_chat") or \
-        catlens.finetune.targets.render_chat is catlens.model.render_chat
-
-
 def test_legacy_manifest_still_reads_and_reuses(tmp_path):
     from catlens.finetune import ensure_refusal_model, read_manifest
 
@@ -513,7 +505,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_model_dir, tmp_path,
 
     monkeypatch.setattr(T, "response_loss", poisoned)
     cfg = _tiny_config(tiny_model_dir, steps=5, checkpoint_every=0)
-    with pytest.raises(T.NonFiniteLossError, match="at step 3 of 5"):
+    with pytest.raises(NonFiniteLossError, match="at step 3 of 5"):
         finetune(cfg, data=_tiny_data(), out=tmp_path / "nan", cache=tmp_path / "cache", show_progress=False)
     assert not (tmp_path / "nan").exists()
     assert not (tmp_path / ".nan.work").exists()  # no checkpoint was written: nothing is left to resume

@@ -13,15 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from catlens.errors import NonFiniteLossError
 from catlens.finetune.config import FinetuneConfig
 from catlens.finetune.targets import Example
 from catlens.runs import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite; the message names the step."""
 
 
 def make_schedule(sides: Sequence[str], steps: int, batch_size: int, seed: int) -> list[list[int]]:
