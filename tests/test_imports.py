@@ -173,3 +173,10 @@ def test_pure_modules_import_no_model_code(module):
             todo += graph[m]
     assert "catlens.model" not in seen, f"{module} reaches catlens.model through {sorted(seen)}"
 
+
+def test_the_package_runs_no_repository_script():
+    """The library never loads a file of the checkout as code (the report once ran figures/*.py by path): what it
+    draws comes from catlens.figures, so it works installed anywhere."""
+    found = [f"{f.relative_to(ROOT)}" for f in package_modules().values()
+             if "spec_from_file_location" in f.read_text() or "run_path(" in f.read_text()]
+    assert not found, f"modules that execute files by path: {found}"
