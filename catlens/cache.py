@@ -58,7 +58,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from catlens.errors import StoreError, unknown_name_message
-from catlens.options import parse_positions
+from catlens.options import parse_read_positions
 from catlens.model import LensModel, Site, hook_name
 from catlens.runs import atomic_path, sha256_file, write_json_atomic
 
@@ -674,7 +674,7 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
     if Site.PATTERN in site_list:
         raise ValueError("the attention pattern has a prompt-dependent shape and is not stored; read it with "
                          "model.bridge.run_with_cache(...) and catlens.model.hook_name('pattern', layer).")
-    pos_names = parse_positions(positions)
+    pos_names = parse_read_positions(positions)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: choose float32, float16 or bfloat16.")
     store_dtype = getattr(torch, dtype)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from catlens.errors import check_folder_target, unknown_name_message
-from catlens.options import NAMED_POSITIONS, parse_layers, parse_positions
+from catlens.options import READ_POSITIONS, parse_layers, parse_read_positions
 
 log = logging.getLogger("catlens")
 
@@ -77,16 +77,16 @@ def _positions(text: str) -> str | list[int]:
     """``--positions``: a named position, or comma-separated negative offsets like ``-3,-1``."""
 
     t = text.strip()
-    if t in NAMED_POSITIONS:
+    if t in READ_POSITIONS:
         return t
     if t and t[0] in "-+0123456789":
         try:
             return [int(p) for p in t.split(",")]
         except ValueError:
             raise ValueError(f"--positions {text!r}: cannot read it as offsets; give comma-separated negative "
-                             f"offsets like '-3,-1', or one of {', '.join(NAMED_POSITIONS)}.") from None
+                             f"offsets like '-3,-1', or one of {', '.join(READ_POSITIONS)}.") from None
     raise ValueError("--positions: " + unknown_name_message(
-        "positions", text, NAMED_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
+        "positions", text, READ_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
 
 
 def _positive_int(text: str) -> int:
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="page to write (default: RUN_DIR/report.html)")
     p.add_argument("--screenshot", default=None, metavar="PNG", help="also a full-page PNG (needs playwright and "
                                                                      "a Chromium)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any section is not complete (missing or "
+                                                         "partial tables), not only when one fails")
     p.set_defaults(func=_cmd_report)
 
     _add_finetune_parser(sub)
@@ -257,7 +259,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise ValueError(f"--sites {args.sites!r} names no site; give one or more of "
                          f"{', '.join(s.value for s in Site)}, comma-separated (e.g. 'resid_post').")
     positions = _positions(args.positions)
-    parse_positions(positions)
+    parse_read_positions(positions)
     if args.fmt not in FORMATS:
         raise ValueError("--fmt: " + unknown_name_message("prompt format", args.fmt, FORMATS))
     check_folder_target(args.out, "--out", "The store is a folder: choose another --out.")
@@ -360,6 +362,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
                              f"Chromium (apt-get install -y chromium); {rep.path} was written.") from None
         errors = screenshot(rep.path, args.screenshot)
         print(f"wrote {args.screenshot}" + (f" ({len(errors)} browser console error(s))" if errors else ""))
+    failed = [s.id for s in rep.sections if s.status == "error"]
+    incomplete = [s.id for s in rep.sections if s.status in ("partial", "not run")]
+    if failed:
+        print(f"catlens report: section(s) {', '.join(failed)} could not be drawn (see the page and the warnings "
+              f"above); exit 1.", file=sys.stderr)
+        return 1
+    if all(s.status == "not run" for s in rep.sections):
+        print(f"catlens report: {args.run_dir!r} holds none of the tables a report draws (is it a run folder of "
+              f"analyses/main.py?); exit 1.", file=sys.stderr)
+        return 1
+    if args.strict and incomplete:
+        print(f"catlens report --strict: section(s) {', '.join(incomplete)} are incomplete (missing tables listed "
+              f"above); exit 1.", file=sys.stderr)
+        return 1
     return 0
 
 

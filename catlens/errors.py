@@ -93,6 +93,18 @@ def reading(path: str | os.PathLike[str], what: str = "file", fix: str = "") -> 
         raise
 
 
+def check_writable_folder(path: str | os.PathLike[str], what: str, fix: str = "") -> None:
+    """:func:`check_folder_target`, and the folder (or, when it does not exist yet, the nearest existing folder
+    above it) must be writable: a ``PermissionError`` naming both otherwise, before any work starts."""
+    check_folder_target(path, what, fix)
+    p = Path(path).expanduser().absolute()
+    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == p else f"would be created in {str(existing)!r}, which is"
+        raise PermissionError(f"{what} {str(path)!r} {where} not writable by this user; choose a folder you can "
+                              f"write to. {fix}".rstrip())
+
+
 def check_folder_target(path: str | os.PathLike[str], what: str, fix: str = "") -> None:
     """Raise ``NotADirectoryError`` when ``path`` (a folder to be used or created) is a file or lies under one.
 

@@ -2,9 +2,12 @@
 
     catlens explore --model <refusal-tuned folder> [--policy runs/sweep/policy] [--port 8050]
 
-    >>> from catlens.explore import create_app, serve                  # doctest: +SKIP
-    >>> app = create_app(model, policy=None)                            # doctest: +SKIP
-    >>> server = serve(app, port=8050)   # a background thread; server.url, server.stop()   # doctest: +SKIP
+    >>> from catlens.explore import create_app, serve
+    >>> app = create_app(model, policy=None)
+    >>> server = serve(app, port=0)      # a background thread on a free port (the command line uses 8050)
+    >>> server.url.startswith("http://127.0.0.1:")
+    True
+    >>> server.stop()
 
 The page (Dash; everything is served from this machine, no network is used) takes a prompt (typed, or picked from
 the built-in prompts, the ``--prompts`` sets and the benchmark sets found in the data folder) and the steering

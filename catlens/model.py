@@ -341,6 +341,12 @@ class LensModel:
         return int(self.bridge.cfg.d_model)
 
     @property
+    def n_ctx(self) -> int | None:
+        """The context length (the checkpoint's ``max_position_embeddings``); None when the config does not say."""
+        n = getattr(getattr(self.hf, "config", None), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @property
     def n_heads(self) -> int:
         return int(self.bridge.cfg.n_heads)
 

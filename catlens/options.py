@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 from catlens.errors import unknown_name_message
 
-NAMED_POSITIONS = ("last", "mean", "mean_all", "post_instruction")
+READ_POSITIONS = ("last", "mean", "mean_all", "post_instruction")
 """The named token positions a collection can read (besides negative offsets from the end of the prompt)."""
 
 
@@ -45,16 +45,16 @@ def parse_layers(text: str | None) -> list[int] | None:
     return out
 
 
-def parse_positions(positions: str | Sequence[int]) -> tuple[str, ...]:
+def parse_read_positions(positions: str | Sequence[int]) -> tuple[str, ...]:
     """The token positions a collection reads: one named position, or negative offsets from the end of the prompt,
     as the store's position labels.
 
-    >>> parse_positions("last"), parse_positions([-3, -1])
+    >>> parse_read_positions("last"), parse_read_positions([-3, -1])
     (('last',), ('-3', '-1'))
     """
     if isinstance(positions, str):
-        if positions not in NAMED_POSITIONS:
-            raise ValueError(unknown_name_message("positions", positions, NAMED_POSITIONS,
+        if positions not in READ_POSITIONS:
+            raise ValueError(unknown_name_message("positions", positions, READ_POSITIONS,
                                                   "Or give a sequence of negative offsets like (-2, -1)."))
         return (positions,)
     offsets = tuple(int(p) for p in positions)

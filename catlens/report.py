@@ -318,6 +318,11 @@ def section_run(t: Tables) -> SectionResult:
     versions = manifest.get("versions") or {}
     commit = manifest.get("git_commit")
     dirty = " (uncommitted changes)" if manifest.get("git_dirty") else ""
+    if summary is None and "stages" in manifest:  # the main job's folder (a stage folder has no summary)
+        sec.missing.append("summary.json")
+        sec.text("summary.json is missing: the main job did not finish (or this folder was not written by "
+                 "analyses/main.py), so the total time and the summary's model are not shown; the rest comes from "
+                 "the manifests.")
     model = (summary or {}).get("model") or (manifest.get("models") or {}).get("model", {}).get("name")
     pairs = [("status", manifest.get("status")), ("command", " ".join(map(str, manifest.get("command") or []))),
              ("model", model), ("git commit", f"{commit}{dirty}" if commit else None),
