@@ -180,3 +180,26 @@ def test_the_package_runs_no_repository_script():
     found = [f"{f.relative_to(ROOT)}" for f in package_modules().values()
              if "spec_from_file_location" in f.read_text() or "run_path(" in f.read_text()]
     assert not found, f"modules that execute files by path: {found}"
+
+
+def test_every_public_name_is_defined_where_catlens_says():
+    """``catlens.<name>`` is imported lazily from the module ``_EXPORTS`` names; each must define it at top level
+    (read from the source: no import)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    exports = next(ast.literal_eval(n.value) for n in tree.body
+                   if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_EXPORTS")
+    modules = package_modules()
+    missing = []
+    for name, module in exports.items():
+        body = ast.parse(modules[module].read_text()).body
+        defined = {n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        defined |= {n.target.id for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        defined |= {a.asname or a.name for n in body if isinstance(n, ast.ImportFrom) for a in n.names}
+        if name not in defined:
+            missing.append(f"{name} (from {module})")
+    assert not missing, f"catlens exports names its modules do not define: {missing}"
+    for verb in ("load_model", "load_prompts", "collect", "fit_directions", "separability", "fit_whitener",
+                 "orthonormal_basis", "SteeringPolicy", "generate", "judge_records", "rate_table", "train_low_rank",
+                 "build_report"):
+        assert verb in exports, verb
