@@ -14,6 +14,7 @@ from catlens import plotting
 from catlens.figures.anisotropy import make_figure, plotted
 from catlens.runs import load_table
 
+
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[str, Path]:
     table = load_table(Path(run_dir) / "anisotropy")
     out = Path(out_dir) if out_dir is not None else Path("figures/out") / Path(run_dir).name

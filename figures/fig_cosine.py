@@ -17,6 +17,7 @@ from catlens import plotting
 from catlens.figures.cosine import by_layer, default_layer, make_figure, make_layer_figure, select
 from catlens.runs import load_table
 
+
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True, direction: str | None = None,
          layer: int | None = None) -> dict[str, Path]:
     run_dir = Path(run_dir)

@@ -15,6 +15,7 @@ from catlens import plotting
 from catlens.figures.model_diff import at_layer, make_figure, make_layer_figure
 from catlens.runs import load_table
 
+
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True, layer: int | None = None) -> dict[str, Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "model_diff.parquet").exists():

@@ -24,6 +24,7 @@ from catlens.figures.p2_bars import (
     unsafe_table,
 )
 
+
 def main(run_dir: Path | Sequence[Path], out_dir: Path | None = None, png: bool = True,
          judge: str | None = None) -> dict[str, Path]:
     runs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]

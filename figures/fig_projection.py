@@ -14,6 +14,7 @@ from catlens import plotting
 from catlens.figures.projection import make_figure, select
 from catlens.runs import load_table
 
+
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True,
          layers: list[int] | None = None) -> dict[str, Path]:
     table = load_table(Path(run_dir) / "projections")

@@ -13,6 +13,7 @@ from catlens import plotting
 from catlens.figures.separability import METRICS, make_figure
 from catlens.runs import load_table
 
+
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[str, Path]:
     table = load_table(Path(run_dir) / "separability")
     data = table[table["metric"].isin(METRICS)]

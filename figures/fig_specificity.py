@@ -16,6 +16,7 @@ from catlens import plotting
 from catlens.figures.specificity import make_figure, panel_data
 from catlens.runs import load_table
 
+
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[str, Path]:
     run_dir = Path(run_dir)
     cells = load_table(run_dir / "specificity")

@@ -10,6 +10,7 @@ import pandas as pd
 
 from catlens import plotting
 
+
 def select(projections: pd.DataFrame, layers: list[int] | None = None) -> pd.DataFrame:
     if layers is None:
         tsne = projections[projections["method"] == "tsne"]
