@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test chromium clean
+.PHONY: setup demo test test-fast chromium clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ demo: setup chromium
 # the browser tests (tests/test_report.py) use the same Chromium; without it they are skipped with the reason
 test: setup chromium
 	$(BIN)/python -m pytest -q
+
+# the fast tier: everything that needs neither the real model (marked slow) nor a browser; tiny models only
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
 clean:
 	rm -rf $(VENV) runs figures/out

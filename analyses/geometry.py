@@ -55,7 +55,17 @@ from catlens.runs import RunDir, configure_process, sha256_file
 
 log = logging.getLogger("analyses.geometry")
 
-DIRECTION_SETS = ("one_vs_benign", "one_vs_rest", "one_vs_benign_orth", "p1", "p2_generic", "p2_matched", "p2_pruned")
+# direction set -> (registered method of catlens.directions, benign side, constructor options)
+DIRECTION_RECIPES: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "one_vs_benign": ("one_vs_benign", "benign", {}),
+    "one_vs_rest": ("one_vs_rest", None, {}),
+    "one_vs_benign_orth": ("one_vs_benign_orth", "benign", {}),
+    "p1": ("p1_mean_difference", "benign", {"tau": 1e-3}),
+    "p2_generic": ("p2_unsupervised", "generic", {}),
+    "p2_matched": ("p2_unsupervised", "matched", {}),
+    "p2_pruned": ("p2_pruned", "generic", {"quantile": 0.5, "pairing": "truncate"}),
+}
+DIRECTION_SETS = tuple(DIRECTION_RECIPES)
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,7 @@ class Args:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
-    from catlens.cli import parse_layers
+    from catlens.options import parse_layers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
@@ -239,32 +249,21 @@ def compute_directions(args: Args, a: Activations) -> dict[str, D.Directions]:
     generic_mask = fit & benign & idx["category"].isna().to_numpy()
     generic = a.acts[torch.from_numpy(np.flatnonzero(generic_mask))] if generic_mask.any() else benign_acts
     matched = _by_category(a.acts, idx, fit & benign)
+    sides = {"benign": benign_acts, "generic": generic, "matched": matched, None: None}
     out: dict[str, D.Directions] = {}
     for name in args.directions:
-        if name == "one_vs_benign":
-            out[name] = D.one_vs_benign(harmful_by_cat, benign_acts, **common)
-        elif name == "one_vs_rest":
-            if len(harmful_by_cat) >= 2:
-                out[name] = D.one_vs_rest(harmful_by_cat, **common)
-        elif name == "one_vs_benign_orth":
-            base = D.one_vs_benign(harmful_by_cat, benign_acts, **common)
-            r = D.refusal_direction(torch.cat(list(harmful_by_cat.values())), benign_acts)
-            out[name] = D.orthogonalize_against(base, r)
-        elif name == "p1":
-            out[name] = D.p1_mean_difference(harmful_by_cat, benign_acts, tau=1e-3,
-                                             top_k=min(200, a.acts.shape[-1]), **common)
-        elif name == "p2_generic":
-            out[name] = D.p2_unsupervised(harmful_by_cat, generic, **common)
-        elif name == "p2_matched":
-            if all(c in matched for c in harmful_by_cat):
-                out[name] = D.p2_unsupervised(harmful_by_cat, matched, **common)
-            else:
-                log.warning("p2_matched skipped: no benign look-alikes for %s",
-                            [c for c in harmful_by_cat if c not in matched])
-        elif name == "p2_pruned":
-            if min(len(x) for x in harmful_by_cat.values()) >= 2 and len(generic) >= 2:
-                out[name] = D.p2_pruned(harmful_by_cat, generic, quantile=0.5, pairing="truncate", seed=args.seed,
-                                        **common)
+        method, side, options = DIRECTION_RECIPES[name]
+        if name == "one_vs_rest" and len(harmful_by_cat) < 2:
+            continue
+        if name == "p2_matched" and not all(c in matched for c in harmful_by_cat):
+            log.warning("p2_matched skipped: no benign look-alikes for %s",
+                        [c for c in harmful_by_cat if c not in matched])
+            continue
+        if name == "p2_pruned":
+            if min(len(x) for x in harmful_by_cat.values()) < 2 or len(generic) < 2:
+                continue
+            options = {**options, "seed": args.seed}
+        out[name] = D.fit_directions(harmful_by_cat, method, benign=sides[side], **options, **common)
     return out
 
 

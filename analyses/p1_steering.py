@@ -483,7 +483,8 @@ def _gen_subsample(ps: Any, n_per_side: int, seed: int) -> Any:
 def generate_and_judge(model: Any, ps: Any, policy: Any, out: Path, *, tokens: int, batch_size: int,
                        allow_transfer: bool = False) -> Any:
     """Generate (resumable: ``out`` is a generation folder), judge with every applicable judge; a DataFrame."""
-    from catlens.generation import generate, refusal_token_ids
+    from catlens.generation import generate
+    from catlens.refusal import refusal_token_ids
     from catlens.judges import judge_records
 
     import pandas as pd
@@ -917,7 +918,7 @@ def first_position_cached(model: Any, ps: Any, policies: dict[str, Any], run: An
     computes only the policies it has not seen (sharing one prefill among them)."""
     import pandas as pd
 
-    from catlens.generation import _policy_digest, first_position
+    from catlens.generation import first_position, policy_digest as _policy_digest
     from catlens.runs import atomic_path
 
     root = run.path / folder

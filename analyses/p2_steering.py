@@ -859,7 +859,7 @@ def resolve_grid(model: Any, plan: Plan) -> tuple[list[tuple[int, ...]], list[in
 
 def resolve_judges(model: Any, plan: Plan) -> tuple[list[str], dict[str, Any]]:
     """The judges (primary first) and their options."""
-    from catlens.generation import refusal_token_ids
+    from catlens.refusal import refusal_token_ids
 
     tokens, _ = refusal_token_ids(model)
     judges = ["substring"] + (["refusal_token"] if tokens is not None else [])

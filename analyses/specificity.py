@@ -178,7 +178,7 @@ def assemble_prompts(categories_allowed: Sequence[str], *, prompts: str | None =
     allowed = set(CATEGORIES) | set(categories_allowed)
     info: dict[str, Any] = {}
     if prompts is not None:
-        from catlens.prompts import load_prompts
+        from catlens.datasets import load_prompts
 
         ps = load_prompts(prompts, categories=allowed)
         train = ps.where(split="train").rename("train")
@@ -465,7 +465,7 @@ def build_policies(dirs: Mapping[str, Any], *, toward: float, away: float, posit
 
 
 def _cache_key(model: Any, evals: Any, policies: Mapping[str, Any], batch_size: int) -> str:
-    from catlens.generation import _policy_digest
+    from catlens.generation import policy_digest as _policy_digest
     from catlens.steer import as_policy, model_fingerprint
 
     spec = {"model": model_fingerprint(model), "prompts": evals.content_hash, "ids": list(evals.ids),
@@ -955,7 +955,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     positions = setting["positions"] if setting else "last_prompt"
     if isinstance(positions, list):
         positions = tuple(positions)
-    from catlens.generation import refusal_token_ids
+    from catlens.refusal import refusal_token_ids
 
     tokens, _ = refusal_token_ids(model)
     if tokens is None:

@@ -48,21 +48,9 @@ log = logging.getLogger("analyses.steer_sweep")
 METHODS = ("one_vs_benign", "one_vs_rest")
 
 
-def _directions(method: str, harm_by_cat: dict[str, torch.Tensor], benign: torch.Tensor, layers: Sequence[int]) -> Any:
-    from catlens import directions as D
-
-    if method == "one_vs_benign":
-        return D.one_vs_benign(harm_by_cat, benign, normalize=True, layers=layers)
-    if method == "one_vs_rest":
-        return D.one_vs_rest(harm_by_cat, normalize=True, layers=layers)
-    from catlens.errors import unknown_name_message
-
-    raise ValueError(unknown_name_message("method", method, METHODS))
-
-
 def _judge(model: Any) -> tuple[str, Any]:
-    from catlens.generation import refusal_token_ids
     from catlens.judges import get_judge
+    from catlens.refusal import refusal_token_ids
 
     tokens, _ = refusal_token_ids(model)
     if tokens is not None:
@@ -90,10 +78,12 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     import pandas as pd
 
     from catlens.cache import collect
-    from catlens.generation import _refusal_ids, generate
+    from catlens.directions import fit_directions
+    from catlens.generation import generate
     from catlens.metrics import binomial_se, wilson_interval
     from catlens.probes import fit_gate, fit_router_probe, gate_scores
     from catlens.prompts import check_leakage
+    from catlens.refusal import refusal_token_ids
     from catlens.selection import mark, select, total_magnitude
     from catlens.steer import Intervention, Router, SteeringPolicy, model_fingerprint
 
@@ -159,7 +149,7 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
             router = fit_router_probe(X[harm_rows, li], list(tr_frame[tr_frame.label == "harmful"].category),
                                       layer=layer)
         for method in methods:
-            dirs = _directions(method, harm_by_cat, X[~is_h], layers)
+            dirs = fit_directions(harm_by_cat, method, benign=X[~is_h], normalize=True, layers=layers)
             vecs = dirs.at(layer)
             iv = Intervention("resid_post", layer, vecs, labels=tuple(dirs.categories), positions=positions,
                               normalize=True, scale=scale, ref_norm=float(ref_norm[li]) if scale == "norm" else None)
@@ -279,7 +269,7 @@ def _pareto(table: Any) -> list[bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from catlens.model import load_model
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
     from catlens.runs import RunDir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

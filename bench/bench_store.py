@@ -54,7 +54,7 @@ def _texts(n: int) -> list[str]:
     """``n`` distinct prompts cycling over the built-in set, every one with a suffix of the same width, so that
     batches of the same lengths recur whatever ``n`` is (a suffix only on the repeats made the larger runs' prompts
     longer, and so their forward passes bigger, than the smaller runs')."""
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
 
     base = load_prompts("builtin").texts
     return [f"{base[i % len(base)]} (variant {i // len(base):03d})" for i in range(n)]

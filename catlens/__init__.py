@@ -1,6 +1,11 @@
 """catlens: discover, measure and steer category-specific refusal directions in chat language models.
 
-``import catlens`` touches no disk, network or device: the public names below are imported on first use.
+``import catlens`` touches no disk, network or device: the public names below are imported on first use. They are
+the papers' verbs: load a model and prompts, collect activations, fit directions (``fit_directions``, any method of
+``catlens.directions.METHODS``), measure them (``separability``, ``cosine_matrix``, ``anisotropy``, ...), whiten
+and build the basis (``fit_whitener``, ``orthonormal_basis``, ``init_basis``), steer (``SteeringPolicy``,
+``fit_gate``), generate, judge (``judge_records``), rate (``rate_table``), train the low-rank map
+(``train_low_rank``) and report (``build_report``).
 
     >>> import catlens as cl
     >>> model = cl.load_model()                                   # the embedded SmolLM2-135M-Instruct  # doctest: +SKIP
@@ -33,6 +38,19 @@ _EXPORTS = {
     "check_leakage": "catlens.prompts",
     "load_dataset": "catlens.datasets",
     "Directions": "catlens.directions",
+    "fit_directions": "catlens.directions",
+    "separability": "catlens.geometry",
+    "cosine_matrix": "catlens.geometry",
+    "whitened_cosine_matrix": "catlens.geometry",
+    "anisotropy": "catlens.geometry",
+    "projections": "catlens.geometry",
+    "model_diff_cosines": "catlens.geometry",
+    "fit_whitener": "catlens.geometry",
+    "orthonormal_basis": "catlens.geometry",
+    "init_basis": "catlens.combine",
+    "train_low_rank": "catlens.combine",
+    "low_rank_policy": "catlens.combine",
+    "build_report": "catlens.report",
     "generate": "catlens.generation",
     "Intervention": "catlens.steer",
     "Gate": "catlens.steer",

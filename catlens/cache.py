@@ -57,13 +57,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from catlens.errors import unknown_name_message
+from catlens.errors import StoreError, unknown_name_message
+from catlens.options import parse_read_positions
 from catlens.model import LensModel, Site, hook_name
 from catlens.runs import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-_NAMED_POSITIONS = ("last", "mean", "mean_all", "post_instruction")
 _STORE_VERSION = 2
 _INDEX_COLUMNS = ("id", "text", "label", "category", "source", "split")
 # store.json keys that must match for a rerun to resume (in the order differences are reported)
@@ -72,10 +72,6 @@ _RESUME_KEYS = ("version", "model_identity", "n_prompts", "prompts_sha256", "sit
 _CHUNK = 1 << 20
 _SCAN_CHUNK = 512  # prompts rendered, tokenised and hashed at a time by the checks before collecting
 _FIX = "Rerun the same collect call (`catlens cache`) to recompute it, or pass overwrite=True (--overwrite) to start afresh."
-
-
-class StoreError(ValueError):
-    """A store on disk is damaged, inconsistent or from an incompatible version (the message names the file)."""
 
 
 def _sha256_bytes(data: bytes | memoryview) -> str:
@@ -474,22 +470,7 @@ def _load(root: Path, *, verify: bool, trusted: frozenset[str]) -> ActivationSto
 
 
 # ----------------------------------------------------------------------------------------------- arguments
-def _parse_positions(positions: str | Sequence[int]) -> tuple[str, ...]:
-    if isinstance(positions, str):
-        if positions not in _NAMED_POSITIONS:
-            raise ValueError(unknown_name_message("positions", positions, _NAMED_POSITIONS,
-                                                  "Or give a sequence of negative offsets like (-2, -1)."))
-        return (positions,)
-    offsets = tuple(int(p) for p in positions)
-    if not offsets or any(p >= 0 for p in offsets):
-        raise ValueError(f"positions={positions!r}: explicit offsets must be negative (counted from the end of the "
-                         f"prompt, -1 = last token), e.g. (-3, -2, -1).")
-    if len(set(offsets)) != len(offsets):
-        raise ValueError(f"positions={positions!r} has duplicates; give each offset once, e.g. (-3, -2, -1).")
-    return tuple(str(p) for p in offsets)
-
-
-def _parse_layers(model: LensModel, layers: Sequence[int] | None) -> tuple[int, ...]:
+def _resolve_layers(model: LensModel, layers: Sequence[int] | None) -> tuple[int, ...]:
     if layers is None:
         return tuple(range(model.n_layers))
     given = list(layers)
@@ -704,7 +685,7 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
     if Site.PATTERN in site_list:
         raise ValueError("the attention pattern has a prompt-dependent shape and is not stored; read it with "
                          "model.bridge.run_with_cache(...) and catlens.model.hook_name('pattern', layer).")
-    pos_names = _parse_positions(positions)
+    pos_names = parse_read_positions(positions)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: choose float32, float16 or bfloat16.")
     store_dtype = getattr(torch, dtype)
@@ -712,7 +693,7 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer (e.g. 16).")
     index, column_hashes = _prompt_table(prompts)
-    layer_list = _parse_layers(model, layers)
+    layer_list = _resolve_layers(model, layers)
     root = _check_out(out) if out is not None else None
     texts = index["text"].tolist()
     n = len(texts)

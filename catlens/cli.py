@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from catlens.errors import check_folder_target, unknown_name_message
+from catlens.options import READ_POSITIONS, parse_layers, parse_read_positions
 
 log = logging.getLogger("catlens")
 
@@ -33,42 +34,6 @@ _USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsEr
 # "--positions=-3,-1" (argparse would take "-3,-1" for an option)
 _NEGATIVE_VALUE_OPTIONS = ("--positions", "--layers")
 _NEGATIVE_VALUE = re.compile(r"^-\d")
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"all"``/None -> None (every layer); ``"0-3,10,-1"`` -> [0, 1, 2, 3, 10, -1].
-
-    >>> parse_layers("0-3,10,-1")
-    [0, 1, 2, 3, 10, -1]
-    >>> parse_layers("5-2")
-    Traceback (most recent call last):
-    ...
-    ValueError: --layers '5-2': the range 5-2 is empty (its start is after its end); write it as '2-5'.
-    """
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                start, stop = int(a), int(b)
-                if start > stop:
-                    raise ValueError(f"--layers {text!r}: the range {part} is empty (its start is after its end); "
-                                     f"write it as '{stop}-{start}'.")
-                out.extend(range(start, stop + 1))
-            else:
-                out.append(int(part))
-        except ValueError as e:
-            if str(e).startswith("--layers"):
-                raise
-            raise ValueError(f"--layers {text!r}: cannot read {part!r}; use 'all', single layers and ranges like "
-                             f"'0-5,10,-1'.") from None
-    repeated = sorted({x for x in out if out.count(x) > 1})
-    if repeated:
-        raise ValueError(f"--layers {text!r}: layer(s) {repeated} listed more than once; list each layer once.")
-    return out
 
 
 def parse_floats(text: str | None, name: str, *, example: str = "0.1,0.2", positive: bool = False,
@@ -110,19 +75,18 @@ def parse_floats(text: str | None, name: str, *, example: str = "0.1,0.2", posit
 
 def _positions(text: str) -> str | list[int]:
     """``--positions``: a named position, or comma-separated negative offsets like ``-3,-1``."""
-    from catlens.cache import _NAMED_POSITIONS
 
     t = text.strip()
-    if t in _NAMED_POSITIONS:
+    if t in READ_POSITIONS:
         return t
     if t and t[0] in "-+0123456789":
         try:
             return [int(p) for p in t.split(",")]
         except ValueError:
             raise ValueError(f"--positions {text!r}: cannot read it as offsets; give comma-separated negative "
-                             f"offsets like '-3,-1', or one of {', '.join(_NAMED_POSITIONS)}.") from None
+                             f"offsets like '-3,-1', or one of {', '.join(READ_POSITIONS)}.") from None
     raise ValueError("--positions: " + unknown_name_message(
-        "positions", text, _NAMED_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
+        "positions", text, READ_POSITIONS, "Or give comma-separated negative offsets like '-3,-1'."))
 
 
 def _positive_int(text: str) -> int:
@@ -222,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="page to write (default: RUN_DIR/report.html)")
     p.add_argument("--screenshot", default=None, metavar="PNG", help="also a full-page PNG (needs playwright and "
                                                                      "a Chromium)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any section is not complete (missing or "
+                                                         "partial tables), not only when one fails")
     p.set_defaults(func=_cmd_report)
 
     _add_finetune_parser(sub)
@@ -284,7 +250,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from catlens.cache import _parse_positions, collect
+    from catlens.cache import collect
     from catlens.datasets import load_prompts
     from catlens.model import FORMATS, Site, load_model, resolve_spec
 
@@ -295,7 +261,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise ValueError(f"--sites {args.sites!r} names no site; give one or more of "
                          f"{', '.join(s.value for s in Site)}, comma-separated (e.g. 'resid_post').")
     positions = _positions(args.positions)
-    _parse_positions(positions)
+    parse_read_positions(positions)
     if args.fmt not in FORMATS:
         raise ValueError("--fmt: " + unknown_name_message("prompt format", args.fmt, FORMATS))
     check_folder_target(args.out, "--out", "The store is a folder: choose another --out.")
@@ -408,6 +374,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
                              f"Chromium (apt-get install -y chromium); {rep.path} was written.") from None
         errors = screenshot(rep.path, args.screenshot)
         print(f"wrote {args.screenshot}" + (f" ({len(errors)} browser console error(s))" if errors else ""))
+    failed = [s.id for s in rep.sections if s.status == "error"]
+    incomplete = [s.id for s in rep.sections if s.status in ("partial", "not run")]
+    if failed:
+        print(f"catlens report: section(s) {', '.join(failed)} could not be drawn (see the page and the warnings "
+              f"above); exit 1.", file=sys.stderr)
+        return 1
+    if all(s.status == "not run" for s in rep.sections):
+        print(f"catlens report: {args.run_dir!r} holds none of the tables a report draws (is it a run folder of "
+              f"analyses/main.py?); exit 1.", file=sys.stderr)
+        return 1
+    if args.strict and incomplete:
+        print(f"catlens report --strict: section(s) {', '.join(incomplete)} are incomplete (missing tables listed "
+              f"above); exit 1.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,10 +1,13 @@
 """P1's learned low-rank combination (PAPERS.md §2.3 I-J): a steering map ``Δ = U (Vᵀ z)`` initialised from the
 whitened orthonormal basis of the category directions and trained with a refusal-token loss plus a KL penalty.
 
-    >>> basis = init_basis(directions, whitener, layer=20)                                  # doctest: +SKIP
-    >>> result = train_low_rank(model, harm, benign, layer=20, basis=basis, out="runs/lr")  # doctest: +SKIP
-    >>> policy = result.policy(gate, toward=4.0, away=-6.0)       # P1's strengths          # doctest: +SKIP
-    >>> records = catlens.generate(model, prompts, steer=policy)                            # doctest: +SKIP
+    >>> basis = init_basis(directions, whitener, layer=3)
+    >>> result = train_low_rank(model, harm, benign, layer=3, basis=basis, steps=2, out=tmp_path / "lr",
+    ...                         show_progress=False)
+    >>> policy = result.policy(gate, toward=4.0, away=-6.0)       # P1's strengths
+    >>> records = catlens.generate(model, prompts, steer=policy, max_new_tokens=4, show_progress=False)
+    >>> basis.shape[1] == len(directions.categories), len(records)
+    (True, 4)
 
 **Basis** (:func:`init_basis`). With ``V = [v_1 ... v_k]`` the category directions at the layer, ``W`` a
 whitener fitted on benign activations (:func:`catlens.geometry.fit_whitener`) and ``Q, R = qr(W V)``
@@ -88,8 +91,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from catlens.errors import unknown_name_message
-from catlens.finetune.training import NonFiniteLossError
+from catlens.errors import NonFiniteLossError, unknown_name_message
 from catlens.model import Site
 from catlens.steer import Gate, Intervention, SteeringPolicy, model_fingerprint, steering
 
@@ -100,7 +102,6 @@ __all__ = [
     "VARIANTS",
     "FORWARDS",
     "CURVE_COLUMNS",
-    "NonFiniteLossError",
     "init_basis",
     "train_low_rank",
     "LowRankResult",

@@ -9,7 +9,7 @@
     >>> resolve(sets=["eval.batch_sise=8"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    catlens.config.ConfigError: --set 'eval.batch_sise=8': Unknown config key 'eval.batch_sise'. Did you mean: eval.batch_size, geometry.batch_size? Allowed: ...
+    catlens.errors.ConfigError: --set 'eval.batch_sise=8': Unknown config key 'eval.batch_sise'. Did you mean: eval.batch_size, geometry.batch_size? Allowed: ...
 
 Layers, lowest first: the dataclass defaults; the quick defaults (:data:`QUICK_DEFAULTS`) when ``run.quick`` is true
 anywhere above; the config file (``.toml`` read with :mod:`tomllib`, ``.yaml``/``.yml`` with PyYAML); the
@@ -40,16 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from catlens._typecheck import check_field_type, is_mapping_type, split_optional
-from catlens.errors import FileFormatError, unknown_name_message
+from catlens.errors import ConfigError, FileFormatError, unknown_name_message
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
 """Weight dtypes (the names of :data:`catlens.model.DTYPES`, kept here so reading a config needs no torch), and
 ``auto`` (:func:`catlens.model.resolve_dtype`: bfloat16 where the device has it natively, else float32)."""
-
-
-class ConfigError(ValueError):
-    """A bad config key, value or file; the message names it, says what is allowed and how to fix it."""
 
 
 def _frozen_map(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:

@@ -19,6 +19,9 @@ Constructors (all return unit-norm directions only when ``normalize=True``):
 * P2 (PAPERS.md §3.3, §3.7) :func:`p2_unsupervised` ``omega_c = mu_safe - mu_unsafe_c``; :func:`p2_pruned`
   (mean of the paired differences whose norm is above a quantile); :func:`p2_guided` (only the unsafe prompts whose
   responses a judge labels unsafe).
+
+Callers choose a constructor by name through :func:`fit_directions` (the registry :data:`METHODS`; unknown names
+get a did-you-mean).
 """
 
 import hashlib
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Directions",
+    "METHODS",
+    "fit_directions",
     "p1_mean_difference",
     "p1_contrastive",
     "one_vs_benign",
@@ -812,3 +817,123 @@ def p2_guided(
                "n_unsafe_total": {c: len(x) for c, x in unsafe_acts_by_cat.items()},
                "judge": "callable" if callable(judge_labels) else "mask", "base_method": d.method}
     return replace(d, method="p2_guided", provenance={**d.provenance, "method": "p2_guided", **options})
+
+
+# --------------------------------------------------------------------------------------------- the registry
+def _orth(harmful: Mapping[str, Tensor], benign: Tensor, *, normalize: bool = False, **kw: Any) -> Directions:
+    base = one_vs_benign(harmful, benign, **kw)
+    refusal = refusal_direction(torch.cat([harmful[c] for c in harmful]), benign)
+    return orthogonalize_against(base, refusal, normalize=normalize)
+
+
+def _p1(harmful: Mapping[str, Tensor], benign: Tensor, *, top_k: int | None = 200, **kw: Any) -> Directions:
+    d_model = next(iter(harmful.values())).shape[-1] if harmful else 0
+    return p1_mean_difference(harmful, benign, top_k=None if top_k is None else min(top_k, d_model), **kw)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of :data:`METHODS`: how ``fit_directions`` calls a constructor."""
+
+    fit: Callable[..., Directions]
+    """``fit(harmful_by_category, benign, **options)``."""
+    needs_benign: bool = True
+    """False when the method uses the harmful prompts only (``one_vs_rest``)."""
+    summary: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "one_vs_benign": Method(one_vs_benign, summary="mean(harmful c) - mean(benign)"),
+    "one_vs_rest": Method(lambda h, b, **kw: one_vs_rest(h, **kw), needs_benign=False,
+                          summary="mean(harmful c) - mean(the other harmful categories)"),
+    "one_vs_benign_orth": Method(_orth, summary="one_vs_benign with the harmful-vs-benign direction projected out"),
+    "p1_mean_difference": Method(_p1, summary="P1: normalise(topK(mask_tau(mu_c) - mask_tau(mu_b))), top_k capped "
+                                              "at d_model"),
+    "p1_contrastive": Method(p1_contrastive, summary="P1's paired variant; benign is {category: paired acts}"),
+    "p2_unsupervised": Method(p2_unsupervised, summary="P2: mean(safe) - mean(unsafe c); benign is a tensor "
+                                                       "(generic) or {category: tensor} (matched)"),
+    "p2_pruned": Method(p2_pruned, summary="P2: mean of the paired differences above a norm quantile"),
+    "p2_guided": Method(p2_guided, summary="P2: only the unsafe prompts a judge labels unsafe (judge_labels=...)"),
+}
+"""Direction methods by name: what :func:`fit_directions` accepts (``method=``)."""
+
+
+def check_method(method: str) -> Method:
+    """The registry entry of ``method``, or a ``ValueError`` with a did-you-mean listing the methods."""
+    if method not in METHODS:
+        raise ValueError(unknown_name_message("direction method", method, METHODS,
+                                              "See catlens.directions.METHODS."))
+    return METHODS[method]
+
+
+def fit_directions(
+    source: Any,
+    method: str,
+    *,
+    benign: Any = None,
+    site: str | None = None,
+    split: str | Sequence[str] | None = None,
+    harmful_label: str = "harmful",
+    **options: Any,
+) -> Directions:
+    """Fit category directions with a registered method (:data:`METHODS`), from activations or from a store.
+
+    ``source`` is either
+
+    * a mapping ``{category: Float[Tensor, "_prompt layer d_model"]}`` of the harmful activations, with ``benign``
+      the benign side (a tensor; a ``{category: tensor}`` mapping for ``p1_contrastive`` and the matched
+      ``p2_unsupervised``); or
+    * an :class:`catlens.cache.ActivationStore` (anything with ``index`` and ``get(site)``): the harmful prompts
+      (``label == harmful_label``) are grouped by ``category``, the others are the benign side, both restricted to
+      ``split`` (one split name or several; all prompts when None), read at ``site`` (default ``resid_post``).
+      ``layers`` default to the store's.
+
+    Other keywords go to the constructor (``normalize``, ``layers``, ``site``, ``provenance``, ``tau``, ``top_k``,
+    ``quantile``, ``judge_labels``...). Equal to calling the constructor directly::
+
+        fit_directions(h, "one_vs_benign", benign=b, normalize=True) == one_vs_benign(h, b, normalize=True)
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h = {"fraud": torch.randn(4, 2, 8, generator=g), "hate": torch.randn(5, 2, 8, generator=g) + 1}
+    >>> fit_directions(h, "one_vs_rest").categories
+    ('fraud', 'hate')
+    >>> fit_directions(h, "one_vs_bengin", benign=torch.zeros(3, 2, 8))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown direction method 'one_vs_bengin'. Did you mean: one_vs_benign...
+    """
+    entry = check_method(method)
+    if hasattr(source, "index") and hasattr(source, "get"):
+        if benign is not None:
+            raise ValueError("fit_directions(store, ...): the benign side comes from the store's labels; do not pass "
+                             "benign= as well (or pass activations instead of a store).")
+        source, benign, store_layers = _from_store(source, site or "resid_post", split, harmful_label)
+        options.setdefault("layers", store_layers)
+        options.setdefault("site", site or "resid_post")
+    elif site is not None:
+        options.setdefault("site", site)
+    if not isinstance(source, Mapping) or not source:
+        raise ValueError(f"fit_directions: source must be a non-empty {{category: activations}} mapping or an "
+                         f"ActivationStore; got {type(source).__name__}.")
+    if entry.needs_benign and benign is None:
+        raise ValueError(f"direction method {method!r} needs the benign side: pass benign=<activations>.")
+    return entry.fit(source, benign, **options)
+
+
+def _from_store(store: Any, site: str, split: str | Sequence[str] | None,
+                harmful_label: str) -> tuple[dict[str, Tensor], Tensor, tuple[int, ...]]:
+    idx = store.index
+    keep = [True] * len(idx)
+    if split is not None:
+        splits = [split] if isinstance(split, str) else list(split)
+        keep = idx["split"].isin(splits).to_numpy()
+    acts = store.get(site)
+    harmful = (idx["label"] == harmful_label).to_numpy() & keep
+    benign_rows = (idx["label"] != harmful_label).to_numpy() & keep
+    cats = sorted(idx.loc[harmful, "category"].dropna().unique())
+    by_cat = {c: acts[torch.from_numpy((harmful & (idx["category"] == c).to_numpy()).nonzero()[0])] for c in cats}
+    benign = acts[torch.from_numpy(benign_rows.nonzero()[0])]
+    if not by_cat or len(benign) == 0:
+        raise ValueError(f"the store has no harmful prompts with a category or no other prompts in split={split!r} "
+                         f"(labels: {sorted(idx['label'].unique())}); check split= and harmful_label=.")
+    return by_cat, benign, tuple(int(layer) for layer in store.layers)

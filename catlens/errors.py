@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def unknown_name_message(kind: str, value: object, allowed: Iterable[str], fix: str = "") -> str:
@@ -26,6 +27,35 @@ def unknown_name_message(kind: str, value: object, allowed: Iterable[str], fix: 
 
 class FileFormatError(ValueError):
     """A file that cannot be read as what it should be; the message names the file, what is wrong and the fix."""
+
+
+class ConfigError(ValueError):
+    """A bad config key, value or file; the message names it, says what is allowed and how to fix it."""
+
+
+class StoreError(ValueError):
+    """A store on disk is damaged, inconsistent or from an incompatible version (the message names the file)."""
+
+
+class LeakageError(ValueError):
+    """A test prompt also appears (exactly or nearly) in the training set. ``pairs`` lists them (a DataFrame)."""
+
+    def __init__(self, message: str, pairs: Any) -> None:
+        super().__init__(message)
+        self.pairs = pairs
+
+
+class NonFiniteLossError(ValueError):
+    """A training loss (the fine-tune's or the low-rank map's) became NaN or infinite; the message names the step."""
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised by :func:`catlens.generation.generate` when its ``should_stop`` callback returns True (the explorer's
+    cancel flag)."""
+
+
+class Cancelled(Exception):
+    """An explorer job was cancelled by a newer request (raised inside the explorer's worker only)."""
 
 
 @contextmanager
@@ -61,6 +91,18 @@ def reading(path: str | os.PathLike[str], what: str = "file", fix: str = "") -> 
             raise FileFormatError(f"{where} is not valid CSV ({' '.join(str(e).split())}); check its quoting and "
                                   f"column count. {fix}".rstrip()) from None
         raise
+
+
+def check_writable_folder(path: str | os.PathLike[str], what: str, fix: str = "") -> None:
+    """:func:`check_folder_target`, and the folder (or, when it does not exist yet, the nearest existing folder
+    above it) must be writable: a ``PermissionError`` naming both otherwise, before any work starts."""
+    check_folder_target(path, what, fix)
+    p = Path(path).expanduser().absolute()
+    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == p else f"would be created in {str(existing)!r}, which is"
+        raise PermissionError(f"{what} {str(path)!r} {where} not writable by this user; choose a folder you can "
+                              f"write to. {fix}".rstrip())
 
 
 def check_folder_target(path: str | os.PathLike[str], what: str, fix: str = "") -> None:

@@ -2,9 +2,12 @@
 
     catlens explore --model <refusal-tuned folder> [--policy runs/sweep/policy] [--port 8050]
 
-    >>> from catlens.explore import create_app, serve                  # doctest: +SKIP
-    >>> app = create_app(model, policy=None)                            # doctest: +SKIP
-    >>> server = serve(app, port=8050)   # a background thread; server.url, server.stop()   # doctest: +SKIP
+    >>> from catlens.explore import create_app, serve
+    >>> app = create_app(model, policy=None)
+    >>> server = serve(app, port=0)      # a background thread on a free port (the command line uses 8050)
+    >>> server.url.startswith("http://127.0.0.1:")
+    True
+    >>> server.stop()
 
 The page (Dash; everything is served from this machine, no network is used) takes a prompt (typed, or picked from
 the built-in prompts, the ``--prompts`` sets and the benchmark sets found in the data folder) and the steering
@@ -48,7 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from catlens.errors import unknown_name_message
+from catlens.errors import Cancelled, unknown_name_message
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,6 @@ ACTS_CHUNK = 64
 FIELDS = ("prompt", "method", "edit", "categories", "route", "mode", "coeff", "toward", "away", "scale", "layers",
           "site", "max_new_tokens")
 """The page's controls, in the order of the main callback's states."""
-
-
-class Cancelled(Exception):
-    """A job was cancelled by a newer request (raised inside the worker only)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ class Explorer:
                  data_dir: Any = None, allow_transfer: bool = False, discover_datasets: bool = True,
                  reference: Any = None, initial: Mapping[str, Any] | None = None) -> None:
         from catlens.datasets import load_builtin
-        from catlens.generation import refusal_token_ids
+        from catlens.refusal import refusal_token_ids
         from catlens.steer import as_policy
 
         self.model = model
@@ -376,7 +375,7 @@ class Explorer:
                        edit=edit, max_new_tokens=max_new)
 
     def _layers(self, text: Any) -> tuple[int, ...]:
-        from catlens.cli import parse_layers
+        from catlens.options import parse_layers
 
         n = self.model.n_layers
         if isinstance(text, int) and not isinstance(text, bool):
@@ -443,14 +442,9 @@ class Explorer:
         harm_by_cat = {c: acts[tr_h & _mask(cats == c)] for c in self.builtin_categories}
         benign = acts[m["train"] & ~m["harmful"]]
         common = {"site": site, "provenance": {"prompts": "builtin train split", "position": "last", "fmt": "chat"}}
-        if method == "one_vs_benign":
-            dirs = D.one_vs_benign(harm_by_cat, benign, normalize=True, **common)
-        elif method == "one_vs_rest":
-            dirs = D.one_vs_rest(harm_by_cat, normalize=True, **common)
-        elif method == "p1_mean_difference":
-            dirs = D.p1_mean_difference(harm_by_cat, benign, tau=1e-3, top_k=min(200, acts.shape[-1]), **common)
-        else:
+        if method not in CONSTRUCTORS:
             raise ValueError(unknown_name_message("direction constructor", method, CONSTRUCTORS))
+        dirs = D.fit_directions(harm_by_cat, method, benign=benign, normalize=True, **common)
         dirs = dirs.with_ref_norm(acts[m["train"]])
         with self._cache_lock:
             self._dirs[key] = dirs
@@ -576,7 +570,8 @@ class Explorer:
         """Everything one request shows, computed synchronously: the unsteered and steered records, the policy's
         description and the prompt's PCA position. With ``job``, progress goes there and its cancel flag stops the
         work (:class:`Cancelled`)."""
-        from catlens.generation import GenerationCancelled, generate
+        from catlens.errors import GenerationCancelled
+        from catlens.generation import generate
 
         def stop(phase: str, done: int, total: int) -> None:
             if job is not None:

@@ -1,7 +1,14 @@
 """Batched, left-padded, KV-cached generation with per-row steering, gate and router decisions.
 
-    >>> import catlens as cl                                                                  # doctest: +SKIP
-    >>> records = cl.generate(model, prompts, steer=policy, max_new_tokens=64, out="runs/gen")  # doctest: +SKIP
+    >>> import catlens as cl
+    >>> policy = cl.SteeringPolicy((cl.Intervention("resid_post", 3, directions.at(3), coeff=2.0),))
+    >>> records = cl.generate(model, prompts, steer=policy, max_new_tokens=4, out=tmp_path / "gen",
+    ...                       show_progress=False)
+    >>> unsteered = cl.generate(model, prompts, max_new_tokens=4, show_progress=False)
+    >>> from catlens.steer import with_coeff
+    >>> zero = cl.generate(model, prompts, steer=with_coeff(policy, 0.0), max_new_tokens=4, show_progress=False)
+    >>> len(records), [r["response"] for r in zero] == [r["response"] for r in unsteered]  # coefficient 0 = baseline
+    (4, True)
 
 The loop is catlens's own (not ``transformers.generate``) so that every forward call knows its batch context
 (:class:`catlens.steer.BatchContext`): the prompt is run as two calls, all but the last prompt token and then the
@@ -40,6 +47,7 @@ import torch
 from torch import Tensor
 
 from catlens import decisions
+from catlens.errors import GenerationCancelled
 from catlens.steer import (
     BatchContext,
     Rows,
@@ -52,10 +60,8 @@ from catlens.steer import (
 log = logging.getLogger(__name__)
 
 SPECIAL_MODES = ("auto", "first_only", "free")
-
-
-class GenerationCancelled(RuntimeError):
-    """Raised by :func:`generate` when its ``should_stop`` callback returns True (the explorer's cancel flag)."""
+CLI_UNOFFERED_JUDGES = ("llm",)
+"""Judges ``catlens generate`` does not offer: they need a backend the command line has no flags for."""
 
 
 @dataclass(frozen=True)
@@ -95,18 +101,6 @@ def _items(prompts: Any) -> list[_Item]:
 
 def _row_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def refusal_token_ids(model: Any) -> tuple[Any, list[int]]:
-    """``(RefusalTokens, their vocabulary ids)`` of ``model`` (refusal tokens then ``[respond]``), or
-    ``(None, [])`` for a model without them."""
-    from catlens.refusal import RefusalTokens
-
-    try:
-        tokens = RefusalTokens.from_model(model)
-        return tokens, tokens.ids(model.tokenizer)
-    except ValueError:
-        return None, []
 
 
 class _Decoder:
@@ -376,8 +370,12 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     if policy is not None:
         policy.check_model(model, allow_transfer=allow_transfer)
     _check_overrides(policy, rows, len(items))
+    max_new_tokens = _fit_context(model, items, max_new_tokens, fmt, system)
+    lock = _lock_out(out) if out is not None else None  # held until this call returns
+    from catlens.refusal import refusal_token_ids
+
     tokens, token_ids = refusal_token_ids(model)
-    config = {"model": model.name, "policy": _policy_digest(policy), "max_new_tokens": max_new_tokens,
+    config = {"model": model.name, "policy": policy_digest(policy), "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
               "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
               "special_tokens": special_tokens, "rows": _jsonable(rows), "stop_at_eos": stop_at_eos,
@@ -386,6 +384,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     done: dict[str, dict[str, Any]] = {}
     if run is not None:
         if (run.path / "generations.jsonl").exists() and run.manifest.get("status") == "done":
+            lock.release()
             return _read_final(run)
         done = {r["id"]: r for r in run.read_jsonl("generations.partial")}
         if done:
@@ -423,7 +422,70 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
         run._register(target, rows=len(records))
         (run.path / "generations.partial.jsonl").unlink(missing_ok=True)
         run.finish(n=len(records))
+    if lock is not None:
+        lock.release()
     return records
+
+
+def _fit_context(model: Any, items: Sequence[_Item], max_new_tokens: int, fmt: str, system: str | None) -> int:
+    """Check every prompt against the model's context before any work (a prompt longer than the context is an
+    error naming it); ``max_new_tokens`` beyond what the longest prompt leaves is capped, with a warning."""
+    ctx = getattr(model, "n_ctx", None)
+    if ctx is None or not items:
+        return max_new_tokens
+    rendered = model.format([it.text for it in items], fmt, system=system)
+    lengths = [len(ids) for ids in model.tokenizer(list(rendered), add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(items)), key=lambda i: lengths[i])
+    if lengths[longest] >= ctx:
+        too_long = sum(n >= ctx for n in lengths)
+        raise ValueError(f"prompt {items[longest].id!r} is {lengths[longest]} tokens with the chat template, which "
+                         f"does not fit {model.name!r}'s context of {ctx} tokens (with room for an answer); "
+                         f"{too_long} of {len(items)} prompt(s) are too long. Shorten them or leave them out.")
+    room = ctx - lengths[longest]
+    if max_new_tokens > room:
+        log.warning("max_new_tokens=%d does not fit the context of %s (%d tokens; the longest prompt takes %d): "
+                    "capped at %d.", max_new_tokens, model.name, ctx, lengths[longest], room)
+        return room
+    return max_new_tokens
+
+
+class _OutLock:
+    """An exclusive lock on an output folder, held by one ``generate`` at a time: a hidden lock file beside the
+    folder (``.<name>.lock``; beside, so that ``overwrite`` can replace the folder), locked with ``flock`` (the
+    lock goes with the process, so a crashed run leaves no stale lock)."""
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = out.parent / f".{out.name}.lock"
+        self.file = open(self.path, "a+")  # noqa: SIM115  (held until release)
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise FileExistsError(f"--out {str(out)!r} is being written by another catlens generate ({holder}); "
+                                  f"wait for it to finish (a rerun then resumes or reads its result) or choose "
+                                  f"another --out.") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
+
+
+def _lock_out(out: str | os.PathLike[str]) -> _OutLock:
+    from catlens.errors import check_writable_folder
+
+    out = Path(out)
+    check_writable_folder(out, "--out")
+    return _OutLock(out)
 
 
 FIRST_POSITION_COLUMNS = ("policy", "id", "label", "category", "source", "top_token", "refused", "responded",
@@ -479,6 +541,8 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
         from catlens.errors import unknown_name_message
 
         raise ValueError(unknown_name_message("policy in rows", sorted(unknown)[0], list(resolved)))
+    from catlens.refusal import refusal_token_ids
+
     tokens, token_ids = refusal_token_ids(model)
     refuse_ids = token_ids[:-1] if token_ids else []
     respond_id = token_ids[-1] if token_ids else None
@@ -559,7 +623,9 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
     return pd.DataFrame([r for name in resolved for r in out[name]], columns=list(FIRST_POSITION_COLUMNS))
 
 
-def _policy_digest(policy: SteeringPolicy | None) -> str | None:
+def policy_digest(policy: SteeringPolicy | None) -> str | None:
+    """sha256 of a policy's plain form (spec and tensors): the key of cached results computed under it
+    (:func:`catlens.decisions.digest`)."""
     return decisions.digest(policy)
 
 
@@ -645,7 +711,7 @@ def _cmd_generate(args: Any) -> int:
     from catlens.judges import JUDGES, agreement_table, judge_records
     from catlens.metrics import rate_table
     from catlens.model import load_model, resolve_spec
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
     from catlens.runs import write_text_atomic
 
     # every cheap check before loading anything or creating a folder
@@ -653,16 +719,26 @@ def _cmd_generate(args: Any) -> int:
         raise ValueError(f"--limit {args.limit}: give a positive number of prompts.")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} and --batch-size {args.batch_size} must be >= 1.")
+    offered = [j for j in JUDGES if j not in CLI_UNOFFERED_JUDGES]
+    if args.judge in CLI_UNOFFERED_JUDGES:
+        raise ValueError(f"--judge {args.judge}: the {args.judge} judge needs a backend (a served model or an API), "
+                         f"which the command line cannot set up; use one of {', '.join(offered)} here, and the "
+                         f"{args.judge} judge from Python (catlens.judges.get_judge({args.judge!r}, ...)) on "
+                         f"<out>/generations.jsonl.")
     if args.judge is not None and args.judge not in JUDGES:
         from catlens.errors import unknown_name_message
 
-        raise ValueError(unknown_name_message("judge", args.judge, JUDGES))
+        raise ValueError(unknown_name_message("judge", args.judge, offered))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a folder.")
     from catlens.engines import check_engine
 
     check_engine(args.engine)
+
+    from catlens.errors import check_writable_folder
+
+    check_writable_folder(out, "--out")
     policy = SteeringPolicy.load(args.policy) if args.policy else None
     resolve_spec(args.model, args.cache_dir)
     prompts = load_prompts(args.prompts, data_dir=args.data_dir)
@@ -687,6 +763,8 @@ def _cmd_generate(args: Any) -> int:
         records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            sample=args.sample, temperature=args.temperature, seed=args.seed,
                            allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
+    from catlens.refusal import refusal_token_ids
+
     tokens, _ = refusal_token_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
     # every judge that applies to this model runs; the default one fills 'refused', the others go into the
@@ -736,6 +814,8 @@ def prefill_reads(model: Any, prompts: Any, reads: Sequence[tuple[Any, int, str]
         raise ValueError("prefill_reads needs at least one prompt.")
     keys = [(getattr(s, "value", str(s)), int(layer), str(pool)) for s, layer, pool in reads]
     spec = {_read_key(*k): k for k in keys}
+    from catlens.refusal import refusal_token_ids
+
     tokens, token_ids = refusal_token_ids(model)
     refuse_ids = token_ids[:-1] if token_ids else []
     cats = [c for c in tokens.categories] if tokens is not None else []

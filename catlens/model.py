@@ -29,7 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from catlens.errors import check_folder_target, unknown_name_message
-from catlens.runs import atomic_path, package_version, package_versions, sha256_file, sha256_text
+from catlens.runs import atomic_path, package_versions, read_finetune_manifest, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FORMATS = ("chat", "raw", "p1_header", "p1_append")
 """Prompt formats of :meth:`LensModel.format`."""
 _VERSIONED = ("catlens", "transformer-lens", "transformers", "torch")
-_version = package_version  # kept for callers that import it from here (catlens.finetune)
 
 
 # ---------------------------------------------------------------------------------------------- hook names
@@ -342,6 +341,12 @@ class LensModel:
         return int(self.bridge.cfg.d_model)
 
     @property
+    def n_ctx(self) -> int | None:
+        """The context length (the checkpoint's ``max_position_embeddings``); None when the config does not say."""
+        n = getattr(getattr(self.hf, "config", None), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @property
     def n_heads(self) -> int:
         return int(self.bridge.cfg.n_heads)
 
@@ -507,9 +512,7 @@ def folder_source(folder: str | os.PathLike[str], spec: str | os.PathLike[str], 
         source.update(json.loads((folder / "catlens_source.json").read_text()), kind="embedded", folder=str(folder))
         return source
     source["folder"] = str(folder)
-    from catlens.finetune.manifest import read_manifest
-
-    finetune = read_manifest(folder)
+    finetune = read_finetune_manifest(folder)
     if finetune is not None:
         source["finetune"] = finetune
     weights = sorted(folder.glob("*.safetensors"))

@@ -1,6 +1,11 @@
 """Fitting the steering gate and the category router from activations (scikit-learn logistic regression).
 
-    >>> gate = fit_gate(harmful_val_acts, benign_val_acts, layer=22, val=(h_sel, b_sel))      # doctest: +SKIP
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> harmful, benign = torch.randn(40, 16, generator=g) + 1.0, torch.randn(40, 16, generator=g) - 1.0
+    >>> gate = fit_gate(harmful[:30], benign[:30], layer=22, val=(harmful[30:], benign[30:]))
+    >>> gate.layer, 0.0 < gate.threshold < 1.0
+    (22, True)
 
 The probe follows P1 (PAPERS §2.3 F): ``p = σ(w·(h − μ) + b)`` on the last prompt token's activation, with μ the
 training mean; the threshold is chosen on *separate* selection activations (``val``): Youden's J

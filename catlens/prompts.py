@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import pandas as pd
 
-from catlens.errors import FileFormatError, reading, unknown_name_message
+from catlens.errors import FileFormatError, LeakageError, reading, unknown_name_message
 from catlens.taxonomy import CATEGORIES
 
 log = logging.getLogger(__name__)
@@ -532,18 +532,6 @@ def concat(*sets: PromptSet, name: str | None = None) -> PromptSet:
     return PromptSet.concat(*sets, name=name)
 
 
-# ----------------------------------------------------------------------------------------------- loading
-def __getattr__(name: str) -> Any:
-    """``load_prompts``, ``load_builtin`` and ``load_hardbenign`` live with the other loaders in
-    :mod:`catlens.datasets`; they are still reachable here (imported on first use, so this module does not import
-    the loaders)."""
-    if name in ("load_prompts", "load_builtin", "load_hardbenign"):
-        from catlens import datasets
-
-        return getattr(datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------------------ splits
 def _stratum_value(p: Prompt, key: str) -> Any:
     if key in FIELDS and key != "meta":
@@ -757,14 +745,6 @@ def deduplicate(*sets: PromptSet, near_threshold: float | None = 0.9) -> DedupRe
         log.info("deduplicate: dropped %d prompts (%s)", len(rows),
                  dict(collections.Counter(report["reason"])))
     return DedupResult(tuple(cleaned), report)
-
-
-class LeakageError(ValueError):
-    """A test prompt also appears (exactly or nearly) in the training set. ``pairs`` lists them."""
-
-    def __init__(self, message: str, pairs: pd.DataFrame) -> None:
-        super().__init__(message)
-        self.pairs = pairs
 
 
 @dataclass(frozen=True)

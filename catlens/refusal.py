@@ -158,7 +158,7 @@ class RefusalTokens:
 
     def token_of(self, category: str) -> str:
         if category not in self.categories:
-            from catlens.taxonomy import unknown_name_message
+            from catlens.errors import unknown_name_message
 
             raise ValueError(unknown_name_message("refusal category", category, self.categories))
         return self.refuse[self.categories.index(category)]
@@ -179,6 +179,16 @@ class RefusalTokens:
             raise ValueError(f"token(s) {missing} are not in this tokenizer's vocabulary; the model was not "
                              f"fine-tuned with these refusal tokens (has it the right --config?).")
         return [int(vocab[t]) for t in self.all_tokens]
+
+
+def refusal_token_ids(model: Any) -> tuple[RefusalTokens | None, list[int]]:
+    """A model's refusal tokens (:meth:`RefusalTokens.from_model`) and their vocabulary ids, refusal tokens then
+    ``[respond]``; ``(None, [])`` for a model without refusal tokens (an ordinary chat model)."""
+    try:
+        tokens = RefusalTokens.from_model(model)
+        return tokens, tokens.ids(model.tokenizer)
+    except ValueError:
+        return None, []
 
 
 # ------------------------------------------------------------------------------------------- pure scoring

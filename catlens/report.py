@@ -38,10 +38,10 @@ judge agreement       ``p1/``, ``p2/``, any   ``p1/agreement``, ``p2/p2_agreemen
                                               (``catlens.judges.agreement_table``'s columns)
 ====================  ======================  ===================================================================
 
-The P1, P2 and specificity sections draw with the pure builders of the repository's figure scripts
-(``figures/fig_p1_tradeoff.py``, ``fig_p1_safety_table.py``, ``fig_p1_probe_roc.py``, ``fig_p1_sweeps.py``,
-``fig_p2_bars.py``, ``fig_specificity.py``; :func:`figure_script`), so the page and the figure files show the same
-figures from the same tables.
+The P1, P2 and specificity sections draw with the builders of :mod:`catlens.figures` (``p1_tradeoff``,
+``p1_safety_table``, ``p1_probe_roc``, ``p1_sweeps``, ``p2_bars``, ``specificity``), the ones the ``figures/``
+scripts call, so the page and the figure files show the same figures from the same tables. The report reads run
+folders only, never the repository's files.
 """
 
 import dataclasses
@@ -318,6 +318,11 @@ def section_run(t: Tables) -> SectionResult:
     versions = manifest.get("versions") or {}
     commit = manifest.get("git_commit")
     dirty = " (uncommitted changes)" if manifest.get("git_dirty") else ""
+    if summary is None and "stages" in manifest:  # the main job's folder (a stage folder has no summary)
+        sec.missing.append("summary.json")
+        sec.text("summary.json is missing: the main job did not finish (or this folder was not written by "
+                 "analyses/main.py), so the total time and the summary's model are not shown; the rest comes from "
+                 "the manifests.")
     model = (summary or {}).get("model") or (manifest.get("models") or {}).get("model", {}).get("name")
     pairs = [("status", manifest.get("status")), ("command", " ".join(map(str, manifest.get("command") or []))),
              ("model", model), ("git commit", f"{commit}{dirty}" if commit else None),
@@ -411,19 +416,11 @@ def section_run(t: Tables) -> SectionResult:
 
 
 def _finetune_record(folder: Path) -> dict[str, Any] | None:
-    """A fine-tune folder's record: ``manifest.json`` with the record under ``finetune`` (RunDir fine-tunes), or
-    the legacy ``catlens_finetune.json``; None when ``folder`` is no fine-tune."""
-    for name, key in (("manifest.json", "finetune"), ("catlens_finetune.json", None)):
-        p = folder / name
-        if p.is_file():
-            try:
-                data = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                continue
-            record = data.get(key) if key else data
-            if isinstance(record, dict) and ("training" in record or "base" in record):
-                return record
-    return None
+    """A fine-tune folder's record (:func:`catlens.runs.read_finetune_manifest`); None when ``folder`` is none."""
+    from catlens.runs import read_finetune_manifest
+
+    record = read_finetune_manifest(folder)
+    return record if record is not None and ("training" in record or "base" in record) else None
 
 
 def section_finetune(t: Tables) -> SectionResult:
@@ -520,11 +517,8 @@ def _best_layers(sep: Any) -> Any:
     return pd.DataFrame(rows)
 
 
-SEPARABILITY_METRICS = ("probe_accuracy", "probe_auroc", "silhouette", "davies_bouldin", "fisher_ratio")
-
-
 def section_separability(t: Tables) -> SectionResult:
-    from catlens import plotting
+    from catlens.figures import separability as fsep
 
     sec = _Section("separability", "Separability by layer", "python analyses/geometry.py --out <run folder>/geometry")
     tabs = _need(t, sec, "geometry", ["separability"])
@@ -532,7 +526,7 @@ def section_separability(t: Tables) -> SectionResult:
         return sec.result()
     sep = tabs["separability"]
     _require(sep, ["task", "layer", "metric", "value"], "separability")
-    data = sep[sep["metric"].isin(SEPARABILITY_METRICS)]
+    data = sep[sep["metric"].isin(fsep.METRICS)]
     best = _best_layers(data)
     sil = best[(best["task"] == "harmful_category") & (best["metric"] == "silhouette")]
     if len(sil):
@@ -543,25 +537,12 @@ def section_separability(t: Tables) -> SectionResult:
         r = auc.iloc[0]
         sec.text(f"Harmful vs benign is most linearly decodable at layer {fmt(r['best_layer'])} "
                  f"(probe AUROC {fmt(r['value'])}).")
-    fig = plotting.line(data, x="layer", y="value", color="task", facet_col="metric", facet_col_wrap=3,
-                        title="Separability by layer (probe: cross-validated; clusters: raw activations)",
-                        labels={"value": ""})
-    sec.block(figure=fig, table=best, table_title="Best layer per task and metric")
+    sec.block(figure=fsep.make_figure(sep), table=best, table_title="Best layer per task and metric")
     return sec.result()
 
 
-def _default_layer(cosine: Any, sep: Any) -> int:
-    if sep is not None and {"task", "metric", "value", "layer"} <= set(sep.columns):
-        sil = sep[(sep["task"] == "harmful_category") & (sep["metric"] == "silhouette")].dropna(subset=["value"])
-        sil = sil[sil["layer"].isin(set(cosine["layer"]))]
-        if len(sil):
-            return int(sil.loc[sil["value"].idxmax(), "layer"])
-    layers = sorted(cosine["layer"].unique())
-    return int(layers[len(layers) // 2])
-
-
 def section_cosine(t: Tables) -> SectionResult:
-    from catlens import plotting
+    from catlens.figures import cosine as fcos
 
     sec = _Section("cosine", "Cosines between category directions (raw, whitened, orthonormal basis)",
                    "python analyses/geometry.py --out <run folder>/geometry")
@@ -570,11 +551,9 @@ def section_cosine(t: Tables) -> SectionResult:
         return sec.result()
     cos = tabs["cosine"]
     _require(cos, ["direction", "layer", "space", "category_a", "category_b", "cosine"], "cosine")
-    layer = _default_layer(cos, t.load("geometry", "separability"))
+    layer = fcos.default_layer(cos, t.load("geometry", "separability"))
     direction = "one_vs_benign" if "one_vs_benign" in set(cos["direction"]) else sorted(cos["direction"].unique())[0]
-    off = cos[cos["category_a"] != cos["category_b"]]
-    by_layer = off.groupby(["direction", "space", "layer"], as_index=False)["cosine"].mean().rename(
-        columns={"cosine": "mean_offdiag_cosine"})
+    by_layer = fcos.by_layer(cos)
     at = by_layer[by_layer["layer"] == layer].pivot_table(index="direction", columns="space",
                                                           values="mean_offdiag_cosine").reset_index()
     at.columns.name = None
@@ -583,17 +562,10 @@ def section_cosine(t: Tables) -> SectionResult:
         vals = {r["space"]: r["mean_offdiag_cosine"] for _, r in row.iterrows()}
         sec.text(f"At layer {layer} (best category silhouette), {direction}: mean off-diagonal cosine "
                  + ", ".join(f"{k} {fmt(v)}" for k, v in vals.items()) + ".")
-    spaces = ("raw", "whitened", "basis_whitened", "basis_residual")
-    data = cos[(cos["direction"] == direction) & (cos["layer"] == layer)]
-    data = data.sort_values("space", key=lambda s: s.map({x: i for i, x in enumerate(spaces)}), kind="stable")
-    cats = list(dict.fromkeys(data["category_a"]))
-    fig = plotting.heatmap(data, x="category_b", y="category_a", z="cosine", facet="space", order=cats, zmin=-1.0,
-                           zmax=1.0, zmid=0.0, facet_cols=2, text_format=".1f" if len(cats) > 6 else ".2f",
-                           title=f"Cosine between category directions: {direction}, layer {layer}")
-    sec.block(figure=fig, table=at, table_title=f"Mean off-diagonal cosine at layer {layer}",
-              stands_for={c: STANDS_FOR["mean_offdiag_cosine"] for c in spaces if c in at.columns})
-    fig2 = plotting.line(by_layer, x="layer", y="mean_offdiag_cosine", color="direction", facet_col="space",
-                         facet_col_wrap=2, title="Mean off-diagonal cosine between category directions, by layer")
+    sec.block(figure=fcos.make_figure(cos, direction, layer), table=at,
+              table_title=f"Mean off-diagonal cosine at layer {layer}",
+              stands_for={c: STANDS_FOR["mean_offdiag_cosine"] for c in fcos.SPACES if c in at.columns})
+    fig2 = fcos.make_layer_figure(cos)
     summary = by_layer.groupby(["direction", "space"])["mean_offdiag_cosine"].agg(["min", "mean", "max"]).reset_index()
     summary = summary.rename(columns={"min": "min_over_layers", "mean": "mean_over_layers",
                                       "max": "max_over_layers"})
@@ -602,14 +574,8 @@ def section_cosine(t: Tables) -> SectionResult:
     return sec.result()
 
 
-ANISOTROPY_MEASURES = ("mean_pairwise_cosine", "top1_variance_share", "top10_variance_share", "effective_rank",
-                       "condition_number", "mean_norm_ratio", "max_dim_share")
-
-
 def section_anisotropy(t: Tables) -> SectionResult:
-    import numpy as np
-
-    from catlens import plotting
+    from catlens.figures import anisotropy as fan
 
     sec = _Section("anisotropy", "Anisotropy by layer", "python analyses/geometry.py --out <run folder>/geometry")
     tabs = _need(t, sec, "geometry", ["anisotropy"])
@@ -617,12 +583,8 @@ def section_anisotropy(t: Tables) -> SectionResult:
         return sec.result()
     an = tabs["anisotropy"]
     _require(an, ["subset", "layer", "measure", "value"], "anisotropy")
-    data = an[an["measure"].isin(ANISOTROPY_MEASURES)].copy()
-    cond = data["measure"] == "condition_number"
-    data.loc[cond, "value"] = np.log10(data.loc[cond, "value"].astype(float))
-    data.loc[cond, "measure"] = "log10_condition_number"
-    fig = plotting.line(data, x="layer", y="value", color="subset", facet_col="measure", facet_col_wrap=4,
-                        title="Anisotropy of activations by layer", labels={"value": ""})
+    data = fan.plotted(an)
+    fig = fan.make_figure(an)
     layers = sorted(data["layer"].unique())
     picks = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     subset = "all" if "all" in set(data["subset"]) else sorted(data["subset"].unique())[0]
@@ -678,7 +640,7 @@ def section_whitening(t: Tables) -> SectionResult:
 
 
 def section_model_diff(t: Tables) -> SectionResult:
-    from catlens import plotting
+    from catlens.figures import model_diff as fmd
 
     sec = _Section("model_diff", "Model diffing: the category directions of two models",
                    "python analyses/geometry.py --model <fine-tune> --other-model smollm2-135m-instruct "
@@ -688,23 +650,19 @@ def section_model_diff(t: Tables) -> SectionResult:
         return sec.result()
     md = tabs["model_diff"]
     _require(md, ["direction", "category", "layer", "cosine"], "model_diff")
-    layer = int(md.groupby("layer")["cosine"].mean().idxmin())
-    at = md[md["layer"] == layer]
+    at, layer = fmd.at_layer(md, None)
     a_name, b_name = ((str(at["model_a"].iloc[0]), str(at["model_b"].iloc[0]))
                       if {"model_a", "model_b"} <= set(md.columns) else ("model A", "model B"))
     names = f"{a_name} vs {b_name}"
     sec.text(f"The two models' directions differ most at layer {layer} (mean cosine "
              f"{fmt(float(at['cosine'].mean()))} over directions and categories; {names}).")
-    lo = min(0.0, float(at["cosine"].min()))
-    fig = plotting.bars(at, x="category", y="cosine", color="direction", range_y=(lo, 1.0), text_format=None,
-                        title=f"Cosine between the models' category directions, layer {layer}")
+    fig = fmd.make_figure(md, layer)
     tab = at.pivot_table(index="category", columns="direction", values="cosine").reset_index()
     tab.columns.name = None
     sec.block(figure=fig, table=tab, table_title=f"cos(v_c of {a_name}, v_c of {b_name}) at layer {layer}",
               caption="Every value is a model-diffing cosine.",
               stands_for={c: STANDS_FOR["model_diff_cosine"] for c in tab.columns if c != "category"})
-    fig2 = plotting.line(md, x="layer", y="cosine", color="category", facet_col="direction", facet_col_wrap=3,
-                         title="Cosine between the models' category directions, by layer")
+    fig2 = fmd.make_layer_figure(md)
     summ = md.groupby("direction")["cosine"].agg(["min", "mean", "max"]).reset_index()
     summ["layer_of_min"] = [int(md[md["direction"] == d].groupby("layer")["cosine"].mean().idxmin())
                             for d in summ["direction"]]
@@ -720,35 +678,6 @@ def _with_interval(df: Any, value: str, low: str, high: str, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ P1, P2, specificity, judges
-FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
-"""The repository's figure scripts: the P1, P2 and specificity sections draw with their pure builders, so the page
-shows the same figures as ``figures/fig_*.py`` (both read only the saved tables)."""
-
-
-def figure_script(name: str) -> Any:
-    """The module ``figures/<name>.py`` (loaded once per process); raises FileNotFoundError naming the folder when
-    catlens runs without its repository checkout."""
-    import importlib.util
-    import sys
-
-    key = f"catlens_report_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = FIGURES_DIR / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"figure script {str(path)!r} not found: the report draws this section with the "
-                                f"repository's figures/ scripts; install catlens from its checkout (pip install -e .).")
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[key]
-        raise
-    return module
 
 
 def _folder_of(t: Tables, stage: str, name: str) -> Path | None:
@@ -775,7 +704,7 @@ def section_p1(t: Tables) -> SectionResult:
     judge = _judge(tabs.get("test_rates"))
     judged = f"as decided by {judge}" if judge else "as the analysis decided it"
     if "headline" in tabs:
-        fig1 = figure_script("fig_p1_tradeoff")
+        from catlens.figures import p1_tradeoff as fig1
         head = tabs["headline"]
         data = fig1.tradeoff_data(head)
         region = fig1.region(head)
@@ -816,7 +745,7 @@ def section_p1(t: Tables) -> SectionResult:
         sec.block(figure=fig, table=shown[keep], table_title="headline (test prompts; Wilson 95 % intervals)",
                   stands_for=notes)
     if "test_rates" in tabs:
-        fst = figure_script("fig_p1_safety_table")
+        from catlens.figures import p1_safety_table as fst
         substring = t.load("p1", "test_rates_substring")
         rows = fst.safety_rows(tabs["test_rates"], substring, tabs.get("headline"))
         wide = fst.safety_wide(rows)
@@ -854,7 +783,7 @@ def section_probe_roc(t: Tables) -> SectionResult:
         sec.text("The auroc table is empty: no gated policy passed the perplexity guard in this run.")
     scores = None
     if folder is not None and any((folder / "test_fp").glob("*.parquet")):
-        roc = figure_script("fig_p1_probe_roc")
+        from catlens.figures import p1_probe_roc as roc
         scores = roc.load_scores(folder)
         if not scores["gate_score"].notna().any():
             sec.text("No policy in test_fp has gate scores, so there is no probe ROC to draw.")
@@ -917,8 +846,8 @@ def section_sweep(t: Tables) -> SectionResult:
     if sw is None:
         sec.missing.append("p1/sweep.parquet")
         return sec.result()
-    fig1 = figure_script("fig_p1_tradeoff")
-    fsw = figure_script("fig_p1_sweeps")
+    from catlens.figures import p1_tradeoff as fig1
+    from catlens.figures import p1_sweeps as fsw
     candidates = t.load("p1", "candidates")
     headline = t.load("p1", "headline")
     region = fig1.region(headline) if headline is not None else None
@@ -992,7 +921,7 @@ def section_p2(t: Tables) -> SectionResult:
     test = tabs["p2_test"]
     _require(test, ["metric", "judge", "row", "category", "method", "group", "setting", "value", "ci_low", "ci_high"],
              "p2_test")
-    fb = figure_script("fig_p2_bars")
+    from catlens.figures import p2_bars as fb
     data = fb.load_runs([folder])
     stands = {str(m): str(s) for m, s in zip(test["metric"], test["stands_for"])} if "stands_for" in test else {}
     unsafe = fb.unsafe_table(data)
@@ -1062,7 +991,7 @@ def section_specificity(t: Tables) -> SectionResult:
     tabs = _need(t, sec, "specificity", ["specificity", "summary"])
     if len(tabs) < 2:
         return sec.result()
-    fs = figure_script("fig_specificity")
+    from catlens.figures import specificity as fs
     cells, summary = tabs["specificity"], tabs["summary"]
     _require(summary, ["variant", "set", "sign", "metric", "rows", "mean_diag", "mean_offdiag", "ratio",
                        "diag_minus_offdiag"], "summary")
@@ -1221,7 +1150,6 @@ def _steer_sweep(sec: _Section, sw: Any) -> None:
     if "ppl_stands_for" in sw.columns:
         notes["ppl_ratio"] = str(sw["ppl_stands_for"].iloc[0]) + " (ratio to the unsteered answers)"
     sec.block(figure=fig, table=shown[keep], table_title="Pareto-optimal and chosen settings", stands_for=notes)
-
 
 
 SECTIONS: tuple[Callable[[Tables], SectionResult], ...] = (

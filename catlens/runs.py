@@ -330,6 +330,29 @@ class RunDir:
         return rows
 
 
+FINETUNE_MANIFEST = "manifest.json"
+"""The manifest of a fine-tune folder (a RunDir manifest; the fine-tune's record is under ``"finetune"``)."""
+LEGACY_FINETUNE_MANIFEST = "catlens_finetune.json"
+"""The manifest of fine-tunes written before they were RunDirs (still read)."""
+
+
+def read_finetune_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The fine-tune record of a checkpoint folder (new ``manifest.json`` or legacy ``catlens_finetune.json``),
+    or ``None`` when the folder is not a catlens fine-tune (or its manifest is unreadable)."""
+    folder = Path(folder)
+    try:
+        run = json.loads((folder / FINETUNE_MANIFEST).read_text())
+        if isinstance(run, dict) and isinstance(run.get("finetune"), dict) and run.get("status") == "done":
+            return run["finetune"]
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        legacy = json.loads((folder / LEGACY_FINETUNE_MANIFEST).read_text())
+        return legacy if isinstance(legacy, dict) else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def load_table(path: str | os.PathLike[str]) -> Any:
     """Load ``path`` (with or without the ``.parquet`` suffix) as a pandas DataFrame."""
     import pandas as pd

@@ -263,6 +263,12 @@ class Intervention:
                 raise ValueError(f"head={self.head} is out of range for {model.n_heads} heads.")
         else:
             want = model.d_model
+        ctx = getattr(model, "n_ctx", None)
+        far = [k for k in (self.positions if not isinstance(self.positions, str) else ()) if ctx and abs(k) >= ctx]
+        if far:
+            raise ValueError(f"intervention at {self.site.value} layer {self.layer}: positions={self.positions} has "
+                             f"offset(s) {far} beyond {model.name!r}'s context of {ctx} tokens, so it would never "
+                             f"edit anything; give prompt offsets such as (-1,) or a name like 'last_prompt'.")
         if self.width != want:
             raise ValueError(f"intervention at {self.site.value} layer {self.layer} has width {self.width}, but "
                              f"{model.name!r} needs {want} there (d_model={model.d_model}); the vectors were made "
@@ -312,8 +318,7 @@ class Intervention:
             if kw.get(name) is not None:
                 kw[name] = tensors[kw[name]]
         kw["labels"] = tuple(kw.get("labels", ()))
-        pos = kw.get("positions", "all")
-        kw["positions"] = pos if isinstance(pos, str) else tuple(pos)
+        kw["positions"] = parse_positions(kw.get("positions", "all"))
         return cls(**kw)
 
     def same_as(self, other: "Intervention") -> bool:
@@ -712,7 +717,14 @@ class SteeringPolicy:
         if sha256_file(tensor_file) != spec.get("tensors_sha256"):
             raise ValueError(f"{str(tensor_file)!r} does not match the checksum recorded in policy.json: the file is "
                              f"damaged or from another save. Save the policy again.")
-        return cls.from_plain(spec, load_file(str(tensor_file)))
+        tensors = load_file(str(tensor_file))
+        for i, d in enumerate(spec.get("interventions") or ()):
+            try:
+                Intervention.from_dict(d, tensors)
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"{str(spec_file)!r}: interventions[{i}] cannot be read: {e} Fix the file or save "
+                                 f"the policy again (SteeringPolicy.save).") from None
+        return cls.from_plain(spec, tensors)
 
     @classmethod
     def from_plain(cls, spec: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> "SteeringPolicy":

@@ -1,8 +1,11 @@
 """Small offline models for tests, benchmarks and smoke runs: a tiny random Llama with its own tiny tokenizer.
 
-    >>> from catlens.testing import make_tiny_model_dir                              # doctest: +SKIP
-    >>> folder = make_tiny_model_dir(tmp_path, categories=("fraud", "hate"))        # doctest: +SKIP
-    >>> model = catlens.load_model(folder)                                           # doctest: +SKIP
+    >>> from catlens.testing import make_tiny_model_dir
+    >>> folder = make_tiny_model_dir(tmp_path, categories=("fraud", "hate"))
+    >>> tiny = catlens.load_model(folder)
+    >>> vocab = tiny.tokenizer.get_vocab()
+    >>> tiny.n_layers, tiny.d_model, all(t in vocab for t in ("[refuse:fraud]", "[refuse:hate]", "[respond]"))
+    (4, 64, True)
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained in memory on a few built-in sentences,
 with a ChatML chat template, and (optionally) catlens's refusal tokens ``[refuse:<category>]`` and ``[respond]``,

@@ -9,31 +9,10 @@ Writes: DIR/fig_anisotropy.html, .csv, .png; DIR defaults to figures/out/<run na
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from catlens import plotting
+from catlens.figures.anisotropy import make_figure, plotted
 from catlens.runs import load_table
-
-MEASURES = ("mean_pairwise_cosine", "top1_variance_share", "top10_variance_share", "effective_rank",
-            "condition_number", "mean_norm_ratio", "max_dim_share")
-
-
-def plotted(anisotropy: pd.DataFrame) -> pd.DataFrame:
-    """The rows drawn; the condition number spans orders of magnitude, so it is drawn as log10."""
-    data = anisotropy[anisotropy["measure"].isin(MEASURES)].copy()
-    cond = data["measure"] == "condition_number"
-    data.loc[cond, "value"] = np.log10(data.loc[cond, "value"].astype(float))
-    data.loc[cond, "measure"] = "log10_condition_number"
-    return data
-
-
-def make_figure(anisotropy: pd.DataFrame) -> Any:
-    """Pure: tidy table in, figure out."""
-    return plotting.line(plotted(anisotropy), x="layer", y="value", color="subset", facet_col="measure",
-                         facet_col_wrap=4, title="Anisotropy of activations by layer", labels={"value": ""})
 
 
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[str, Path]:

@@ -10,34 +10,10 @@ Default layer: the layer where the two models' directions differ most (lowest me
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
 
 from catlens import plotting
+from catlens.figures.model_diff import at_layer, make_figure, make_layer_figure
 from catlens.runs import load_table
-
-
-def at_layer(model_diff: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, int]:
-    layers = sorted(int(x) for x in model_diff["layer"].unique())
-    chosen = int(model_diff.groupby("layer")["cosine"].mean().idxmin()) if layer is None else layer
-    if chosen not in layers:
-        raise ValueError(f"layer {chosen} is not in the table; available: {layers}")
-    return model_diff[model_diff["layer"] == chosen], chosen
-
-
-def make_figure(model_diff: pd.DataFrame, layer: int | None = None) -> Any:
-    """Pure: bars of cos(v_c^A, v_c^B) per category at one layer."""
-    data, chosen = at_layer(model_diff, layer)
-    names = f"{data['model_a'].iloc[0]} vs {data['model_b'].iloc[0]}" if "model_a" in data else "two models"
-    lo = min(0.0, float(data["cosine"].min()))
-    return plotting.bars(data, x="category", y="cosine", color="direction", range_y=(lo, 1.0),
-                         title=f"Cosine between the models' category directions ({names}), layer {chosen}")
-
-
-def make_layer_figure(model_diff: pd.DataFrame) -> Any:
-    return plotting.line(model_diff, x="layer", y="cosine", color="category", facet_col="direction",
-                         facet_col_wrap=3, title="Cosine between the models' category directions, by layer")
 
 
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True, layer: int | None = None) -> dict[str, Path]:

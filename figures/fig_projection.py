@@ -9,34 +9,10 @@ Default layers: those with a t-SNE projection (else four evenly spaced PCA layer
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
 
 from catlens import plotting
+from catlens.figures.projection import make_figure, select
 from catlens.runs import load_table
-
-
-def select(projections: pd.DataFrame, layers: list[int] | None = None) -> pd.DataFrame:
-    if layers is None:
-        tsne = projections[projections["method"] == "tsne"]
-        available = sorted((tsne if len(tsne) else projections)["layer"].unique())
-        if not len(tsne):
-            n = len(available)
-            available = sorted({available[min(n - 1, round(q * (n - 1)))] for q in (0.25, 0.5, 0.75, 1.0)})
-        layers = [int(x) for x in available]
-    missing = [x for x in layers if x not in set(projections["layer"])]
-    if missing:
-        raise ValueError(f"layers {missing} are not in the table; available: {sorted(projections['layer'].unique())}")
-    return projections[projections["layer"].isin(layers)].sort_values(["method", "layer", "group"], kind="stable")
-
-
-def make_figure(projections: pd.DataFrame, layers: list[int] | None = None) -> Any:
-    """Pure: one panel per (method, layer), points coloured by group (category, or 'benign')."""
-    data = select(projections, layers)
-    return plotting.scatter(data, x="x", y="y", color="group", facet_col="layer", facet_row="method",
-                            hover_data=["id", "label", "category"],
-                            title="Activations projected to 2-D, coloured by category")
 
 
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True,

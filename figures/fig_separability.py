@@ -8,22 +8,10 @@ Writes: DIR/fig_separability.html, .csv (the plotted rows), .png; DIR defaults t
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
 
 from catlens import plotting
+from catlens.figures.separability import METRICS, make_figure
 from catlens.runs import load_table
-
-METRICS = ("probe_accuracy", "probe_auroc", "silhouette", "davies_bouldin", "fisher_ratio")
-
-
-def make_figure(separability: pd.DataFrame) -> Any:
-    """Pure: tidy table in, figure out."""
-    data = separability[separability["metric"].isin(METRICS)]
-    return plotting.line(data, x="layer", y="value", color="task", facet_col="metric", facet_col_wrap=3,
-                         title="Separability by layer (probe: cross-validated; clusters: raw activations)",
-                         labels={"value": "", "layer": "layer"})
 
 
 def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[str, Path]:

@@ -1,5 +1,11 @@
-"""Shared fixtures. The real embedded model is loaded once per session (about 1 s from the cache; the first
-conversion from GGUF takes about 40 s on a fresh machine)."""
+"""Shared fixtures and the test tiers.
+
+Tiers: a test that needs the real embedded model (the ``real_model`` fixture, or any load of a real-size checkpoint)
+is ``slow``; everything else runs on tiny random models with their own offline tokenizer (:mod:`catlens.testing`)
+and is the fast tier (``make test-fast``: ``pytest -m "not slow and not browser"``). Tests that request
+``real_model`` are marked ``slow`` here; a test that is not marked and loads a real-size model anyway fails with a
+message saying so, so the tiers cannot drift. The real model is loaded once per session (about 1 s from the
+cache; the first conversion from GGUF takes about 40 s on a fresh machine)."""
 
 import os
 from pathlib import Path
@@ -9,6 +15,38 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CATLENS_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+REAL_SIZE = 256
+"""A checkpoint whose ``hidden_size`` is at least this is a real model (the tiny test models are 64 wide)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request, monkeypatch):
+    """Outside the ``slow`` tier, loading a real-size or hub model fails the test with the fix."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import json
+
+    import catlens.model as M
+
+    boot = M._boot
+
+    def guarded(location, *args, **kwargs):
+        config = Path(location) / "config.json"
+        width = json.loads(config.read_text()).get("hidden_size", 0) if config.is_file() else None
+        if width is None or width >= REAL_SIZE:
+            pytest.fail(f"{request.node.nodeid} loads a real model ({location}); use a tiny model "
+                        f"(catlens.testing, the tiny_lm / tiny_model fixtures) or mark the test slow.")
+        return boot(location, *args, **kwargs)
+
+    monkeypatch.setattr(M, "_boot", guarded)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,20 +70,12 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, real_model) -> Path:
-    """A randomly initialised 2-layer Llama with the real tokenizer, saved as a checkpoint folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (d_model 64) with catlens.testing's offline tokenizer and no refusal tokens (an
+    ordinary chat model), saved as a checkpoint folder."""
+    from catlens.testing import make_tiny_model_dir
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(real_model.tokenizer), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=real_model.tokenizer.bos_token_id,
-                      eos_token_id=real_model.tokenizer.eos_token_id, pad_token_id=real_model.tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    real_model.tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), n_layers=2)
 
 
 @pytest.fixture(scope="session")

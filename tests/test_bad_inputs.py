@@ -89,7 +89,7 @@ def _cases() -> list[Case]:
     from catlens import model as M
     from catlens import prompts as P
     from catlens import taxonomy as T
-    from catlens.cli import parse_layers
+    from catlens.options import parse_layers
 
     def prompt(**kw: Any) -> Any:
         # fields set after construction: under the test suite's runtime type checks (jaxtyping + beartype) a wrong
@@ -203,13 +203,13 @@ def _cases() -> list[Case]:
     add(Case("api-label-typo", lambda t: lambda: P.PromptSet([prompt(label="bening")]), ["'bening'", "benign"]))
     add(Case("api-record-int", lambda t: lambda: P.PromptSet(iter([3])), ["row 0", "int", "Prompt"], (TypeError,)))
     add(Case("api-load-empty", lambda t: lambda: P.PromptSet.load(_jsonl(t, "")), ["p.jsonl", "no prompts"]))
-    add(Case("api-load-prompts-blank", lambda t: lambda: P.load_prompts(_jsonl(t, "  \n\n")), ["p.jsonl", "no prompts"]))
+    add(Case("api-load-prompts-blank", lambda t: lambda: D.load_prompts(_jsonl(t, "  \n\n")), ["p.jsonl", "no prompts"]))
     add(Case("api-load-missing", lambda t: lambda: P.PromptSet.load(t / "nope.jsonl"), ["nope.jsonl", "does not exist"],
              (FileNotFoundError,)))
-    add(Case("api-load-prompts-unknown", lambda t: lambda: P.load_prompts("catqq"), ["'catqq'", "catqa"]))
-    add(Case("api-where-label", lambda t: lambda: P.load_prompts("builtin").where(label="harmfull"),
+    add(Case("api-load-prompts-unknown", lambda t: lambda: D.load_prompts("catqq"), ["'catqq'", "catqa"]))
+    add(Case("api-where-label", lambda t: lambda: D.load_prompts("builtin").where(label="harmfull"),
              ["'harmfull'", "harmful"]))
-    add(Case("api-split-fractions", lambda t: lambda: P.split_prompts(P.load_prompts("builtin"), (0.5, 0.5)),
+    add(Case("api-split-fractions", lambda t: lambda: P.split_prompts(D.load_prompts("builtin"), (0.5, 0.5)),
              ["0.5", "summing to 1"]))
     # --- API: datasets (corrupt / truncated / wrong-shape files in a temporary data folder)
     add(Case("api-dataset-unknown", lambda t: lambda: D.load_dataset("catqq"), ["'catqq'", "catqa"]))
@@ -425,7 +425,7 @@ def test_negative_option_values_in_the_form_the_help_shows(argv, tmp_path):
 
 
 def test_layer_ranges_must_not_be_empty():
-    from catlens.cli import parse_layers
+    from catlens.options import parse_layers
 
     assert parse_layers("2-5") == [2, 3, 4, 5] and parse_layers("-3--1") == [-3, -2, -1]
     with pytest.raises(ValueError, match="'5-2'.*'2-5'"):
@@ -450,25 +450,155 @@ def test_data_list_without_the_default_folder_still_lists(monkeypatch):
         D.list_datasets()
 
 
-def test_load_prompts_lives_with_the_loaders():
+# ------------------------------------------------------------------------------------------ rough edges of issue 19
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(tiny_lm, tmp_path):
+    from catlens.generation import generate
+
+    long = "bake bread " * (tiny_lm.n_ctx // 2 + 10)  # two tokens a repeat: well past the tiny model's 512
+    with pytest.raises(ValueError, match=r"prompt 'p1' is \d+ tokens .* context of 512 tokens.*1 of 2 prompt"):
+        generate(tiny_lm, [{"id": "p0", "text": "hi"}, {"id": "p1", "text": long}], max_new_tokens=2,
+                 out=tmp_path / "gen", show_progress=False)
+    assert not (tmp_path / "gen").exists()  # nothing was started
+
+
+def test_max_new_tokens_is_capped_at_the_context(tiny_lm, caplog):
+    from catlens.generation import generate
+
+    rendered = tiny_lm.format(["hi"])
+    n_prompt = len(tiny_lm.tokenizer(rendered, add_special_tokens=False)["input_ids"][0])
+    with caplog.at_level("WARNING", logger="catlens.generation"):
+        recs = generate(tiny_lm, ["hi"], max_new_tokens=1_000_000_000, show_progress=False, stop_at_eos=False)
+    room = tiny_lm.n_ctx - n_prompt
+    assert f"max_new_tokens=1000000000 does not fit the context" in caplog.text and f"capped at {room}" in caplog.text
+    assert recs[0]["n_new_tokens"] == room
+
+
+def test_generate_checks_out_is_writable_before_loading_the_model(tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): no read-only folder to test with")
+        code, err = _cli(["generate", "--prompts", "builtin", "--out", str(locked / "gen")])
+        assert code == 2 and "not writable" in err and str(locked) in err, err
+    finally:
+        locked.chmod(0o700)
+    code, err = _cli(["generate", "--prompts", "builtin", "--out", str(_w(tmp_path, "f.txt", "x") / "gen")])
+    assert code == 2 and "which is a file, not a folder" in err, err
+
+
+def test_check_writable_folder_names_the_folder(tmp_path, monkeypatch):
+    from catlens.errors import check_writable_folder
+
+    check_writable_folder(tmp_path / "new" / "deeper", "--out")  # creatable: fine
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(tmp_path))
+    with pytest.raises(PermissionError, match=r"--out '.*deeper' would be created in '.*', which is not writable"):
+        check_writable_folder(tmp_path / "new" / "deeper", "--out")
+
+
+def test_generate_does_not_offer_the_llm_judge(tmp_path):
+    code, err = _cli(["generate", "--prompts", "builtin", "--judge", "llm", "--out", str(tmp_path / "g")])
+    assert code == 2 and "needs a backend" in err and "get_judge('llm'" in err and "substring" in err, err
+    assert not (tmp_path / "g").exists()
+
+
+def test_positions_out_of_reach_in_a_policy_file(tiny_lm, tmp_path):
+    import torch
+
+    from catlens.steer import Intervention, SteeringPolicy
+
+    iv = Intervention("resid_post", 1, torch.ones(1, tiny_lm.d_model), positions=(-1,))
+    folder = SteeringPolicy((iv,)).save(tmp_path / "policy")
+    spec = json.loads((folder / "policy.json").read_text())
+    spec["interventions"][0]["positions"] = 100000
+    (folder / "policy.json").write_text(json.dumps(spec))
+    policy = SteeringPolicy.load(folder)  # a bare number is one offset, as in the API
+    with pytest.raises(ValueError, match=r"positions=\(100000,\) has offset\(s\) \[100000\] beyond .*context of 512"):
+        policy.check_model(tiny_lm)
+    spec["interventions"][0]["positions"] = {"not": "positions"}
+    (folder / "policy.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"policy.json': interventions\[0\] cannot be read: (?s:.*)positions"):
+        SteeringPolicy.load(folder)
+
+
+def test_a_second_generate_into_the_same_out_is_refused(tiny_lm, tmp_path):
+    from catlens.generation import _lock_out, generate
+
+    out = tmp_path / "gen"
+    held = _lock_out(out)  # another process's generate holds the folder
+    try:
+        with pytest.raises(FileExistsError, match=r"--out '.*gen' is being written by another catlens generate \(pid"):
+            generate(tiny_lm, ["hi"], max_new_tokens=1, out=out, show_progress=False)
+    finally:
+        held.release()
+    assert len(generate(tiny_lm, ["hi"], max_new_tokens=1, out=out, show_progress=False)) == 1
+    assert not (tmp_path / ".gen.lock").exists()  # released and removed after the run
+
+
+def test_the_lock_is_per_process(tmp_path):
+    """A lock taken by another process (flock) refuses this one."""
     import subprocess
 
-    import catlens
-    import catlens.datasets
-    import catlens.prompts
+    out = tmp_path / "gen"
+    code = ("import sys, time; from catlens.generation import _lock_out; l = _lock_out(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        from catlens.generation import _lock_out
 
-    assert catlens.load_prompts is catlens.datasets.load_prompts is catlens.prompts.load_prompts
-    assert catlens.prompts.load_builtin is catlens.datasets.load_builtin
-    code = "import sys, catlens.prompts; assert 'catlens.datasets' not in sys.modules, 'prompts imports datasets'"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        with pytest.raises(FileExistsError, match=f"pid {child.pid}"):
+            _lock_out(out)
+    finally:
+        child.kill()
+        child.wait()
+    _lock_out(out).release()  # the lock went with the process
+
+
+def _report_run(root: Path, summary: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"status": "done", "config": {"x": 1}, "stages": {}}))
+    if summary:
+        (root / "summary.json").write_text(json.dumps({"model": "m", "seconds": 3}))
+    return root
+
+
+def test_report_exit_codes(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _cli(["report", str(empty)])
+    assert code == 1 and "holds none of the tables" in err, err
+    run = _report_run(tmp_path / "run")
+    code, err = _cli(["report", str(run)])
+    assert code == 0, err
+    code, err = _cli(["report", str(run), "--strict"])
+    assert code == 1 and "--strict" in err and "incomplete" in err, err
+
+
+def test_report_fails_when_a_section_fails(tmp_path):
+    run = _report_run(tmp_path / "run")
+    (run / "geometry").mkdir()
+    pd = pytest.importorskip("pandas")
+    pd.DataFrame({"task": ["a"], "layer": [0]}).to_parquet(run / "geometry" / "separability.parquet")  # no metric
+    code, err = _cli(["report", str(run)])
+    assert code == 1 and "separability" in err and "could not be drawn" in err, err
+
+
+def test_report_says_when_summary_is_missing(tmp_path):
+    from catlens.report import build_report
+
+    rep = build_report(_report_run(tmp_path / "run", summary=False))
+    run = next(s for s in rep.sections if s.id == "run")
+    assert "summary.json" in run.missing and "summary.json is missing" in run.body
 
 
 def test_one_helper_for_package_versions():
-    from catlens import model, runs
+    from catlens import runs
 
     versions = runs.package_versions(["torch", "no-such-distribution-catlens"])
     assert versions["torch"] and versions["no-such-distribution-catlens"] is None and "python" in versions
-    assert model._version is runs.package_version  # the name catlens.finetune imports
 
 
 @pytest.mark.slow

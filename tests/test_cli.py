@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from catlens.cli import main, parse_layers
+from catlens.cli import main
+from catlens.options import parse_layers
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

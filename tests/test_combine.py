@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+from catlens.errors import NonFiniteLossError
 from catlens.combine import (
     CURVE_COLUMNS,
-    NonFiniteLossError,
     _initial_params,
     evaluate_low_rank,
     init_basis,

@@ -12,7 +12,6 @@ import pytest
 from catlens.config import (
     SECTIONS,
     Config,
-    ConfigError,
     args_to_argv,
     from_dict,
     parse_sets,
@@ -20,7 +19,7 @@ from catlens.config import (
     to_toml,
     valid_keys,
 )
-from catlens.errors import FileFormatError
+from catlens.errors import ConfigError, FileFormatError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

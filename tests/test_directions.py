@@ -409,3 +409,83 @@ def test_a_format_1_directions_file_still_loads(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         d = Directions.load(tmp_path / "old")
     assert torch.equal(d.vectors, v) and d.ref_norm is None and "older catlens" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def _registry_cases(planted, gen):
+    """Per registered method: (fit_directions call, the direct constructor call it must equal)."""
+    h, b = planted["cats"], planted["benign"]
+    matched = {c: x[:50] for c, x in h.items()}
+    paired = {c: x[50:100] for c, x in h.items()}
+    labels = {c: torch.arange(len(x)) % 3 != 0 for c, x in h.items()}
+    refusal = D.refusal_direction(torch.cat(list(h.values())), b)
+    kw = {"layers": (3, 5, 7), "provenance": {"data": "planted"}}
+    return {
+        "one_vs_benign": (lambda: D.fit_directions(h, "one_vs_benign", benign=b, normalize=True, **kw),
+                          lambda: D.one_vs_benign(h, b, normalize=True, **kw)),
+        "one_vs_rest": (lambda: D.fit_directions(h, "one_vs_rest", weighting="category", **kw),
+                        lambda: D.one_vs_rest(h, weighting="category", **kw)),
+        "one_vs_benign_orth": (lambda: D.fit_directions(h, "one_vs_benign_orth", benign=b, **kw),
+                               lambda: D.orthogonalize_against(D.one_vs_benign(h, b, **kw), refusal)),
+        "p1_mean_difference": (lambda: D.fit_directions(h, "p1_mean_difference", benign=b, tau=1e-3, **kw),
+                               lambda: D.p1_mean_difference(h, b, tau=1e-3, top_k=D_MODEL, **kw)),
+        "p1_contrastive": (lambda: D.fit_directions(paired, "p1_contrastive", benign=matched, top_k=4),
+                           lambda: D.p1_contrastive(paired, matched, top_k=4)),
+        "p2_unsupervised": (lambda: D.fit_directions(h, "p2_unsupervised", benign=matched, site="attn_out", **kw),
+                            lambda: D.p2_unsupervised(h, matched, site="attn_out", **kw)),
+        "p2_pruned": (lambda: D.fit_directions(h, "p2_pruned", benign=b, quantile=0.25, pairing="random", seed=3),
+                      lambda: D.p2_pruned(h, b, quantile=0.25, pairing="random", seed=3)),
+        "p2_guided": (lambda: D.fit_directions(h, "p2_guided", benign=b, judge_labels=labels),
+                      lambda: D.p2_guided(h, b, judge_labels=labels)),
+    }
+
+
+def test_every_registered_method_equals_its_constructor(planted, gen):
+    cases = _registry_cases(planted, gen)
+    assert set(cases) == set(D.METHODS), "a registered method has no equality case here"
+    for name, (via_registry, direct) in cases.items():
+        got, want = via_registry(), direct()
+        assert got == want, name
+        assert got.method == want.method
+
+
+def test_p1_top_k_is_capped_at_d_model_by_the_registry(planted):
+    """P1's default top_k (200) exceeds a small model's width; the registry keeps every dimension then."""
+    h, b = planted["cats"], planted["benign"]
+    assert D.fit_directions(h, "p1_mean_difference", benign=b) == D.p1_mean_difference(h, b, top_k=D_MODEL)
+    assert D.fit_directions(h, "p1_mean_difference", benign=b, top_k=3) == D.p1_mean_difference(h, b, top_k=3)
+
+
+def test_unknown_method_gets_a_did_you_mean():
+    with pytest.raises(ValueError, match=r"Unknown direction method 'one_vs_bengin'\. Did you mean: one_vs_benign"):
+        D.fit_directions({"a": torch.zeros(2, 1, 4)}, "one_vs_bengin", benign=torch.zeros(2, 1, 4))
+    with pytest.raises(ValueError, match="needs the benign side: pass benign="):
+        D.fit_directions({"a": torch.ones(2, 1, 4)}, "one_vs_benign")
+    with pytest.raises(ValueError, match="non-empty"):
+        D.fit_directions({}, "one_vs_rest")
+
+
+def test_fit_from_a_store_equals_fit_from_its_activations(planted):
+    """A store (index + get(site)) gives the same directions as the grouped tensors of its chosen split."""
+    import pandas as pd
+
+    h, b = planted["cats"], planted["benign"]
+    rows = [(c, "harmful", "train" if i % 4 else "test") for c, x in h.items() for i in range(len(x))]
+    rows += [(None, "benign", "train" if i % 4 else "test") for i in range(len(b))]
+    acts = torch.cat([*h.values(), b])
+
+    class Store:
+        index = pd.DataFrame(rows, columns=["category", "label", "split"])
+        layers = tuple(range(N_LAYERS))
+
+        def get(self, site):
+            assert site == "attn_out"
+            return acts
+
+    train = {c: x[torch.arange(len(x)) % 4 != 0] for c, x in h.items()}
+    want = D.one_vs_benign(train, b[torch.arange(len(b)) % 4 != 0], site="attn_out", layers=Store.layers)
+    assert D.fit_directions(Store(), "one_vs_benign", site="attn_out", split="train") == want
+    with pytest.raises(ValueError, match="do not pass benign="):
+        D.fit_directions(Store(), "one_vs_benign", benign=b)
+    with pytest.raises(ValueError, match="no harmful prompts"):
+        D.fit_directions(Store(), "one_vs_benign", site="attn_out", split="val")

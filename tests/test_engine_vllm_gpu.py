@@ -39,7 +39,7 @@ def lm(spec):
 
 @pytest.fixture(scope="module")
 def prompts():
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
 
     return list(load_prompts("builtin").where(split="test"))[:64]
 

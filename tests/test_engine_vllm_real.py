@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_unsteered_greedy_agrees_with_catlens_on_the_embedded_model(real_model):
     import catlens
     from catlens.engines.vllm import VLLMEngine
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
 
     prompts = list(load_prompts("builtin").where(split="test"))
     ref = catlens.generate(real_model, prompts, max_new_tokens=16, batch_size=32, show_progress=False)

@@ -15,7 +15,8 @@ pytest.importorskip("dash", reason="the explorer needs dash (pip install -e '.[d
 from catlens import explore as E  # noqa: E402
 from catlens.browser import browser_unavailable, chromium_executable, headless_chromium, page_errors  # noqa: E402
 from catlens.cli import main as cli_main  # noqa: E402
-from catlens.generation import GenerationCancelled, generate  # noqa: E402
+from catlens.errors import GenerationCancelled  # noqa: E402
+from catlens.generation import generate  # noqa: E402
 
 CHROMIUM = chromium_executable()
 _NO_BROWSER = browser_unavailable(CHROMIUM)

@@ -38,6 +38,11 @@ def _load(name: str):
     return module
 
 
+def _builders(name: str):
+    """The package module that holds the script's builders (``figures/fig_x.py`` -> ``catlens.figures.x``)."""
+    return importlib.import_module(f"catlens.figures.{name.removeprefix('fig_')}")
+
+
 def _save(folder: Path, name: str, df: pd.DataFrame) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     df.to_parquet(folder / f"{name}.parquet", index=False)
@@ -238,7 +243,7 @@ def test_png_export_when_a_browser_is_there(run, tmp_path):
 
 
 def test_figure_1_draws_the_headline_numbers_and_the_region_from_the_table(run):
-    fig1 = _load("fig_p1_tradeoff")
+    fig1 = _builders("fig_p1_tradeoff")
     head = pd.read_parquet(run / "headline.parquet")
     head["target_over_refusal"] = "<= 0.15"  # the region is read from the table, not typed
     fig = fig1.tradeoff_figure(head, "judge-x")
@@ -258,7 +263,7 @@ def test_figure_1_draws_the_headline_numbers_and_the_region_from_the_table(run):
 
 
 def test_sweep_cloud_marks_exactly_the_chosen_candidates(run):
-    fig1 = _load("fig_p1_tradeoff")
+    fig1 = _builders("fig_p1_tradeoff")
     sweep, cand = pd.read_parquet(run / "sweep.parquet"), pd.read_parquet(run / "candidates.parquet")
     data = fig1.sweep_data(sweep, cand)
     chosen = cand[cand.chosen]
@@ -286,13 +291,13 @@ def _md_cells(md: str) -> dict[tuple[str, str], dict[str, str]]:
 
 
 def test_safety_table_numbers_are_the_tables(run, tmp_path):
-    fst = _load("fig_p1_safety_table")
+    fst = _builders("fig_p1_safety_table")
     rates = pd.read_parquet(run / "test_rates.parquet")
     # an odd value proves the numbers are formatted from the table
     i = rates.index[(rates.policy == "unsteered") & (rates.grouping == "dataset") & (rates.dataset == "alpaca")][0]
     rates.loc[i, ["rate", "se"]] = [0.123456, 0.0271]
     rates.to_parquet(run / "test_rates.parquet", index=False)
-    written = fst.main(run, out_dir=tmp_path, png=False)
+    written = _load("fig_p1_safety_table").main(run, out_dir=tmp_path, png=False)
     cells = _md_cells(written["md"].read_text())
     assert cells[("benign", "alpaca")]["unsteered"] == "12.3 ± 2.7"
     by_dataset = rates[rates.grouping == "dataset"]
@@ -331,7 +336,7 @@ def test_safety_table_numbers_are_the_tables(run, tmp_path):
 def test_probe_roc_curves_points_and_legend_come_from_the_tables(run):
     from sklearn.metrics import auc
 
-    roc = _load("fig_p1_probe_roc")
+    roc = _builders("fig_p1_probe_roc")
     scores = roc.load_scores(run)
     auroc = pd.read_parquet(run / "auroc.parquet")
     gate_from = roc.gated_policy(scores, auroc)
@@ -361,7 +366,7 @@ def test_probe_roc_curves_points_and_legend_come_from_the_tables(run):
 def test_probe_roc_reads_the_current_prompt_set_and_newest_policy_files(run):
     import os
 
-    roc = _load("fig_p1_probe_roc")
+    roc = _builders("fig_p1_probe_roc")
     before = roc.load_scores(run)
     stale = before[before.policy == "categorical_youden"].assign(gate_score=0.0)
     old = run / "test_fp" / f"categorical_youden-ffffffffffff-{'0' * 12}.parquet"  # another (older) prompt set
@@ -377,7 +382,7 @@ def test_probe_roc_reads_the_current_prompt_set_and_newest_policy_files(run):
 
 
 def test_sweep_curves_read_the_grid(run):
-    fsw = _load("fig_p1_sweeps")
+    fsw = _builders("fig_p1_sweeps")
     sweep = pd.read_parquet(run / "sweep.parquet")
     assert fsw.best_gate_rule(sweep) == "target_fpr"  # planted +0.02 refusal
     data = fsw.strength_data(sweep)
@@ -408,8 +413,8 @@ def test_missing_optional_tables_are_skipped_with_a_reason(tmp_path, caplog):
     assert re.search(r"fig_p1_sweep_cloud skipped: no sweep table in .*p1", caplog.text)
     md = _load("fig_p1_safety_table").main(run, out_dir=tmp_path / "out", png=False)["md"].read_text()
     assert "generated subsample" not in md and "no test_rates_substring" in caplog.text
-    roc = _load("fig_p1_probe_roc")
-    roc.main(run, out_dir=tmp_path / "out", png=False)
+    roc = _builders("fig_p1_probe_roc")
+    _load("fig_p1_probe_roc").main(run, out_dir=tmp_path / "out", png=False)
     assert "no auroc rows" in caplog.text
     drawn = pd.read_csv(tmp_path / "out" / "fig_p1_probe_roc.csv")
     assert set(drawn.kind) == {"curve", "operating point"}
@@ -427,7 +432,7 @@ def test_missing_optional_tables_are_skipped_with_a_reason(tmp_path, caplog):
 
 
 def test_lowrank_curve_and_bad_tables(run):
-    fsw = _load("fig_p1_sweeps")
+    fsw = _builders("fig_p1_sweeps")
     curve = pd.read_parquet(run / "lowrank_curve.parquet")
     data = fsw.lowrank_data(curve)
     assert set(data.metric) == {"loss", "harm", "kl"} and set(data.run) == {"low rank"}
@@ -437,14 +442,14 @@ def test_lowrank_curve_and_bad_tables(run):
     with pytest.raises(ValueError, match="has none of"):
         fsw.lowrank_data(curve[["step"]])
     with pytest.raises(ValueError, match=r"table 'headline' has no column\(s\) \['refusal_ci_low'"):
-        _load("fig_p1_tradeoff").tradeoff_data(pd.read_parquet(run / "headline.parquet").drop(
+        _builders("fig_p1_tradeoff").tradeoff_data(pd.read_parquet(run / "headline.parquet").drop(
             columns="refusal_ci_low"))
     with pytest.raises(ValueError, match="no rows grouped by dataset"):
-        fst = _load("fig_p1_safety_table")
+        fst = _builders("fig_p1_safety_table")
         rates = pd.read_parquet(run / "test_rates.parquet")
         fst.safety_rows(rates[rates.grouping != "dataset"])
     with pytest.raises(FileNotFoundError, match="no per-prompt tables"):
-        _load("fig_p1_probe_roc").load_scores(run / "nowhere")
+        _builders("fig_p1_probe_roc").load_scores(run / "nowhere")
 
 
 def test_a_run_without_a_gated_policy(tmp_path, caplog):

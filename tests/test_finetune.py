@@ -23,6 +23,7 @@ from catlens.finetune import (
     prototype_rows,
     read_manifest,
 )
+from catlens.errors import NonFiniteLossError
 from catlens.prompts import Prompt, PromptSet, check_leakage
 
 
@@ -121,14 +122,9 @@ def test_schedule_is_seeded_and_mixes_both_sides():
 
 
 def _tokenizer():
-    from transformers import AutoTokenizer
+    from catlens.testing import make_tiny_tokenizer
 
-    from catlens.model import embedded_checkpoint
-
-    tok = AutoTokenizer.from_pretrained(embedded_checkpoint())
-    tok.add_special_tokens({"additional_special_tokens": ["[refuse:privacy]", "[respond]"]},
-                           replace_extra_special_tokens=False)
-    return tok
+    return make_tiny_tokenizer(("privacy",))  # ChatML, with [refuse:privacy] and [respond]
 
 
 def test_build_examples_and_collate_positions():
@@ -193,7 +189,7 @@ def _tiny_data() -> TrainingData:
 def _tiny_config(base, **kw) -> FinetuneConfig:
     opts = dict(name="tiny", base=str(base), data="builtin", categories=("privacy", "cybercrime"), min_per_category=2,
                 max_per_category=6, answer_tokens=4, steps=8, batch_size=4, lr=3e-3, warmup_steps=1,
-                prototype_prompts=4, checkpoint_every=2, max_length=96, max_prompt_tokens=64)
+                prototype_prompts=4, checkpoint_every=2, max_length=192, max_prompt_tokens=128)
     opts.update(kw)
     return FinetuneConfig(**opts)
 
@@ -264,6 +260,27 @@ def test_finetune_tiny_end_to_end(tiny_model_dir, tmp_path):
 
 class _Interrupt(Exception):
     pass
+
+
+class _NotTensors:
+    """Anything that is not a tensor, a number or a string: a weights-only load refuses to build it."""
+
+
+def test_resume_reads_the_checkpoint_weights_only(tiny_model_dir, tmp_path):
+    cfg, data = _tiny_config(tiny_model_dir, steps=4), _tiny_data()
+
+    def crash(step, stats):
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        finetune(cfg, data=data, out=tmp_path / "cut", cache=tmp_path / "cache", show_progress=False, callback=crash)
+    ckpt = tmp_path / ".cut.work" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)  # what the trainer writes loads without unpickling code
+    assert state["step"] == 2 and set(state) == {"run_key", "step", "log", "optimizer", "params"}
+    torch.save({**state, "extra": _NotTensors()}, ckpt)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint.pt' holds more than tensors and numbers.*--overwrite"):
+        finetune(cfg, data=data, out=tmp_path / "cut", cache=tmp_path / "cache", show_progress=False, resume=True)
 
 
 @pytest.mark.slow
@@ -444,15 +461,6 @@ def test_config_hash_is_stable_and_device_free():
     assert get_config("quick", dtype="bfloat16").hash != CONFIGS["quick"].hash
 
 
-def test_one_chat_rendering():
-    import catlens.finetune
-    import catlens.model
-
-    assert catlens.finetune.render_chat is catlens.model.render_chat
-    assert not hasattr(catlens.finetune.targets, "render_chat") or \
-        catlens.finetune.targets.render_chat is catlens.model.render_chat
-
-
 def test_legacy_manifest_still_reads_and_reuses(tmp_path):
     from catlens.finetune import ensure_refusal_model, read_manifest
 
@@ -513,7 +521,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_model_dir, tmp_path,
 
     monkeypatch.setattr(T, "response_loss", poisoned)
     cfg = _tiny_config(tiny_model_dir, steps=5, checkpoint_every=0)
-    with pytest.raises(T.NonFiniteLossError, match="at step 3 of 5"):
+    with pytest.raises(NonFiniteLossError, match="at step 3 of 5"):
         finetune(cfg, data=_tiny_data(), out=tmp_path / "nan", cache=tmp_path / "cache", show_progress=False)
     assert not (tmp_path / "nan").exists()
     assert not (tmp_path / ".nan.work").exists()  # no checkpoint was written: nothing is left to resume

@@ -9,10 +9,11 @@ import re
 import pandas as pd
 import pytest
 
+from catlens.datasets import load_prompts
+from catlens.errors import LeakageError
 from catlens.prompts import (
     LABELS,
     SPLITS,
-    LeakageError,
     Prompt,
     PromptSet,
     _near_pairs,
@@ -20,7 +21,6 @@ from catlens.prompts import (
     concat,
     deduplicate,
     jaccard,
-    load_prompts,
     normalize_text,
     shingles,
     split_prompts,

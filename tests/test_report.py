@@ -315,15 +315,13 @@ def test_csv_tables_are_read(tmp_path):
 def test_cli_report_on_empty_folder_and_bad_folder(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli_main(["report", str(empty)]) == 0
+    assert cli_main(["report", str(empty)]) == 1  # the page is written, and the exit code says it is empty
+    assert "holds none of the tables" in capsys.readouterr().err
     page = (empty / "report.html").read_text()
     assert page.count('data-status="not run"') == len(R.SECTIONS)
     assert "manifest.json" in page and "eval/per_category.parquet" in page
     assert f"Produce with: <code class=\"cmd\">python analyses/geometry.py --out {empty}/geometry</code>" in page
     assert "<script" not in page  # no figure, so no plotly.js either
-    out = capsys.readouterr().out
-    assert "report.html" in out and "not run" in out
-
     assert cli_main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err and "catlens report" in err

@@ -90,8 +90,8 @@ from catlens.finetune.targets import (  # noqa: F401
     refusal_text,
     refusal_tokens_for,
 )
+from catlens.errors import NonFiniteLossError  # noqa: F401  (the training loop raises it)
 from catlens.finetune.training import (  # noqa: F401
-    NonFiniteLossError,
     TrainResult,
     collate,
     lr_scale,
@@ -99,4 +99,3 @@ from catlens.finetune.training import (  # noqa: F401
     response_loss,
     train,
 )
-from catlens.model import render_chat  # noqa: F401  (the one chat rendering; formerly defined here)

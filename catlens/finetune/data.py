@@ -125,7 +125,9 @@ def _relabel_coconot(ps: PromptSet) -> PromptSet:
     return PromptSet(recs, ps.name, ps.provenance, categories=COCONOT_CATEGORIES)
 
 
-def _resolve_origin(config: FinetuneConfig, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+def resolve_origin(config: FinetuneConfig, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """Where the training data comes from: ``("builtin", None)`` or ``("benchmarks", <data dir>)`` (a clear error
+    when the benchmarks are asked for and not found)."""
     from catlens.datasets import ENV_VAR, resolve_data_dir
 
     if config.data == "builtin":
@@ -171,7 +173,7 @@ def assemble_data(config: FinetuneConfig, data_dir: str | os.PathLike[str] | Non
     Deterministic given ``config.split_seed``/``config.seed`` and the files. Raises ``LeakageError`` if a training
     prompt still duplicates an evaluation prompt after the training copies were removed.
     """
-    origin, root = _resolve_origin(config, data_dir)
+    origin, root = resolve_origin(config, data_dir)
     if origin == "builtin":
         harmful_pool, heldout, benign_ordinary, benign_topic, eval_sets = _builtin_parts(config)
     elif config.scheme == "coconot":
@@ -212,7 +214,7 @@ def assemble_data(config: FinetuneConfig, data_dir: str | os.PathLike[str] | Non
 
 
 def _builtin_parts(config: FinetuneConfig) -> tuple[Any, ...]:
-    from catlens.prompts import load_builtin
+    from catlens.datasets import load_builtin
 
     b = load_builtin()
     harmful = b.where(label="harmful", split="train")
@@ -234,7 +236,7 @@ def _safe_load(name: str, root: Path | None) -> PromptSet:
 
 
 def _dataset_parts(config: FinetuneConfig, root: Path | None) -> tuple[Any, ...]:
-    from catlens.prompts import load_builtin
+    from catlens.datasets import load_builtin
 
     h, s = config.heldout_fraction, config.split_seed
     pooled = PromptSet.concat(*(_safe_load(n, root) for n in ("catqa", "beavertails_eval", "do_not_answer")),

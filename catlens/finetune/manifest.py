@@ -1,7 +1,7 @@
 """The fine-tune's record: a checkpoint folder is a :class:`catlens.runs.RunDir` whose ``manifest.json`` holds the
 fine-tune's own record (config and data hashes, tokens, data counts, training summary) under ``finetune``.
 Checkpoints written before that format carry the same record in ``catlens_finetune.json``; :func:`read_manifest`
-reads both."""
+(:func:`catlens.runs.read_finetune_manifest`, which the model loader and the report use too) reads both."""
 
 import json
 import time
@@ -13,30 +13,12 @@ from typing import Any
 from catlens.finetune.config import FinetuneConfig
 from catlens.finetune.data import TrainingData
 from catlens.finetune.training import TrainResult
+from catlens.runs import FINETUNE_MANIFEST as MANIFEST  # noqa: F401  (the fine-tune package's names for them)
+from catlens.runs import LEGACY_FINETUNE_MANIFEST as LEGACY_MANIFEST  # noqa: F401
 from catlens.runs import RunDir, atomic_path
+from catlens.runs import read_finetune_manifest as read_manifest  # noqa: F401
 
-MANIFEST = "manifest.json"
-"""The manifest of a fine-tune folder (a RunDir manifest; the fine-tune's record is under ``"finetune"``)."""
-LEGACY_MANIFEST = "catlens_finetune.json"
-"""The manifest of fine-tunes written before they were RunDirs (still read)."""
 KIND = "catlens-finetune"
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The fine-tune record of a checkpoint folder (new ``manifest.json`` or legacy ``catlens_finetune.json``),
-    or ``None`` when the folder is not a catlens fine-tune (or its manifest is unreadable)."""
-    folder = Path(folder)
-    try:
-        run = json.loads((folder / MANIFEST).read_text())
-        if isinstance(run, dict) and isinstance(run.get("finetune"), dict) and run.get("status") == "done":
-            return run["finetune"]
-    except (OSError, json.JSONDecodeError):
-        pass
-    try:
-        legacy = json.loads((folder / LEGACY_MANIFEST).read_text())
-        return legacy if isinstance(legacy, dict) else None
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _git_commit() -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from catlens.finetune.config import FinetuneConfig, default_name, get_config
-from catlens.finetune.data import TrainingData, _resolve_origin, assemble_data
+from catlens.finetune.data import TrainingData, resolve_origin, assemble_data
 from catlens.finetune.distill import distill_answers, model_key
 from catlens.finetune.manifest import build_manifest, read_manifest, save_finetune
 from catlens.finetune.surgery import add_refusal_tokens, apply_lora, init_new_embeddings, merge_lora, set_trainable
@@ -72,7 +72,7 @@ def check_inputs(config: FinetuneConfig, *, cache: str | os.PathLike[str] | None
 
         resolve_data_dir(data_dir)
     if config.data == "datasets":
-        _resolve_origin(config, data_dir)
+        resolve_origin(config, data_dir)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={config.device!r}: CUDA is not available on this machine (use device='cpu').")

@@ -13,15 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from catlens.errors import NonFiniteLossError
 from catlens.finetune.config import FinetuneConfig
 from catlens.finetune.targets import Example
 from catlens.runs import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite; the message names the step."""
 
 
 def make_schedule(sides: Sequence[str], steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -169,7 +166,14 @@ def train(
     start, history, resumed_from = 0, [], None
     ckpt = work_dir / "checkpoint.pt" if work_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=emb.device)
+        import pickle
+
+        try:  # tensors, numbers, strings and containers only: no code runs while reading
+            state = torch.load(ckpt, weights_only=True, map_location=emb.device)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"the checkpoint {str(ckpt)!r} holds more than tensors and numbers, so it was not "
+                             f"written by this trainer and is not loaded ({str(e).splitlines()[0]}); delete "
+                             f"{str(work_dir)!r} or pass --overwrite to start afresh.") from None
         if state["run_key"] != run_key:
             raise ValueError(f"the checkpoint in {str(work_dir)!r} belongs to a different run (config or data changed);"
                              f" pass --overwrite to start afresh.")
