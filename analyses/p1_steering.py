@@ -276,7 +276,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], gate
     import pandas as pd
     import torch
 
-    from catlens import directions as D
+    from catlens.directions import fit_directions
     from catlens.gate import choose_gate, gate_probabilities, stack_features
     from catlens.probes import fit_gate
     from catlens.refusal import RefusalTokens, category_token
@@ -298,24 +298,18 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], gate
     ref_norm = X.norm(dim=-1).mean(0)  # [layer]
     dirs: dict[str, Any] = {}
     for m in methods:
-        if m == "one_vs_benign":
-            d = D.one_vs_benign(harm_by_cat, X[~is_h], normalize=True, layers=layers)
-        elif m == "one_vs_rest":
-            d = D.one_vs_rest(harm_by_cat, normalize=True, layers=layers)
-        elif m == "p1_mean_difference":  # P1's extraction context: the category token / [respond] as the response
+        if m == "p1_mean_difference":  # P1's extraction context: the category token / [respond] as the response
             harm = train.filter(lambda p: p.label == "harmful" and p.category in cats, "harmful in cats")
             ben = train.filter(lambda p: p.label == "benign", "benign")
             H = _acts(model, harm, layers, run.path / "acts" / "train_cat_token",
                       append=[category_token(p.category) for p in harm])
             B = _acts(model, ben, layers, run.path / "acts" / "train_respond", append=tokens.respond)
             hf = harm.to_frame()
-            d = D.p1_mean_difference({c: H[torch.tensor((hf.category == c).to_numpy())] for c in cats}, B,
+            dirs[m] = fit_directions({c: H[torch.tensor((hf.category == c).to_numpy())] for c in cats}, m, benign=B,
                                      top_k=args.top_k if args.top_k > 0 else None, layers=layers)
-        else:
-            from catlens.errors import unknown_name_message
-
-            raise ValueError(unknown_name_message("method", m, METHODS))
-        dirs[m] = d
+        else:  # one_vs_benign, one_vs_rest: the last prompt token in the chat template
+            dirs[m] = fit_directions(harm_by_cat, m, benign=None if m == "one_vs_rest" else X[~is_h],
+                                     normalize=True, layers=layers)
     y_g = (gf.label == "harmful").to_numpy().astype(int)
     y_v = (vf.label == "harmful").to_numpy().astype(int)
     focus = _focus(vf) | (y_v == 1)
@@ -1195,7 +1189,7 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
     import pandas as pd
     import torch
 
-    from catlens import directions as D
+    from catlens.directions import fit_directions
     from catlens.model import load_model
     from catlens.probes import fit_gate
     from catlens.steer import SteeringPolicy, model_fingerprint
@@ -1217,8 +1211,8 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
     tf, vf = train.to_frame(), val.to_frame()
     is_h = torch.tensor((tf.label == "harmful").to_numpy())
     va_h = torch.tensor((vf.label == "harmful").to_numpy())
-    d = D.one_vs_benign({c: X[torch.tensor(((tf.label == "harmful") & (tf.category == c)).to_numpy())]
-                         for c in cats}, X[~is_h], normalize=True, layers=[layer])
+    d = fit_directions({c: X[torch.tensor(((tf.label == "harmful") & (tf.category == c)).to_numpy())]
+                        for c in cats}, "one_vs_benign", benign=X[~is_h], normalize=True, layers=[layer])
     gate = fit_gate(X[is_h, 0], X[~is_h, 0], layer=layer, val=(V[va_h, 0], V[~va_h, 0]))
     iv = intervention({"layers": [layer], "dirs": {"one_vs_benign": d}, "ref_norm": X.norm(dim=-1).mean(0)},
                       "one_vs_benign", layer, 1.0)  # the same construction as the tuned model's policies
