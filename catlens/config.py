@@ -181,7 +181,7 @@ class ReportStage:
 DEMO_ARGS: dict[str, dict[str, Any]] = {
     "p1": {"layers": "18,21", "gate-layers": "9,15,21,27", "methods": "one_vs_benign", "toward": "0.1,0.2",
            "away": "0.2,0.6", "scopes": "last_prompt+0,last_prompt", "train-cap": 150, "val-cap": 20,
-           "test-cap": 40, "test-gen-cap": 12, "val-gen-n": 32, "gen-n": 32, "gen-tokens": 64, "jailbreak-n": 16,
+           "test-cap": 40, "test-gen-cap": 6, "val-gen-n": 24, "gen-n": 32, "gen-tokens": 64, "jailbreak-n": 8,
            "candidates": 1, "zone-grid": 31, "lowrank-steps": 30, "reverse-n": 40},
     "p2": {"per-category": 12, "n-alpaca": 60, "n-benign": 8, "methods": "unsupervised,pruned", "coeffs": "4",
            "layer-sets": "13,15,19,23,29", "max-new-tokens": 16},
