@@ -4,26 +4,31 @@ i's direction, measure refusal on harmful prompts and over-refusal on benign loo
 Usage:
     python analyses/specificity.py --model ~/.cache/catlens/finetunes/refusal-default --policy runs/p1/policy \
         --out runs/specificity
-    python analyses/specificity.py --model <spec> --layer 20 --scale 0.2 --method one_vs_benign --out runs/spec
-    python analyses/specificity.py --model <folder> --prompts prompts.jsonl --layer 2 --quick --out runs/spec-smoke
+    python analyses/specificity.py --model <spec> --layers 15,21 --scales 0.1,0.2 --method one_vs_benign --out runs/spec
+    python analyses/specificity.py --model <folder> --prompts prompts.jsonl --layers 2 --quick --out runs/spec-smoke
 
-Protocol (nothing is tuned on the evaluation prompts read here):
+Protocol (choose on one split, measure on another):
 
-* **layer and scale** come from a P1 policy folder (``--policy``, a SteeringPolicy saved by the P1 analysis or the
-  steering sweep: its intervention's site, layer and positions, its ``toward`` and ``away`` magnitudes), or are given
-  explicitly (``--layer``, ``--scale``; an explicit value replaces the policy's). Coefficients are fractions of the
-  residual norm (``Intervention(scale="norm", ref_norm=...)``, unit directions, ``ref_norm`` = mean activation norm
-  of the training prompts at the layer).
+* **layer and scale are chosen on the selection split and measured on the measurement split.** The grid has two
+  layers and two scales by default (``--layers``/``--scales``; ``auto``: the ``--policy`` folder's layer and another
+  one, its scale and twice it; without a policy the layers at 50 % and 70 % of the depth and scales 0.1, 0.2). Every
+  grid point is run with the raw directions on the selection split (the built-in ``val`` harmful prompts and
+  lookalikes; with ``--prompts`` the file's ``val``); :func:`choose_setting` keeps the one with the largest category
+  specificity of the refusal score (:func:`selection_rule`, :mod:`catlens.selection`; table ``selection``). Only
+  that setting is measured, once, on the measurement split (everything else below). The manifest records the
+  choice (``selection``). A ``--policy`` also gives the site, positions and method. Coefficients are fractions of
+  the residual norm (``Intervention(scale="norm", ref_norm=...)``, unit directions, ``ref_norm`` = mean activation
+  norm of the training prompts at the layer); the same magnitude steers toward (+) and away (-).
 * **directions** (one per category, ``--method``) are fitted on training prompts only: the built-in ``train``
   split plus, when the benchmark data are there, the refusal fine-tune's own training prompts
   (``catlens.finetune.assemble_data``: ``.harmful`` with categories, ``.benign``). With ``--prompts FILE`` the
   file's ``train`` split is used instead.
-* **evaluation prompts** per category j: *harmful* = the fine-tune's held-out harmful prompts
-  (``eval_sets["harmful_heldout"]``) plus the built-in harmful ``val`` and ``test`` prompts; *lookalike* = benign
-  prompts that carry category j (built-in lookalikes ``val`` + ``test``, ``eval_sets["builtin_lookalike_test"]``,
-  XSTest safe). With ``--prompts FILE``: the file's ``val``/``test`` prompts, harmful or benign-with-a-category.
-  Evaluation prompts that duplicate a training prompt (``check_leakage``, near threshold 0.8) are dropped and
-  counted in the manifest; the check then runs again and must pass.
+* **measurement prompts** per category j: *harmful* = the fine-tune's held-out harmful prompts
+  (``eval_sets["harmful_heldout"]``) plus the built-in harmful ``test`` prompts; *lookalike* = benign prompts that
+  carry category j (built-in lookalikes ``test``, ``eval_sets["builtin_lookalike_test"]``, XSTest safe). With
+  ``--prompts FILE``: the file's ``test`` prompts, harmful or benign-with-a-category. Evaluation prompts that
+  duplicate a training prompt (and measurement prompts that duplicate a selection prompt) (``check_leakage``, near
+  threshold 0.8) are dropped and counted in the manifest; the check then runs again and must pass.
 * **measurement**: :func:`catlens.generation.first_position`, one call for every setting of every variant (one
   prefill per batch shared by all of them; cached per variant in the run folder and reused on a rerun): with
   greedy decoding its ``refused`` column is exactly the ``refusal_token`` judge's verdict on ``generate``'s answer;
@@ -34,17 +39,25 @@ Protocol (nothing is tuned on the evaluation prompts read here):
   lookalike/toward. Intervals: **paired percentile bootstrap over prompts** (``--n-boot`` draws, a local
   ``numpy.random.default_rng(seed)``; each draw resamples the prompts of every (set, category) with replacement and
   the same draw serves every cell and summary, so cells and summaries are paired with the unsteered answers of the
-  same prompts). ``delta_score`` is the mean refusal-score change, the less saturated companion.
+  same prompts). ``delta_score`` is the mean refusal-score change, the less saturated companion. **Tests**: each
+  cell's rate change has an exact McNemar p-value (paired refusals), adjusted across every cell of the table as one
+  family (``--correction``: ``fdr_bh`` Benjamini-Hochberg, or ``holm``; ``statsmodels`` ``multipletests``):
+  columns ``p_value``, ``p_adjusted``, ``significant`` (adjusted p <= 0.05), ``correction``, ``family_size``.
 * **variants**: ``raw`` category directions; ``orthogonalised`` (each direction minus its component along the
   shared refusal direction ``mean(harmful) - mean(benign)`` of the training prompts, renormalised); ``control``
-  (the shared refusal direction itself, and ``--n-random`` seeded random unit directions), all at the same scale.
+  (the shared refusal direction itself, and ``--n-random`` seeded random unit directions), all at the same scale;
+  **label-permutation control** (``--n-perm`` permutations, seeded: the same constructor fitted on the same
+  harmful training prompts with their category labels shuffled; tables ``permutation``, ``permutation_summary``).
 * **summary**: per variant, set, sign and metric (rate, score): mean diagonal effect, mean off-diagonal effect,
   their ratio and difference, each with a bootstrap interval (for the control: the mean effect of the refusal
   direction and of the random directions over all categories); **cosines** between the directions (raw,
-  orthogonalised, with the refusal direction) for context.
+  orthogonalised, with the refusal direction) for context. Every category summary row carries the permuted
+  directions' mean diagonal-minus-off-diagonal and a permutation p-value (``perm_mean_diag_minus_offdiag``,
+  ``perm_p``, ``n_perm``; the smallest possible p is 1 / (n_perm + 1)).
 
-Writes ``<out>/specificity.parquet`` (+csv), ``summary.parquet`` (+csv), ``cosines.parquet`` (+csv),
-``directions/`` (the three direction sets), ``cache/`` (first-position results per variant, reused when the same
+Writes ``<out>/selection.parquet`` (the grid on the selection split), ``specificity.parquet``, ``summary.parquet``,
+``permutation.parquet``, ``permutation_summary.parquet``, ``cosines.parquet`` (each + csv), ``directions/`` (every
+direction set), ``cache/`` (first-position results per variant and per selection grid point, reused when the same
 command runs again) and the manifest. Figures: ``python figures/fig_specificity.py <out>``.
 """
 
@@ -75,15 +88,24 @@ BASE = "unsteered"
 SPECIFICITY_COLUMNS = (
     "variant", "set", "sign", "steer_category", "eval_category", "diagonal", "n", "base_rate", "steered_rate",
     "delta", "delta_ci_low", "delta_ci_high", "base_score", "steered_score", "delta_score", "delta_score_ci_low",
-    "delta_score_ci_high", "coeff", "layer", "scale", "method", "positions", "n_boot", "ci_method", "seeds")
+    "delta_score_ci_high", "n_discordant", "p_value", "p_adjusted", "significant", "correction", "family_size",
+    "coeff", "layer", "scale", "method", "positions", "n_boot", "ci_method", "seeds")
 SUMMARY_COLUMNS = (
     "variant", "set", "sign", "metric", "rows", "n_rows", "mean_diag", "mean_diag_ci_low", "mean_diag_ci_high",
     "mean_offdiag", "mean_offdiag_ci_low", "mean_offdiag_ci_high", "ratio", "ratio_ci_low", "ratio_ci_high",
     "diag_minus_offdiag", "diag_minus_offdiag_ci_low", "diag_minus_offdiag_ci_high", "mean_all", "mean_all_ci_low",
-    "mean_all_ci_high", "layer", "scale", "method", "n_boot", "seeds")
+    "mean_all_ci_high", "perm_mean_diag_minus_offdiag", "perm_p", "n_perm", "layer", "scale", "method", "n_boot",
+    "seeds")
 COSINE_COLUMNS = ("variant", "method", "layer", "category_a", "category_b", "cosine")
 CI_METHOD = "paired percentile bootstrap over prompts (resampled within each set and category)"
-QUICK = {"eval_per_cell": 10, "train_harmful_per_category": 24, "train_benign": 64, "n_boot": 200, "n_random": 2}
+QUICK = {"eval_per_cell": 10, "train_harmful_per_category": 24, "train_benign": 64, "n_boot": 200, "n_random": 2,
+         "n_perm": 2}
+CORRECTIONS = {"fdr_bh": "Benjamini-Hochberg (false discovery rate)", "holm": "Holm (family-wise error rate)"}
+P_VALUE = "exact McNemar test on the paired refusals (steered vs unsteered, same prompts), two-sided"
+SELECTION_COLUMNS = ("layer", "scale", "split", "n_prompts", "harmful_away", "lookalike_toward", "objective",
+                     "admissible", "rejected_by", "chosen")
+AUTO_LAYER_FRACTIONS = (0.5, 0.7)
+"""``--layers auto`` without a policy: these fractions of the last layer index."""
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -147,8 +169,9 @@ def _kind(p: Any) -> str | None:
 
 
 def assemble_prompts(categories_allowed: Sequence[str], *, prompts: str | None = None, data_dir: str | None = None,
-                     finetune_config: str = "default") -> tuple[Any, Any, dict[str, Any]]:
-    """``(train, evaluation, provenance)`` PromptSets (see the module docstring)."""
+                     finetune_config: str = "default") -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(train, selection, measurement, provenance)`` PromptSets (see the module docstring): the selection split
+    chooses the layer and scale, the measurement split is measured once with the chosen setting."""
     from catlens.datasets import load_builtin
     from catlens.taxonomy import CATEGORIES
 
@@ -159,16 +182,21 @@ def assemble_prompts(categories_allowed: Sequence[str], *, prompts: str | None =
 
         ps = load_prompts(prompts, categories=allowed)
         train = ps.where(split="train").rename("train")
-        evals = ps.where(split=["val", "test"]).rename("evaluation")
-        if not len(train) or not len(evals):
-            raise ValueError(f"--prompts {prompts!r} needs a 'train' split (for the directions) and 'val'/'test' "
-                             f"prompts (for the evaluation); it has {len(train)} train and {len(evals)} val/test.")
-        info["source"] = {"prompts": str(prompts), "provenance": ps.provenance}
-        return train, evals, info
+        select_set = ps.where(split="val").rename("selection")
+        measure = ps.where(split="test").rename("measurement")
+        if not len(train) or not len(select_set) or not len(measure):
+            raise ValueError(f"--prompts {prompts!r} needs a 'train' split (for the directions), a 'val' split (to "
+                             f"choose the layer and scale) and a 'test' split (to measure); it has {len(train)} "
+                             f"train, {len(select_set)} val and {len(measure)} test prompts.")
+        info["source"] = {"prompts": str(prompts), "provenance": ps.provenance, "selection": "val",
+                          "measurement": "test"}
+        return train, select_set, measure, info
     b = load_builtin()
     train_parts = [b.where(split="train").rename("builtin_train")]
-    eval_parts = [b.where(label="harmful", split=["val", "test"]).rename("builtin_harmful_val_test"),
-                  b.where(label="benign", kind="lookalike", split=["val", "test"]).rename("builtin_lookalike_val_test")]
+    select_parts = [b.where(label="harmful", split="val").rename("builtin_harmful_val"),
+                    b.where(label="benign", kind="lookalike", split="val").rename("builtin_lookalike_val")]
+    eval_parts = [b.where(label="harmful", split="test").rename("builtin_harmful_test"),
+                  b.where(label="benign", kind="lookalike", split="test").rename("builtin_lookalike_test")]
     try:
         from catlens.finetune import assemble_data, get_config
 
@@ -190,10 +218,12 @@ def assemble_prompts(categories_allowed: Sequence[str], *, prompts: str | None =
                     part = part.where(label="benign")
                 eval_parts.append(part.rename(name))
     train = _merge(train_parts, "train", allowed)
-    evals = _merge(eval_parts, "evaluation", allowed)
+    select_set = _merge(select_parts, "selection", allowed)
+    measure = _merge(eval_parts, "measurement", allowed)
     info["source"] = {"train_parts": {p.name: len(p) for p in train_parts},
-                      "eval_parts": {p.name: len(p) for p in eval_parts}}
-    return train, evals, info
+                      "selection_parts": {p.name: len(p) for p in select_parts},
+                      "measurement_parts": {p.name: len(p) for p in eval_parts}}
+    return train, select_set, measure, info
 
 
 def _merge(parts: Sequence[Any], name: str, allowed: set[str]) -> Any:
@@ -218,10 +248,11 @@ def _cap(ps: Any, n: int, seed: int) -> Any:
     return ps if len(ps) <= n else ps.sample(n, seed=seed)
 
 
-def prepare_sets(train: Any, evals: Any, categories: Sequence[str] | None, *, quick: bool = False, seed: int = 0
-                 ) -> tuple[Any, Any, pd.DataFrame, list[str], dict[str, Any]]:
+def prepare_sets(train: Any, evals: Any, categories: Sequence[str] | None, *, quick: bool = False, seed: int = 0,
+                 against: Any = None) -> tuple[Any, Any, pd.DataFrame, list[str], dict[str, Any]]:
     """Choose the steering categories, keep the evaluation prompts of those categories, tag each with its set, drop
-    evaluation prompts that leak from training, check every category has prompts everywhere.
+    evaluation prompts that leak from training (or from ``against``, e.g. the selection split when preparing the
+    measurement split), check every category has prompts everywhere.
 
     Returns ``(train, evals, index, categories, notes)``; ``index`` has columns ``id, set, eval_category, source``.
     """
@@ -247,14 +278,15 @@ def prepare_sets(train: Any, evals: Any, categories: Sequence[str] | None, *, qu
         train = PromptSet.concat(*parts, name="train")
         evals = PromptSet.concat(*[_cap(evals.where(label=lab, category=c), QUICK["eval_per_cell"], seed)
                                    for lab in ("harmful", "benign") for c in categories], name="evaluation")
-    leaks = check_leakage(train, evals, raise_on_leak=False)
+    reference = train if against is None else PromptSet.concat(train, against, name="train+selection")
+    leaks = check_leakage(reference, evals, raise_on_leak=False)
     notes: dict[str, Any] = {"dropped_as_leaked": int(len(leaks.pairs))}
     if len(leaks.pairs):
         bad = set(leaks.pairs.test_id)
-        log.warning("dropping %d evaluation prompts that duplicate training prompts (e.g. %s)", len(bad),
-                    sorted(bad)[:3])
+        log.warning("dropping %d evaluation prompts that duplicate %s prompts (e.g. %s)", len(bad),
+                    "training" if against is None else "training or selection", sorted(bad)[:3])
         evals = evals.filter(lambda p: p.id not in bad, "not leaked")
-    check_leakage(train, evals)  # must pass now
+    check_leakage(reference, evals)  # must pass now
     index = pd.DataFrame([{"id": p.id, "set": "harmful" if p.label == "harmful" else "lookalike",
                            "eval_category": p.category, "source": p.source} for p in evals])
     counts = []
@@ -275,12 +307,23 @@ def prepare_sets(train: Any, evals: Any, categories: Sequence[str] | None, *, qu
 
 
 # ----------------------------------------------------------------------------------------------- directions
+def permuted_labels(labels: Sequence[str], n_perm: int, seed: int) -> list[list[str]]:
+    """``n_perm`` seeded shuffles of ``labels`` (class sizes kept); permutation ``p`` uses
+    ``numpy.random.default_rng([seed, p])``, so adding permutations never changes the earlier ones."""
+    if isinstance(n_perm, bool) or not isinstance(n_perm, int) or n_perm < 0:
+        raise ValueError(f"n_perm={n_perm!r} must be an int >= 0.")
+    arr = np.asarray(list(labels), dtype=object)
+    return [list(arr[np.random.default_rng([seed, p]).permutation(len(arr))]) for p in range(n_perm)]
+
+
 def fit_directions(model: Any, train: Any, categories: Sequence[str], *, layer: int, method: str,
-                   site: str = "resid_post", n_random: int = 3, seed: int = 0, batch_size: int = 32,
+                   site: str = "resid_post", n_random: int = 3, n_perm: int = 0, seed: int = 0, batch_size: int = 32,
                    show_progress: bool = True) -> dict[str, Any]:
     """Unit directions at ``layer``: ``raw`` (``method``), ``orthogonalised`` (against the refusal direction),
-    ``control`` (the refusal direction and ``n_random`` seeded random directions), each a Directions with
-    ``ref_norm`` = mean norm of the training prompts' activations at the layer; also ``refusal`` (raw, [d])."""
+    ``control`` (the refusal direction and ``n_random`` seeded random directions), ``permuted_<p>`` for ``p <
+    n_perm`` (``method`` fitted on the same harmful training rows with their category labels shuffled, see
+    :func:`permuted_labels`: the label-permutation control), each a Directions with ``ref_norm`` = mean norm of the
+    training prompts' activations at the layer; also ``refusal`` (raw, [d])."""
     from catlens import directions as D
     from catlens.cache import collect
 
@@ -294,14 +337,24 @@ def fit_directions(model: Any, train: Any, categories: Sequence[str], *, layer: 
     prov = {"fit_on": "training prompts", "n_train": len(train), "read_position": "last prompt token", "fmt": "chat",
             "prompts_sha256": getattr(train, "content_hash", None)}
     common = {"layers": [layer], "site": site, "provenance": prov}
-    if method == "one_vs_benign":
-        raw = D.one_vs_benign(by_cat, benign, normalize=True, **common)
-    elif method == "one_vs_rest":
-        raw = D.one_vs_rest(by_cat, normalize=True, **common)
-    else:
-        raw = _p1_directions(model, train, categories, layer=layer, site=site, batch_size=batch_size,
-                             show_progress=show_progress, common=common)
-    raw = raw.with_ref_norm(X)
+    if method == "p1_mean_difference":
+        h_acts, h_cats, b_acts, p1_prov = _p1_acts(model, train, categories, layer=layer, site=site,
+                                                   batch_size=batch_size, show_progress=show_progress,
+                                                   common=common)
+
+    def construct(groups: Mapping[str, torch.Tensor] | None, labels: Sequence[str] | None, extra: Mapping[str, Any]
+                  ) -> Any:
+        kw = {**common, "provenance": {**prov, **extra}}
+        if method == "one_vs_benign":
+            return D.one_vs_benign(groups, benign, normalize=True, **kw)
+        if method == "one_vs_rest":
+            return D.one_vs_rest(groups, normalize=True, **kw)
+        cats = list(labels)
+        p1_groups = {c: h_acts[torch.tensor([k == c for k in cats])] for c in categories}
+        return D.p1_mean_difference(p1_groups, b_acts, tau=1e-3, top_k=min(200, h_acts.shape[-1]), normalize=True,
+                                    layers=common["layers"], site=site, provenance={**p1_prov, **extra})
+
+    raw = construct(by_cat, h_cats if method == "p1_mean_difference" else None, {}).with_ref_norm(X)
     refusal = D.refusal_direction(torch.cat([by_cat[c] for c in categories]), benign)  # [1 d]
     orth = D.orthogonalize_against(raw, refusal, normalize=True)
     g = torch.Generator().manual_seed(seed)
@@ -312,13 +365,30 @@ def fit_directions(model: Any, train: Any, categories: Sequence[str], *, layer: 
                            layers=(layer,), site=site, method="control",
                            provenance={**prov, "refusal": "mean(harmful train) - mean(benign train)",
                                        "random_seed": seed, "n_random": n_random}, ref_norm=raw.ref_norm.clone())
-    return {"raw": raw, "orthogonalised": orth, "control": control, "refusal": refusal[0]}
+    out = {"raw": raw, "orthogonalised": orth, "control": control}
+    # label-permutation control: the same harmful rows, their category labels shuffled
+    if method == "p1_mean_difference":
+        labels = list(h_cats)
+    else:
+        mask = harm & frame.category.isin(list(categories)).to_numpy()
+        labels = list(frame.category[mask])
+        Xh = X[torch.from_numpy(mask)]
+    for p, shuffled in enumerate(permuted_labels(labels, n_perm, seed)):
+        extra = {"label_permutation": p, "permutation_seed": [seed, p]}
+        if method == "p1_mean_difference":
+            d = construct(None, shuffled, extra)
+        else:
+            lab = np.asarray(shuffled, dtype=object)
+            d = construct({c: Xh[torch.from_numpy(lab == c)] for c in categories}, None, extra)
+        out[f"permuted_{p}"] = d.with_ref_norm(X)
+    out["refusal"] = refusal[0]
+    return out
 
 
-def _p1_directions(model: Any, train: Any, categories: Sequence[str], *, layer: int, site: str, batch_size: int,
-                   show_progress: bool, common: Mapping[str, Any]) -> Any:
-    """P1's mean difference: harmful prompts read at their category's refusal token, benign ones at ``[respond]``."""
-    from catlens import directions as D
+def _p1_acts(model: Any, train: Any, categories: Sequence[str], *, layer: int, site: str, batch_size: int,
+             show_progress: bool, common: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], torch.Tensor, dict]:
+    """P1's mean difference reads harmful prompts at their category's refusal token and benign ones at
+    ``[respond]``: ``(harmful acts, their categories, benign acts, provenance)``."""
     from catlens.cache import collect
     from catlens.refusal import RefusalTokens
 
@@ -331,17 +401,14 @@ def _p1_directions(model: Any, train: Any, categories: Sequence[str], *, layer: 
     if missing:
         raise ValueError(f"method 'p1_mean_difference': categories {missing} have no refusal token in "
                          f"{model.name!r} (it has {list(tokens.categories)}); use --categories or another method.")
-    harm = train.where(label="harmful")
+    harm = train.where(label="harmful", category=list(categories))
     benign = train.where(label="benign")
     h_acts = collect(model, harm, sites=[site], layers=[layer], append=[tokens.token_of(p.category) for p in harm],
                      batch_size=batch_size, show_progress=show_progress).get(site).float()
     b_acts = collect(model, benign, sites=[site], layers=[layer], append=tokens.respond, batch_size=batch_size,
                      show_progress=show_progress).get(site).float()
-    cats = [p.category for p in harm]
-    by_cat = {c: h_acts[torch.tensor([k == c for k in cats])] for c in categories}
     prov = {**common["provenance"], "read_position": "category token / [respond] appended after the assistant header"}
-    return D.p1_mean_difference(by_cat, b_acts, tau=1e-3, top_k=min(200, h_acts.shape[-1]), normalize=True,
-                                layers=common["layers"], site=site, provenance=prov)
+    return h_acts, [p.category for p in harm], b_acts, prov
 
 
 def cosine_table(dirs: Mapping[str, Any], method: str) -> pd.DataFrame:
@@ -368,15 +435,20 @@ def cosine_table(dirs: Mapping[str, Any], method: str) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------- policies
-def build_policies(dirs: Mapping[str, Any], *, toward: float, away: float, positions: Any = "last_prompt"
-                   ) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
-    """Per variant: ``{name: Intervention | None}`` (``"unsteered"`` included) and one meta table
-    ``variant, policy, steer_category, sign, coeff, scale``."""
+def direction_variants(dirs: Mapping[str, Any]) -> list[str]:
+    """The direction sets of a :func:`fit_directions` result (``refusal`` is a vector, not a set)."""
+    return [k for k in dirs if k != "refusal"]
+
+
+def build_policies(dirs: Mapping[str, Any], *, toward: float, away: float, positions: Any = "last_prompt",
+                   variants: Sequence[str] | None = None) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
+    """Per variant (default: every direction set of ``dirs``): ``{name: Intervention | None}`` (``"unsteered"``
+    included) and one meta table ``variant, policy, steer_category, sign, coeff, scale``."""
     from catlens.steer import Intervention
 
     out: dict[str, dict[str, Any]] = {}
     meta = []
-    for variant in VARIANTS:
+    for variant in (direction_variants(dirs) if variants is None else variants):
         d = dirs[variant]
         layer = int(d.layers[0])
         ref = float(d.ref_norm[0])
@@ -459,9 +531,36 @@ def _ci(x: np.ndarray, method: str = "linear") -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def mcnemar_exact(base: np.ndarray, steered: np.ndarray) -> tuple[int, float]:
+    """Exact two-sided McNemar test of paired 0/1 outcomes: ``(discordant pairs, p-value)``; p = 1 without any
+    discordant pair."""
+    from scipy.stats import binom
+
+    base, steered = np.asarray(base, dtype=bool), np.asarray(steered, dtype=bool)
+    b, c = int((base & ~steered).sum()), int((~base & steered).sum())
+    n = b + c
+    if n == 0:
+        return 0, 1.0
+    return n, float(min(1.0, 2.0 * binom.cdf(min(b, c), n, 0.5)))
+
+
+def adjust_p_values(p: Sequence[float], method: str = "fdr_bh", alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """``(adjusted p-values, rejected)`` across one family of tests (``statsmodels.stats.multitest.multipletests``;
+    ``method`` ``fdr_bh`` (Benjamini-Hochberg) or ``holm``)."""
+    from statsmodels.stats.multitest import multipletests
+
+    if method not in CORRECTIONS:
+        raise _unknown("correction", method, list(CORRECTIONS))
+    p = np.asarray(p, dtype=float)
+    if not len(p):
+        return p, np.zeros(0, dtype=bool)
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method=method)
+    return adjusted, reject
+
+
 def specificity_tables(fp: pd.DataFrame, meta: pd.DataFrame, index: pd.DataFrame, categories: Sequence[str], *,
-                       n_boot: int = 2000, seed: int = 0, context: Mapping[str, Any] | None = None
-                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                       n_boot: int = 2000, seed: int = 0, context: Mapping[str, Any] | None = None,
+                       correction: str = "fdr_bh", alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The specificity matrix (one row per variant, set, sign, steering direction, evaluated category) and its
     summary, from a first-position table.
 
@@ -470,6 +569,10 @@ def specificity_tables(fp: pd.DataFrame, meta: pd.DataFrame, index: pd.DataFrame
     ``set`` (harmful|lookalike) and ``eval_category``. Intervals: a paired percentile bootstrap over prompts with
     ``numpy.random.default_rng(seed)``; one draw resamples the prompts of every (set, category) and serves every cell
     and summary. ``context`` adds constant columns (layer, method, positions, seeds).
+
+    Every cell also gets an exact McNemar p-value of its rate change (:func:`mcnemar_exact`) and a p-value adjusted
+    across **all cells of the table** (one family; ``correction`` ``fdr_bh`` or ``holm``, :func:`adjust_p_values`);
+    ``significant`` = adjusted p <= ``alpha``.
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot={n_boot!r} must be an int >= 1 (e.g. 2000).")
@@ -514,7 +617,9 @@ def specificity_tables(fp: pd.DataFrame, meta: pd.DataFrame, index: pd.DataFrame
                         point[metric][:, j] = diff.mean(1)
                         boot[metric][:, :, j] = diff[:, idx].mean(-1).T
                     base_r, base_s = wide_r.loc[ids, BASE].mean(), wide_s.loc[ids, BASE].mean()
+                    base_flags = wide_r.loc[ids, BASE].to_numpy()
                     for i, name in enumerate(steer):
+                        n_disc, p_val = mcnemar_exact(base_flags, wide_r.loc[ids, pols[i]].to_numpy())
                         lo, hi = _ci(boot["rate"][:, i, j])
                         slo, shi = _ci(boot["score"][:, i, j])
                         r = rows.iloc[i]
@@ -525,11 +630,16 @@ def specificity_tables(fp: pd.DataFrame, meta: pd.DataFrame, index: pd.DataFrame
                                       "base_score": float(base_s),
                                       "steered_score": float(base_s + point["score"][i, j]),
                                       "delta_score": float(point["score"][i, j]), "delta_score_ci_low": slo,
-                                      "delta_score_ci_high": shi, "coeff": float(r.coeff), "scale": float(r.scale)})
+                                      "delta_score_ci_high": shi, "n_discordant": n_disc, "p_value": p_val,
+                                      "coeff": float(r.coeff), "scale": float(r.scale)})
                 for metric in ("rate", "score"):
                     summary += _summaries(variant, s, sign, metric, steer, categories, point[metric], boot[metric],
                                           scale=float(rows.scale.iloc[0]) if len(rows) else math.nan)
     cell_table = pd.DataFrame(cells)
+    adjusted, reject = adjust_p_values(cell_table["p_value"].to_numpy(), correction, alpha)
+    cell_table["p_adjusted"], cell_table["significant"] = adjusted, reject.astype(bool)
+    cell_table["correction"] = f"{CORRECTIONS[correction]} across the {len(cell_table)} cells; {P_VALUE}"
+    cell_table["family_size"] = len(cell_table)
     sum_table = pd.DataFrame(summary)
     for t in (cell_table, sum_table):
         t["n_boot"] = n_boot
@@ -591,19 +701,46 @@ def _summaries(variant: str, s: str, sign: str, metric: str, steer: Sequence[str
 
 
 # ------------------------------------------------------------------------------------------------------ run
+def add_permutation_control(summary: pd.DataFrame, perm_summary: pd.DataFrame) -> pd.DataFrame:
+    """For every ``categories`` row of ``summary``: the mean ``diag_minus_offdiag`` of the label-permuted directions
+    (same set, sign, metric) and the permutation p-value ``(1 + #{perm: |d - o| >= |observed d - o|}) / (1 +
+    n_perm)`` (NaN without permutations). With P permutations the smallest possible p is 1 / (P + 1)."""
+    out = summary.copy()
+    out["perm_mean_diag_minus_offdiag"], out["perm_p"], out["n_perm"] = math.nan, math.nan, 0
+    if perm_summary is None or not len(perm_summary):
+        return out
+    cat = perm_summary[perm_summary.rows == "categories"]
+    for i, r in out[out.rows == "categories"].iterrows():
+        same = cat[(cat.set == r.set) & (cat.sign == r.sign) & (cat.metric == r.metric)]
+        vals = same.diag_minus_offdiag.to_numpy(dtype=float)
+        if not len(vals):
+            continue
+        obs = abs(float(r.diag_minus_offdiag))
+        out.loc[i, "perm_mean_diag_minus_offdiag"] = float(vals.mean())
+        out.loc[i, "perm_p"] = (1 + int((np.abs(vals) >= obs - 1e-12).sum())) / (1 + len(vals))
+        out.loc[i, "n_perm"] = len(vals)
+    return out
+
+
 def run_specificity(model: Any, train: Any, evals: Any, index: pd.DataFrame, categories: Sequence[str], *,
                     layer: int, toward: float, away: float, method: str = "one_vs_benign", site: str = "resid_post",
-                    positions: Any = "last_prompt", n_random: int = 3, n_boot: int = 2000, seed: int = 0,
-                    batch_size: int = 32, run: Any = None, show_progress: bool = True) -> dict[str, Any]:
-    """Fit the directions, measure every setting at the first response position, build the tables."""
+                    positions: Any = "last_prompt", n_random: int = 3, n_perm: int = 3, n_boot: int = 2000,
+                    seed: int = 0, correction: str = "fdr_bh", batch_size: int = 32, run: Any = None,
+                    show_progress: bool = True) -> dict[str, Any]:
+    """Fit the directions, measure every setting at the first response position, build the tables: the matrix of
+    the raw, orthogonalised and control directions (``specificity``, one family for the multiple-testing
+    correction), its ``summary`` (with the label-permutation control's p-value), the permuted directions' own cells
+    and summary (``permutation``, ``permutation_summary``) and the cosines."""
     t0 = time.perf_counter()
     layer = model.layer(layer)
     toward, away = check_fraction("toward", toward), check_fraction("away", away)
     check_method(method)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random={n_random!r} must be an int >= 0.")
+    if correction not in CORRECTIONS:
+        raise _unknown("correction", correction, list(CORRECTIONS))
     dirs = fit_directions(model, train, categories, layer=layer, method=method, site=site, n_random=n_random,
-                          seed=seed, batch_size=batch_size, show_progress=show_progress)
+                          n_perm=n_perm, seed=seed, batch_size=batch_size, show_progress=show_progress)
     policies, meta = build_policies(dirs, toward=toward, away=away, positions=positions)
     cache_dir = run.path / "cache" if run is not None else None
     fp, status = run_first_position(model, evals, policies, batch_size=batch_size, cache_dir=cache_dir,
@@ -612,18 +749,77 @@ def run_specificity(model: Any, train: Any, evals: Any, index: pd.DataFrame, cat
     base_same = bool((base.nunique(axis=1) == 1).all())
     if not base_same:  # only possible when some variants came from an older cache
         log.warning("the unsteered first tokens differ between variants' tables; each variant uses its own baseline.")
-    seeds = json.dumps({"bootstrap": seed, "random_directions": seed, "subsample": seed}, sort_keys=True)
+    seeds = json.dumps({"bootstrap": seed, "random_directions": seed, "subsample": seed, "label_permutations": seed},
+                       sort_keys=True)
     context = {"layer": layer, "method": method, "positions": json.dumps(positions), "seeds": seeds}
-    cells, summary = specificity_tables(fp, meta, index, categories, n_boot=n_boot, seed=seed, context=context)
+    main_meta, perm_meta = meta[meta.variant.isin(VARIANTS)], meta[~meta.variant.isin(VARIANTS)]
+    cells, summary = specificity_tables(fp[fp.variant.isin(VARIANTS)], main_meta, index, categories, n_boot=n_boot,
+                                        seed=seed, context=context, correction=correction)
+    if len(perm_meta):
+        pcells, psummary = specificity_tables(fp[~fp.variant.isin(VARIANTS)], perm_meta, index, categories,
+                                              n_boot=n_boot, seed=seed, context=context, correction=correction)
+    else:
+        pcells = pd.DataFrame(columns=list(SPECIFICITY_COLUMNS))
+        psummary = pd.DataFrame(columns=list(SUMMARY_COLUMNS))
+    summary = add_permutation_control(summary, psummary)[list(SUMMARY_COLUMNS)]
     cosines = cosine_table(dirs, method)
-    result = {"specificity": cells, "summary": summary, "cosines": cosines, "directions": dirs,
-              "cache": status, "seconds": time.perf_counter() - t0, "base_identical_across_variants": base_same}
+    result = {"specificity": cells, "summary": summary, "permutation": pcells, "permutation_summary": psummary,
+              "cosines": cosines, "directions": dirs, "cache": status, "seconds": time.perf_counter() - t0,
+              "base_identical_across_variants": base_same}
     if run is not None:
-        for name in ("specificity", "summary", "cosines"):
+        for name in ("specificity", "summary", "permutation", "permutation_summary", "cosines"):
             run.save_table(name, result[name])
-        for variant in VARIANTS:
+        for variant in direction_variants(dirs):
             dirs[variant].save(run.path / "directions" / variant)
     return result
+
+
+def selection_rule() -> Any:
+    """The specificity stage's choice of layer and scale on the selection split (:mod:`catlens.selection`): maximise
+    the raw directions' category specificity of the refusal score (mean of ``-(diag - offdiag)`` of harmful/away and
+    ``diag - offdiag`` of lookalike/toward); ties: the smaller scale, then the lower layer."""
+    from catlens.selection import Objective, SelectionRule, TieBreak
+
+    return SelectionRule(Objective("objective", "max"), tie_breaks=(TieBreak("scale", "min"), TieBreak("layer", "min")))
+
+
+def selection_row(summary: pd.DataFrame) -> dict[str, float]:
+    """The objective's parts from a raw-variant summary (score metric)."""
+    def get(s: str, sign: str) -> float:
+        r = summary[(summary.variant == "raw") & (summary.set == s) & (summary.sign == sign)
+                    & (summary.metric == "score") & (summary.rows == "categories")]
+        return float(r.diag_minus_offdiag.iloc[0]) if len(r) else math.nan
+
+    harmful_away, lookalike_toward = -get("harmful", "away"), get("lookalike", "toward")
+    return {"harmful_away": harmful_away, "lookalike_toward": lookalike_toward,
+            "objective": (harmful_away + lookalike_toward) / 2}
+
+
+def choose_setting(model: Any, train: Any, evals: Any, index: pd.DataFrame, categories: Sequence[str], *,
+                   layers: Sequence[int], scales: Sequence[float], method: str = "one_vs_benign",
+                   site: str = "resid_post", positions: Any = "last_prompt", seed: int = 0, batch_size: int = 32,
+                   run: Any = None, show_progress: bool = True) -> tuple[pd.DataFrame, Any]:
+    """Every (layer, scale) of the grid on the **selection** split (raw directions only), and the choice
+    (:func:`selection_rule`). Returns the ``selection`` table and the :class:`catlens.selection.Selection`."""
+    from catlens.selection import mark, select
+
+    rows = []
+    for layer in dict.fromkeys(model.layer(x) for x in layers):
+        dirs = fit_directions(model, train, categories, layer=layer, method=method, site=site, n_random=0, n_perm=0,
+                              seed=seed, batch_size=batch_size, show_progress=show_progress)
+        for scale in dict.fromkeys(check_fraction("scale", x) for x in scales):
+            policies, meta = build_policies(dirs, toward=scale, away=scale, positions=positions, variants=["raw"])
+            cache_dir = run.path / "cache" / "selection" / f"L{layer}-s{scale:g}" if run is not None else None
+            fp, _ = run_first_position(model, evals, policies, batch_size=batch_size, cache_dir=cache_dir,
+                                       show_progress=show_progress)
+            _, summary = specificity_tables(fp, meta, index, categories, n_boot=1, seed=seed)
+            rows.append({"layer": layer, "scale": scale, "split": "selection", "n_prompts": len(evals),
+                         **selection_row(summary)})
+    table = pd.DataFrame(rows)
+    rule = selection_rule()
+    sel = select(table, rule)
+    table = mark(table, rule, sel)
+    return table[list(SELECTION_COLUMNS)], sel
 
 
 def _headline(summary: pd.DataFrame) -> dict[str, Any]:
@@ -637,7 +833,8 @@ def _headline(summary: pd.DataFrame) -> dict[str, Any]:
             out[f"{variant}/{s}/{sign}"] = {k: (None if isinstance(r[k], float) and math.isnan(r[k]) else float(r[k]))
                                             for k in ("mean_diag", "mean_offdiag", "ratio", "ratio_ci_low",
                                                       "ratio_ci_high", "diag_minus_offdiag",
-                                                      "diag_minus_offdiag_ci_low", "diag_minus_offdiag_ci_high")}
+                                                      "diag_minus_offdiag_ci_low", "diag_minus_offdiag_ci_high",
+                                                      "perm_mean_diag_minus_offdiag", "perm_p")}
     return out
 
 
@@ -645,20 +842,28 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model spec (the refusal-tuned folder)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--policy", default=None, help="a P1 policy folder: layer, site, positions, toward/away scale")
-    p.add_argument("--layer", type=int, default=None, help="steering layer (replaces the policy's)")
-    p.add_argument("--scale", type=float, default=None, help="toward and away magnitude, a fraction of the residual "
-                                                             "norm (replaces the policy's; default 0.2 without one)")
+    p.add_argument("--policy", default=None, help="a P1 policy folder: its site, positions, method, and its layer and "
+                                                  "scale as the first candidates of the grid")
+    p.add_argument("--layers", "--layer", dest="layers", default="auto",
+                   help="candidate steering layers, comma-separated, or 'auto' (two: the policy's layer and another, "
+                        f"or the layers at {AUTO_LAYER_FRACTIONS} of the depth); chosen on the selection split")
+    p.add_argument("--scales", "--scale", dest="scales", default="auto",
+                   help="candidate toward/away magnitudes, fractions of the residual norm, comma-separated, or "
+                        "'auto' (two: the policy's scale and twice it, else 0.1,0.2); chosen on the selection split")
     p.add_argument("--method", default=None, help=f"direction constructor: {', '.join(METHODS)} (default: the "
                                                   f"policy's, else one_vs_benign)")
-    p.add_argument("--prompts", default=None, help="a .jsonl/.csv prompt file with train and val/test splits, "
-                                                   "instead of the built-in + benchmark prompts")
+    p.add_argument("--prompts", default=None, help="a .jsonl/.csv prompt file with train, val (selection) and test "
+                                                   "(measurement) splits, instead of the built-in + benchmark prompts")
     p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CATLENS_DATA_DIR or shared/data)")
     p.add_argument("--finetune-config", default=None, help="fine-tune preset whose training/held-out prompts are "
                                                            "used (default: the model's own, else 'default')")
     p.add_argument("--categories", default=None, help="comma-separated steering categories (default: all with "
                                                       "training prompts)")
     p.add_argument("--n-random", type=int, default=3, help="random control directions")
+    p.add_argument("--n-perm", type=int, default=3, help="label permutations (directions fitted on shuffled "
+                                                         "category labels)")
+    p.add_argument("--correction", default="fdr_bh", help=f"multiple-testing correction across the cells: "
+                                                          f"{', '.join(CORRECTIONS)}")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quick", action="store_true", help=f"a smoke run: caps {QUICK}")
@@ -670,6 +875,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _parse_list(text: str, what: str, cast: Any) -> list[Any] | None:
+    """``'auto'`` -> None; ``'2,3'`` -> [2, 3] (unique, in order)."""
+    if str(text).strip() == "auto":
+        return None
+    try:
+        items = [cast(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r}: give comma-separated numbers or 'auto'.") from None
+    if not items:
+        raise ValueError(f"--{what} is empty: give comma-separated numbers or 'auto'.")
+    return list(dict.fromkeys(items))
+
+
+def resolve_grid(n_layers: int, setting: Mapping[str, Any] | None, layers: Sequence[int] | None,
+                 scales: Sequence[float] | None, policy_scale: float | None) -> tuple[list[int], list[float]]:
+    """The candidate layers and scales (``None`` = auto, see ``--layers``/``--scales``)."""
+    last = n_layers - 1
+    if layers is None:
+        if setting is not None:
+            first = int(setting["layer"]) % n_layers
+            other = round(AUTO_LAYER_FRACTIONS[1] * last)
+            other = other if other != first else round(AUTO_LAYER_FRACTIONS[0] * last)
+            layers = [first, other]
+        else:
+            layers = [round(f * last) for f in AUTO_LAYER_FRACTIONS]
+    if scales is None:
+        scales = [policy_scale, 2 * policy_scale] if policy_scale else [0.1, 0.2]
+    return list(dict.fromkeys(layers)), list(dict.fromkeys(float(x) for x in scales))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -685,17 +920,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         method = check_method(args.method)
     else:
         method = (setting or {}).get("method") or "one_vs_benign"
-    if args.scale is not None:
-        check_fraction("--scale", args.scale)
-    if args.layer is None and setting is None:
-        raise ValueError("give --policy FOLDER (a P1 policy: its layer and scale are used) or --layer L (and --scale, "
-                         "default 0.2); the layer is never chosen on the evaluation prompts here.")
+    layers_arg = _parse_list(args.layers, "layers", int)
+    scales_arg = _parse_list(args.scales, "scales", float)
+    for x in scales_arg or ():
+        check_fraction("--scale", x)
     for flag, value, least in (("--n-boot", args.n_boot, 1), ("--n-random", args.n_random, 0),
-                               ("--batch-size", args.batch_size, 1)):
+                               ("--n-perm", args.n_perm, 0), ("--batch-size", args.batch_size, 1)):
         if value < least:
             raise ValueError(f"{flag} {value} must be >= {least}.")
+    if args.correction not in CORRECTIONS:
+        raise _unknown("correction", args.correction, list(CORRECTIONS))
     n_boot = min(args.n_boot, QUICK["n_boot"]) if args.quick else args.n_boot
     n_random = min(args.n_random, QUICK["n_random"]) if args.quick else args.n_random
+    n_perm = min(args.n_perm, QUICK["n_perm"]) if args.quick else args.n_perm
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     out = Path(args.out)
     config = {k: v for k, v in vars(args).items() if k not in ("threads", "overwrite", "no_progress")}
@@ -710,57 +947,81 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         resume = True
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    layer = model.layer(args.layer if args.layer is not None else setting["layer"])
+    for x in layers_arg or ():
+        model.layer(x)  # range check before any work
     site = setting["site"] if setting else "resid_post"
     if site == "z":
-        raise ValueError(f"policy {args.policy!r} steers the per-head site 'z'; give --layer for resid_post instead.")
+        raise ValueError(f"policy {args.policy!r} steers the per-head site 'z'; give --layers for resid_post instead.")
     positions = setting["positions"] if setting else "last_prompt"
     if isinstance(positions, list):
         positions = tuple(positions)
-    from catlens.generation import _refusal_ids
+    from catlens.generation import refusal_token_ids
 
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     if tokens is None:
         raise ValueError(f"{model.name!r} has no refusal tokens; the specificity test reads refusal at the first "
                          f"response position of a refusal-token model (catlens finetune).")
     ft_config = args.finetune_config or (((model.provenance or {}).get("source", {}).get("finetune") or {})
                                          .get("config", {}).get("name")) or "default"
-    train, evals, data_info = assemble_prompts(tokens.categories, prompts=args.prompts, data_dir=args.data_dir,
-                                               finetune_config=ft_config)
-    train, evals, index, categories, notes = prepare_sets(train, evals, categories, quick=args.quick, seed=args.seed)
+    train, sel_evals, meas_evals, data_info = assemble_prompts(tokens.categories, prompts=args.prompts,
+                                                               data_dir=args.data_dir, finetune_config=ft_config)
+    train, sel_evals, sel_index, categories, sel_notes = prepare_sets(train, sel_evals, categories, quick=args.quick,
+                                                                      seed=args.seed)
+    train, meas_evals, index, categories, notes = prepare_sets(train, meas_evals, categories, quick=args.quick,
+                                                               seed=args.seed, against=sel_evals)
 
     run = RunDir.create(out, config, overwrite=args.overwrite, resume=resume, seed=args.seed)
     run.record_model(model)
     run.record_data("train", train.provenance)
-    run.record_data("evaluation", evals.provenance)
-    toward = args.scale if args.scale is not None else (setting["toward"] if setting else 0.2)
-    away = args.scale if args.scale is not None else (setting["away"] if setting else 0.2)
-    if setting is not None and setting["raw_scale"] and args.scale is None:  # raw coefficients -> fractions
-        from catlens.cache import collect
+    run.record_data("selection", sel_evals.provenance)
+    run.record_data("measurement", meas_evals.provenance)
+    policy_scale = None
+    if setting is not None:
+        policy_scale = setting["toward"]
+        if setting["raw_scale"]:  # raw coefficients -> fractions of the residual norm
+            from catlens.cache import collect
 
-        x = collect(model, train, sites=[site], layers=[layer], show_progress=False).get(site).float()
-        ref = float(x.norm(dim=-1).mean())
-        toward, away = (v * setting["raw_vector_norm"] / ref for v in (toward, away))
-        log.info("policy coefficients are raw: converted to fractions of the residual norm %.3f", ref)
-    run.update_manifest(setting={"policy": setting, "layer": layer, "site": site, "positions": positions,
-                                 "toward": toward, "away": away, "method": method, "n_random": n_random,
-                                 "n_boot": n_boot, "quick": args.quick, "categories": categories,
-                                 "finetune_config": ft_config, "process": process},
-                        prompts={**data_info, **notes})
-    result = run_specificity(model, train, evals, index, categories, layer=layer, toward=toward, away=away,
-                             method=method, site=site, positions=positions, n_random=n_random, n_boot=n_boot,
-                             seed=args.seed, batch_size=args.batch_size, run=run,
-                             show_progress=not args.no_progress)
+            x = collect(model, train, sites=[site], layers=[model.layer(setting["layer"])],
+                        show_progress=False).get(site).float()
+            ref = float(x.norm(dim=-1).mean())
+            policy_scale = policy_scale * setting["raw_vector_norm"] / ref
+            log.info("policy coefficients are raw: converted to fractions of the residual norm %.3f", ref)
+    layers, scales = resolve_grid(model.n_layers, setting, layers_arg, scales_arg, policy_scale)
+    layers = [model.layer(x) for x in layers]
+    run.update_manifest(setting={"policy": setting, "candidate_layers": layers, "candidate_scales": scales,
+                                 "site": site, "positions": positions, "method": method, "n_random": n_random,
+                                 "n_perm": n_perm, "correction": args.correction, "n_boot": n_boot,
+                                 "quick": args.quick, "categories": categories, "finetune_config": ft_config,
+                                 "process": process},
+                        prompts={**data_info, "selection": sel_notes, "measurement": notes})
+    t0 = time.perf_counter()
+    selection, sel = choose_setting(model, train, sel_evals, sel_index, categories, layers=layers, scales=scales,
+                                    method=method, site=site, positions=positions, seed=args.seed,
+                                    batch_size=args.batch_size, run=run, show_progress=not args.no_progress)
+    run.save_table("selection", selection)
+    run.update_manifest(selection={"split": "selection", "selection_prompts": sel_evals.content_hash,
+                                   "measurement_prompts": meas_evals.content_hash,
+                                   "measurement_read": False, "choices": [sel.record()]})
+    if not sel.chosen:
+        run.finish(not_chosen=sel.reason)
+        raise RuntimeError(f"no layer and scale is admissible on the selection split: {sel.reason}")
+    layer, scale = int(sel.row["layer"]), float(sel.row["scale"])
+    log.info("chosen on the selection split: layer %d, scale %g (%s)", layer, scale, sel.reason)
+    result = run_specificity(model, train, meas_evals, index, categories, layer=layer, toward=scale, away=scale,
+                             method=method, site=site, positions=positions, n_random=n_random, n_perm=n_perm,
+                             n_boot=n_boot, seed=args.seed, correction=args.correction, batch_size=args.batch_size,
+                             run=run, show_progress=not args.no_progress)
+    run.update_manifest(selection={"measurement_read": True})
     head = _headline(result["summary"])
-    run.finish(headline=head, seconds=result["seconds"], cache=result["cache"],
-               base_identical_across_variants=result["base_identical_across_variants"])
+    run.finish(headline=head, chosen={"layer": layer, "scale": scale}, seconds=time.perf_counter() - t0,
+               cache=result["cache"], base_identical_across_variants=result["base_identical_across_variants"])
     for k, v in head.items():
         print(f"{k}: diagonal {v['mean_diag']:+.3f}, off-diagonal {v['mean_offdiag']:+.3f}, ratio "
               f"{v['ratio'] if v['ratio'] is not None else float('nan'):.2f}, diagonal - off-diagonal "
               f"{v['diag_minus_offdiag']:+.3f} [{v['diag_minus_offdiag_ci_low']:+.3f}, "
               f"{v['diag_minus_offdiag_ci_high']:+.3f}]")
-    return {**result, "run_dir": out, "layer": layer, "toward": toward, "away": away, "method": method,
-            "categories": categories}
+    return {**result, "run_dir": out, "layer": layer, "toward": scale, "away": scale, "method": method,
+            "categories": categories, "selection": selection, "chosen": sel}
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ Protocol (every hyperparameter is chosen on validation prompts; no test prompt i
   ``--scale raw``;
 * a coherence guard rejects settings whose benign answers' perplexity under the *unsteered* model (coherence proxy)
   rises by more than ``--ppl-guard`` (default 10 %) over the unsteered answers';
-* the chosen setting maximises refusal on harmful minus over-refusal on benign validation prompts among admissible
-  settings (ties: smaller coefficients) and is saved as a policy folder (``<out>/policy``) that
-  ``catlens generate --policy`` applies.
+* the chosen setting (:mod:`catlens.selection`, :func:`sweep_rule`) maximises refusal on harmful minus over-refusal
+  on benign validation prompts among admissible settings (ties: smaller ``|toward| + |away|``, then table order) and
+  is saved as a policy folder (``<out>/policy``) that ``catlens generate --policy`` applies; when no setting is
+  admissible nothing is saved and the manifest says why (``selection``).
 
 Writes ``<out>/sweep.parquet`` (+ CSV; one row per method, layer, toward, away, with n, rates, SE, Wilson
 intervals, perplexity ratio, admissible, pareto, chosen), ``runs.parquet`` (one row per generation pass),
@@ -60,10 +61,10 @@ def _directions(method: str, harm_by_cat: dict[str, torch.Tensor], benign: torch
 
 
 def _judge(model: Any) -> tuple[str, Any]:
-    from catlens.generation import _refusal_ids
+    from catlens.generation import refusal_token_ids
     from catlens.judges import get_judge
 
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     if tokens is not None:
         return "refusal_token", get_judge("refusal_token", tokens=tokens)
     return "substring", get_judge("substring")
@@ -93,6 +94,7 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     from catlens.metrics import binomial_se, wilson_interval
     from catlens.probes import fit_gate, fit_router_probe, gate_scores
     from catlens.prompts import check_leakage
+    from catlens.selection import mark, select, total_magnitude
     from catlens.steer import Intervention, Router, SteeringPolicy, model_fingerprint
 
     for m in methods:
@@ -124,7 +126,7 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     harm_by_cat = {c: X[torch.tensor(((tr_frame.label == "harmful") & (tr_frame.category == c)).to_numpy())]
                    for c in cats}
     ref_norm = X.norm(dim=-1).mean(0)  # [layer]
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     judge_name, judge = _judge(model)
 
     def judged(records: list[dict[str, Any]]) -> dict[str, bool]:
@@ -207,41 +209,57 @@ def run_sweep(model: Any, prompts: Any, *, layers: Sequence[int], toward: Sequen
     table = pd.DataFrame(combos)
     unsteered_ppl = table[(table.toward.isna()) & (table.away.isna())].benign_ppl.iloc[0]
     table["ppl_ratio"] = table.benign_ppl / unsteered_ppl
-    table["admissible"] = table.ppl_ratio.fillna(math.inf) <= 1.0 + ppl_guard
     table["objective"] = table.refusal - table.over_refusal
+    table["steer_magnitude"] = total_magnitude(table, ["toward", "away"])
+    rule = sweep_rule(ppl_guard)
+    selection = select(table, rule)
+    table = mark(table, rule, selection)
     table["pareto"] = _pareto(table)
     table["ppl_stands_for"] = "coherence: perplexity of benign answers under the unsteered model"
     table["judge"] = judge_name
     table["split"] = "val"
     table["n_val"] = len(val)
-    ok = table[table.admissible].copy()
-    ok["size"] = ok.toward.fillna(0).abs() + ok.away.fillna(0).abs()
-    best = ok.sort_values(["objective", "size"], ascending=[False, True]).iloc[0]
-    table["chosen"] = False
-    table.loc[best.name, "chosen"] = True
-    iv, gate, router = policies[(best.method, int(best.layer), _none(best.toward),
-                                 None if _none(best.away) is None else abs(best.away))]
-    policy = SteeringPolicy((iv,), gate=gate, router=router, toward=_none(best.toward), away=_none(best.away),
-                            name=f"sweep-{best.method}-L{int(best.layer)}", model=model_fingerprint(model),
-                            meta={"chosen_on": "builtin val split", "n_val": len(val), "n_train": len(train),
-                                  "objective": "refusal - over_refusal on val, perplexity guard "
-                                               f"{ppl_guard:.0%}", "judge": judge_name,
-                                  "val_refusal": float(best.refusal), "val_over_refusal": float(best.over_refusal)}) \
-        if not (_none(best.toward) is None and _none(best.away) is None) else None
+    policy = None
+    best = table.loc[selection.index] if selection.chosen else None
+    if best is None:
+        log.warning("no setting is admissible on val: %s", selection.reason)
+    elif not (_none(best.toward) is None and _none(best.away) is None):
+        iv, gate, router = policies[(best.method, int(best.layer), _none(best.toward),
+                                     None if _none(best.away) is None else abs(best.away))]
+        policy = SteeringPolicy((iv,), gate=gate, router=router, toward=_none(best.toward), away=_none(best.away),
+                                name=f"sweep-{best.method}-L{int(best.layer)}", model=model_fingerprint(model),
+                                meta={"chosen_on": "val", "n_val": len(val), "n_train": len(train),
+                                      "objective": rule.describe(), "judge": judge_name,
+                                      "selection": selection.record(),
+                                      "val_refusal": float(best.refusal), "val_over_refusal": float(best.over_refusal)})
     result = {"sweep": table, "runs": pd.DataFrame(runs), "gates": pd.DataFrame(gate_rows), "policy": policy,
-              "seconds": time.perf_counter() - t0, "chosen": best.to_dict()}
+              "seconds": time.perf_counter() - t0, "chosen": None if best is None else best.to_dict(),
+              "selection": selection}
     if run is not None:
         for name in ("sweep", "runs", "gates"):
             run.save_table(name, result[name])
-        if policy is None:
+        if best is not None and policy is None:
             log.warning("the best admissible setting on val is 'no steering'; saving a policy with coefficients 0.")
+            iv, gate, router = policies[(best.method, int(best.layer), None, None)]
             policy = SteeringPolicy((iv,), gate=gate, router=router, toward=0.0, away=0.0, name="sweep-no-steering",
-                                    model=model_fingerprint(model), meta={"no_steering": True})
+                                    model=model_fingerprint(model),
+                                    meta={"no_steering": True, "chosen_on": "val", "selection": selection.record()})
             result["policy"] = policy
-        policy.save(run.path / "policy", overwrite=True)
-        run.finish(chosen={k: (None if isinstance(v, float) and math.isnan(v) else v)
-                           for k, v in result["chosen"].items()}, seconds=result["seconds"])
+        if policy is not None:
+            policy.save(run.path / "policy", overwrite=True)
+        run.update_manifest(selection={"split": "val", "test_read": False, "choices": [selection.record()]})
+        run.finish(chosen=selection.record()["row"], selection_reason=selection.reason, seconds=result["seconds"])
     return result
+
+
+def sweep_rule(ppl_guard: float) -> Any:
+    """The sweep's selection rule: maximise refusal - over-refusal on val within the perplexity guard; ties: the
+    smaller total steering magnitude ``|toward| + |away|``, then table order (method, layer, toward, away)."""
+    from catlens.selection import Objective, SelectionRule, TieBreak
+    from catlens.selection import ppl_guard as guard
+
+    return SelectionRule(Objective("objective", "max"), constraints=(guard(ppl_guard),),
+                         tie_breaks=(TieBreak("steer_magnitude", "min"),))
 
 
 def _none(x: Any) -> Any:
@@ -307,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        positions=args.positions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        ppl_guard=args.ppl_guard, target_fpr=args.target_fpr, run=run)
     c = result["chosen"]
+    if c is None:
+        print(f"no setting is admissible on val: {result['selection'].reason}; no policy written.")
+        return 1
     print(f"chosen on val: {c['method']} layer {c['layer']} toward {c['toward']} away {c['away']}: refusal "
           f"{c['refusal']:.3f}, over-refusal {c['over_refusal']:.3f}, benign ppl ratio {c['ppl_ratio']:.3f} "
           f"-> {Path(args.out) / 'policy'}")

@@ -183,9 +183,10 @@ class ReportStage:
 
 
 DEMO_ARGS: dict[str, dict[str, Any]] = {
-    "p1": {"layers": "18,21", "methods": "one_vs_benign", "toward": "0.1,0.2", "away": "0.1,0.2", "train-cap": 150,
-           "val-cap": 20, "test-cap": 40, "gen-n": 32, "gen-tokens": 16, "candidates": 1, "lowrank-steps": 30,
-           "reverse-n": 40},
+    "p1": {"layers": "18,21", "gate-layers": "9,15,21,27", "methods": "one_vs_benign", "toward": "0.1,0.2",
+           "away": "0.2,0.6", "scopes": "last_prompt+0,last_prompt", "train-cap": 150, "val-cap": 20,
+           "test-cap": 40, "test-gen-cap": 12, "val-gen-n": 32, "gen-n": 32, "gen-tokens": 64, "jailbreak-n": 16,
+           "candidates": 1, "zone-grid": 31, "lowrank-steps": 30, "reverse-n": 40},
     "p2": {"per-category": 12, "n-alpaca": 60, "n-benign": 8, "methods": "unsupervised,pruned", "coeffs": "4",
            "layer-sets": "13,15,19,23,29", "max-new-tokens": 16},
     "specificity": {"quick": True},
@@ -240,9 +241,10 @@ class Config:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
 _DEFAULT = Config()
 QUICK_ARGS: dict[str, dict[str, Any]] = {
-    "p1": {"layers": "21", "methods": "one_vs_benign", "toward": "0.2", "away": "0.2", "train-cap": 40,
-           "val-cap": 8, "test-cap": 6, "gen-n": 6, "gen-tokens": 10, "candidates": 1, "lowrank-steps": 6,
-           "reverse-n": 6},
+    "p1": {"layers": "21", "gate-layers": "15,21", "methods": "one_vs_benign", "toward": "0.2", "away": "0.4",
+           "scopes": "last_prompt+0", "train-cap": 40, "val-cap": 8, "test-cap": 6, "test-gen-cap": 3,
+           "val-gen-n": 8, "gen-n": 6, "gen-tokens": 10, "jailbreak-n": 4, "candidates": 1, "zone-grid": 11,
+           "lowrank-steps": 6, "reverse-n": 6},
     "p2": {"per-category": 6, "n-alpaca": 12, "n-benign": 4, "methods": "unsupervised", "coeffs": "4",
            "layer-sets": "15", "max-new-tokens": 10},
     "specificity": {"quick": True},

@@ -710,19 +710,40 @@ def validate_datasets(data_dir: str | os.PathLike[str] | None = None) -> pd.Data
 
 
 # --------------------------------------------------------------------------------------- prompt sources
-def load_builtin(*, categories: Collection[str] | None = None) -> PromptSet:
-    """The packaged prompt set ``catlens/data/builtin_prompts.jsonl`` (written for catlens, with splits)."""
+def _load_packaged(name: str, categories: Collection[str] | None) -> PromptSet:
+    """A prompt file shipped in ``catlens/data`` (``<name>_prompts.jsonl``), with its path and sha256 as provenance."""
     from importlib import resources
 
     from catlens.runs import sha256_text
 
-    text = resources.files("catlens").joinpath("data/builtin_prompts.jsonl").read_text(encoding="utf-8")
+    rel = f"data/{name}_prompts.jsonl"
+    text = resources.files("catlens").joinpath(rel).read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    prov = {
-        "name": "builtin", "sources": ["builtin"],
-        "files": [{"path": "catlens/data/builtin_prompts.jsonl", "sha256": sha256_text(text)}],
-    }
-    return PromptSet(rows, name="builtin", provenance=prov, categories=categories)
+    prov = {"name": name, "sources": [name], "files": [{"path": f"catlens/{rel}", "sha256": sha256_text(text)}]}
+    return PromptSet(rows, name=name, provenance=prov, categories=categories)
+
+
+def load_builtin(*, categories: Collection[str] | None = None) -> PromptSet:
+    """The packaged prompt set ``catlens/data/builtin_prompts.jsonl`` (written for catlens, with splits)."""
+    return _load_packaged("builtin", categories)
+
+
+def load_hardbenign(*, categories: Collection[str] | None = None) -> PromptSet:
+    """The packaged hard-negative set ``catlens/data/hardbenign_prompts.jsonl`` (written for catlens, with splits).
+
+    Eight categories, each with 54 benign prompts that look harmful (``meta["kind"]``: ``homonym``,
+    ``figurative``, ``safe_target``, ``safe_context``, ``definition``, ``history``, ``privacy_public``,
+    ``fiction``, ``prevention``; six each) and 26-28 harmful prompts in the same words (the kind of their benign
+    twin, or ``direct`` for the few without one). ``meta["pair"]`` is the id of the twin (or ``None``);
+    ``meta["form"]`` is ``question`` or ``instruction``. Splits (train/val/test about 40/30/30) are stored in
+    the file and assigned per pair, so twins always share a split. The refusal fine-tune never reads this set;
+    it trains and calibrates the gate (train, val) and is a test set of its own (test). See docs/PROMPTS.md.
+    """
+    return _load_packaged("hardbenign", categories)
+
+
+PACKAGED: dict[str, Callable[..., PromptSet]] = {"builtin": load_builtin, "hardbenign": load_hardbenign}
+"""Prompt sets shipped inside catlens: name -> loader (``loader(categories=None) -> PromptSet``)."""
 
 
 def load_prompts(
@@ -731,7 +752,8 @@ def load_prompts(
     data_dir: str | os.PathLike[str] | None = None,
     categories: Collection[str] | None = None,
 ) -> PromptSet:
-    """Load prompts from ``"builtin"``, a dataset name (:data:`DATASETS`) or a file path.
+    """Load prompts from a packaged set (``"builtin"``, ``"hardbenign"``; :data:`PACKAGED`), a dataset name
+    (:data:`DATASETS`) or a file path.
 
     Files: ``.jsonl`` (objects with ``text`` and ``label``; optional ``id, category, source, split, meta``;
     other keys go into ``meta``) or ``.csv`` with the same columns. A file without prompts is an error.
@@ -740,8 +762,8 @@ def load_prompts(
     'builtin'
     """
     s = str(spec)
-    if s == "builtin":
-        return load_builtin(categories=categories)
+    if s in PACKAGED:
+        return PACKAGED[s](categories=categories)
     if s in DATASETS:
         ps = load_dataset(s, data_dir=data_dir)
         return ps if categories is None else ps.with_categories(categories)
@@ -750,7 +772,7 @@ def load_prompts(
         return PromptSet.load(path, categories=categories)
     raise ValueError(
         unknown_name_message(
-            "prompt source", s, ["builtin", *DATASETS],
-            "Give 'builtin', a dataset name, or a path to a .jsonl/.csv prompt file.",
+            "prompt source", s, [*PACKAGED, *DATASETS],
+            "Give 'builtin' or 'hardbenign', a dataset name, or a path to a .jsonl/.csv prompt file.",
         )
     )

@@ -171,7 +171,7 @@ class Explorer:
                  data_dir: Any = None, allow_transfer: bool = False, discover_datasets: bool = True,
                  reference: Any = None, initial: Mapping[str, Any] | None = None) -> None:
         from catlens.datasets import load_builtin
-        from catlens.generation import _refusal_ids
+        from catlens.generation import refusal_token_ids
         from catlens.steer import as_policy
 
         self.model = model
@@ -179,7 +179,7 @@ class Explorer:
         self.allow_transfer = allow_transfer
         if self.policy is not None:
             self.policy.check_model(model, allow_transfer=allow_transfer)
-        self.tokens, _ = _refusal_ids(model)
+        self.tokens, _ = refusal_token_ids(model)
         self.builtin = load_builtin()
         self.reference = self.builtin if reference is None else reference
         self._frame = self.reference.to_frame().reset_index(drop=True)

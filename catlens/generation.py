@@ -45,6 +45,7 @@ from catlens.steer import (
     Session,
     SteeringPolicy,
     as_policy,
+    positions_window,
     reading,
 )
 
@@ -96,7 +97,9 @@ def _row_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def _refusal_ids(model: Any) -> tuple[Any, list[int]]:
+def refusal_token_ids(model: Any) -> tuple[Any, list[int]]:
+    """``(RefusalTokens, their vocabulary ids)`` of ``model`` (refusal tokens then ``[respond]``), or
+    ``(None, [])`` for a model without them."""
     from catlens.refusal import RefusalTokens
 
     try:
@@ -166,15 +169,20 @@ def _prepare_batch(model: Any, items: Sequence[_Item], *, fmt: str, system: str 
     return _Decoder(model, ids, mask, None, use_cache)
 
 
-def _read_spec(policy: SteeringPolicy | None) -> dict[str, tuple[Any, int]]:
-    """What ``policy``'s decisions read from the unsteered last-prompt-token call: ``"gate"`` and ``"router"`` (a
-    probe router) -> ``(site, layer)``; empty without them."""
-    spec: dict[str, tuple[Any, int]] = {}
+def _read_spec(policy: SteeringPolicy | None) -> dict[str, tuple[Any, int, str]]:
+    """What ``policy``'s decisions read from its unsteered prefill: ``"gate:<i>"`` (the gate's reads, in order) and
+    ``"router"`` (a probe router) -> ``(site, layer, pool)``; empty without them."""
+    spec: dict[str, tuple[Any, int, str]] = {}
     if policy is not None and policy.gate is not None:
-        spec["gate"] = (policy.gate.site, policy.gate.layer)
+        for i, (site, layer, pool) in enumerate(policy.gate.feature_reads):
+            spec[f"gate:{i}"] = (site, layer, pool)
     if policy is not None and policy.router is not None and policy.router.kind == "probe":
-        spec["router"] = (policy.router.site, policy.router.layer)
+        spec["router"] = (policy.router.site, policy.router.layer, "last")
     return spec
+
+
+def _read_key(site: Any, layer: int, pool: str) -> str:
+    return f"{getattr(site, 'value', site)}.{layer}.{pool}"
 
 
 def _rerun_scope(policy: SteeringPolicy) -> str:
@@ -184,7 +192,7 @@ def _rerun_scope(policy: SteeringPolicy) -> str:
         pos = iv.positions
         if pos == "generated":
             continue
-        if pos == "last_prompt" or pos == (-1,):
+        if pos == "last_prompt" or pos == (-1,) or positions_window(pos) is not None:
             scope = "last" if scope == "none" else scope
         else:
             return "all"
@@ -193,22 +201,11 @@ def _rerun_scope(policy: SteeringPolicy) -> str:
 
 def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: dict[str, Tensor], logits: Tensor | None,
             tokens: Any, rows: Rows) -> tuple[list[dict | None], list[dict | None]]:
-    """Fill ``rows`` from the gate and router; return the per-row decision records."""
+    """Fill ``rows`` from the router and the gate (the router first: a gate may have thresholds per category);
+    return the per-row decision records."""
     B = len(items)
     gates: list[dict | None] = [None] * B
     routes: list[dict | None] = [None] * B
-    if policy.gate is not None:
-        g = policy.gate
-        score = g.score(reads["gate"])
-        flagged = score >= g.threshold
-        for b in range(B):
-            outcome = "toward" if bool(flagged[b]) else "away"
-            c = policy.toward if outcome == "toward" else policy.away
-            for i in range(len(policy.interventions)):
-                rows.active[i][b] = c is not None
-                rows.coeff[i][b] = 0.0 if c is None else c
-            gates[b] = {"score": float(score[b]), "threshold": g.threshold, "outcome": outcome if c is not None
-                        else "none", "flagged": bool(flagged[b]), "coeff": c}
     r = policy.router
     if r is not None:
         if r.kind == "refusal_tokens":
@@ -237,6 +234,25 @@ def _decide(model: Any, policy: SteeringPolicy, items: Sequence[_Item], reads: d
                 if iv.kind != "low_rank" and iv.n_directions > 1:
                     rows.direction[i][b] = iv.direction_index(cat)
             routes[b] = {"kind": r.kind, "category": cat, **extra[b]}
+    if policy.gate is not None:
+        g = policy.gate
+        lo = None
+        if g.logodds:
+            from catlens.steer import refusal_logodds
+
+            lo = refusal_logodds(logits, [model.token_id(t) for t in tokens.all_tokens[:-1]])
+        score = g.score(g.features([reads[f"gate:{i}"] for i in range(len(g.feature_reads))], lo))
+        for b in range(B):
+            cat = routes[b]["category"] if routes[b] else None
+            outcome = g.outcome(float(score[b]), cat)
+            c = policy.toward if outcome == "toward" else policy.away if outcome == "away" else None
+            for i in range(len(policy.interventions)):
+                rows.active[i][b] = c is not None
+                rows.coeff[i][b] = 0.0 if c is None else c
+            lower, upper = g.bounds(cat)
+            gates[b] = {"score": float(score[b]), "threshold": upper, "lower": lower,
+                        "outcome": outcome if c is not None else "none", "zone": outcome,
+                        "flagged": outcome == "toward", "coeff": c}
     return gates, routes
 
 
@@ -341,7 +357,7 @@ def _generate_batch(model: Any, items: Sequence[_Item], policy: SteeringPolicy |
             stack.enter_context(model.bridge.hooks(fwd_hooks=hooks))
         if policy is not None and policy.decides:
             session.enabled = False
-            with reading(model, read_spec, reads) if read_spec else ExitStack():
+            with reading(model, read_spec, reads, mask=dec.mask) if read_spec else ExitStack():
                 logits = dec.prompt()
             gates, routes = _decide(model, policy, items, reads, logits, tokens, rows)
             session.enabled = True
@@ -447,7 +463,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     if policy is not None:
         policy.check_model(model, allow_transfer=allow_transfer)
     _check_overrides(policy, rows, len(items))
-    tokens, token_ids = _refusal_ids(model)
+    tokens, token_ids = refusal_token_ids(model)
     config = {"model": model.name, "policy": _policy_digest(policy), "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
               "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
@@ -498,7 +514,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
 
 
 FIRST_POSITION_COLUMNS = ("policy", "id", "label", "category", "source", "top_token", "refused", "responded",
-                          "refusal_score", "p_respond", "special_refused", "route", "gate_score", "gate_flagged",
+                          "refusal_score", "p_respond", "special_refused", "route", "gate_score", "gate_flagged", "gate_zone",
                           "coeff", "kl_from_base")
 """Columns of :func:`first_position`'s table (one row per policy and prompt)."""
 
@@ -550,13 +566,12 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
         from catlens.errors import unknown_name_message
 
         raise ValueError(unknown_name_message("policy in rows", sorted(unknown)[0], list(resolved)))
-    tokens, token_ids = _refusal_ids(model)
+    tokens, token_ids = refusal_token_ids(model)
     refuse_ids = token_ids[:-1] if token_ids else []
     respond_id = token_ids[-1] if token_ids else None
 
     # every (site, layer) a gate or probe router reads, read once from the unsteered last-token call
-    read_spec = {f"{site}.{layer}": (site, layer) for pol in resolved.values()
-                 for site, layer in _read_spec(pol).values()}
+    read_spec = {_read_key(*spec): spec for pol in resolved.values() for spec in _read_spec(pol).values()}
 
     rendered_len = [len(t) for t in model.format([it.text for it in items], fmt, system=system)]
     order = sorted(range(len(items)), key=lambda i: (-rendered_len[i], i))
@@ -567,10 +582,10 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
             b_items = [items[i] for i in batch]
             dec = _prepare_batch(model, b_items, fmt=fmt, system=system)
             T = dec.T
-            if T > 1:
-                dec.forward(0, T - 1)
             reads: dict[str, Tensor] = {}
-            with reading(model, read_spec, reads) if read_spec else nullcontext():
+            with reading(model, read_spec, reads, mask=dec.mask) if read_spec else nullcontext():
+                if T > 1:
+                    dec.forward(0, T - 1)
                 base = dec.forward(T - 1, T)
             base_logp = base.log_softmax(-1)
             for name, pol in resolved.items():
@@ -583,7 +598,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
                     prow = Rows.default(pol, len(b_items))
                     _apply_row_overrides(pol, prow, (rows or {}).get(name), batch)
                     if pol.gate is not None or pol.router is not None:
-                        mine = {role: reads[f"{site}.{layer}"] for role, (site, layer) in _read_spec(pol).items()}
+                        mine = {role: reads[_read_key(*spec)] for role, spec in _read_spec(pol).items()}
                         gates, routes = _decide(model, pol, b_items, mine, base, tokens, prow)
                     scope = _rerun_scope(pol)
                     if scope == "none":
@@ -623,6 +638,7 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
                         "special_refused": (float(probs[j, refuse_ids].max()) > pr) if refuse_ids else None,
                         "route": routes[j]["category"] if routes[j] else None,
                         "gate_score": g["score"] if g else None, "gate_flagged": g["flagged"] if g else None,
+                        "gate_zone": g["zone"] if g else None,
                         "coeff": (float(prow.coeff[0][j]) if bool(prow.active[0][j]) else 0.0) if prow else 0.0,
                         "kl_from_base": max(float(kl[j]), 0.0),
                     }
@@ -749,7 +765,7 @@ def _cmd_generate(args: Any) -> int:
     records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        sample=args.sample, temperature=args.temperature, seed=args.seed,
                        allow_transfer=args.transfer, out=out, overwrite=args.overwrite)
-    tokens, _ = _refusal_ids(model)
+    tokens, _ = refusal_token_ids(model)
     name = args.judge or ("refusal_token" if tokens is not None else "substring")
     # every judge that applies to this model runs; the default one fills 'refused', the others go into the
     # agreement table (percent agreement and Cohen's kappa)
@@ -774,3 +790,61 @@ def _cmd_generate(args: Any) -> int:
         print(shown.to_string(index=False))
     print(f"{len(records)} answers ({sum(bool(v) for v in verdicts)} refused by {name}) -> {out}")
     return 0
+
+
+@torch.inference_mode()
+def prefill_reads(model: Any, prompts: Any, reads: Sequence[tuple[Any, int, str]], *, batch_size: int = 32,
+                  fmt: str = "chat", system: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """The unsteered prefill's inputs to a gate, by the same code a policy's decision runs in :func:`generate` and
+    :func:`first_position`: for each ``(site, layer, pool)`` of ``reads`` a ``[n d_model]`` tensor (pool ``"last"``
+    or ``"mean_all"``), and, on a model with refusal tokens, the refusal-token log-odds at the first response
+    position (``logodds``), the unsteered first-position verdict (``refused``: the top token is a refusal token)
+    and the most probable refusal token's category (``route``, as the ``refusal_tokens`` router picks it).
+
+    Returns ``{"ids": [...], "reads": {(site, layer, pool): Tensor}, "logodds": Tensor | None, "refused": Tensor |
+    None, "route": list | None}`` in the order of ``prompts``; batches run longest first (one forward pass each).
+    """
+    from tqdm.auto import tqdm
+
+    from catlens.refusal import special_token_probs
+    from catlens.steer import refusal_logodds
+
+    items = _items(prompts)
+    if not items:
+        raise ValueError("prefill_reads needs at least one prompt.")
+    keys = [(getattr(s, "value", str(s)), int(layer), str(pool)) for s, layer, pool in reads]
+    spec = {_read_key(*k): k for k in keys}
+    tokens, token_ids = refusal_token_ids(model)
+    refuse_ids = token_ids[:-1] if token_ids else []
+    cats = [c for c in tokens.categories] if tokens is not None else []
+    rendered_len = [len(t) for t in model.format([it.text for it in items], fmt, system=system)]
+    order = sorted(range(len(items)), key=lambda i: (-rendered_len[i], i))
+    out: dict[str, list] = {_read_key(*k): [None] * len(items) for k in keys}
+    lo: list = [None] * len(items)
+    top: list = [None] * len(items)
+    route: list = [None] * len(items)
+    with tqdm(total=len(items), desc="prefill reads", unit="prompt", disable=not show_progress) as bar:
+        for s in range(0, len(order), batch_size):
+            batch = order[s:s + batch_size]
+            dec = _prepare_batch(model, [items[i] for i in batch], fmt=fmt, system=system)
+            got: dict[str, Tensor] = {}
+            with reading(model, spec, got, mask=dec.mask) if spec else nullcontext():
+                logits = dec.prompt()
+            for j, i in enumerate(batch):
+                for k in out:
+                    out[k][i] = got[k][j].cpu()
+            if refuse_ids:
+                lod = refusal_logodds(logits, refuse_ids)
+                first = logits.argmax(-1)
+                cat_probs = special_token_probs(logits, [model.token_id(tokens.token_of(c)) for c in cats])
+                pick = cat_probs.argmax(dim=1)
+                for j, i in enumerate(batch):
+                    lo[i] = float(lod[j])
+                    top[i] = int(first[j]) in refuse_ids
+                    route[i] = cats[int(pick[j])]
+            bar.update(len(batch))
+    return {"ids": [it.id for it in items],
+            "reads": {k: torch.stack(out[_read_key(*k)]) for k in keys},
+            "logodds": torch.tensor(lo, dtype=torch.float32) if refuse_ids else None,
+            "refused": torch.tensor(top, dtype=torch.bool) if refuse_ids else None,
+            "route": route if refuse_ids else None}

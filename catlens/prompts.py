@@ -534,9 +534,10 @@ def concat(*sets: PromptSet, name: str | None = None) -> PromptSet:
 
 # ----------------------------------------------------------------------------------------------- loading
 def __getattr__(name: str) -> Any:
-    """``load_prompts`` and ``load_builtin`` live with the other loaders in :mod:`catlens.datasets`; they are
-    still reachable here (imported on first use, so this module does not import the loaders)."""
-    if name in ("load_prompts", "load_builtin"):
+    """``load_prompts``, ``load_builtin`` and ``load_hardbenign`` live with the other loaders in
+    :mod:`catlens.datasets`; they are still reachable here (imported on first use, so this module does not import
+    the loaders)."""
+    if name in ("load_prompts", "load_builtin", "load_hardbenign"):
         from catlens import datasets
 
         return getattr(datasets, name)

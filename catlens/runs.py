@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -166,6 +166,31 @@ def git_state(start: Path | None = None) -> dict[str, Any]:
     if dirty:
         log.warning("the catlens git tree has uncommitted changes; the manifest records git_dirty=true")
     return {"git_commit": commit, "git_dirty": dirty}
+
+
+def check_resume_config(path: str | os.PathLike[str], config: Mapping[str, Any], *,
+                        ignore: Sequence[str] = ()) -> None:
+    """Refuse to resume the run folder ``path`` with another configuration: every key of ``config`` (except
+    ``ignore``) must equal the saved manifest's. Nothing to check when the folder has no manifest yet.
+
+    >>> import tempfile, json, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "manifest.json").write_text(json.dumps({"config": {"a": 1}}))
+    >>> check_resume_config(d, {"a": 2})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: cannot resume ... with another configuration: a (saved 1, now 2). Use the saved options, --overwrite to start afresh, or another --out.
+    """
+    manifest = Path(path) / "manifest.json"
+    if not manifest.exists():
+        return
+    saved = (json.loads(manifest.read_text()).get("config") or {})
+    if not isinstance(saved, Mapping):
+        return
+    diff = [f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})"
+            for k in sorted(set(saved) | set(config)) if k not in ignore and saved.get(k) != config.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume {str(path)!r} with another configuration: {'; '.join(diff)}. Use the saved "
+                         f"options, --overwrite to start afresh, or another --out.")
 
 
 # --------------------------------------------------------------------------------------------------- RunDir

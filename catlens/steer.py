@@ -18,6 +18,8 @@ prompt of padded length ``T`` (row ``b``'s real tokens start at ``T - n_b``) and
 * ``"generated"``: positions ``p >= T``, i.e. generated tokens fed back as input;
 * ``"last_prompt"``: ``p = T - 1`` and every ``p >= T`` (P1, PAPERS §2.3 H: the last prompt token and every
   generated token);
+* ``"last_prompt+K"`` (``K >= 0``): ``T - 1 <= p <= T - 1 + K``, the decision position and the first ``K``
+  generated tokens (``"last_prompt+0"`` is the last prompt token alone);
 * a tuple of ints: explicit prompt offsets; negative ones count back from the end of the prompt (``-1`` is the last
   prompt token), non-negative ones count from the row's first real token.
 
@@ -44,6 +46,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -99,6 +102,19 @@ def _check_tensor(name: str, t: Any, ndim: int | tuple[int, ...]) -> Tensor:
     return t.detach().float().cpu()
 
 
+def positions_window(positions: Any) -> int | None:
+    """``K`` of a ``"last_prompt+K"`` positions spec, else ``None``.
+
+    >>> positions_window("last_prompt+4"), positions_window("last_prompt")
+    (4, None)
+    """
+    if isinstance(positions, str):
+        m = re.fullmatch(r"last_prompt\+(\d{1,6})", positions)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def parse_positions(positions: str | int | Sequence[int]) -> str | tuple[int, ...]:
     """Validate a positions spec: a name of :data:`NAMED_POSITIONS` or a non-empty sequence of int offsets.
 
@@ -108,11 +124,14 @@ def parse_positions(positions: str | int | Sequence[int]) -> str | tuple[int, ..
     if isinstance(positions, str):
         if positions in NAMED_POSITIONS:
             return positions
+        if positions_window(positions) is not None:
+            return positions
         if positions == "last":
             raise ValueError("positions='last' was renamed: use 'last_prompt' (the last prompt token and every "
                              "generated token, P1) or offsets such as (-1,) (the last prompt token only).")
         raise ValueError(unknown_name_message("positions", positions, NAMED_POSITIONS,
-                                              "Or give prompt offsets such as (-3, -2, -1)."))
+                                              "Or 'last_prompt+K' (the last prompt token and the first K "
+                                              "generated tokens), or prompt offsets such as (-3, -2, -1)."))
     if isinstance(positions, int) and not isinstance(positions, bool):
         return (int(positions),)
     out = tuple(positions)
@@ -327,13 +346,26 @@ def from_directions(directions: Any, layers: int | Sequence[int] | None = None, 
     return out
 
 
+GATE_POOLS = ("last", "mean_all")
+"""How a gate read pools a prompt's positions: the last prompt token, or the mean over every real (non-pad) token of
+the rendered prompt (:func:`catlens.cache.collect`'s ``"mean_all"``)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Gate:
-    """A fitted linear probe read at the last prompt token: ``p = σ(w·(h − μ) + b)``.
+    """A fitted linear probe that decides, per prompt, which way to steer: ``p = σ(w·((f − μ) / s) + b)``.
 
-    Rows with ``p >= threshold`` are steered toward refusal (the policy's ``toward`` coefficient), the others away
-    from it (``away``); either coefficient may be ``None`` (that side is not steered). The decision is made in the
-    prefill from the prompt's own unsteered activation at ``(site, layer)``; no extra forward pass.
+    The features ``f`` are read from the prompt's own unsteered prefill. By default (``reads=()``) they are the
+    activation at ``(site, layer)`` at the last prompt token (P1's probe). ``reads`` gives several
+    ``(site, layer, pool)`` reads instead (``pool`` in :data:`GATE_POOLS`), concatenated in order, and ``logodds``
+    appends one more feature: the refusal-token log-odds at the first response position of the unsteered prefill,
+    ``log Σ p(refusal tokens) − log(1 − Σ p(refusal tokens))``. ``mean`` (μ) and ``scale`` (s) standardise the
+    features; either may be ``None``.
+
+    Zones: ``p >= threshold`` steers toward refusal (the policy's ``toward``), ``p < lower`` away from it
+    (``away``), and in between the row is not steered; ``lower=None`` means ``lower = threshold`` (two zones, P1).
+    ``per_category`` maps a router category to its own ``(lower, threshold)``; rows routed elsewhere, or a policy
+    without a router, use the global pair. No extra forward pass: the decision is made in the prefill.
     """
 
     weight: Tensor
@@ -343,36 +375,125 @@ class Gate:
     site: Site | str = "resid_post"
     mean: Tensor | None = None
     name: str = "probe"
+    reads: Sequence[tuple[str, int, str]] = ()
+    scale: Tensor | None = None
+    logodds: bool = False
+    lower: float | int | None = None
+    per_category: Mapping[str, tuple[float, float]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site", Site.parse(self.site))
         if self.site in (Site.PATTERN, Site.Z):
             raise ValueError(f"a gate reads a d_model-wide site; got {self.site.value!r}.")
+        reads = []
+        for r in self.reads:
+            if len(r) != 3:
+                raise ValueError(f"gate read {r!r}: give (site, layer, pool), e.g. ('resid_post', 18, 'last').")
+            site, layer, pool = Site.parse(r[0]), r[1], r[2]
+            if site in (Site.PATTERN, Site.Z):
+                raise ValueError(f"a gate reads a d_model-wide site; got {site.value!r}.")
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(f"gate read {r!r}: the layer must be an int.")
+            if pool not in GATE_POOLS:
+                raise ValueError(unknown_name_message("gate read pool", pool, GATE_POOLS))
+            reads.append((site.value, int(layer), str(pool)))
+        object.__setattr__(self, "reads", tuple(reads))
         object.__setattr__(self, "weight", _check_tensor("gate weight", self.weight, 1))
-        if self.mean is not None:
-            mean = _check_tensor("gate mean", self.mean, 1)
-            if mean.shape != self.weight.shape:
-                raise ValueError(f"gate mean {tuple(mean.shape)} and weight {tuple(self.weight.shape)} differ.")
-            object.__setattr__(self, "mean", mean)
+        for name in ("mean", "scale"):
+            t = getattr(self, name)
+            if t is not None:
+                t = _check_tensor(f"gate {name}", t, 1)
+                if t.shape != self.weight.shape:
+                    raise ValueError(f"gate {name} {tuple(t.shape)} and weight {tuple(self.weight.shape)} differ.")
+                if name == "scale" and not bool((t > 0).all()):
+                    raise ValueError("gate scale must be positive (it divides the features).")
+                object.__setattr__(self, name, t)
         object.__setattr__(self, "bias", _finite("gate bias", self.bias))
         object.__setattr__(self, "threshold", _finite("gate threshold", self.threshold, lo=0.0, hi=1.0))
+        object.__setattr__(self, "lower", _finite("gate lower threshold", self.lower, lo=0.0, hi=1.0,
+                                                  allow_none=True))
+        if self.lower is not None and self.lower > self.threshold:
+            raise ValueError(f"gate lower threshold {self.lower} is above its threshold {self.threshold}: the "
+                             f"not-steered zone is [lower, threshold); give lower <= threshold.")
+        per = {}
+        for cat, pair in dict(self.per_category or {}).items():
+            if len(pair) != 2:
+                raise ValueError(f"per_category[{cat!r}] = {pair!r}: give (lower, threshold).")
+            lo = _finite(f"per_category[{cat!r}] lower", pair[0], lo=0.0, hi=1.0)
+            hi = _finite(f"per_category[{cat!r}] threshold", pair[1], lo=0.0, hi=1.0)
+            if lo > hi:
+                raise ValueError(f"per_category[{cat!r}] = ({lo}, {hi}): lower must be <= threshold.")
+            per[str(cat)] = (lo, hi)
+        object.__setattr__(self, "per_category", per or None)
+        if self.reads and (self.reads[0][0], self.reads[0][1]) != (self.site.value, self.layer):
+            raise ValueError(f"gate site/layer ({self.site.value}, {self.layer}) must be its first read "
+                             f"{self.reads[0][:2]} (they name the read for older code).")
+
+    @property
+    def feature_reads(self) -> tuple[tuple[str, int, str], ...]:
+        """The ``(site, layer, pool)`` reads whose activations make the features, in order."""
+        return self.reads or ((self.site.value, self.layer, "last"),)
 
     @property
     def d_model(self) -> int:
-        return int(self.weight.shape[0])
+        n = int(self.weight.shape[0]) - int(self.logodds)
+        return n // len(self.feature_reads)
 
     def check_model(self, model: Any) -> None:
-        if self.d_model != model.d_model:
+        if self.d_model != model.d_model or self.d_model * len(self.feature_reads) + int(self.logodds) != len(
+                self.weight):
             raise ValueError(f"the gate {self.name!r} was fitted on a model of width {self.d_model}, but "
                              f"{model.name!r} has d_model={model.d_model}: refit the probe on this model.")
-        if not -model.n_layers <= self.layer < model.n_layers:
-            raise ValueError(f"gate layer={self.layer} is out of range for {model.n_layers} layers.")
+        for _, layer, _ in self.feature_reads:
+            if not -model.n_layers <= layer < model.n_layers:
+                raise ValueError(f"gate layer={layer} is out of range for {model.n_layers} layers.")
+        if self.logodds:
+            from catlens.refusal import RefusalTokens
 
-    def score(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+            RefusalTokens.from_model(model)  # raises with the fix when the model has no refusal tokens
+
+    def features(self, reads: Sequence[Tensor], logodds: Tensor | None = None) -> Float[Tensor, "batch feature"]:
+        """Concatenate the reads (``[batch d_model]`` each, in :attr:`feature_reads` order) and the log-odds."""
+        if len(reads) != len(self.feature_reads):
+            raise ValueError(f"the gate {self.name!r} reads {len(self.feature_reads)} activations, got {len(reads)}.")
+        parts = [r.float() for r in reads]
+        if self.logodds:
+            if logodds is None:
+                raise ValueError(f"the gate {self.name!r} uses the refusal-token log-odds; pass logodds.")
+            parts.append(logodds.float().reshape(-1, 1).to(parts[0].device))
+        return torch.cat(parts, dim=1)
+
+    def score(self, h: Float[Tensor, "batch feature"]) -> Float[Tensor, " batch"]:
+        """The probability for each row of ``h``: one read's activation (the default gate) or the
+        :meth:`features` of several."""
         h = h.float()
+        if h.shape[-1] != len(self.weight):
+            raise ValueError(f"the gate {self.name!r} takes {len(self.weight)} features per row, got {h.shape[-1]}; "
+                             f"build them with Gate.features.")
         if self.mean is not None:
             h = h - self.mean.to(h.device)
+        if self.scale is not None:
+            h = h / self.scale.to(h.device)
         return torch.sigmoid(h @ self.weight.to(h.device) + self.bias)
+
+    def bounds(self, category: str | None = None) -> tuple[float, float]:
+        """``(lower, threshold)`` for a row routed to ``category`` (the global pair when it has none)."""
+        if category is not None and self.per_category and category in self.per_category:
+            return self.per_category[category]
+        return (self.threshold if self.lower is None else self.lower), self.threshold
+
+    def outcome(self, p: float, category: str | None = None) -> str:
+        """``"toward"`` (``p >= threshold``), ``"away"`` (``p < lower``) or ``"none"`` (in between)."""
+        lo, hi = self.bounds(category)
+        return "toward" if p >= hi else "away" if p < lo else "none"
+
+
+def refusal_logodds(logits: Tensor, refuse_ids: Sequence[int]) -> Float[Tensor, " batch"]:
+    """``log Σ p(refuse) − log(1 − Σ p(refuse))`` over ``refuse_ids`` at one position (``logits [batch vocab]``),
+    computed in log space so that probabilities near 0 or 1 stay finite."""
+    logp = logits.float().log_softmax(-1)
+    lse = logp[:, list(refuse_ids)].logsumexp(-1)
+    return lse - torch.log1p(-lse.exp().clamp(max=1 - 1e-7))
 
 
 @dataclass(frozen=True, eq=False)
@@ -508,9 +629,15 @@ class SteeringPolicy:
             tensors["gate.weight"] = g.weight.contiguous()
             if g.mean is not None:
                 tensors["gate.mean"] = g.mean.contiguous()
+            if g.scale is not None:
+                tensors["gate.scale"] = g.scale.contiguous()
             spec["gate"] = {"bias": g.bias, "threshold": g.threshold, "layer": g.layer, "site": g.site.value,
                             "name": g.name, "weight": "gate.weight",
                             "mean": "gate.mean" if g.mean is not None else None}
+            if g.reads or g.logodds or g.scale is not None or g.lower is not None or g.per_category:
+                spec["gate"].update(reads=[list(r) for r in g.reads], logodds=g.logodds, lower=g.lower,
+                                    scale="gate.scale" if g.scale is not None else None,
+                                    per_category={c: list(v) for c, v in (g.per_category or {}).items()})
         if self.router is not None:
             r = self.router
             spec["router"] = {"kind": r.kind, "categories": list(r.categories), "layer": r.layer, "site": r.site.value}
@@ -572,7 +699,10 @@ class SteeringPolicy:
         if spec.get("gate"):
             g = dict(spec["gate"])
             gate = Gate(weight=tensors[g.pop("weight")], mean=tensors[g["mean"]] if g.get("mean") else None,
-                        **{k: v for k, v in g.items() if k != "mean"})
+                        scale=tensors[g["scale"]] if g.get("scale") else None,
+                        reads=tuple(tuple(r) for r in g.get("reads") or ()),
+                        per_category={c: tuple(v) for c, v in (g.get("per_category") or {}).items()} or None,
+                        **{k: v for k, v in g.items() if k not in ("mean", "scale", "reads", "per_category")})
         if spec.get("router"):
             r = dict(spec["router"])
             if r.get("weight"):
@@ -651,6 +781,8 @@ class BatchContext:
             sel = (p >= T)[None]
         elif positions == "last_prompt":
             sel = (p >= T - 1)[None]
+        elif positions_window(positions) is not None:
+            sel = ((p >= T - 1) & (p <= T - 1 + positions_window(positions)))[None]
         else:
             start = self.start if self.start is not None else T - self.attention_mask[:, :T].sum(dim=1)
             sel = torch.zeros(real.shape, dtype=torch.bool, device=real.device)
@@ -757,19 +889,42 @@ def steering(model: Any, steer: SteeringPolicy | Intervention | Sequence[Interve
 
 
 @contextmanager
-def reading(model: Any, reads: Mapping[str, tuple[Site | str, int]], store: dict[str, Tensor],
-            position: int = -1) -> Iterator[None]:
-    """Record ``act[:, position]`` of each ``name -> (site, layer)`` into ``store`` on every forward call (the
-    gate's and the probe router's inputs), without editing anything."""
+def reading(model: Any, reads: Mapping[str, tuple], store: dict[str, Tensor], position: int = -1,
+            mask: Tensor | None = None) -> Iterator[None]:
+    """Record activations of each ``name -> (site, layer)`` or ``(site, layer, pool)`` into ``store`` on every
+    forward call (the gate's and the probe router's inputs), without editing anything.
 
-    def reader(name: str) -> Any:
+    ``pool="last"`` (the default) keeps ``act[:, position]`` of the latest call. ``pool="mean_all"`` keeps the mean
+    over every real position seen so far in this block, weighted by ``mask`` (``[batch seq]``, 1 = real token; the
+    calls must cover the sequence in order from position 0, as a prefill split into chunks does)."""
+    seen: dict[str, int] = {}
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+
+    def reader(name: str, pool: str) -> Any:
         def read(act: Tensor, hook: Any = None) -> Tensor:
-            store[name] = act[:, position].detach().float()
+            if pool == "last":
+                store[name] = act[:, position].detach().float()
+                return act
+            if mask is None:
+                raise ValueError(f"read {name!r} pools 'mean_all' and needs the batch's attention mask.")
+            off = seen.get(name, 0)
+            m = mask[:, off:off + act.shape[1]].to(act.device).float()
+            seen[name] = off + act.shape[1]
+            part = (act.detach().float() * m[..., None]).sum(1)
+            sums[name] = part if name not in sums else sums[name] + part
+            counts[name] = m.sum(1) if name not in counts else counts[name] + m.sum(1)
+            store[name] = sums[name] / counts[name].clamp_min(1.0)[:, None]
             return act
 
         return read
 
-    hooks = [(model.hook_name(site, layer), reader(name)) for name, (site, layer) in reads.items()]
+    hooks = []
+    for name, spec in reads.items():
+        site, layer, pool = (*spec, "last") if len(spec) == 2 else spec
+        if pool not in GATE_POOLS:
+            raise ValueError(unknown_name_message("read pool", pool, GATE_POOLS))
+        hooks.append((model.hook_name(site, layer), reader(name, pool)))
     with model.bridge.hooks(fwd_hooks=hooks):
         yield
 

@@ -1,7 +1,7 @@
-"""P2's figure layout: per-category unsafe-response rate on the test prompts, unsteered vs all activations
+"""P2's figure layout: per-category share of harmful prompts answered on the test prompts, unsteered vs all activations
 (unsupervised) vs pruned vs guided, with Wilson 95 % intervals; one panel per model when several runs are given
-(e.g. the stock and the refusal-tuned model). A second figure shows the benign helpfulness proxy (pooled and per
-benign category) with its intervals.
+(e.g. the stock and the refusal-tuned model). A second figure shows the share of benign prompts answered (the
+helpfulness proxy; pooled and per benign category) with its intervals.
 
 Usage:  python figures/fig_p2_bars.py RUN_DIR [RUN_DIR ...] [--judge substring] [--out-dir DIR] [--no-png]
 Reads:  RUN_DIR/p2_test.parquet and RUN_DIR/manifest.json (the model's name for the panel title) of each run,
@@ -74,11 +74,11 @@ def _with_errors(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def unsafe_table(data: pd.DataFrame) -> pd.DataFrame:
-    """Per-category and pooled unsafe-response rates of the primary judge."""
-    sel = data[(data["metric"] == "unsafe_response_rate") & (data["judge"] == data["primary_judge"])
+    """Per-category and pooled shares of harmful prompts answered (``harmful_answered_rate``), primary judge."""
+    sel = data[(data["metric"] == "harmful_answered_rate") & (data["judge"] == data["primary_judge"])
                & data["row"].isin(["group", "pooled"])].copy()
     if sel.empty:
-        raise ValueError("no unsafe_response_rate rows in the test tables; were they written by "
+        raise ValueError("no harmful_answered_rate rows in the test tables; were they written by "
                          "analyses/p2_steering.py?")
     sel["category"] = sel["category"].where(sel["row"] == "group", "pooled")
     cols = ["model", "label", "method", "group", "setting", "category", "n", "k", "value", "se", "ci_low",
@@ -87,11 +87,11 @@ def unsafe_table(data: pd.DataFrame) -> pd.DataFrame:
 
 
 def helpfulness_table(data: pd.DataFrame) -> pd.DataFrame:
-    """Benign helpfulness proxy (primary judge), per benign category and pooled."""
-    sel = data[(data["metric"] == "helpfulness") & (data["judge"] == data["primary_judge"])
+    """Share of benign prompts answered (``benign_answered_rate``, primary judge), per benign category and pooled."""
+    sel = data[(data["metric"] == "benign_answered_rate") & (data["judge"] == data["primary_judge"])
                & data["row"].isin(["group", "pooled"])].copy()
     if sel.empty:
-        raise ValueError("no helpfulness rows in the test tables.")
+        raise ValueError("no benign_answered_rate rows in the test tables.")
     sel["category"] = sel["category"].where(sel["row"] == "group", "pooled").replace({"(none)": "generic"})
     cols = ["model", "label", "method", "group", "setting", "category", "n", "k", "value", "se", "ci_low",
             "ci_high", "primary_judge"]
@@ -118,18 +118,18 @@ def _bars(df: pd.DataFrame, *, title: str, y_title: str) -> Any:
 
 
 def make_figure(data: pd.DataFrame) -> Any:
-    """Pure: per-category unsafe-response rate bars, one panel per model."""
+    """Pure: per-category bars of the share of harmful prompts answered, one panel per model."""
     t = unsafe_table(data)
     judge = ", ".join(sorted(t["primary_judge"].unique()))
-    return _bars(t, title=f"Unsafe-response rate, held-out harmful prompts<br><sup>test split; judge {judge}; bars: "
-                     f"Wilson 95 % intervals</sup>",
-                 y_title="unsafe-response rate")
+    return _bars(t, title=f"Harmful prompts answered (not refused, non-empty, not degenerate)<br><sup>test split; "
+                     f"judge {judge}; bars: Wilson 95 % intervals</sup>",
+                 y_title="harmful prompts answered")
 
 
 def make_helpfulness_figure(data: pd.DataFrame) -> Any:
-    """Pure: the benign helpfulness proxy, per benign category and pooled, one panel per model."""
-    title = "Helpfulness proxy on benign prompts<br><sup>share answered; test split; bars: Wilson 95 % intervals</sup>"
-    return _bars(helpfulness_table(data), title=title, y_title="helpfulness (share answered)")
+    """Pure: the share of benign prompts answered, per benign category and pooled, one panel per model."""
+    title = ("Benign prompts answered (helpfulness proxy)<br><sup>test split; bars: Wilson 95 % intervals</sup>")
+    return _bars(helpfulness_table(data), title=title, y_title="benign prompts answered")
 
 
 def main(run_dir: Path | Sequence[Path], out_dir: Path | None = None, png: bool = True,

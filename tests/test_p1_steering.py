@@ -26,50 +26,94 @@ def tiny8(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny8"), categories=DEFAULT_CATEGORIES)
 
 
+ARGV = ["--stock-model", "none", "--layers", "1,2", "--gate-layers", "1,3", "--methods",
+        "one_vs_benign,one_vs_rest", "--toward", "0.5", "--away", "0.5", "--scopes", "last_prompt+0,last_prompt",
+        "--train-cap", "48", "--val-cap", "3", "--test-cap", "3", "--val-gen-n", "8", "--gen-n", "8",
+        "--gen-tokens", "3", "--candidates", "1", "--ppl-guard", "0.5", "--lowrank-steps", "0", "--threads", "1",
+        "--zone-grid", "9", "--jailbreak-n", "4", "--test-gen-cap", "2", "--judge", "full_answer"]
+
+
 @pytest.fixture(scope="module")
 def p1_run(tiny8, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("p1") / "run"
     mod = _script()
-    argv = ["--model", str(tiny8), "--stock-model", "none", "--out", str(out), "--data-dir", str(data_dir),
-            "--layers", "1,2", "--methods", "one_vs_benign,one_vs_rest", "--toward", "0.5", "--away", "0.5",
-            "--train-cap", "48", "--val-cap", "3", "--test-cap", "3", "--gen-n", "8", "--gen-tokens", "3",
-            "--candidates", "1", "--ppl-guard", "100", "--lowrank-steps", "0", "--threads", "1"]
+    argv = ["--model", str(tiny8), "--out", str(out), "--data-dir", str(data_dir), *ARGV]
     summary = mod.main(argv)
     return mod, out, summary, argv
 
 
-def test_p1_writes_every_table_and_splits_are_disjoint(p1_run):
+def test_p1_writes_every_table(p1_run):
     mod, out, summary, _ = p1_run
-    for name in ("splits", "gates", "sweep", "candidates", "test_rates", "headline", "judges", "agreement", "auroc",
-                 "gate_errors"):
+    for name in ("splits", "gates", "sweep", "frontier", "candidates", "test_rates", "headline",
+                 "headline_first_position", "headline_pools", "judges", "agreement", "disagreements", "auroc", "gate_errors",
+                 "jailbreaks", "perplexity", "test_rates_full"):
         assert (out / f"{name}.parquet").exists(), name
         assert (out / f"{name}.csv").exists(), name
     sweep = pd.read_parquet(out / "sweep.parquet")
-    assert {"method", "layer", "gate_rule", "toward", "away", "refusal", "over_refusal", "objective",
-            "refusal_pooled", "over_refusal_pooled", "benign_first_token_kl", "split", "n_val"} <= set(sweep.columns)
-    # 2 methods x 2 layers x 2 gate rules x (1 + 1 toward) x (1 + 1 away)
-    assert len(sweep) == 2 * 2 * 2 * 2 * 2
-    head = pd.read_parquet(out / "headline.parquet")
+    assert {"method", "layer", "mode", "toward", "away", "refusal", "refusal_low", "over_refusal", "lower", "upper",
+            "feasible", "split", "objective", "objective_text"} <= set(sweep.columns)
+    # unsteered + 2 methods x 2 layers x 1 toward x 1 away x (global + p1 gate [+ per category when feasible])
+    assert (sweep["mode"] == "unsteered").sum() == 1
+    assert (sweep["mode"] == "global").sum() == 4 and (sweep["mode"] == "p1_gate").sum() == 4
+    assert (sweep.dropna(subset=["lower"]).lower <= sweep.dropna(subset=["lower"]).upper).all()
+    head = pd.read_parquet(out / "headline_pools.parquet")
     assert "unsteered" in set(head.policy)
-    assert {"over_refusal", "over_refusal_ci_low", "over_refusal_ci_high", "refusal", "refusal_se",
-            "ppl_ratio"} <= set(head.columns)
-    rates = pd.read_parquet(out / "test_rates.parquet")
-    assert {"pooled", "macro", "group"} <= set(rates.row)
+    assert {"all", "without_xstest", "hardbenign"} <= set(head.benign_pool)
+    one = pd.read_parquet(out / "headline.parquet")
+    assert (one.benign_pool == "all").all() and one.policy.is_unique
+    assert head.judge.str.startswith("full_answer").all()
+    gates = pd.read_parquet(out / "gates.parquet")
+    assert gates.chosen.sum() == 1 and "logodds" in set(gates.features)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "done"
-    splits = pd.read_parquet(out / "splits.parquet")
-    assert {"train", "val", "test"} <= set(splits.split) and (splits.seed == 0).all()
-    for name in ("categorical_youden", "categorical_target_fpr"):
-        if (out / "policies" / name).exists():
-            from catlens.steer import SteeringPolicy
-
-            pol = SteeringPolicy.load(out / "policies" / name)
-            assert pol.gate is not None and pol.router is not None and pol.meta["chosen_on"].startswith("val")
+    assert manifest["selection"]["split"] == "val" and manifest["selection"]["test_read"] is True
+    jail = pd.read_parquet(out / "jailbreaks.parquet")
+    assert {"none (plain)", "role_play"} <= set(jail.template) or len(set(jail.template)) >= 2
 
 
-def test_sweep_gate_combination_equals_the_gated_policy(p1_run, tiny8, data_dir):
-    """The sweep evaluates toward and away grids with every row steered and assigns sides offline from the gate's
-    scores; the real gated policy must give the same refusals on val (rows at the threshold excepted)."""
+def test_candidates_obey_the_perplexity_guard_and_policies_follow_the_choice(p1_run):
+    from catlens.steer import SteeringPolicy
+
+    mod, out, _, argv = p1_run
+    cand = pd.read_parquet(out / "candidates.parquet")
+    steered = cand[cand["mode"] != "unsteered"]
+    assert len(steered)
+    ratio = steered.ppl_ratio.to_numpy(dtype=float)
+    assert (steered.admissible.to_numpy() == ((ratio == ratio) & (ratio <= 1.5))).all()
+    assert steered[steered.chosen].admissible.all()
+    for mode in ("global", "per_category", "p1_gate"):
+        chosen = steered[(steered["mode"] == mode) & steered.chosen]
+        folder = out / "policies" / f"categorical_{mode}"
+        assert folder.exists() == (len(chosen) == 1), mode
+        if len(chosen):
+            pol = SteeringPolicy.load(folder)
+            r = chosen.iloc[0]
+            assert pol.meta["zones"] == mode and pol.meta["chosen_on"] == "val"
+            assert pol.interventions[0].positions == r.positions and pol.interventions[0].layer == r.layer
+            if mode != "p1_gate":
+                assert (pol.gate.lower, pol.gate.threshold) == pytest.approx((r.lower, r.upper))
+
+
+def test_splits_are_disjoint_and_the_leakage_check_covers_the_whole_train_pool(tiny8, data_dir):
+    from catlens.prompts import check_leakage
+
+    mod = _script()
+    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    ids = {k: set(sets[k].ids) for k in ("train", "gate_train", "val", "test")}
+    assert not ids["gate_train"] & ids["val"] and not ids["gate_train"] & ids["test"]
+    assert not ids["val"] & ids["test"] and ids["train"] <= ids["gate_train"]
+    assert sets["n_train_pool"] > len(sets["train"])  # checked against every train prompt, not the capped sample
+    hard = {s: sets[s].where(source="hardbenign") for s in ("gate_train", "val", "test")}
+    assert all(len(h) for h in hard.values())
+    assert not len(check_leakage(sets["val"], sets["test"], raise_on_leak=False).pairs)
+
+
+def test_sweep_offline_zones_equal_the_gated_policy(p1_run, tiny8, data_dir):
+    """The sweep assigns sides offline from the gate's val scores; the saved gated policy must compute the same
+    scores in first_position, and its verdicts are exactly the offline combination of the three passes."""
+    import numpy as np
+
+    from catlens.gate import zone_verdicts
     from catlens.generation import first_position
     from catlens.model import load_model
     from catlens.steer import SteeringPolicy
@@ -77,23 +121,31 @@ def test_sweep_gate_combination_equals_the_gated_policy(p1_run, tiny8, data_dir)
     mod, out, _, argv = p1_run
     args = mod.parse_args(argv)
     model = load_model(tiny8)
-    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3)
-    fit = mod.fit_everything(model, sets, [1, 2], ["one_vs_benign"], type("R", (), {"path": out})(),
-                             target_fpr=args.target_fpr, top_k=None)
+    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    fit = mod.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], type("R", (), {"path": out})(), args)
     sweep = pd.read_parquet(out / "sweep.parquet")
-    row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep.gate_rule == "youden")
-                & sweep.toward.notna() & sweep.away.notna()].iloc[0]
-    iv = mod.intervention(fit, "one_vs_benign", 2, 1.0)
-    gate = fit["gates"][2]["youden"]
-    pol = SteeringPolicy((iv,), gate=gate, router=fit["router"], toward=float(row.toward), away=float(row.away))
-    t = first_position(model, sets["val"], {"p": pol}, show_progress=False)
+    row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep["mode"] == "global")].iloc[0]
+    pol = mod.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
     vf = fit["val_frame"].reset_index(drop=True)
-    t = t.set_index("id").loc[vf.id]
-    near = abs(fit["val_scores"][2] - gate.threshold) < 1e-4
-    assert (t.gate_flagged.to_numpy(dtype=bool)[~near] == (fit["val_scores"][2] >= gate.threshold)[~near]).all()
-    got = mod._rates(vf, t.refused.to_numpy(dtype=bool))
-    if not near.any():
-        assert got["refusal"] == pytest.approx(row.refusal) and got["over_refusal"] == pytest.approx(row.over_refusal)
+    pols = {"gated": pol, "base": None,
+            "toward": SteeringPolicy((mod.intervention(fit, "one_vs_benign", 2, float(row.toward)),),
+                                     router=fit["router"]),
+            "away": SteeringPolicy((mod.intervention(fit, "one_vs_benign", 2, float(row.away)),), router=fit["router"])}
+    t = first_position(model, sets["val"], pols, show_progress=False)
+    by = {n: g.set_index("id").loc[vf.id] for n, g in t.groupby("policy")}
+    score = by["gated"].gate_score.to_numpy(dtype=float)
+    np.testing.assert_allclose(score, fit["val_score"], atol=1e-4)
+    v = zone_verdicts(score, *(by[n].refused.to_numpy(dtype=bool) for n in ("base", "toward", "away")),
+                      lower=float(row.lower), upper=float(row.upper))
+    np.testing.assert_array_equal(v.astype(bool), by["gated"].refused.to_numpy(dtype=bool))
+
+
+def test_p1_refuses_to_resume_with_another_configuration(p1_run):
+    mod, out, _, argv = p1_run
+    changed = [*argv]
+    changed[changed.index("--toward") + 1] = "0.25"
+    with pytest.raises(SystemExit, match="cannot resume .* toward \\(saved '0.5', now '0.25'\\)"):
+        mod.main(changed)
 
 
 def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_tables(p1_run, tiny8, data_dir,
@@ -104,44 +156,36 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     from catlens.finetune.config import DEFAULT_CATEGORIES
     from catlens.model import load_model
     from catlens.runs import RunDir
-    from catlens.steer import SteeringPolicy
-
-    mod, out, _, argv = p1_run
-    pol = out / "policies" / "categorical_youden"
-    if not pol.exists():
-        pytest.skip("the tiny run chose no Youden policy")
+    from catlens.steer import with_coeff
     from catlens.testing import make_tiny_model_dir
 
+    mod, out, _, argv = p1_run
     stock = make_tiny_model_dir(tmp_path / "stock", categories=DEFAULT_CATEGORIES, seed=7)
     args = mod.parse_args([*argv, "--stock-model", str(stock), "--reverse-n", "6"])
     model = load_model(tiny8)
     sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
-    fit = {"cats": list(SteeringPolicy.load(pol).interventions[0].labels)}
-    base = SteeringPolicy.load(pol)
     run = RunDir.create(tmp_path / "rev", {}, seed=0)
-    table = mod.evaluate_reverse(model, sets, fit, {"categorical_youden": base}, run, args)
-    assert set(table.policy) == {"unsteered", "categorical_youden", "reverse_stock_youden"}
+    fit = mod.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], run, args)
+    sweep = pd.read_parquet(out / "sweep.parquet")
+    row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep["mode"] == "global")].iloc[0]
+    base = mod.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
+    table = mod.evaluate_reverse(model, sets, fit, {"categorical_global": base}, run, args)
+    assert set(table.policy) == {"unsteered", "categorical_global", "reverse_stock_youden"}
     assert set(table.label) == {"harmful", "benign"} and len(table) == 6
     assert (run.path / "reverse_transfer.parquet").exists()
     fp = pd.concat([pd.read_parquet(f) for f in (run.path / "reverse_fp").glob("*.parquet")])
     full = pd.concat([pd.read_parquet(f) for f in (out / "test_fp").glob("*.parquet")])
-    for name in ("unsteered", "categorical_youden"):
-        a = fp[fp.policy == name].set_index("id").sort_index()
-        b = full[full.policy == name].set_index("id").loc[a.index]
-        assert (a.refused.astype(bool) == b.refused.astype(bool)).all(), name
-        assert a.refusal_score.to_numpy() == pytest.approx(b.refusal_score.to_numpy(), abs=1e-5)
-    rev = fp[fp.policy == "reverse_stock_youden"]
-    assert len(rev) == len(fp[fp.policy == "unsteered"])
-
-    # forward transfer (tuned -> stock): the gated policy with a probe router, plus the ungated diagnostic
-    fit = mod.fit_everything(model, sets, [1, 2], ["one_vs_benign"], run, target_fpr=args.target_fpr, top_k=None)
-    from catlens.steer import with_coeff
+    a = fp[fp.policy == "unsteered"].set_index("id").sort_index()
+    b = full[full.policy == "unsteered"].set_index("id").loc[a.index]
+    assert (a.refused.astype(bool) == b.refused.astype(bool)).all()
+    assert a.refusal_score.to_numpy() == pytest.approx(b.refusal_score.to_numpy(), abs=1e-5)
+    assert len(fp[fp.policy == "reverse_stock_youden"]) == len(a)
 
     toward = with_coeff(base, toward=base.toward or 0.5)  # the ungated diagnostic needs a toward coefficient
-    tr = mod.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_youden": toward}, [1, 2], run, args)
-    assert set(tr.policy) == {"unsteered", "categorical_youden", "categorical_youden_ungated_x1",
-                              "categorical_youden_ungated_x4"}
-    gated = tr[tr.policy == "categorical_youden"].gate_flag_rate
+    tr = mod.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_global": toward}, [1, 2], run, args)
+    assert set(tr.policy) == {"unsteered", "categorical_global", "categorical_global_ungated_x1",
+                              "categorical_global_ungated_x4"}
+    gated = tr[tr.policy == "categorical_global"].gate_flag_rate
     assert gated.notna().all() and gated.between(0, 1).all()
     assert tr[tr.policy.str.contains("ungated")].gate_flag_rate.isna().all()
     assert (run.path / "transfer.parquet").exists()
@@ -151,7 +195,9 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     (["--methods", "one_vs_benignn"], "Did you mean"),
     (["--toward", "-0.1"], "must be a finite number > 0"),
     (["--away", "abc"], "cannot read 'abc'"),
-    (["--target-fpr", "2"], "target-fpr"),
+    (["--min-refusal-low", "2"], "min-refusal-low"),
+    (["--scopes", "last_prompt+x"], "--scopes entry"),
+    (["--judge", "full_answr"], "Did you mean"),
     (["--val-cap", "0"], "val-cap"),
     (["--reverse-n", "-1"], "reverse-n"),
 ])
@@ -172,7 +218,8 @@ def test_summarise_renders_numbers_read_from_the_tables(p1_run, tmp_path):
     _, out, _, _ = p1_run
     text = mod.main(["--p1", str(out), "--specificity", str(tmp_path / "none"), "--out", str(tmp_path / "r.md")])
     assert (tmp_path / "r.md").read_text() == text
-    head = pd.read_parquet(out / "headline.parquet")
+    head = pd.read_parquet(out / "headline_pools.parquet")
     for r in head.itertuples():
-        assert f"| {r.policy} | {100 * r.over_refusal:.1f} [{100 * r.over_refusal_ci_low:.1f}, " in text
+        assert f"| {r.policy} | {r.benign_pool} | {100 * r.over_refusal:.1f} [{100 * r.over_refusal_ci_low:.1f}, " in text
+    assert "The test split was read once, after the choice." in text  # read from the manifest, not typed
     assert "not run" in text  # the missing specificity folder

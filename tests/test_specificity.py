@@ -80,13 +80,14 @@ ORDINARY = ["Bake a loaf of rye bread with a crisp crust.", "Name three rivers t
 
 
 def write_prompts(path: Path, drop_eval_lookalikes_of: str | None = None) -> Path:
+    """Per category: harmful 3 train, 2 val (selection), 2 test (measurement); lookalikes 2 train, 2 val, 2 test."""
     rows = []
     for c, sets in TEXTS.items():
         for i, t in enumerate(sets["harmful"]):
             rows.append({"id": f"{c}/h{i}", "text": t, "label": "harmful", "category": c,
-                         "split": "train" if i < 4 else ("val" if i < 6 else "test")})
+                         "split": "train" if i < 3 else ("val" if i < 5 else "test")})
         for i, t in enumerate(sets["lookalike"]):
-            split = "train" if i < 3 else ("val" if i < 5 else "test")
+            split = "train" if i < 2 else ("val" if i < 4 else "test")
             if split != "train" and c == drop_eval_lookalikes_of:
                 continue
             rows.append({"id": f"{c}/l{i}", "text": t, "label": "benign", "category": c, "split": split})
@@ -167,6 +168,13 @@ def test_bootstrap_is_seeded_and_paired(spec):
     c = spec.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=4)[0]
     pd.testing.assert_frame_equal(a, b)
     assert not a.delta_ci_low.equals(c.delta_ci_low)
+    # paired: one draw resamples each (set, category)'s prompts once for every cell, so directions with the same
+    # effect on the same prompts get identical intervals (independent draws per cell would not)
+    shared = spec.specificity_tables(*planted("shared"), CATS, n_boot=200, seed=3)[0]
+    hit = shared[(shared.set == "harmful") & (shared.sign == "away")]
+    for _, part in hit.groupby("eval_category"):
+        assert part.delta_ci_low.nunique() == 1 and part.delta_ci_high.nunique() == 1
+        assert part.delta_ci_low.iloc[0] < part.delta_ci_high.iloc[0]  # a real interval, not a degenerate one
     with pytest.raises(ValueError, match="n_boot"):
         spec.specificity_tables(fp, meta, index, CATS, n_boot=0)
     with pytest.raises(ValueError, match="no lookalike evaluation prompts of category 'hate'"):
@@ -184,6 +192,8 @@ def _run(spec, tiny_lm_dir, tmp_path, *extra, name="run"):
 
 
 def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
+    import torch
+
     from catlens.directions import Directions
     from catlens.runs import load_table
 
@@ -196,10 +206,14 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     assert len(cells) == (k + k + n_control) * 2 * 2 * k
     assert (cells.layer == 2).all() and (cells.method == "one_vs_benign").all()
     assert set(cells.coeff) == {3.0, -3.0} and (cells.scale == 3.0).all()
-    assert (cells[cells.set == "harmful"].n == 3).all() and (cells[cells.set == "lookalike"].n == 3).all()
+    # measured on the test split only (2 prompts per cell); the layer and scale were chosen on val
+    assert (cells[cells.set == "harmful"].n == 2).all() and (cells[cells.set == "lookalike"].n == 2).all()
+    selection = load_table(out / "selection")
+    assert len(selection) == 1 and selection.chosen.all() and (selection.split == "selection").all()
     # the cells are exactly steered minus unsteered, recomputed here from the cached first-position table
     fp = pd.read_parquet(out / "cache" / "first_position_raw.parquet")
-    ids = [f"fraud/h{i}" for i in (4, 5, 6)]
+    assert set(fp.id) == {f"{c}/{k}" for c in CATS for k in ("h5", "h6", "l4", "l5")}  # test prompts only
+    ids = [f"fraud/h{i}" for i in (5, 6)]
     got = fp.set_index(["policy", "id"])
     want = np.mean([got.loc[("hate|away", i), "refusal_score"] - got.loc[("unsteered", i), "refusal_score"]
                     for i in ids])
@@ -207,10 +221,41 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
                  & (cells.steer_category == "hate") & (cells.eval_category == "fraud")].iloc[0]
     assert cell.delta_score == pytest.approx(want, abs=1e-12)
     assert cells.delta_score.abs().max() > 1e-4  # steering at 3x the residual norm moved the refusal score
+    # each cell's p-value is the exact McNemar test of its paired refusals, adjusted across all cells (BH)
+    from scipy.stats import binom
+    from statsmodels.stats.multitest import multipletests
+
+    for r in cells.sample(10, random_state=0).itertuples():
+        pol = f"{r.steer_category}|{r.sign}"
+        table = pd.read_parquet(out / "cache" / f"first_position_{r.variant}.parquet").set_index(["policy", "id"])
+        cell_ids = [i for i in set(fp.id) if i.startswith(r.eval_category + "/") and
+                    (("/h" in i) == (r.set == "harmful"))]
+        b = sum(bool(table.loc[("unsteered", i), "refused"]) and not bool(table.loc[(pol, i), "refused"])
+                for i in cell_ids)
+        c = sum(not bool(table.loc[("unsteered", i), "refused"]) and bool(table.loc[(pol, i), "refused"])
+                for i in cell_ids)
+        want_p = 1.0 if b + c == 0 else min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5))
+        assert r.n_discordant == b + c and r.p_value == pytest.approx(want_p)
+    assert cells.p_adjusted.tolist() == pytest.approx(multipletests(cells.p_value, method="fdr_bh")[1].tolist())
+    assert (cells.family_size == len(cells)).all() and cells.correction.str.startswith("Benjamini-Hochberg").all()
     summary = load_table(out / "summary")
     assert list(summary.columns) == list(spec.SUMMARY_COLUMNS)
     assert len(summary[summary.rows == "categories"]) == 2 * 2 * 2 * 2  # raw/orth x set x sign x metric
     assert set(summary[summary.variant == "control"].rows) == {"refusal", "random"}
+    # the label-permutation control: --quick fits 2 permutations; their cells and summaries are separate tables
+    perm = load_table(out / "permutation")
+    perm_summary = load_table(out / "permutation_summary")
+    assert set(perm.variant) == {"permuted_0", "permuted_1"} and len(perm) == 2 * k * 2 * 2 * k
+    cat_rows = summary[summary.rows == "categories"]
+    assert (cat_rows.n_perm == 2).all() and cat_rows.perm_p.between(1 / 3, 1.0).all()
+    r = cat_rows[(cat_rows.variant == "raw") & (cat_rows.set == "harmful") & (cat_rows.sign == "away")
+                 & (cat_rows.metric == "score")].iloc[0]
+    same = perm_summary[(perm_summary.rows == "categories") & (perm_summary.set == "harmful")
+                        & (perm_summary.sign == "away") & (perm_summary.metric == "score")]
+    assert r.perm_mean_diag_minus_offdiag == pytest.approx(same.diag_minus_offdiag.mean())
+    permuted = Directions.load(out / "directions" / "permuted_0")
+    assert permuted.categories == CATS and not torch.allclose(permuted.vectors, Directions.load(
+        out / "directions" / "raw").vectors)
     cos = load_table(out / "cosines")
     assert list(cos.columns) == list(spec.COSINE_COLUMNS)
     orth = cos[(cos.variant == "orthogonalised") & (cos.category_b == "refusal")]
@@ -220,7 +265,10 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     raw = Directions.load(out / "directions" / "raw")
     assert raw.categories == CATS and raw.ref_norm is not None and raw.layers == (2,)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["summary"]["cache"] == {v: "computed" for v in spec.VARIANTS}
+    all_variants = [*spec.VARIANTS, "permuted_0", "permuted_1"]
+    assert manifest["status"] == "done" and manifest["summary"]["cache"] == {v: "computed" for v in all_variants}
+    assert manifest["selection"]["split"] == "selection" and manifest["selection"]["measurement_read"] is True
+    assert manifest["summary"]["chosen"] == {"layer": 2, "scale": 3.0}
     for name in ("specificity", "summary", "cosines"):
         assert (out / f"{name}.csv").exists() and f"{name}.parquet" in manifest["outputs"]
 
@@ -232,14 +280,14 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(catlens.generation, "first_position", boom)
     again, _ = _run(spec, tiny_lm_dir, tmp_path, "--scale", "3.0")
-    assert again["cache"] == {v: "cached" for v in spec.VARIANTS}
+    assert again["cache"] == {v: "cached" for v in all_variants}
     pd.testing.assert_frame_equal(load_table(out / "specificity"), cells)
     # an interrupted run: only the variant whose cache is missing is computed again, with the same result
     monkeypatch.undo()
     for f in (out / "cache").glob("first_position_control.*"):
         f.unlink()
     again, _ = _run(spec, tiny_lm_dir, tmp_path, "--scale", "3.0")
-    assert again["cache"] == {"raw": "cached", "orthogonalised": "cached", "control": "computed"}
+    assert again["cache"] == {**{v: "cached" for v in all_variants}, "control": "computed"}
     pd.testing.assert_frame_equal(load_table(out / "specificity"), cells)
 
     # the figure script reads only the tables
@@ -275,12 +323,12 @@ def test_bad_inputs(spec, tiny_lm_dir, tmp_path):
         spec.main([*base, "--layer", "2", "--scale", "-0.1", "--out", str(tmp_path / "b2")])
     with pytest.raises(ValueError, match="layer=9 is out of range for a model with n_layers=4"):
         spec.main([*base, "--layer", "9", "--out", str(tmp_path / "c")])
-    with pytest.raises(ValueError, match="give --policy FOLDER"):
-        spec.main([*base, "--out", str(tmp_path / "d")])
+    with pytest.raises(ValueError, match="Unknown correction 'bonferoni'"):
+        spec.main([*base, "--layer", "2", "--correction", "bonferoni", "--out", str(tmp_path / "d")])
     with pytest.raises(ValueError, match="Unknown category 'privcy'. Did you mean: privacy"):
         spec.main([*base, "--layer", "2", "--categories", "fraud,privcy", "--out", str(tmp_path / "e")])
     sparse = write_prompts(tmp_path / "sparse.jsonl", drop_eval_lookalikes_of="hate")
-    with pytest.raises(ValueError, match="category 'hate' has 4 harmful training prompts, 3 harmful evaluation "
+    with pytest.raises(ValueError, match="category 'hate' has 3 harmful training prompts, 2 harmful evaluation "
                                          "prompts and 0 lookalike evaluation prompts"):
         spec.main(["--model", str(tiny_lm_dir), "--prompts", str(sparse), "--layer", "2", "--quick", "--no-progress",
                    "--out", str(tmp_path / "f")])
@@ -288,7 +336,11 @@ def test_bad_inputs(spec, tiny_lm_dir, tmp_path):
         spec.main([*base, "--layer", "2", "--categories", "fraud", "--out", str(tmp_path / "g")])
     with pytest.raises(ValueError, match="--n-random -1 must be >= 0"):
         spec.main([*base, "--layer", "2", "--n-random", "-1", "--out", str(tmp_path / "h")])
-    for folder in "abcdefgh":  # every check ran before the run folder was created
+    with pytest.raises(ValueError, match="--n-perm -1 must be >= 0"):
+        spec.main([*base, "--layer", "2", "--n-perm", "-1", "--out", str(tmp_path / "i")])
+    with pytest.raises(ValueError, match="--layers 'x': give comma-separated numbers"):
+        spec.main([*base, "--layers", "x", "--out", str(tmp_path / "j")])
+    for folder in "abcdefghij":  # every check ran before the run folder was created
         assert not (tmp_path / folder).exists()
 
 
@@ -309,3 +361,90 @@ def test_policy_folder_gives_layer_scale_and_method(spec, tiny_lm, tmp_path):
     s = spec.read_policy_setting(tmp_path / "pol2")
     assert (s["toward"], s["away"], s["filled"], s["method"]) == (0.25, 0.25, "away", None)
     assert math.isfinite(s["raw_vector_norm"])
+
+
+# ------------------------------------------------------------------------------- tests, corrections, permutations
+def test_planted_cells_get_mcnemar_p_values_and_the_correction_is_across_cells(spec):
+    """Specific knob: 10 of 20 diagonal prompts flip (exact McNemar p = 2 / 2**10), one of 20 off-diagonal (p = 1),
+    everything else unchanged (p = 1). 36 cells: Benjamini-Hochberg gives 2**-9 * 36 / 3 = 0.0234 (significant),
+    Holm 2**-9 * 36 = 0.0703 (not significant at 0.05)."""
+    fp, meta, index = planted("specific")
+    bh, _ = spec.specificity_tables(fp, meta, index, CATS, n_boot=20, seed=1)
+    holm, _ = spec.specificity_tables(fp, meta, index, CATS, n_boot=20, seed=1, correction="holm")
+    assert len(bh) == 36 and (bh.family_size == 36).all()
+    diag = (bh.set == "harmful") & (bh.sign == "away") & bh.diagonal
+    assert bh[diag].p_value.tolist() == pytest.approx([2 ** -9] * 3)
+    assert (bh[diag].n_discordant == 10).all() and (bh[~diag].p_value == 1.0).all()
+    assert bh[diag].p_adjusted.tolist() == pytest.approx([2 ** -9 * 12] * 3) and bh[diag].significant.all()
+    assert holm[diag].p_adjusted.tolist() == pytest.approx([2 ** -9 * 36] * 3) and not holm.significant.any()
+    assert not bh[~diag].significant.any()
+    assert holm.correction.iloc[0].startswith("Holm") and bh.correction.iloc[0].startswith("Benjamini-Hochberg")
+    with pytest.raises(ValueError, match="Unknown correction 'bonferroni'"):
+        spec.specificity_tables(fp, meta, index, CATS, n_boot=20, correction="bonferroni")
+
+
+def test_mcnemar_exact_on_hand_counts(spec):
+    assert spec.mcnemar_exact([1, 1, 0, 0], [1, 1, 0, 0]) == (0, 1.0)
+    n, p = spec.mcnemar_exact([1] * 6 + [0] * 4, [0] * 6 + [0] * 4)  # 6 discordant, all one way
+    assert n == 6 and p == pytest.approx(2 / 64)
+    n, p = spec.mcnemar_exact([1, 0, 1, 0], [0, 1, 0, 1])  # 2 each way: no evidence
+    assert n == 4 and p == pytest.approx(1.0)
+
+
+def test_permuted_labels_are_seeded_keep_class_sizes_and_differ(spec):
+    labels = ["a"] * 5 + ["b"] * 3 + ["c"] * 2
+    perms = spec.permuted_labels(labels, 3, seed=7)
+    assert len(perms) == 3 and all(sorted(p) == sorted(labels) for p in perms)
+    assert perms == spec.permuted_labels(labels, 3, seed=7)
+    assert spec.permuted_labels(labels, 2, seed=7) == perms[:2]  # more permutations never change the first ones
+    assert perms[0] != perms[1] and perms != spec.permuted_labels(labels, 3, seed=8)
+    with pytest.raises(ValueError, match="n_perm=-1"):
+        spec.permuted_labels(labels, -1, seed=0)
+
+
+def test_permutation_p_value_counts_permutations_at_least_as_extreme(spec):
+    summary = pd.DataFrame([{"variant": "raw", "set": "harmful", "sign": "away", "metric": "rate",
+                             "rows": "categories", "diag_minus_offdiag": -0.3},
+                            {"variant": "control", "set": "harmful", "sign": "away", "metric": "rate",
+                             "rows": "refusal", "diag_minus_offdiag": math.nan}])
+    perm = pd.DataFrame([{"variant": f"permuted_{p}", "set": "harmful", "sign": "away", "metric": "rate",
+                          "rows": "categories", "diag_minus_offdiag": v} for p, v in enumerate([0.1, -0.3, 0.05])])
+    out = spec.add_permutation_control(summary, perm)
+    r = out.iloc[0]
+    assert r.perm_p == pytest.approx((1 + 1) / (1 + 3)) and r.n_perm == 3  # |-0.3| >= 0.3 once
+    assert r.perm_mean_diag_minus_offdiag == pytest.approx(-0.05)
+    assert math.isnan(out.iloc[1].perm_p)  # controls have no diagonal
+    assert spec.add_permutation_control(summary, perm.iloc[:0]).perm_p.isna().all()
+
+
+def test_layer_and_scale_chosen_on_val_and_measured_on_test(spec, tiny_lm_dir, tmp_path):
+    """A 2 x 2 grid: every point is run on the selection split (val) only; the best objective is chosen (ties: smaller
+    scale, lower layer) and only it is measured, on test."""
+    result, out = _run(spec, tiny_lm_dir, tmp_path, "--layers", "1,2", "--scales", "1.0,3.0", "--n-perm", "0",
+                       name="grid")
+    from catlens.runs import load_table
+
+    sel = load_table(out / "selection")
+    assert sorted(zip(sel.layer, sel.scale)) == [(1, 1.0), (1, 3.0), (2, 1.0), (2, 3.0)]
+    assert (sel.objective == (sel.harmful_away + sel.lookalike_toward) / 2).all()
+    best = sel[sel.objective >= sel.objective.max() - 1e-9].sort_values(["scale", "layer"]).iloc[0]
+    assert sel.chosen.sum() == 1 and sel[sel.chosen].iloc[0][["layer", "scale"]].tolist() == [best.layer,
+                                                                                           best.scale]
+    cells = result["specificity"]
+    assert (cells.layer == best.layer).all() and (cells.scale == best.scale).all()
+    for folder in (out / "cache" / "selection").iterdir():  # the grid read only val prompts
+        fp = pd.read_parquet(folder / "first_position_raw.parquet")
+        assert set(fp.id) == {f"{c}/{k}" for c in CATS for k in ("h3", "h4", "l2", "l3")}
+    assert set(pd.read_parquet(out / "cache" / "first_position_raw.parquet").id).isdisjoint(
+        {f"{c}/{k}" for c in CATS for k in ("h3", "h4", "l2", "l3")})
+    assert (load_table(out / "summary").n_perm == 0).all() and not (out / "directions" / "permuted_0").exists()
+
+
+def test_auto_grid_is_two_layers_and_two_scales(spec):
+    # with a policy: its layer and the layer at 70 % of the depth (50 % when they coincide); its scale and twice it
+    assert spec.resolve_grid(30, {"layer": 21}, None, None, 0.1) == ([21, 20], [0.1, 0.2])
+    assert spec.resolve_grid(30, {"layer": 20}, None, None, 0.1) == ([20, 14], [0.1, 0.2])
+    assert spec.resolve_grid(30, {"layer": -1}, None, None, 0.3) == ([29, 20], [0.3, 0.6])
+    # without one: 50 % and 70 % of the depth, scales 0.1 and 0.2; explicit values win
+    assert spec.resolve_grid(30, None, None, None, None) == ([14, 20], [0.1, 0.2])
+    assert spec.resolve_grid(30, None, [3, 3, 5], [0.5], None) == ([3, 5], [0.5])
