@@ -229,7 +229,7 @@ def test_packaged_labels_schema_and_provenance():
     assert {r["split"] for r in rows} == {"dev", "holdout"}
 
 
-@pytest.mark.xfail(strict=True, reason="the packaged sample has 65 labelled answers (all from the refusal-token "
+@pytest.mark.xfail(strict=True, reason="the packaged sample has 145 labelled answers (all from the refusal-token "
                                        "fine-tune); the target is >= 200 including the stock model: see the report")
 def test_packaged_labels_reach_the_target_size_and_sources():
     rows = load_judge_labels()
