@@ -71,7 +71,9 @@ def tables(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f} %"
+    import math
+
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f} %"
 
 
 def render(t: dict[str, Any], n_rows: int, run: str) -> str:
@@ -79,9 +81,9 @@ def render(t: dict[str, Any], n_rows: int, run: str) -> str:
     import pandas as pd
 
     acc = t["accuracy"]
-    lines = [f"Judges against {n_rows} hand-labelled answers (`catlens/data/judge_labels.jsonl`, labels by an "
-             f"LLM-based assistant, see `catlens/data/judge_labels.md`); run `{run}`, "
-             f"`python analyses/judge_accuracy.py`. 95 % Wilson intervals.", "",
+    lines = [(f"Judges against {n_rows} hand-labelled answers (`catlens/data/judge_labels.jsonl`, labels by an "
+              f"LLM-based assistant, see `catlens/data/judge_labels.md`); run `{run}`, "
+              f"`python analyses/judge_accuracy.py`. 95 % Wilson intervals."), "",
              "| rows | judge | n | accuracy [95 % CI] | refusals caught | answers kept | kappa vs labels |",
              "|---|---|---|---|---|---|---|"]
     for _, r in acc[acc.grouping.isin(["all", "split"])].iterrows():
@@ -101,8 +103,8 @@ def render(t: dict[str, Any], n_rows: int, run: str) -> str:
                      f"{_pct(r.agreement)} | {r.kappa:.2f} | {r.both} | {r.only_a} | {r.only_b} | {r.neither} |")
     d = t["disagreements"]
     cols = [c for c in d.columns if c.startswith("refused_") or c == "reference"]
-    lines += ["", f"Verdict patterns that are not unanimous ({int(d.n.sum())} of {n_rows} answers; R = refused, "
-              f"A = answered):", "", "| " + " | ".join(c.removeprefix("refused_") for c in cols) + " | n |",
+    lines += ["", (f"Verdict patterns that are not unanimous ({int(d.n.sum())} of {n_rows} answers; R = refused, "
+                   f"A = answered):"), "", "| " + " | ".join(c.removeprefix("refused_") for c in cols) + " | n |",
               "|" + "---|" * (len(cols) + 1)]
     for _, r in d.iterrows():
         marks = ["?" if pd.isna(r[c]) else ("R" if bool(r[c]) else "A") for c in cols]
