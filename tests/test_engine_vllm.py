@@ -309,3 +309,19 @@ def test_cli_generate_and_cache_write_what_the_default_engine_writes(engine, vdi
         x, y = a.get_all(site), b.get_all(site)
         scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
         torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["auto", "free"])
+def test_special_tokens_only_at_the_first_position_like_catlens(engine, lm, mode):
+    import catlens
+
+    # the tied embedding of [refuse:fraud], added at every position of the last layer, makes it the greedy token
+    tid = lm.token_id("[refuse:fraud]")
+    push = lm.hf.get_input_embeddings().weight[tid].detach().float() * 60
+    pol = Intervention("resid_post", 3, push, positions="all")
+    ref = catlens.generate(lm, PROMPTS[:6], pol, max_new_tokens=6, special_tokens=mode, show_progress=False)
+    got = engine.generate(PROMPTS[:6], pol, max_new_tokens=6, special_tokens=mode, show_progress=False)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in ref]
+    assert all(r["token_ids"][0] == tid for r in got)
+    later = sum(t == tid for r in got for t in r["token_ids"][1:])
+    assert (later == 0) if mode == "auto" else (later > 0)  # banned after the first position unless "free"
