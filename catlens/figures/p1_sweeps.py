@@ -28,7 +28,7 @@ def _require(df: pd.DataFrame, columns: Any, name: str) -> None:
 
 def _with_objective(sweep: pd.DataFrame) -> pd.DataFrame:
     _require(sweep, SWEEP_COLUMNS, "sweep")
-    data = sweep.copy()
+    data = sweep[sweep["method"].notna()].copy()  # the unsteered reference row has no setting
     if "objective" not in data.columns:
         data["objective"] = data["refusal"] - data["over_refusal"]
     data["size"] = data["toward"].fillna(0).abs() + data["away"].fillna(0).abs()
@@ -52,6 +52,12 @@ def strength_data(sweep: pd.DataFrame, rule: str | None = None) -> pd.DataFrame:
     data = data[data["gate_rule"] == rule]
     toward = data[data["away"].isna()].assign(knob="toward", coefficient=lambda d: d["toward"].fillna(0.0))
     away = data[data["toward"].isna() & data["away"].notna()].assign(knob="away", coefficient=lambda d: d["away"])
+    if toward.empty and away.empty:  # a sweep of (toward, away) pairs only: vary one side, the other at its best
+        best = data.sort_values(["objective", "size"], ascending=[False, True], kind="stable").iloc[0]
+        toward = data[data["away"] == best["away"]].assign(knob=f"toward (away {best['away']:g})",
+                                                           coefficient=lambda d: d["toward"])
+        away = data[data["toward"] == best["toward"]].assign(knob=f"away (toward {best['toward']:g})",
+                                                             coefficient=lambda d: d["away"])
     both = pd.concat([toward, away], ignore_index=True)
     both.loc[both["toward"].isna() & both["away"].isna(), "knob"] = "none (gate only)"
     long = both.melt(id_vars=["method", "layer", "knob", "coefficient"], value_vars=["refusal", "over_refusal"],

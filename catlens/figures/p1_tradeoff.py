@@ -27,6 +27,13 @@ REGION_FILL = "rgba(85, 168, 104, 0.16)"
 TEXT_POSITIONS = ("top right", "bottom right", "top left", "bottom left", "middle right")  # coinciding points stay legible
 
 
+def _as_rules(df: pd.DataFrame) -> pd.DataFrame:
+    """Tables of the three-zone protocol name the zone mode ``mode`` where older ones named the gate rule."""
+    if "gate_rule" not in df.columns and "mode" in df.columns:
+        df = df.assign(gate_rule=df["mode"])
+    return df[df["method"].notna()] if "method" in df.columns else df
+
+
 def _require(df: pd.DataFrame, columns: Any, name: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -117,6 +124,7 @@ def _key(df: pd.DataFrame) -> pd.Series:
 
 def sweep_data(sweep: pd.DataFrame, candidates: pd.DataFrame | None = None) -> pd.DataFrame:
     """The val sweep with ``setting`` (a label), ``chosen`` (from ``candidates``) and ``unsteered`` columns."""
+    sweep = _as_rules(sweep)
     _require(sweep, SWEEP_COLUMNS, "sweep")
     data = sweep.reset_index(drop=True).copy()
 
@@ -128,7 +136,7 @@ def sweep_data(sweep: pd.DataFrame, candidates: pd.DataFrame | None = None) -> p
     data["unsteered"] = data["toward"].isna() & data["away"].isna()
     chosen = set()
     if candidates is not None and len(candidates) and "chosen" in candidates.columns:
-        picked = candidates[candidates["chosen"].astype(bool)]
+        picked = _as_rules(candidates[candidates["chosen"].astype(bool)])
         if len(picked):
             _require(picked, SETTING_KEYS, "candidates")
             chosen = set(_key(picked))
