@@ -665,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "zones": swept["sweep"].objective_text.iloc[0],
                  "candidates": f"perplexity ratio <= {1 + args.ppl_guard:.2f}; harmful refusal >= "
                                f"{args.target_refusal} on generated val answers ({args.judge}); lowest over-refusal"},
-        "choices": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+        "choices": [{"group": r.get("mode"), **{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}}
                     for r in chosen["rows"]]})
     with run.timed("lowrank"):
         lowrank = train_lowrank(model, sets, fit, chosen, layers, run, args)
