@@ -283,7 +283,8 @@ def test_cli_generate_and_cache_write_what_the_default_engine_writes(engine, vdi
 
     monkeypatch.setattr(vmod, "VLLMEngine", lambda *a, **k: engine)  # the module's engine (no second start)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    taxonomy = {"fraud": "fraud_financial_crime", "hate": "hate_harassment", "privacy": "privacy"}  # file names
+    prompts.write_text("".join(json.dumps({**p, "category": taxonomy[p["category"]]}) + "\n" for p in PROMPTS))
     pol = _policies(64)["gated_refusal_routed_p1"]
     pol.save(tmp_path / "pol")
     base = ["generate", "--model", str(vdir), "--prompts", str(prompts), "--policy", str(tmp_path / "pol"),
