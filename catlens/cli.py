@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     _add_finetune_parser(sub)
-    from catlens.generation import add_cli as add_generate_cli
+    from catlens.generate_cli import add_cli as add_generate_cli
 
     add_generate_cli(sub)
     from catlens.explore import add_cli as add_explore_cli

@@ -26,7 +26,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from catlens.model import Site
@@ -237,11 +236,3 @@ def steer_record(rows: Any, b: int) -> dict[str, list] | None:
             "direction": [int(d[b]) for d in rows.direction]}
 
 
-def rows_from_records(policy: Any, records: Sequence[Mapping[str, Any]]) -> Any:
-    """:class:`catlens.steer.Rows` rebuilt from per-row ``steer`` records (the inverse of :func:`steer_record`)."""
-    from catlens.steer import Rows
-
-    n = len(policy.interventions)
-    return Rows([torch.tensor([float(r["coeff"][i]) for r in records]) for i in range(n)],
-                [torch.tensor([int(r["direction"][i]) for r in records], dtype=torch.long) for i in range(n)],
-                [torch.tensor([bool(r["active"][i]) for r in records], dtype=torch.bool) for i in range(n)])

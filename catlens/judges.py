@@ -896,7 +896,7 @@ def accuracy_table(df: Any, label_column: str = "reference", judge_columns: Sequ
     import pandas as pd
     from sklearn.metrics import cohen_kappa_score
 
-    from catlens.metrics import wilson_interval
+    from catlens.stats import wilson_interval
 
     if label_column not in df.columns:
         raise ValueError(unknown_name_message("label column", label_column, df.columns))

@@ -783,6 +783,14 @@ class Rows:
     active: list[Tensor]
 
     @classmethod
+    def from_records(cls, policy: SteeringPolicy, records: Sequence[Mapping[str, Any]]) -> Rows:
+        """Rows rebuilt from per-row ``steer`` records (the inverse of :func:`catlens.decisions.steer_record`)."""
+        n = len(policy.interventions)
+        return cls([torch.tensor([float(r["coeff"][i]) for r in records]) for i in range(n)],
+                   [torch.tensor([int(r["direction"][i]) for r in records], dtype=torch.long) for i in range(n)],
+                   [torch.tensor([bool(r["active"][i]) for r in records], dtype=torch.bool) for i in range(n)])
+
+    @classmethod
     def default(cls, policy: SteeringPolicy, batch: int) -> "Rows":
         return cls([torch.full((batch,), iv.coeff) for iv in policy.interventions],
                    [torch.full((batch,), iv.direction, dtype=torch.long) for iv in policy.interventions],

@@ -64,16 +64,16 @@ def engine(vdir):
 @pytest.fixture(scope="module")
 def baseline(engine):
     """Unsteered generations before any policy was registered in the engine (no hook but the batch plan)."""
-    from catlens.engines import _vllm_worker
+    from catlens.engines import vllm_worker
 
-    assert engine.llm.collective_rpc(_vllm_worker.stats)[0]["policies"] == 0
+    assert engine.llm.collective_rpc(vllm_worker.stats)[0]["policies"] == 0
     return engine.generate(PROMPTS, max_new_tokens=N_TOKENS, show_progress=False)
 
 
 def _stats(engine):
-    from catlens.engines import _vllm_worker
+    from catlens.engines import vllm_worker
 
-    return engine.llm.collective_rpc(_vllm_worker.stats)[0]
+    return engine.llm.collective_rpc(vllm_worker.stats)[0]
 
 
 def _vecs(d, scale=20.0, seed=0):

@@ -16,7 +16,7 @@ CATS = ("fraud", "hate")
 def test_importing_engines_does_not_import_vllm():
     import subprocess
 
-    code = ("import sys, catlens, catlens.engines, catlens.engines.vllm, catlens.engines._vllm_worker, "
+    code = ("import sys, catlens, catlens.engines, catlens.engines.vllm, catlens.engines.vllm_worker, "
             "catlens.decisions; print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -73,7 +73,7 @@ def test_decide_is_what_generate_records():
     assert [r["category"] for r in routes] == ["hate", "fraud", "fraud"]
     assert decisions.steer_record(rows, 0) == {"active": [True], "coeff": [2.0], "direction": [1]}
     assert decisions.steer_record(rows, 1)["active"] == [False]
-    again = decisions.rows_from_records(pol, [decisions.steer_record(rows, b) for b in range(3)])
+    again = Rows.from_records(pol, [decisions.steer_record(rows, b) for b in range(3)])
     assert all(torch.equal(a, b) for a, b in zip(again.coeff + again.direction + again.active,
                                                  rows.coeff + rows.direction + rows.active))
     assert pol.digest() == decisions.digest(pol) and len(pol.digest()) == 64

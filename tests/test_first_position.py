@@ -95,9 +95,9 @@ def test_first_position_row_overrides_and_bad_inputs(tiny_lm):
 
 def test_prepare_batch_and_read_spec(tiny_lm):
     # the batch setup shared by generate (_generate_batch) and first_position
-    from catlens.generation import _items, _prepare_batch, _read_spec
+    from catlens.generation import _prepare_batch, _read_spec, prompt_items
 
-    items = _items(PROMPTS[:4])
+    items = prompt_items(PROMPTS[:4])
     dec = _prepare_batch(tiny_lm, items, fmt="chat", system=None)
     ids, mask = tiny_lm.tokenize(tiny_lm.format([it.text for it in items], "chat", system=None))
     assert torch.equal(dec.seq, ids) and torch.equal(dec.mask, mask) and dec.session is None and dec.use_cache
@@ -110,6 +110,6 @@ def test_prepare_batch_and_read_spec(tiny_lm):
     pols = _policies(tiny_lm)
     assert _read_spec(None) == {} and _read_spec(pols["fixed"]) == {}
     gate = pols["gated_routed"].gate
-    assert _read_spec(pols["gated_routed"]) == {"gate": (gate.site, 1)}  # a refusal-token router reads nothing
+    assert _read_spec(pols["gated_routed"]) == {"gate:0": (gate.site, 1, "last")}  # a refusal-token router reads nothing
     router = pols["probe_router"].router
-    assert _read_spec(pols["probe_router"]) == {"router": (router.site, 3)}
+    assert _read_spec(pols["probe_router"]) == {"router": (router.site, 3, "last")}

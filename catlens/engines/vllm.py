@@ -6,7 +6,7 @@
 
 Scripts that start the engine need the ``if __name__ == "__main__":`` guard: vLLM's engine core is a spawned
 process. vLLM is not forked or patched: catlens installs forward hooks on the worker's model through
-``LLM.collective_rpc`` (functions of :mod:`catlens.engines._vllm_worker`), passes each request's steering through
+``LLM.collective_rpc`` (functions of :mod:`catlens.engines.vllm_worker`), passes each request's steering through
 ``SamplingParams.extra_args`` and bans the special tokens after the first response position with a vLLM logits
 processor. The engine runs eagerly (``enforce_eager=True`` and torch.compile off): compiled graphs and CUDA graphs
 do not call Python hooks.
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
 ARCHITECTURES = ("LlamaForCausalLM",)
-_WORKER = "catlens.engines._vllm_worker"
+_WORKER = "catlens.engines.vllm_worker"
 
 
 class EngineModel(LensModel):
@@ -161,16 +161,16 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from vllm import LLM
 
-        from catlens.engines import _vllm_worker
+        from catlens.engines import vllm_worker
 
         t0 = time.perf_counter()
         kwargs = dict(model=location, tokenizer=location, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                       enforce_eager=True, compilation_config={"mode": 0}, seed=seed, max_model_len=max_model_len,
                       max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
-                      logits_processors=[_vllm_worker.SpecialFirstOnly])
+                      logits_processors=[vllm_worker.SpecialFirstOnly])
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
-        facts = self.llm.collective_rpc(_vllm_worker.install)[0]
+        facts = self.llm.collective_rpc(vllm_worker.install)[0]
         self.start_seconds = time.perf_counter() - t0
         if facts["n_layers"] != self.model.n_layers or facts["d_model"] != self.model.d_model:
             raise RuntimeError(f"vLLM loaded {facts} but the checkpoint's config says n_layers="
@@ -203,14 +203,14 @@ class VLLMEngine:
         policy.check_model(self.model, allow_transfer=allow_transfer)
 
     def _register(self, policy: SteeringPolicy) -> str:
-        from catlens.engines import _vllm_worker
+        from catlens.engines import vllm_worker
 
         pid = policy.digest()
         if pid not in self._registered:
             from safetensors.torch import save
 
             spec, tensors = policy.to_plain()  # as JSON text and safetensors bytes: RPC arguments stay plain data
-            self.llm.collective_rpc(_vllm_worker.register_policy,
+            self.llm.collective_rpc(vllm_worker.register_policy,
                                     args=(pid, json.dumps(spec), save({k: t.contiguous() for k, t in tensors.items()}),
                                           decisions.single_pass(policy, self.model.n_layers)))
             self._registered[pid] = policy
@@ -228,9 +228,9 @@ class VLLMEngine:
         return self.llm.generate(prompts, params, use_tqdm=show_progress)
 
     def _fetch(self, keys: list[str]) -> list[dict[str, Any] | None]:
-        from catlens.engines import _vllm_worker
+        from catlens.engines import vllm_worker
 
-        return self.llm.collective_rpc(_vllm_worker.fetch, args=(keys,))[0]
+        return self.llm.collective_rpc(vllm_worker.fetch, args=(keys,))[0]
 
     def generate(self, prompts: Any, steer: Any = None, *, max_new_tokens: int = 64, fmt: str = "chat",
                  system: str | None = None, special_tokens: str = "auto", rows: Mapping[str, Sequence[Any]] | None = None,
@@ -245,7 +245,9 @@ class VLLMEngine:
         allows it (:meth:`single_pass`), ``True`` always decides on a separate unsteered prefill first.
         ``sample=True`` samples with vLLM's sampler seeded per prompt (not the same draws as catlens's sampler).
         ``self.last_edits`` holds, per prompt id, how many positions each intervention edited."""
-        from catlens.generation import SPECIAL_MODES, _items, _jsonable, _open_run, _read_final, _refusal_ids
+        from catlens.generation import (SPECIAL_MODES, jsonable, open_generation_run, prompt_items,
+                                        read_finished_generation)
+        from catlens.refusal import refusal_token_ids
         from catlens.refusal import decode_response
 
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -258,7 +260,7 @@ class VLLMEngine:
             raise ValueError(f"temperature={temperature!r} must be a finite number > 0.")
         if two_pass not in (None, True):
             raise ValueError(f"two_pass={two_pass!r}: None (decide in the engine when the policy allows it) or True.")
-        items = _items(prompts)
+        items = prompt_items(prompts)
         if isinstance(steer, list) and not all(isinstance(p, Intervention) for p in steer):
             if len(steer) != len(items) or not all(p is None or isinstance(p, (SteeringPolicy, Intervention))
                                                    for p in steer):
@@ -276,19 +278,19 @@ class VLLMEngine:
         if rows and not distinct:
             decisions.check_overrides(None, rows, len(items))
         model = self.model
-        tokens, token_ids = _refusal_ids(model)
+        tokens, token_ids = refusal_token_ids(model)
         digests = [decisions.digest(p) for p in pols]
         config = {"model": model.name, "engine": "vllm", "engine_dtype": self.dtype, "tensor_parallel_size": self.tp,
                   "policy": digests[0] if len(set(digests)) == 1 else digests, "max_new_tokens": max_new_tokens,
                   "sample": sample, "temperature": temperature, "seed": seed, "fmt": fmt, "system": system,
-                  "special_tokens": special_tokens, "rows": _jsonable(rows), "stop_at_eos": stop_at_eos,
+                  "special_tokens": special_tokens, "rows": jsonable(rows), "stop_at_eos": stop_at_eos,
                   "two_pass": two_pass,
                   "prompts": hashlib.sha256(json.dumps([it.__dict__ for it in items]).encode()).hexdigest()}
-        run = _open_run(out, config, overwrite) if out is not None else None
+        run = open_generation_run(out, config, overwrite) if out is not None else None
         done: dict[str, dict[str, Any]] = {}
         if run is not None:
             if (run.path / "generations.jsonl").exists() and run.manifest.get("status") == "done":
-                return _read_final(run)
+                return read_finished_generation(run)
             done = {r["id"]: r for r in run.read_jsonl("generations.partial")}
             run.record_model(model)
         pids = {k: self._register(p) for k, p in distinct.items()}
@@ -335,7 +337,7 @@ class VLLMEngine:
                         sample: bool, temperature: float, seed: int, show_progress: bool) -> list[dict[str, Any]]:
         from vllm import SamplingParams
 
-        from catlens.generation import _row_seed
+        from catlens.generation import row_seed
 
         t0 = time.perf_counter()
         model = self.model
@@ -382,7 +384,7 @@ class VLLMEngine:
             kw: dict[str, Any] = {"max_tokens": n_tokens, "ignore_eos": True, "detokenize": False,
                                   "skip_special_tokens": False, "stop_token_ids": [eos] if stop_at_eos else []}
             if sample:
-                kw.update(temperature=temperature, seed=_row_seed(seed, items[b].id))
+                kw.update(temperature=temperature, seed=row_seed(seed, items[b].id))
             else:
                 kw.update(temperature=0.0)
             extra = dict(d)
@@ -434,7 +436,7 @@ class VLLMEngine:
         ``[T d]`` float32 (the prompt's own length, no padding). Prefills with one generated token."""
         from vllm import SamplingParams
 
-        from catlens.engines import _vllm_worker
+        from catlens.engines import vllm_worker
 
         for s in sites:
             if s.value not in SUPPORTED_SITES:
@@ -443,7 +445,7 @@ class VLLMEngine:
         layers = [int(layer) % self.model.n_layers for layer in layers]
         need = {(s.value, layer) for s in sites for layer in layers} - self._captures
         if need:
-            self.llm.collective_rpc(_vllm_worker.register_capture,
+            self.llm.collective_rpc(vllm_worker.register_capture,
                                     args=(sorted({s for s, _ in need}), sorted({layer for _, layer in need})))
             self._captures |= need
         enc = self.model.tokenizer(list(rendered), add_special_tokens=False)["input_ids"]

@@ -71,7 +71,9 @@ class _Req:
 def _rows_from(policy: Any, steer: dict[str, Any]) -> Any:
     from catlens import decisions
 
-    return decisions.rows_from_records(policy, [steer])
+    from catlens.steer import Rows
+
+    return Rows.from_records(policy, [steer])
 
 
 class _Compiled:
