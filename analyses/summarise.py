@@ -132,7 +132,15 @@ def p1_section(folder: Path) -> str:
         sizes = splits.groupby("split").n.sum().to_dict()
         seed = int(splits.seed.iloc[0])
         out.append(f"Splits (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".")
-    out.append("\n".join(selection_lines(_manifest(folder))))
+    manifest = _manifest(folder)
+    cfg = manifest.get("config") or {}
+    sizes = [f"{k.replace('_', '-')} {cfg[k]}" for k in ("train_cap", "val_cap", "test_cap", "test_gen_cap",
+                                                          "val_gen_n", "gen_tokens", "jailbreak_n", "dtype")
+             if k in cfg]
+    if sizes:
+        out.append("Run sizes (the run's manifest): " + ", ".join(sizes)
+                   + "; a test cap or a generated-test cap means a subsample of each test set, not the full protocol.")
+    out.append("\n".join(selection_lines(manifest)))
     judge = head.judge.iloc[0] if "judge" in head else "?"
     out.append(f"### Headline (test; judge: {judge}; 95 % Wilson)")
     pools = head.drop_duplicates("benign_pool")
