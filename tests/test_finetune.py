@@ -221,7 +221,10 @@ def test_finetune_tiny_end_to_end(tiny_model_dir, tmp_path):
     # new tokens exist in the saved tokenizer and embedding; the model reloads through load_model
     m = load_model(out)
     assert RefusalTokens.from_model(m) == tokens
-    assert m.hf.get_input_embeddings().weight.shape[0] == len(m.tokenizer) == 49152 + 3
+    from transformers import AutoTokenizer
+
+    base_vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))  # the tiny model's own offline tokenizer
+    assert m.hf.get_input_embeddings().weight.shape[0] == len(m.tokenizer) == base_vocab + 3
     assert m.provenance["source"]["finetune"]["config_hash"] == cfg.hash
     # the saved folder holds exactly the trained weights: the same training in memory (prepare + train, no
     # checkpoints) gives identical logits to a plain reload, and load_model's bridge agrees to float rounding

@@ -371,7 +371,8 @@ def test_not_run_page_and_screenshot_helper(tmp_path, capsys, monkeypatch):
     errors = R.screenshot(rep.path, tmp_path / "empty.png", executable=CHROMIUM)
     assert errors == [] and (tmp_path / "empty.png").stat().st_size > 1_000
     monkeypatch.setenv("CATLENS_CHROMIUM", CHROMIUM)
-    assert cli_main(["report", str(empty), "--screenshot", str(tmp_path / "cli.png")]) == 0
+    # an empty folder is a failed report (exit 1), but the not-run page and its screenshot are still written
+    assert cli_main(["report", str(empty), "--screenshot", str(tmp_path / "cli.png")]) == 1
     assert (tmp_path / "cli.png").stat().st_size > 1_000 and "console error" not in capsys.readouterr().out
 
 
