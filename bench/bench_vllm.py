@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _texts(n: int) -> list[str]:
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
 
     base = load_prompts("builtin").texts
     return [base[(i * 7) % len(base)] for i in range(n)]

@@ -24,7 +24,7 @@ def build_policy(model, layer: int, gate_layer: int, toward: float, away: float)
     from catlens.cache import collect
     from catlens.directions import one_vs_benign
     from catlens.probes import fit_gate
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
     from catlens.refusal import RefusalTokens
     from catlens.steer import Router, SteeringPolicy, from_directions, model_fingerprint
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     import catlens
     from catlens.engines.vllm import VLLMEngine
     from catlens.judges import judge_records
-    from catlens.prompts import load_prompts
+    from catlens.datasets import load_prompts
     from catlens.refusal import RefusalTokens
     from catlens.steer import SteeringPolicy
 
