@@ -123,6 +123,15 @@ def _policies(d):
                                           gate=Gate(weight=w, bias=0.0, threshold=0.5, layer=3), toward=0.7,
                                           away=-0.7),
         "fixed_router": SteeringPolicy((iv,), router=Router("fixed", CATS)),
+        # the decision position and the first 2 generated tokens
+        "add_window_resid_post": Intervention("resid_post", 1, v[1], positions="last_prompt+2"),
+        # P1's chosen kind: a three-zone gate on two last-token reads with per-category zones, two passes
+        "three_zone_p1": SteeringPolicy(
+            (Intervention("resid_post", 2, v, labels=CATS, positions="last_prompt+0"),),
+            gate=Gate(weight=torch.cat([w, -w]) * 0.5, bias=0.0, threshold=0.6, lower=0.4, layer=1,
+                      reads=(("resid_post", 1, "last"), ("resid_post", 3, "last")),
+                      per_category={CATS[0]: (0.3, 0.7)}),
+            router=Router("refusal_tokens", CATS), toward=1.0, away=-1.5),
     }
 
 

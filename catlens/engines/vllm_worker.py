@@ -392,6 +392,8 @@ def _position_mask(positions: Any, p: Tensor, T: Tensor) -> Tensor:
         return p >= T
     if positions == "last_prompt":
         return p >= T - 1
+    if isinstance(positions, str) and positions.startswith("last_prompt+"):  # the decision position + K generated
+        return (p >= T - 1) & (p <= T - 1 + int(positions.split("+", 1)[1]))
     sel = torch.zeros_like(p, dtype=torch.bool)
     for k in positions:
         target = T + k if k < 0 else torch.full_like(T, k)
