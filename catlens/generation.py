@@ -412,14 +412,7 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
             bar.update(len(batch))
     records = [results[it.id] for it in items]
     if run is not None:
-        from catlens.runs import write_text_atomic
-
-        target = run.path / "generations.jsonl"
-        write_text_atomic(target, "".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n"
-                                          for r in records))
-        run._register(target, rows=len(records))
-        (run.path / "generations.partial.jsonl").unlink(missing_ok=True)
-        run.finish(n=len(records))
+        finish_generation_run(run, records)
     if lock is not None:
         lock.release()
     return records
@@ -651,6 +644,19 @@ def open_generation_run(out: str | os.PathLike[str], config: dict[str, Any], ove
             return existing  # finished: read back as it is (re-creating would mark it running and regenerate)
         return RunDir.create(out, config, resume=True)
     return RunDir.create(out, config, overwrite=overwrite)
+
+
+def finish_generation_run(run: Any, records: Sequence[dict[str, Any]]) -> None:
+    """Write a generation folder's ``generations.jsonl`` (every record, without timings) atomically, drop the
+    partial file and mark the run done: the last step of :func:`generate` and of the vLLM engine."""
+    from catlens.runs import write_text_atomic
+
+    target = run.path / "generations.jsonl"
+    write_text_atomic(target, "".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n"
+                                      for r in records))
+    run._register(target, rows=len(records))
+    (run.path / "generations.partial.jsonl").unlink(missing_ok=True)
+    run.finish(n=len(records))
 
 
 def read_finished_generation(run: Any) -> list[dict[str, Any]]:

@@ -245,8 +245,8 @@ class VLLMEngine:
         allows it (:meth:`single_pass`), ``True`` always decides on a separate unsteered prefill first.
         ``sample=True`` samples with vLLM's sampler seeded per prompt (not the same draws as catlens's sampler).
         ``self.last_edits`` holds, per prompt id, how many positions each intervention edited."""
-        from catlens.generation import (SPECIAL_MODES, jsonable, open_generation_run, prompt_items,
-                                        read_finished_generation)
+        from catlens.generation import (SPECIAL_MODES, finish_generation_run, jsonable, open_generation_run,
+                                        prompt_items, read_finished_generation)
         from catlens.refusal import refusal_token_ids
         from catlens.refusal import decode_response
 
@@ -321,14 +321,7 @@ class VLLMEngine:
         results.update(done)
         records = [results[it.id] for it in items]
         if run is not None:
-            from catlens.runs import write_text_atomic
-
-            target = run.path / "generations.jsonl"
-            write_text_atomic(target, "".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n"
-                                              for r in records))
-            run._register(target, rows=len(records))
-            (run.path / "generations.partial.jsonl").unlink(missing_ok=True)
-            run.finish(n=len(records))
+            finish_generation_run(run, records)
         return records
 
     def _generate_chunk(self, items: list[Any], index: list[int], pols: list[SteeringPolicy | None],

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from catlens import plotting
+from catlens.figures.p1_tradeoff import require_columns
 
 log = logging.getLogger(__name__)
 SWEEP_COLUMNS = ("method", "layer", "gate_rule", "toward", "away", "refusal", "over_refusal")
@@ -17,17 +18,8 @@ METRIC_LABELS = {"refusal": "refusal (harmful, val)", "over_refusal": "over-refu
 LOWRANK_METRICS = ("loss", "harm", "kl")
 
 
-def _require(df: pd.DataFrame, columns: Any, name: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"table {name!r} has no column(s) {missing}; it has {list(df.columns)} (is it from "
-                         f"analyses/p1_steering.py?).")
-    if not len(df):
-        raise ValueError(f"table {name!r} is empty: nothing to plot.")
-
-
 def _with_objective(sweep: pd.DataFrame) -> pd.DataFrame:
-    _require(sweep, SWEEP_COLUMNS, "sweep")
+    require_columns(sweep, SWEEP_COLUMNS, "sweep")
     data = sweep[sweep["method"].notna()].copy()  # the unsteered reference row has no setting
     if "objective" not in data.columns:
         data["objective"] = data["refusal"] - data["over_refusal"]
@@ -134,7 +126,7 @@ def layer_figure(sweep: pd.DataFrame, rule: str | None = None) -> Any:
 def lowrank_data(curve: pd.DataFrame) -> pd.DataFrame:
     """Long rows (step, metric, value, run) of the low-rank training curve; ``run`` joins any identifying columns
     (e.g. rank, variant), "low rank" when there are none."""
-    _require(curve, ["step"], "lowrank_curve")
+    require_columns(curve, ["step"], "lowrank_curve")
     metrics = [m for m in LOWRANK_METRICS if m in curve.columns]
     if not metrics:
         raise ValueError(f"table 'lowrank_curve' has none of {list(LOWRANK_METRICS)}; it has {list(curve.columns)}.")

@@ -34,7 +34,8 @@ def _as_rules(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["method"].notna()] if "method" in df.columns else df
 
 
-def _require(df: pd.DataFrame, columns: Any, name: str) -> None:
+def require_columns(df: pd.DataFrame, columns: Any, name: str) -> None:
+    """A clear error when a P1 table lacks ``columns`` or is empty (shared by the P1 trade-off and sweep figures)."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"table {name!r} has no column(s) {missing}; it has {list(df.columns)} (is it from "
@@ -61,7 +62,7 @@ def region(headline: pd.DataFrame) -> dict[str, float]:
 
 def tradeoff_data(headline: pd.DataFrame) -> pd.DataFrame:
     """The plotted points: one row per policy with its intervals and whether it lies in the desirable region."""
-    _require(headline, HEADLINE_COLUMNS, "headline")
+    require_columns(headline, HEADLINE_COLUMNS, "headline")
     r = region(headline)
     keep = [c for c in (*HEADLINE_COLUMNS, "over_refusal_se", "over_refusal_n", "refusal_se", "refusal_n",
                         "ppl_ratio") if c in headline.columns]
@@ -125,7 +126,7 @@ def _key(df: pd.DataFrame) -> pd.Series:
 def sweep_data(sweep: pd.DataFrame, candidates: pd.DataFrame | None = None) -> pd.DataFrame:
     """The val sweep with ``setting`` (a label), ``chosen`` (from ``candidates``) and ``unsteered`` columns."""
     sweep = _as_rules(sweep)
-    _require(sweep, SWEEP_COLUMNS, "sweep")
+    require_columns(sweep, SWEEP_COLUMNS, "sweep")
     data = sweep.reset_index(drop=True).copy()
 
     def coef(v: Any) -> str:
@@ -138,7 +139,7 @@ def sweep_data(sweep: pd.DataFrame, candidates: pd.DataFrame | None = None) -> p
     if candidates is not None and len(candidates) and "chosen" in candidates.columns:
         picked = _as_rules(candidates[candidates["chosen"].astype(bool)])
         if len(picked):
-            _require(picked, SETTING_KEYS, "candidates")
+            require_columns(picked, SETTING_KEYS, "candidates")
             chosen = set(_key(picked))
     data["chosen"] = _key(data).isin(chosen)
     return data
