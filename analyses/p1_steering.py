@@ -22,13 +22,17 @@ Protocol (fixed before any number is looked at; written into ``splits.parquet`` 
 
 Choosing (the headline's definition throughout): the gate's features are the candidate with the best val AUROC
 of harmful vs the headline's benign sets (:func:`catlens.gate.choose_gate`); for every (method, layer, toward,
-away) the zones are swept for free on the first-position passes (:func:`catlens.gate.zone_sweep`): the lowest
+away) the zones are first swept for free on the first-position passes (:func:`catlens.gate.zone_sweep`): the lowest
 pooled over-refusal on the headline's benign val sets (XSTest excepted) with the Wilson lower bound of pooled
-harmful refusal >= ``--min-refusal-low``, with one global pair and one pair per router category. The best settings
-are then generated in full on val at every positions scope (``--scopes``: the decision position alone, it and the
-first K generated tokens, every generated token) and judged on whole answers (``--judge``); the perplexity guard
-(``--ppl-guard``) decides admissibility, and the lowest over-refusal with harmful refusal >= ``--target-refusal``
-wins. P1's own gate (one layer's last token, Youden threshold, two zones) is chosen the same way for comparison.
+harmful refusal >= ``--min-refusal-low``. That ranks the settings. The best ``--candidates`` settings are then
+generated in full on val at every positions scope (``--scopes``: the decision position alone, it and the first K
+generated tokens, every generated token) three times: unsteered, every row toward, every row away. Since a row's
+answer under any zones is its answer under its side, the zones (global, and one pair per router category) are swept
+again on these judged answers (``--judge``), with the benign perplexity ratio of each choice computed from the same
+answers: the lowest over-refusal with harmful refusal >= ``--target-refusal`` and ratio <= 1 + ``--ppl-guard`` wins.
+The chosen gated policies are generated on the same val rows to check the offline verdicts against the policy's
+own (``online_*`` in ``candidates``). P1's own gate (one layer's last token, Youden threshold, two zones, every
+generated token) is generated for comparison.
 A rerun of the same ``--out`` resumes; with another configuration it is refused.
 
 Outputs (Parquet + CSV): ``splits``, ``gates`` (candidate gate features, val AUROC), ``sweep`` and ``frontier``
@@ -676,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pol.save(run.path / "policies" / name, overwrite=True)
     run.update_manifest(selection={**run.manifest.get("selection", {}), "test_read": True})
     with run.timed("test"):
-        test = evaluate_test(model, sets, fit, policies, run, args)
+        test = evaluate_test(model, sets, fit, policies, run, args, chosen["rows"])
     transfer = None
     if args.stock_model.lower() != "none":
         with run.timed("transfer"):
@@ -731,15 +735,82 @@ def _side_rates(judged: Any, column: str, focus_ids: set[str]) -> dict[str, floa
             "n_benign": int(len(ben))}
 
 
+def answer_nll(model_ref: Any, judged: Any) -> tuple[Any, Any]:
+    """Per row of ``judged``: the answer's mean NLL under the unsteered ``model_ref`` and its token count (0 and
+    0 for an empty answer); cached like :func:`benign_ppl`."""
+    import numpy as np
+
+    keys = [(id(model_ref), p, tuple(t)) for p, t in zip(judged.prompt, judged.token_ids)]
+    todo = sorted({k for k in keys if k not in _NLL and k[2]})
+    if todo:
+        from catlens.metrics import perplexity_under
+
+        t = perplexity_under(model_ref, [k[1] for k in todo], [list(k[2]) for k in todo])
+        _NLL.update({k: (float(nll), int(n)) for k, nll, n in zip(todo, t.nll, t.n_tokens)})
+    nll = np.array([_NLL[k][0] if k[2] else 0.0 for k in keys])
+    n = np.array([_NLL[k][1] if k[2] else 0 for k in keys])
+    return np.nan_to_num(nll), n
+
+
+def side_answers(model: Any, ps: Any, fit: dict[str, Any], r: Any, scope: str, run: Any, args: argparse.Namespace,
+                 split: str, base: Any) -> dict[str, Any]:
+    """The three sides of one setting, generated in full on ``ps``: ``base`` (unsteered, judged), every row steered
+    toward refusal, every row steered away, at positions ``scope``; returns the judged frames aligned to ``ps``'s
+    order, the verdict arrays of the headline's judge and the answers' :class:`catlens.gate.AnswerCost`. Any zone
+    choice's verdicts and perplexity ratio on ``ps`` follow from these with no further forward pass."""
+    import numpy as np
+
+    from catlens.gate import AnswerCost
+    from catlens.steer import SteeringPolicy
+
+    col = f"refused_{args.judge}"
+    ids = [p.id for p in ps]
+    key = f"{r['method']}-L{int(r['layer'])}-{scope}"
+    frames = {"none": base.set_index("id").loc[ids].reset_index()}
+    for side, c in (("toward", float(r["toward"])), ("away", float(r["away"]))):
+        pol = SteeringPolicy((intervention(fit, r["method"], int(r["layer"]), c, positions=scope),),
+                             router=fit["router"])
+        j = generate_and_judge(model, ps, pol, run.path / "gen" / f"{split}_all-{side}-{key}-c{c:g}",
+                               tokens=args.gen_tokens, batch_size=args.batch_size)
+        frames[side] = j.set_index("id").loc[ids].reset_index()
+    verdict = {s: f[col].astype(bool).to_numpy().astype(int) for s, f in frames.items()}
+    benign = (frames["none"].label == "benign").to_numpy()
+    nll, tok, counts = [], [], []
+    for s in ("none", "toward", "away"):
+        a, n = answer_nll(model, frames[s])
+        nll.append(a)
+        tok.append(n)
+        counts.append(benign & (verdict[s] == 0) & (n > 0))
+    return {"frames": frames, "verdict": verdict, "ids": ids,
+            "cost": AnswerCost(np.stack(nll), np.stack(tok), np.stack(counts))}
+
+
+def _scores_for(fit: dict[str, Any], ids: Sequence[str]) -> tuple[Any, Any]:
+    import numpy as np
+
+    at = {i: k for k, i in enumerate(fit["val_frame"].id)}
+    idx = np.array([at[i] for i in ids])
+    return np.asarray(fit["val_score"])[idx], np.asarray(fit["val_routes"])[idx]
+
+
 def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, run: Any,
            args: argparse.Namespace) -> dict[str, Any]:
-    """Per zone mode: the best val settings of the first-position sweep (feasible first, then lowest
-    over-refusal, then the smaller steering), each at every positions scope (``--scopes``), generated in full on a
-    seeded val subsample and judged by the headline's judge (``--judge``); a candidate is admissible when its benign
-    answers' perplexity ratio is within the guard; the chosen one has the lowest over-refusal on the hard benign val
-    answers among admissible candidates whose harmful refusal is at least ``--target-refusal`` (else the highest
-    harmful refusal among admissible ones, said so in ``candidates``)."""
+    """The zones chosen on judged full answers, the headline's own definition.
+
+    The first-position sweep ranks the settings (method, layer, toward, away); the best ``--candidates`` of them are
+    generated in full on a seeded val subsample (``--val-gen-n`` per side; harmful and the headline's benign val
+    sets) at every positions scope (``--scopes``): once unsteered, once with every row steered toward refusal, once
+    with every row steered away. A row's answer under any zone choice is its answer under its side, so every
+    threshold pair, global and per category, is then swept on the headline's judge (``--judge``) with no further
+    forward pass (:func:`catlens.gate.zone_sweep` with the answers' :class:`catlens.gate.AnswerCost`): the lowest
+    pooled over-refusal among settings with harmful refusal >= ``--target-refusal`` and benign perplexity ratio
+    <= 1 + ``--ppl-guard``. The chosen policies are then generated gated on the same val rows, and the candidates
+    table says how well the offline verdicts predicted the gated policy's own (``online_*``). P1's own gate (two
+    zones at its Youden threshold, every generated token) is generated for comparison."""
+    import numpy as np
     import pandas as pd
+
+    from catlens.gate import ZoneObjective, per_category_verdicts, zone_sides, zone_sweep, zone_verdicts
 
     vf = fit["val_frame"]
     focus_ids = set(vf[_focus(vf)].id)
@@ -750,51 +821,101 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
     col = f"refused_{args.judge}"
     rows = [{"mode": "unsteered", "positions": None, **_side_rates(base, col, focus_ids), "ppl_ratio": 1.0,
              "admissible": True, "chosen": False}]
+    objective = ZoneObjective(0.0, min_refusal=args.target_refusal, max_ppl_ratio=1 + args.ppl_guard)
+    part = sweep[sweep["mode"].isin(["global", "per_category"])]
+    settings = part.sort_values(["feasible", "over_refusal", "refusal", "size"], ascending=[False, True, False, True],
+                                kind="stable").drop_duplicates(["method", "layer", "toward", "away"]).head(
+        args.candidates)
+    cand: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for r in settings.to_dict("records"):
+        for scope in args.scope_list:
+            sa = side_answers(model, gen_val, fit, r, scope, run, args, "val", base)
+            score, routes = _scores_for(fit, sa["ids"])
+            frame = sa["frames"]["none"]
+            harmful = (frame.label == "harmful").to_numpy()
+            focus = frame.id.isin(focus_ids).to_numpy() & ~harmful
+            v = sa["verdict"]
+            res = zone_sweep(score, v["none"], v["toward"], v["away"], harmful, focus, routes=routes,
+                             grid=args.zone_grid, objective=objective, cost=sa["cost"])
+            key = {"method": r["method"], "layer": int(r["layer"]), "toward": float(r["toward"]),
+                   "away": float(r["away"]), "positions": scope, "sweep_feasible": bool(r["feasible"]),
+                   "sweep_refusal": r["refusal"], "sweep_over_refusal": r["over_refusal"], "judge": args.judge,
+                   "n_harmful": int(harmful.sum()), "n_benign": int(focus.sum())}
+            best = res["best_global"]
+            if best is None:  # the best reached: highest refusal within the guard, then the lowest over-refusal
+                t = res["global"].assign(_ok=res["global"].ppl_ratio <= objective.max_ppl_ratio)
+                best = {**t.sort_values(["_ok", "refusal", "over_refusal"], ascending=[False, False, True]).iloc[0]
+                        .to_dict(), "feasible": False}
+            side = zone_sides(score, lower=best["lower"], upper=best["upper"])
+            glob = {**key, "mode": "global", "refusal": best["refusal"], "over_refusal": best["over_refusal"],
+                    "ppl_ratio": best["ppl_ratio"], "lower": best["lower"], "upper": best["upper"], "pairs": None,
+                    "admissible": bool(best["ppl_ratio"] <= objective.max_ppl_ratio), "feasible": bool(best["feasible"]),
+                    "steered_toward": float((side == 1).mean()), "steered_away": float((side == 2).mean())}
+            cand.append((glob, {"sa": sa, "score": score, "routes": routes}))
+            pc = res["best_per_category"]
+            if pc is not None:
+                pairs = json.dumps({c: list(p) for c, p in pc["pairs"].items()})
+                cand.append(({**key, "mode": "per_category", "refusal": pc["refusal"],
+                              "over_refusal": pc["over_refusal"], "ppl_ratio": pc["ppl_ratio"],
+                              "lower": best["lower"], "upper": best["upper"], "pairs": pairs, "admissible": True,
+                              "feasible": True}, {"sa": sa, "score": score, "routes": routes}))
     policies: dict[str, Any] = {"unsteered": None}
-    for mode in ("global", "per_category", "p1_gate"):
-        part = sweep[sweep["mode"] == mode]
-        if not len(part):
-            continue
-        best = part.sort_values(["feasible", "over_refusal", "refusal", "size"],
-                                ascending=[False, True, False, True], kind="stable").head(args.candidates)
-        scopes = args.scope_list if mode != "p1_gate" else ["last_prompt"]
-        cand = []
-        for r in best.to_dict("records"):
-            for scope in scopes:
-                pol = build_policy(model, fit, r, positions=scope, mode=mode, seed=args.seed)
-                key = f"{mode}-{r['method']}-L{r['layer']}-t{r['toward']}-a{r['away']}-{scope}"
-                judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_{key}",
-                                            tokens=args.gen_tokens, batch_size=args.batch_size)
-                answered = set(judged[(judged.label == "benign") & ~judged[col].astype(bool)].id) & set(
-                    base[(base.label == "benign") & ~base[col].astype(bool)].id)
-                ppl_s, n = benign_ppl(model, judged, answered)
-                ppl_b, _ = benign_ppl(model, base, answered)
-                ratio = ppl_s / ppl_b if ppl_b == ppl_b and ppl_b > 0 else math.nan
-                row = {"mode": mode, "method": r["method"], "layer": int(r["layer"]), "toward": r["toward"],
-                       "away": r["away"], "positions": scope, "lower": r["lower"], "upper": r["upper"],
-                       "pairs": r["pairs"], "sweep_feasible": bool(r["feasible"]),
-                       "sweep_refusal": r["refusal"], "sweep_over_refusal": r["over_refusal"],
-                       **_side_rates(judged, col, focus_ids), "ppl_ratio": ratio, "ppl_n": n,
-                       "admissible": bool(ratio == ratio and ratio <= 1 + args.ppl_guard), "chosen": False,
-                       "judge": args.judge}
-                cand.append((row, pol))
-        ok = [c for c in cand if c[0]["admissible"]]
-        hit = [c for c in ok if c[0]["refusal"] >= args.target_refusal]
-        pick = (min(hit, key=lambda c: (c[0]["over_refusal"], -c[0]["refusal"])) if hit else
+    for mode in ("global", "per_category"):
+        mine = [c for c in cand if c[0]["mode"] == mode]
+        ok = [c for c in mine if c[0]["admissible"]]
+        hit = [c for c in ok if c[0]["feasible"]]
+        order = {s: i for i, s in enumerate(args.scope_list)}
+        pick = (min(hit, key=lambda c: (c[0]["over_refusal"], -c[0]["refusal"], abs(c[0]["toward"]) + abs(
+            c[0]["away"]), order[c[0]["positions"]])) if hit else
                 max(ok, key=lambda c: (c[0]["refusal"], -c[0]["over_refusal"])) if ok else None)
-        for row, pol in cand:
+        for row, _ in mine:
             row["chosen"] = pick is not None and row is pick[0]
-            row["reason"] = ("" if not row["chosen"] else f"lowest val over-refusal with refusal >= "
-                             f"{args.target_refusal}" if hit else "no admissible candidate reached the target "
-                             "refusal: the highest refusal among admissible ones")
-            rows.append(row)
+            row["reason"] = ("" if not row["chosen"] else f"lowest val over-refusal on generated answers with "
+                             f"refusal >= {args.target_refusal} and perplexity ratio <= {1 + args.ppl_guard:.2f}"
+                             if hit else "no setting reached the target refusal within the perplexity guard: the "
+                             "highest refusal among admissible ones")
         if pick is None:
-            log.warning("zones %s: no candidate passed the perplexity guard; no policy for it", mode)
+            log.warning("zones %s: no setting passed the perplexity guard; no policy for it", mode)
             continue
-        policies[f"categorical_{mode}"] = pick[1]
+        row, ctx = pick
+        pol = build_policy(model, fit, row, positions=row["positions"], mode=mode, seed=args.seed)
+        # the gated policy itself, on the same val rows: does it do what the three sides predicted?
+        judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_chosen_{mode}",
+                                    tokens=args.gen_tokens, batch_size=args.batch_size)
+        sa, v = ctx["sa"], ctx["sa"]["verdict"]
+        if mode == "global":
+            offline = zone_verdicts(ctx["score"], v["none"], v["toward"], v["away"], lower=row["lower"],
+                                    upper=row["upper"])
+        else:
+            offline = per_category_verdicts(ctx["score"], v["none"], v["toward"], v["away"], ctx["routes"],
+                                            {c: tuple(p) for c, p in json.loads(row["pairs"]).items()},
+                                            (row["lower"], row["upper"]))
+        online = judged.set_index("id").loc[sa["ids"]][col].astype(bool).to_numpy()
+        on = _side_rates(judged, col, focus_ids)
+        row.update(online_refusal=on["refusal"], online_over_refusal=on["over_refusal"],
+                   online_agreement=float((online == offline.astype(bool)).mean()))
+        policies[f"categorical_{mode}"] = pol
+    for row, _ in cand:
+        rows.append(row)
+    # P1's own gate, as P1 runs it (two zones at its Youden threshold, every generated token), for comparison
+    p1 = sweep[sweep["mode"] == "p1_gate"].sort_values(["feasible", "over_refusal"], ascending=[False, True])
+    if len(p1):
+        r = p1.iloc[0].to_dict()
+        pol = build_policy(model, fit, r, positions="last_prompt", mode="p1_gate", seed=args.seed)
+        judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / "val_p1_gate",
+                                    tokens=args.gen_tokens, batch_size=args.batch_size)
+        answered = set(judged[(judged.label == "benign") & ~judged[col].astype(bool)].id) & set(
+            base[(base.label == "benign") & ~base[col].astype(bool)].id)
+        ppl_s, n = benign_ppl(model, judged, answered)
+        ppl_b, _ = benign_ppl(model, base, answered)
+        rows.append({"mode": "p1_gate", "method": r["method"], "layer": int(r["layer"]), "toward": r["toward"],
+                     "away": r["away"], "positions": "last_prompt", "lower": r["lower"], "upper": r["upper"],
+                     **_side_rates(judged, col, focus_ids), "ppl_ratio": ppl_s / ppl_b if ppl_b else math.nan,
+                     "ppl_n": n, "admissible": bool(ppl_s / ppl_b <= 1 + args.ppl_guard) if ppl_b else False,
+                     "chosen": False, "judge": args.judge, "reason": "P1's own gate, for comparison"})
     table = pd.DataFrame(rows)
     run.save_table("candidates", table)
-    return {"policies": policies, "rows": table[table.chosen].to_dict("records")}
+    return {"policies": policies, "rows": table[table.chosen.fillna(False).astype(bool)].to_dict("records")}
 
 
 def _opt(x: Any) -> float | None:
@@ -960,7 +1081,7 @@ def _headline_rows(frame: Any, column: str, ppl: Any, judge: str) -> list[dict[s
 
 
 def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policies: dict[str, Any], run: Any,
-                  args: argparse.Namespace) -> dict[str, Any]:
+                  args: argparse.Namespace, chosen_rows: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The chosen policies on the test sets, once: first-position rates for every test prompt; full generations
     (``--gen-tokens``) of every test prompt (``--test-gen-cap`` per dataset when given) judged by the three judges,
     the headline on the full-answer judge (``--judge``) with and without XSTest and on the hard-benign test split;
@@ -1061,8 +1182,93 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     auroc = pd.DataFrame(au_rows)
     run.save_table("auroc", auroc)
     run.save_table("gate_errors", pd.DataFrame(err_rows))
+    bound = evaluate_bound(model, gen_test, fp, judged, chosen_rows, fit, run, args)
     jail = evaluate_jailbreaks(model, sets, policies, run, args)
-    return {"headline": headline, "auroc": auroc, "jailbreaks": jail}
+    return {"headline": headline, "auroc": auroc, "jailbreaks": jail, "bound": bound}
+
+
+def evaluate_bound(model: Any, gen_test: Any, fp: Any, judged: Any, chosen_rows: Sequence[dict[str, Any]],
+                   fit: dict[str, Any], run: Any, args: argparse.Namespace) -> Any:
+    """What bounds the result, on the test answers (reported, nothing chosen): the chosen global setting's three
+    sides generated in full on the generated test prompts (unsteered, every row toward, every row away), so that
+    any gate's rates follow with no further pass. Writes:
+
+    * ``bound``: refusal / over-refusal (headline pools, the headline's judge, Wilson 95 %) and the benign perplexity
+      ratio of: unsteered; every row toward; every row away; the chosen gate's zones (offline, and the gated
+      policy's own answers beside it, with their agreement); an **oracle gate** that knows each prompt's label
+      (harmful toward, benign away: what a perfect gate would reach with this steering); and the **best side per
+      row** (what any gate could reach with these three answers: the steering's own bound);
+    * ``test_frontier``: every global threshold pair on the test answers (the Pareto rows), for the frontier figure;
+    * ``gate_roc``: the gate's ROC on the test prompts, harmful vs the headline's benign sets, with the chosen
+      thresholds' operating points.
+    """
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_curve
+
+    from catlens.gate import ZoneObjective, zone_sides, zone_sweep, zone_verdicts
+
+    rows = [r for r in chosen_rows if r.get("mode") == "global"]
+    if not rows:
+        log.warning("bound: no global categorical policy was chosen; nothing to bound")
+        return None
+    r = rows[0]
+    col = f"refused_{args.judge}"
+    base = judged[judged.policy == "unsteered"].drop(columns=["policy"])
+    sa = side_answers(model, gen_test, fit, r, r["positions"], run, args, "test", base)
+    g = fp[fp.policy == "categorical_global"].set_index("id").loc[sa["ids"]]
+    score = g.gate_score.to_numpy(dtype=float)
+    frame = sa["frames"]["none"]
+    harmful = (frame.label == "harmful").to_numpy() & frame.source.isin(HARMFUL_POOL).to_numpy()
+    benign = (frame.label == "benign").to_numpy() & frame.source.isin(HEADLINE_POOL).to_numpy()
+    v = sa["verdict"]
+    V = np.stack([v["none"], v["toward"], v["away"]])
+    lo, hi = float(r["lower"]), float(r["upper"])
+    gated = judged[judged.policy == "categorical_global"].set_index("id").loc[sa["ids"]][col].astype(int).to_numpy()
+    best_side = np.where(harmful, V.argmax(0), V.argmin(0))  # the side that refuses harmful, answers benign
+    sides = {"unsteered": np.zeros(len(score), dtype=int), "all toward": np.ones(len(score), dtype=int),
+             "all away": np.full(len(score), 2), "chosen zones (offline)": zone_sides(score, lower=lo, upper=hi),
+             "oracle gate (label)": np.where(harmful, 1, 2), "best side per row": best_side}
+    out = []
+    for name, side in sides.items():
+        verdict = V[side, np.arange(len(side))]
+        out.append({"gate": name, **_bound_row(verdict, harmful, benign), "ppl_ratio": sa["cost"].ratio(side)})
+    out.append({"gate": "chosen zones (the policy's own answers)", **_bound_row(gated, harmful, benign),
+                "ppl_ratio": math.nan,
+                "agreement_with_offline": float((gated == zone_verdicts(score, *V, lower=lo, upper=hi)).mean())})
+    table = pd.DataFrame(out).assign(lower=lo, upper=hi, method=r["method"], layer=r["layer"], toward=r["toward"],
+                                     away=r["away"], positions=r["positions"], judge=args.judge,
+                                     n_rows=len(score))
+    run.save_table("bound", table)
+    res = zone_sweep(score, V[0], V[1], V[2], harmful, benign, grid=args.zone_grid, cost=sa["cost"],
+                     objective=ZoneObjective(0.0, min_refusal=args.target_refusal, max_ppl_ratio=1 + args.ppl_guard))
+    fr = res["global"]
+    run.save_table("test_frontier", fr[_pareto_mask(fr)].reset_index(drop=True).assign(
+        split="test", note="reported, nothing chosen on it"))
+    pool = fp[fp.policy == "categorical_global"]
+    y_pos = (pool.label == "harmful") & pool.source.isin(HARMFUL_POOL)
+    y_neg = (pool.label == "benign") & pool.source.isin(HEADLINE_POOL)
+    part = pool[y_pos | y_neg]
+    fpr, tpr, thr = roc_curve((part.label == "harmful").to_numpy(), part.gate_score.to_numpy(dtype=float))
+    roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr, "point": ""})
+    marks = []
+    for name, t in (("upper (toward at or above)", hi), ("lower (away below)", lo)):
+        sc = part.gate_score.to_numpy(dtype=float)
+        marks.append({"fpr": float((sc[(part.label == "benign").to_numpy()] >= t).mean()),
+                      "tpr": float((sc[(part.label == "harmful").to_numpy()] >= t).mean()), "threshold": t,
+                      "point": name})
+    run.save_table("gate_roc", pd.concat([roc, pd.DataFrame(marks)], ignore_index=True).assign(
+        split="test", pair="harmful vs " + ",".join(HEADLINE_POOL), n_pos=int(y_pos.sum()), n_neg=int(y_neg.sum())))
+    return table
+
+
+def _bound_row(verdict: Any, harmful: Any, benign: Any) -> dict[str, float]:
+    from catlens.gate import rates_with_interval
+
+    h, b = rates_with_interval(verdict[harmful]), rates_with_interval(verdict[benign])
+    return {"refusal": h["rate"], "refusal_ci_low": h["ci_low"], "refusal_ci_high": h["ci_high"], "refusal_n": h["n"],
+            "over_refusal": b["rate"], "over_refusal_ci_low": b["ci_low"], "over_refusal_ci_high": b["ci_high"],
+            "over_refusal_n": b["n"]}
 
 
 def _per_dataset_cap(ps: Any, cap: int, seed: int) -> Any:
@@ -1247,7 +1453,8 @@ def rate_table_pooled(part: Any, column: str = "refused_substring") -> dict[str,
 
 
 def _print(headline: Any) -> None:
-    print("\nP1 steering on the test sets (full-answer judge; pooled, 95 % Wilson):")
+    judge = headline.judge.iloc[0] if len(headline) else "?"
+    print(f"\nP1 steering on the test sets (judge: {judge}; pooled, 95 % Wilson):")
     for r in headline.itertuples():
         print(f"  {r.policy:<26} {r.benign_pool:<15} over-refusal {r.over_refusal:6.1%} [{r.over_refusal_ci_low:.1%}, "
               f"{r.over_refusal_ci_high:.1%}]  refusal {r.refusal:6.1%} [{r.refusal_ci_low:.1%}, "

@@ -119,6 +119,35 @@ def p1_findings(head: Any) -> list[str]:
     return out
 
 
+def bound_lines(folder: Path) -> list[str]:
+    """What bounds the result (the ``bound`` table, test): each gate's rates beside the oracle gate's and the best
+    side per row, and a sentence per gap computed from the table."""
+    bound = _load(folder, "bound")
+    if bound is None or not len(bound):
+        return []
+    b = bound.set_index("gate")
+    r0 = bound.iloc[0]
+    out = [f"### What bounds the result (test answers, {r0.judge}; zones of the chosen global setting: "
+           f"{r0.method} at layer {r0.layer}, toward {r0.toward}, away {r0.away}, positions {r0.positions})",
+           _table(["gate", "over-refusal %", "refusal %", "ppl ratio", "n benign / harmful"],
+                  [[r.gate, _ci(r._asdict(), "over_refusal"), _ci(r._asdict(), "refusal"), _num(r.ppl_ratio),
+                    f"{r.over_refusal_n} / {r.refusal_n}"] for r in bound.itertuples()])]
+    need = ("chosen zones (offline)", "oracle gate (label)", "best side per row")
+    if all(k in b.index for k in need):
+        ch, orc, best = (b.loc[k] for k in need)
+        out.append(f"With this steering, a gate that knew every prompt's label would reach over-refusal "
+                   f"{_pct(orc.over_refusal)} % at refusal {_pct(orc.refusal)} % (the chosen zones: "
+                   f"{_pct(ch.over_refusal)} % at {_pct(ch.refusal)} %); choosing the best of the three answers per "
+                   f"row, {_pct(best.over_refusal)} % at {_pct(best.refusal)} %. The gap from the chosen zones to the "
+                   "oracle is the gate's; what is left at the oracle is the steering's.")
+    own = bound[bound.gate.str.contains("own answers")]
+    if len(own) and "agreement_with_offline" in own:
+        out.append(f"The gated policy's own answers agree with the offline zone verdicts on "
+                   f"{_pct(own.agreement_with_offline.iloc[0])} % of rows.")
+    out.append("Figure: `figures/fig_p1_bound.py` (the test frontier of every zone pair and the gate's test ROC).")
+    return out
+
+
 def p1_section(folder: Path) -> str:
     import json
 
@@ -164,6 +193,7 @@ def p1_section(folder: Path) -> str:
         out.append(_table(["policy", "benign pool", "over-refusal %", "refusal %", "n benign / harmful"],
                           [[r.policy, r.benign_pool, _ci(r._asdict(), "over_refusal"), _ci(r._asdict(), "refusal"),
                             f"{r.over_refusal_n} / {r.refusal_n}"] for r in hfp.itertuples()]))
+    out.extend(bound_lines(folder))
     gates = _load(folder, "gates")
     if gates is not None and len(gates):
         out.append("### The gate's features, chosen on val (AUROC harmful vs the headline's benign val sets)")
@@ -179,6 +209,12 @@ def p1_section(folder: Path) -> str:
                           [[r.mode, r.method, r.layer, r.toward, r.away, r.positions, _num(r.lower), _num(r.upper),
                             _pct(r.refusal), _pct(r.over_refusal), _num(r.ppl_ratio), r.reason]
                            for r in ch.itertuples()]))
+        if "online_agreement" in ch.columns and ch.online_agreement.notna().any():
+            out.append("The chosen zones were swept offline on the three sides' answers; the gated policies, generated "
+                       "on the same val rows: " + "; ".join(
+                           f"{r.mode}: over-refusal {_pct(r.online_over_refusal)} %, refusal {_pct(r.online_refusal)} "
+                           f"%, verdicts agreeing with the offline ones on {_pct(r.online_agreement)} % of rows"
+                           for r in ch.itertuples() if r.online_agreement == r.online_agreement) + ".")
         n_ok = int(cand[cand["mode"] != "unsteered"].admissible.astype(bool).sum())
         out.append(f"{n_ok} of {_count(int((cand['mode'] != 'unsteered').sum()), 'candidate')} passed the "
                    "perplexity guard.")

@@ -180,9 +180,68 @@ def wilson_low(k: Any, n: int, z: float = 1.959963984540054) -> Any:
 @dataclass(frozen=True)
 class ZoneObjective:
     """The headline's definition, for choosing on val: minimise pooled over-refusal on the ``focus`` benign rows
-    subject to the Wilson lower bound of pooled harmful refusal ``>= min_refusal_low``."""
+    subject to the Wilson lower bound of pooled harmful refusal ``>= min_refusal_low``, the pooled harmful refusal
+    itself ``>= min_refusal`` (0 = no point constraint; used where val samples are too small for the bound to be
+    reachable), and, when the sweep is given the answers' costs (:class:`AnswerCost`), the benign perplexity ratio
+    ``<= max_ppl_ratio`` (``None`` = no guard)."""
 
     min_refusal_low: float = 0.90
+    min_refusal: float = 0.0
+    max_ppl_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_refusal_low", "min_refusal"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"ZoneObjective.{name}={v!r} is a rate: give a number in [0, 1].")
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio >= 1.0:
+            raise ValueError(f"ZoneObjective.max_ppl_ratio={self.max_ppl_ratio!r}: give a ratio >= 1 (1.10 allows "
+                             "benign answers 10 % more perplexing than unsteered ones), or None for no guard.")
+
+
+SIDES = ("none", "toward", "away")
+"""The three sides a row can be given, in the order :class:`AnswerCost` stores them."""
+
+
+@dataclass(frozen=True)
+class AnswerCost:
+    """What each side's full answers cost in coherence, per row: the mean negative log-likelihood of the answer under
+    the unsteered model (``nll``, shape ``(3, n)`` in :data:`SIDES` order), its token count (``tokens``) and whether
+    the row counts for the perplexity guard (``counts``: a benign row answered, not refused, under that side).
+
+    A zone choice gives each row one side, so the benign perplexity ratio of any threshold pair is the ratio of two
+    token-weighted means over the rows that count under both the chosen side and the unsteered one: exactly the
+    ratio the gated policy's own answers would give, with no new forward pass (:meth:`ratio`)."""
+
+    nll: np.ndarray
+    tokens: np.ndarray
+    counts: np.ndarray
+
+    def __post_init__(self) -> None:
+        shapes = {np.shape(self.nll), np.shape(self.tokens), np.shape(self.counts)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != 3:
+            raise ValueError(f"AnswerCost needs nll, tokens and counts of one shape (3, n_rows) in {SIDES} order; "
+                             f"got {np.shape(self.nll)}, {np.shape(self.tokens)}, {np.shape(self.counts)}.")
+
+    def ratio(self, side: np.ndarray) -> float:
+        """The benign perplexity ratio when row ``i`` gets side ``side[i]`` (0 none, 1 toward, 2 away); NaN when no
+        row counts under both."""
+        side = np.asarray(side, dtype=np.int64)
+        rows = np.arange(side.shape[0])
+        ok = np.asarray(self.counts, dtype=bool)[side, rows] & np.asarray(self.counts, dtype=bool)[0]
+        if not ok.any():
+            return math.nan
+        nll, tok = np.asarray(self.nll, dtype=np.float64), np.asarray(self.tokens, dtype=np.float64)
+        w_s, w_b = tok[side, rows][ok], tok[0][ok]
+        steered = float(np.sum(nll[side, rows][ok] * w_s) / np.sum(w_s))
+        base = float(np.sum(nll[0][ok] * w_b) / np.sum(w_b))
+        return math.exp(steered - base)
+
+
+def zone_sides(score: np.ndarray, *, lower: float, upper: float) -> np.ndarray:
+    """Each row's side index under the zones (0 none, 1 toward at ``score >= upper``, 2 away at ``score < lower``)."""
+    score = np.asarray(score)
+    return np.where(score >= upper, 1, np.where(score < lower, 2, 0))
 
 
 def _grid(score: np.ndarray, n: int) -> np.ndarray:
@@ -192,9 +251,13 @@ def _grid(score: np.ndarray, n: int) -> np.ndarray:
 
 def zone_sweep(score: np.ndarray, base: np.ndarray, toward: np.ndarray, away: np.ndarray, harmful: np.ndarray,
                focus: np.ndarray, *, routes: Sequence[str] | np.ndarray | None = None, grid: int = 41,
-               objective: ZoneObjective = ZoneObjective(), lambdas: int = 200) -> dict[str, Any]:
+               objective: ZoneObjective = ZoneObjective(), lambdas: int = 200,
+               cost: AnswerCost | None = None) -> dict[str, Any]:
     """Every threshold pair on a quantile grid of ``score`` (``lower <= upper``), globally and, with ``routes``,
-    per category; ``harmful`` marks harmful rows, ``focus`` the benign rows the objective pools.
+    per category; ``harmful`` marks harmful rows, ``focus`` the benign rows the objective pools. The verdicts may
+    come from first-position passes or from judged full answers of the three sides; with ``cost`` (the answers'
+    :class:`AnswerCost`) every setting also gets its benign perplexity ratio, and ``objective.max_ppl_ratio``
+    takes part in feasibility.
 
     Returns ``{"global": DataFrame (one row per pair: refusal, refusal_low, over_refusal, feasible),
     "best_global": row dict or None, "best_per_category": {"pairs": {cat: (lower, upper)}, ...} or None}``.
@@ -217,17 +280,26 @@ def zone_sweep(score: np.ndarray, base: np.ndarray, toward: np.ndarray, away: np
             k = float(v[harmful].sum())
             rows.append({"lower": float(lo), "upper": float(hi), "refusal": k / n_h,
                          "refusal_low": float(wilson_low(k, n_h)), "over_refusal": float(v[focus].mean()),
-                         "steered_toward": float((score >= hi).mean()), "steered_away": float((score < lo).mean())})
+                         "steered_toward": float((score >= hi).mean()), "steered_away": float((score < lo).mean()),
+                         "ppl_ratio": (math.nan if cost is None else
+                                       cost.ratio(zone_sides(score, lower=lo, upper=hi)))})
     table = pd.DataFrame(rows)
-    table["feasible"] = table.refusal_low >= objective.min_refusal_low
+    table["feasible"] = _feasible(table, objective, cost)
     table["zone_width"] = table.upper - table.lower
     best = _best(table)
     out: dict[str, Any] = {"global": table, "best_global": best, "best_per_category": None,
                            "n_harmful": n_h, "n_focus": n_b}
     if routes is not None:
         out["best_per_category"] = _per_category(score, base, toward, away, harmful, focus, np.asarray(routes),
-                                                 g, objective, lambdas, n_h, n_b)
+                                                 g, objective, lambdas, n_h, n_b, cost)
     return out
+
+
+def _feasible(table: Any, objective: ZoneObjective, cost: AnswerCost | None) -> Any:
+    ok = (table.refusal_low >= objective.min_refusal_low) & (table.refusal >= objective.min_refusal)
+    if cost is not None and objective.max_ppl_ratio is not None:
+        ok &= table.ppl_ratio <= objective.max_ppl_ratio  # NaN (no benign answer to judge by) is not admissible
+    return ok
 
 
 def _best(table: Any) -> dict[str, Any] | None:
@@ -238,10 +310,12 @@ def _best(table: Any) -> dict[str, Any] | None:
                           kind="stable").iloc[0].to_dict()
 
 
-def _per_category(score, base, toward, away, harmful, focus, routes, g, objective, lambdas, n_h, n_b):
+def _per_category(score, base, toward, away, harmful, focus, routes, g, objective, lambdas, n_h, n_b, answer_cost=None):
     """One ``(lower, upper)`` per category: both the objective (benign refusals in the focus rows) and the
     constraint (harmful refusals) are sums over categories, so for each multiplier λ every category independently
-    minimises ``benign_c − λ·harmful_c``; the feasible λ-solution with the lowest over-refusal wins."""
+    minimises ``benign_c − λ·harmful_c``; the feasible λ-solution with the lowest over-refusal wins. The perplexity
+    ratio is not a sum over categories: with ``cost``, each λ-solution's ratio is computed from its sides and a
+    solution above ``objective.max_ppl_ratio`` is skipped."""
     cats = sorted(set(routes.tolist()))
     pairs = [(float(lo), float(hi)) for i, lo in enumerate(g) for hi in g[i:]]
     per = {}
@@ -264,9 +338,19 @@ def _per_category(score, base, toward, away, harmful, focus, routes, g, objectiv
             B += b_c[j]
             H += h_c[j]
         low = float(wilson_low(H, n_h))
-        if low < objective.min_refusal_low:
+        if low < objective.min_refusal_low or H / n_h < objective.min_refusal:
             continue
-        cand = {"pairs": choice, "over_refusal": B / n_b, "refusal": H / n_h, "refusal_low": low, "lambda": lam}
+        ratio = math.nan
+        if answer_cost is not None:
+            side = np.zeros(len(score), dtype=np.int64)
+            for c, (lo, hi) in choice.items():
+                m = routes == c
+                side[m] = zone_sides(score[m], lower=lo, upper=hi)
+            ratio = answer_cost.ratio(side)
+            if objective.max_ppl_ratio is not None and not ratio <= objective.max_ppl_ratio:
+                continue
+        cand = {"pairs": choice, "over_refusal": B / n_b, "refusal": H / n_h, "refusal_low": low, "lambda": lam,
+                "ppl_ratio": ratio}
         if best is None or (cand["over_refusal"], -cand["refusal"]) < (best["over_refusal"], -best["refusal"]):
             best = cand
     return best

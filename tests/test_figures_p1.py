@@ -482,3 +482,40 @@ def test_figure_cli_parses_and_calls_main(tmp_path):
     assert figure_cli(fake_main, "doc", [str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-png"]) == "ok"
     assert seen == {"run_dir": tmp_path, "out_dir": tmp_path / "o", "png": False}
     assert figure_cli(fake_main, "doc", [str(tmp_path)]) == "ok" and seen["png"] is True and seen["out_dir"] is None
+
+
+def _bound_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    gates = ["unsteered", "chosen zones (offline)", "oracle gate (label)", "best side per row"]
+    bound = pd.DataFrame({"gate": gates, "refusal": [0.8, 0.9, 0.97, 1.0], "over_refusal": [0.25, 0.2, 0.05, 0.0],
+                          "judge": "full_answer"})
+    for k in ("refusal", "over_refusal"):
+        bound[f"{k}_ci_low"], bound[f"{k}_ci_high"] = bound[k] - 0.05, (bound[k] + 0.05).clip(upper=1.0)
+    frontier = pd.DataFrame({"lower": [0.1, 0.3, 0.5], "upper": [0.2, 0.6, 0.9], "refusal": [0.95, 0.9, 0.8],
+                             "over_refusal": [0.3, 0.2, 0.1]})
+    roc = pd.DataFrame({"fpr": [0.0, 0.1, 1.0, 0.12], "tpr": [0.0, 0.8, 1.0, 0.85],
+                        "threshold": [2.0, 0.5, 0.0, 0.4], "point": ["", "", "", "upper (toward at or above)"]})
+    return bound, frontier, roc
+
+
+def test_bound_figure_draws_every_bound_point_the_frontier_and_the_roc(tmp_path):
+    from catlens.figures.p1_bound import bound_figure
+
+    bound, frontier, roc = _bound_tables()
+    fig = bound_figure(bound, frontier, roc)
+    names = [t.name for t in fig.data]
+    assert set(bound.gate) <= set(names) and "frontier (every zone pair)" in names and "gate ROC" in names
+    oracle = next(t for t in fig.data if t.name == "oracle gate (label)")
+    assert list(oracle.x) == [0.05] and list(oracle.y) == [0.97]
+    curve = next(t for t in fig.data if t.name == "gate ROC")
+    assert list(curve.x) == [0.0, 0.1, 1.0]  # the operating point is a marker, not part of the curve
+    with pytest.raises(ValueError, match="no column"):
+        bound_figure(bound.drop(columns=["refusal_ci_low"]), frontier, roc)
+    folder = tmp_path / "p1"
+    folder.mkdir()
+    mod = _load("fig_p1_bound")
+    assert mod.main(folder, out_dir=tmp_path / "out", png=False) == {}  # no bound table: nothing, said in the log
+    for name, t in zip(("bound", "test_frontier", "gate_roc"), _bound_tables()):
+        t.to_parquet(folder / f"{name}.parquet")
+    written = mod.main(folder, out_dir=tmp_path / "out", png=False)
+    assert written and all(p.exists() for p in written.values())
+    assert list(pd.read_csv(tmp_path / "out" / "fig_p1_bound.csv").gate) == list(bound.gate)

@@ -245,3 +245,88 @@ def test_choose_gate_picks_the_feature_set_that_separates_the_focus_rows():
     assert row.loc[ch.kind, "val_auroc_focus"] > 0.9 > row.loc["last@steer", "val_auroc_focus"]
     assert row.loc["logodds", "fitted"] == False  # noqa: E712  the baseline is reported, never chosen
     assert feature_reads("last@steer", 3, [3, 5]) == ((("resid_post", 3, "last"),), False)
+
+
+def test_answer_cost_ratio_equals_the_ratio_of_the_mixed_answers():
+    """The mixed ratio equals the perplexity ratio computed directly from the rows' chosen answers."""
+    from catlens.gate import AnswerCost
+
+    rng = np.random.default_rng(2)
+    n = 30
+    nll, tok = rng.uniform(1, 3, (3, n)), rng.integers(5, 64, (3, n))
+    counts = rng.random((3, n)) < 0.8
+    side = rng.integers(0, 3, n)
+    cost = AnswerCost(nll, tok, counts)
+    rows = np.arange(n)
+    ok = counts[side, rows] & counts[0]
+    direct = np.exp(np.average(nll[side, rows][ok], weights=tok[side, rows][ok])
+                    - np.average(nll[0][ok], weights=tok[0][ok]))
+    assert cost.ratio(side) == pytest.approx(direct, rel=1e-12)
+    assert cost.ratio(np.zeros(n, dtype=int)) == pytest.approx(1.0, abs=1e-12)  # unsteered against itself
+    assert np.isnan(AnswerCost(nll, tok, np.zeros((3, n), dtype=bool)).ratio(side))
+    with pytest.raises(ValueError, match=r"shape \(3, n_rows\)"):
+        AnswerCost(nll[:2], tok, counts)
+
+
+def test_zone_sweep_perplexity_guard_rejects_incoherent_away_answers():
+    """Away answers are perfect on the verdicts but incoherent: with the guard, the best pair steers no benign row
+    away; without it, every benign row is steered away."""
+    from catlens.gate import AnswerCost, ZoneObjective
+
+    rng = np.random.default_rng(3)
+    n = 200
+    harmful = np.arange(n) < 100
+    score = np.where(harmful, rng.uniform(0.5, 1.0, n), rng.uniform(0.0, 0.5, n))
+    base = np.where(harmful, 1, rng.random(n) < 0.3).astype(int)
+    toward, away = np.ones(n, dtype=int), np.zeros(n, dtype=int)
+    nll = np.stack([np.full(n, 2.0), np.full(n, 2.0), np.full(n, 4.0)])  # away answers: e^2 times the perplexity
+    counts = np.stack([~harmful & (base == 0), np.zeros(n, dtype=bool), ~harmful])
+    cost = AnswerCost(nll, np.full((3, n), 10), counts)
+    free = zone_sweep(score, base, toward, away, harmful, ~harmful, grid=21, cost=cost,
+                      objective=ZoneObjective(0.9))["best_global"]
+    assert free["over_refusal"] == 0.0 and free["ppl_ratio"] == pytest.approx(np.e ** 2)
+    guarded = zone_sweep(score, base, toward, away, harmful, ~harmful, grid=21, cost=cost,
+                         objective=ZoneObjective(0.9, max_ppl_ratio=1.10))["best_global"]
+    assert guarded["ppl_ratio"] <= 1.10 and guarded["lower"] <= score[~harmful].min()
+    assert guarded["over_refusal"] == pytest.approx(base[~harmful].mean())
+    with pytest.raises(ValueError, match="max_ppl_ratio"):
+        ZoneObjective(max_ppl_ratio=0.5)
+
+
+def test_zone_sweep_point_constraint_is_applied():
+    from catlens.gate import ZoneObjective
+
+    n = 40
+    harmful = np.arange(n) < 20
+    score = np.linspace(0, 1, n)[::-1].copy()
+    base = np.where(harmful, np.arange(n) % 2, 1)  # half the harmful rows refused unsteered
+    res = zone_sweep(score, base, np.ones(n, dtype=int), np.zeros(n, dtype=int), harmful, ~harmful, grid=41,
+                     objective=ZoneObjective(0.0, min_refusal=0.95))
+    t = res["global"]
+    assert (t[t.feasible].refusal >= 0.95).all() and (~t[t.refusal < 0.95].feasible).all()
+    assert res["best_global"]["refusal"] >= 0.95
+
+
+def test_gated_generation_equals_each_rows_side_generation(tiny_lm):
+    """The answer-level zone sweep's premise: under a three-zone gated policy, every row generates exactly the tokens
+    that the ungated all-toward, all-away or unsteered policy generates for it (the side its score picks), across
+    a whole answer and a mixed batch, with steering on the decision position and the first generated tokens."""
+    from catlens.gate import zone_sides
+
+    gate, inputs, X = _gate(tiny_lm)
+    s = gate_probabilities(gate, X)
+    iv = Intervention(**{**_iv(tiny_lm).__dict__, "positions": "last_prompt+2"})
+    router = Router("refusal_tokens", CATS)
+    lo, hi = (float(x) for x in np.quantile(s, [0.3, 0.7]))
+    pols = {"none": None,
+            "toward": SteeringPolicy((Intervention(**{**iv.__dict__, "coeff": 3.0}),), router=router),
+            "away": SteeringPolicy((Intervention(**{**iv.__dict__, "coeff": -3.0}),), router=router),
+            "zoned": SteeringPolicy((iv,), gate=Gate(**{**_fields(gate), "lower": lo, "threshold": hi}),
+                                    router=router, toward=3.0, away=-3.0)}
+    toks = {n: [r["token_ids"] for r in generate(tiny_lm, PROMPTS, p, max_new_tokens=6, batch_size=5,
+                                                 show_progress=False)] for n, p in pols.items()}
+    assert toks["toward"] != toks["away"]  # the planted steering changes answers
+    side = zone_sides(s, lower=lo, upper=hi)
+    assert set(side.tolist()) == {0, 1, 2}  # every zone is exercised
+    expected = [toks[("none", "toward", "away")[k]][i] for i, k in enumerate(side)]
+    assert toks["zoned"] == expected

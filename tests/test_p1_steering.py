@@ -30,7 +30,9 @@ ARGV = ["--stock-model", "none", "--layers", "1,2", "--gate-layers", "1,3", "--m
         "one_vs_benign,one_vs_rest", "--toward", "0.5", "--away", "0.5", "--scopes", "last_prompt+0,last_prompt",
         "--train-cap", "48", "--val-cap", "3", "--test-cap", "3", "--val-gen-n", "8", "--gen-n", "8",
         "--gen-tokens", "3", "--candidates", "1", "--ppl-guard", "0.5", "--lowrank-steps", "0", "--threads", "1",
-        "--zone-grid", "9", "--jailbreak-n", "4", "--test-gen-cap", "2", "--judge", "full_answer"]
+        "--zone-grid", "9", "--jailbreak-n", "4", "--test-gen-cap", "2", "--judge", "substring"]
+# the substring judge: the tiny random model's text is gibberish, which the full-answer judge calls refused, so no
+# benign answer would be left for the perplexity guard and nothing would be chosen; the default is full_answer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def test_p1_writes_every_table(p1_run):
     assert {"all", "without_xstest", "hardbenign"} <= set(head.benign_pool)
     one = pd.read_parquet(out / "headline.parquet")
     assert (one.benign_pool == "all").all() and one.policy.is_unique
-    assert head.judge.str.startswith("full_answer").all()
+    assert head.judge.str.startswith("substring").all()
+    assert mod.parse_args(["--model", "m", "--out", "o"]).judge == "full_answer"  # the headline's default judge
     gates = pd.read_parquet(out / "gates.parquet")
     assert gates.chosen.sum() == 1 and "logodds" in set(gates.features)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -69,6 +72,28 @@ def test_p1_writes_every_table(p1_run):
     assert manifest["selection"]["split"] == "val" and manifest["selection"]["test_read"] is True
     jail = pd.read_parquet(out / "jailbreaks.parquet")
     assert {"none (plain)", "role_play"} <= set(jail.template) or len(set(jail.template)) >= 2
+    # what bounds the result: written exactly when a global categorical policy was chosen
+    chosen_global = (out / "policies" / "categorical_global").exists()
+    for name in ("bound", "test_frontier", "gate_roc"):
+        assert (out / f"{name}.parquet").exists() == chosen_global, name
+
+
+def test_answer_zone_sweep_predicts_the_gated_policy_exactly(p1_run):
+    """The zones are chosen offline from three generated sides; the gated policy, generated on the same rows, gives
+    the same verdict on every row (val), and so does the test bound's offline row."""
+    mod, out, _, _ = p1_run
+    cand = pd.read_parquet(out / "candidates.parquet")
+    chosen = cand[cand.chosen.fillna(False).astype(bool) & cand["mode"].isin(["global", "per_category"])]
+    assert len(chosen), "the tiny run chose no zones: the identity is not exercised"
+    assert (chosen.online_agreement == 1.0).all()
+    assert chosen.online_over_refusal.tolist() == pytest.approx(chosen.over_refusal.tolist())
+    assert chosen.online_refusal.tolist() == pytest.approx(chosen.refusal.tolist())
+    bound = pd.read_parquet(out / "bound.parquet").set_index("gate")
+    assert bound.loc["chosen zones (the policy's own answers)", "agreement_with_offline"] == 1.0
+    # the oracle and the best side per row can only do better than any zone choice, on both sides
+    best, orc = bound.loc["best side per row"], bound.loc["chosen zones (offline)"]
+    assert best.over_refusal <= orc.over_refusal and best.refusal >= orc.refusal
+    assert bound.loc["unsteered", "ppl_ratio"] == pytest.approx(1.0)
 
 
 def test_candidates_obey_the_perplexity_guard_and_policies_follow_the_choice(p1_run):
