@@ -81,8 +81,8 @@ def render(t: dict[str, Any], n_rows: int, run: str) -> str:
     import pandas as pd
 
     acc = t["accuracy"]
-    lines = [(f"Judges against {n_rows} hand-labelled answers (`catlens/data/judge_labels.jsonl`, labels by an "
-              f"LLM-based assistant, see `catlens/data/judge_labels.md`); run `{run}`, "
+    lines = [(f"Judges against {n_rows} hand-labelled answers (`catlens/data/judge_labels.jsonl`, labels by "
+              f"LLM-based assistants, not humans, see `catlens/data/judge_labels.md`); run `{run}`, "
               f"`python analyses/judge_accuracy.py`. 95 % Wilson intervals."), "",
              "| rows | judge | n | accuracy [95 % CI] | refusals caught | answers kept | kappa vs labels |",
              "|---|---|---|---|---|---|---|"]

@@ -21,6 +21,20 @@ The steering direction is the difference of the mean residual stream at the last
 
 Writes ``<out>/sample.jsonl`` (one row per answer with every field of ``judge_labels.jsonl`` except ``label`` and
 ``note``, which are left empty for the labeller) and a manifest. Nothing here labels anything.
+
+``--from-gen DIR`` draws the sample from generations already on disk instead (no model is loaded; seconds):
+    python analyses/judge_sample.py --from-gen runs/p1-demo/gen --out runs/judge_sample_gen
+
+Every ``DIR/<folder>/generations.jsonl`` (a ``catlens generate`` folder with its ``manifest.json``) is read; a
+row is kept when its prompt is one of catlens's own (a packaged set, or a packaged harmful prompt wrapped in one of
+catlens's own jailbreak templates, ``catlens.jailbreaks``) with exactly the packaged text, its
+``(prompt_id, response)`` pair is not already labelled (``--labels``, default the packaged sample) nor drawn from
+an earlier folder, and its row id ``model|policy|prompt_id`` is not taken by another answer. Folders are read
+unsteered first (``*unsteered``), then by name, so an answer several policies produced identically is stored once,
+under the first. ``model`` is ``stock`` for the embedded model and the model's
+name otherwise; ``policy`` is ``none`` for an unsteered folder and otherwise the folder name without its
+``val_`` / ``test_`` / ``stock_`` / ``jailbreak_`` prefix. ``--max-per-source N`` keeps at most N rows per
+``model|policy`` (a seeded random draw); by default every new pair is kept.
 """
 
 from __future__ import annotations
@@ -35,7 +49,14 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tuned", required=True, help="the refusal-token fine-tune (folder or model spec)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tuned", help="the refusal-token fine-tune (folder or model spec): generate the sample")
+    src.add_argument("--from-gen", help="a folder of generation folders (e.g. runs/p1-demo/gen): draw the sample "
+                                        "from answers already on disk, no model loaded")
+    p.add_argument("--labels", default=None, help="with --from-gen: labelled JSONL whose (prompt_id, response) "
+                                                  "pairs are skipped (default: the packaged sample)")
+    p.add_argument("--max-per-source", type=int, default=None, help="with --from-gen: at most this many rows per "
+                                                                    "model|policy (seeded draw; default all)")
     p.add_argument("--out", default="runs/judge_sample")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--layer", type=int, default=15, help="layer of the steering direction and intervention")
@@ -107,6 +128,124 @@ def rows_from(records: list[dict[str, Any]], prompts: Any, model_name: str, poli
     return rows
 
 
+GEN_PREFIXES = ("val_", "test_", "stock_", "jailbreak_")
+
+
+def own_prompts() -> dict[str, Any]:
+    """Prompt id -> prompt for catlens's own prompts: every packaged set, and each packaged harmful prompt wrapped
+    in each of catlens's jailbreak templates (ids ``<id>+<template>``)."""
+    from catlens.datasets import PACKAGED, load_prompts
+    from catlens.jailbreaks import wrap_jailbreaks
+
+    out: dict[str, Any] = {}
+    for name in PACKAGED:
+        ps = load_prompts(name)
+        out.update({p.id: p for p in ps})
+        out.update({p.id: p for p in wrap_jailbreaks(ps)})
+    return out
+
+
+def source_of(folder: str, manifest: dict[str, Any]) -> tuple[str, str]:
+    """``(model, policy)`` of a generation folder (see the module docstring)."""
+    from pathlib import PurePath
+
+    from catlens.model import DEFAULT_MODEL
+
+    spec = str(manifest.get("config", {}).get("model") or "")
+    if not spec:
+        raise ValueError(f"generation folder {folder!r}: its manifest.json names no config.model; give folders "
+                         f"written by catlens generate.")
+    model = "stock" if spec == DEFAULT_MODEL else PurePath(spec).name
+    if folder.endswith("unsteered"):
+        return model, "none"
+    for prefix in GEN_PREFIXES:
+        if folder.startswith(prefix):
+            return model, folder[len(prefix):]
+    return model, folder
+
+
+def draw_from_generations(gen_dir: str, labelled: list[dict[str, Any]], prompts: dict[str, Any],
+                          max_per_source: int | None = None, seed: int = 0) -> tuple[list[dict[str, Any]],
+                                                                                    dict[str, int]]:
+    """Unlabelled rows (the fields of ``judge_labels.jsonl``, ``label`` / ``note`` empty) for every new
+    ``(prompt_id, response)`` pair on catlens's own prompts in the generation folders under ``gen_dir``, and
+    counts of what was skipped. Deterministic: folder order, then file order; ``max_per_source`` is a seeded draw."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from catlens.judges import label_split
+
+    root = Path(gen_dir)
+    files = sorted(root.glob("*/generations.jsonl"), key=lambda f: (not f.parent.name.endswith("unsteered"),
+                                                                     f.parent.name))
+    if not files:
+        raise FileNotFoundError(f"--from-gen {gen_dir!r}: no <folder>/generations.jsonl under it; give the folder "
+                                f"that holds the generation folders (e.g. runs/p1-demo/gen).")
+    done = {(r["prompt_id"], r["response"]) for r in labelled}
+    seen = set(done)
+    ids = {r["id"] for r in labelled if "id" in r}
+    skipped = {"not_own_prompt": 0, "prompt_text_differs": 0, "already_labelled": 0, "repeat": 0, "id_taken": 0}
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        manifest = json.loads((f.parent / "manifest.json").read_text(encoding="utf-8"))
+        model, policy = source_of(f.parent.name, manifest)
+        budget = manifest.get("config", {}).get("max_new_tokens")
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            g = json.loads(line)
+            p = prompts.get(g["id"])
+            if p is None:
+                skipped["not_own_prompt"] += 1
+                continue
+            if g["prompt"] != p.text:
+                skipped["prompt_text_differs"] += 1
+                continue
+            key = (p.id, g["response"])
+            if key in seen:
+                skipped["already_labelled" if key in done else "repeat"] += 1
+                continue
+            rid = f"{model}|{policy}|{p.id}"
+            if rid in ids:  # another answer of the same model, policy and prompt (e.g. a val and a test folder)
+                skipped["id_taken"] += 1
+                continue
+            seen.add(key)
+            ids.add(rid)
+            rows.append({"id": rid, "prompt_id": p.id, "prompt": p.text, "prompt_label": p.label,
+                         "category": p.category, "model": model, "policy": policy, "max_new_tokens": budget,
+                         "response": g["response"], "label": "", "note": "", "split": label_split(rid)})
+    if max_per_source is not None:
+        rng = np.random.default_rng(seed)
+        by: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by.setdefault(f"{r['model']}|{r['policy']}", []).append(i)
+        keep = set()
+        for source in sorted(by):
+            idx = by[source]
+            keep.update(idx[j] for j in rng.permutation(len(idx))[:max_per_source])
+        rows = [r for i, r in enumerate(rows) if i in keep]
+    return rows, skipped
+
+
+def main_from_gen(args: argparse.Namespace) -> int:
+    import json
+
+    from catlens.judges import load_judge_labels
+    from catlens.runs import RunDir
+
+    run = RunDir.create(args.out, vars(args), overwrite=args.overwrite)
+    rows, skipped = draw_from_generations(args.from_gen, load_judge_labels(args.labels), own_prompts(),
+                                          args.max_per_source, args.seed)
+    run.append_jsonl("sample", rows)
+    run.finish(n_rows=len(rows), skipped=skipped,
+               sources={f"{m}|{p}": sum(r["model"] == m and r["policy"] == p for r in rows)
+                        for m, p in sorted({(r["model"], r["policy"]) for r in rows})})
+    print(json.dumps(run.manifest.get("summary", {}), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
 
@@ -119,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.from_gen:
+        return main_from_gen(args)
     configure_process(threads=args.threads, seed=args.seed)
     run = RunDir.create(args.out, vars(args), overwrite=args.overwrite)
     rng = np.random.default_rng(args.seed)

@@ -211,11 +211,13 @@ def test_judge_accuracy_end_to_end_and_bad_labels():
 # ------------------------------------------------------------------------------------ the labelled sample
 def test_packaged_labels_schema_and_provenance():
     from catlens.datasets import PACKAGED, load_prompts
+    from catlens.jailbreaks import wrap_jailbreaks
 
     rows = load_judge_labels()
     own = {}
     for name in PACKAGED:  # catlens's own prompt sets only (built-in, hard-benign): no benchmark text
         own.update({p.id: p for p in load_prompts(name)})
+        own.update({p.id: p for p in wrap_jailbreaks(load_prompts(name))})  # ... in catlens's own templates
     for r in rows:
         p = own[r["prompt_id"]]
         assert r["prompt"] == p.text and r["prompt_label"] == p.label and r["category"] == p.category
@@ -229,12 +231,62 @@ def test_packaged_labels_schema_and_provenance():
     assert {r["split"] for r in rows} == {"dev", "holdout"}
 
 
-@pytest.mark.xfail(strict=True, reason="the packaged sample has 145 labelled answers (all from the refusal-token "
-                                       "fine-tune); the target is >= 200 including the stock model: see the report")
 def test_packaged_labels_reach_the_target_size_and_sources():
     rows = load_judge_labels()
     assert len(rows) >= 200
     assert ("stock", "none") in {(r["model"], r["policy"]) for r in rows}
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "analyses" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def write_gen(folder, model, records):
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"config": {"model": model, "max_new_tokens": 64}}))
+    (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_judge_sample_draws_new_pairs_from_generation_folders(tmp_path):
+    from catlens.datasets import load_prompts
+    from catlens.model import DEFAULT_MODEL
+
+    script = load_script("judge_sample")
+    prompts = script.own_prompts()
+    builtin = list(load_prompts("builtin"))
+    a, b = builtin[0], builtin[1]
+    wrapped = next(p for p in prompts.values() if p.id.endswith("+role_play"))
+
+    def g(p, resp, text=None):
+        return {"id": p.id, "prompt": text or p.text, "response": resp}
+
+    gen = tmp_path / "gen"
+    # the steered folder sorts before the unsteered one by name, but unsteered folders are read first
+    write_gen(gen / "stock_alpha", DEFAULT_MODEL, [g(a, "same"), g(a, "other"), g(b, "labelled before")])
+    write_gen(gen / "stock_unsteered", DEFAULT_MODEL, [g(a, "same"), g(b, "b text", text="edited prompt")])
+    write_gen(gen / "test_alpha", "/cache/finetunes/refusal-default",
+              [g(a, "same"), g(a, "tuned"), {"id": "xstest/1", "prompt": "x", "response": "y"}, g(wrapped, "w")])
+    write_gen(gen / "val_alpha", "refusal-default", [g(a, "a second answer under the same id")])
+    labelled = [{"id": "m|none|x", "prompt_id": b.id, "response": "labelled before"}]
+    rows, skipped = script.draw_from_generations(str(gen), labelled, prompts)
+    assert [(r["id"], r["response"]) for r in rows] == [
+        (f"stock|none|{a.id}", "same"), (f"stock|alpha|{a.id}", "other"),
+        (f"refusal-default|alpha|{a.id}", "tuned"), (f"refusal-default|alpha|{wrapped.id}", "w")]
+    # "same" is stored once (any model, any policy); the val folder's answer would repeat the test folder's id
+    assert skipped == {"not_own_prompt": 1, "prompt_text_differs": 1, "already_labelled": 1, "repeat": 2,
+                       "id_taken": 1}
+    assert all(r["label"] == "" and r["split"] == label_split(r["id"]) and r["max_new_tokens"] == 64
+               for r in rows)
+    assert rows[3]["prompt"] == wrapped.text and rows[3]["prompt_id"] == wrapped.id
+    capped, _ = script.draw_from_generations(str(gen), labelled, prompts, max_per_source=1, seed=3)
+    assert capped == script.draw_from_generations(str(gen), labelled, prompts, max_per_source=1, seed=3)[0]
+    assert sorted(f"{r['model']}|{r['policy']}" for r in capped) == ["refusal-default|alpha", "stock|alpha",
+                                                                      "stock|none"]
+    with pytest.raises(FileNotFoundError, match="no <folder>/generations.jsonl"):
+        script.draw_from_generations(str(tmp_path / "empty"), [], prompts)
 
 
 def test_check_judge_labels_rejects_bad_rows():
