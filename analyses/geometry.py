@@ -30,7 +30,8 @@ Direction sets (all layers; fitted on the prompts of --direction-splits, default
     one_vs_benign            mean(harmful c) - mean(benign)
     one_vs_rest              mean(harmful c) - mean(other harmful categories), prompt-weighted
     one_vs_benign_orth       one_vs_benign with the global harmful-vs-benign direction projected out
-    p1                       P1 (tau=1e-3, top-K=min(200, d)); read position = the store's, not a category token
+    p1                       P1 (tau=1e-3, top-K = catlens.directions.p1_top_k(d), P1's share of dims; the same
+                             K as the P1 stage); read position = the store's, not a category token
     p2_generic               P2 unsupervised, safe = ordinary benign prompts (category None)
     p2_matched               P2 unsupervised, safe = benign look-alikes of the same category
     p2_pruned                P2 pruned (median norm, truncate pairing), safe = generic
@@ -60,7 +61,7 @@ DIRECTION_RECIPES: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "one_vs_benign": ("one_vs_benign", "benign", {}),
     "one_vs_rest": ("one_vs_rest", None, {}),
     "one_vs_benign_orth": ("one_vs_benign_orth", "benign", {}),
-    "p1": ("p1_mean_difference", "benign", {"tau": 1e-3}),
+    "p1": ("p1_mean_difference", "benign", {"tau": 1e-3, "top_k": D.P1_TOP_K_MODE}),
     "p2_generic": ("p2_unsupervised", "generic", {}),
     "p2_matched": ("p2_unsupervised", "matched", {}),
     "p2_pruned": ("p2_pruned", "generic", {"quantile": 0.5, "pairing": "truncate"}),

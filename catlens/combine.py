@@ -23,6 +23,13 @@ whitener fitted on benign activations (:func:`catlens.geometry.fit_whitener`) an
   holds orthonormal directions of the *whitened* space; only meaningful for ZCA whitening, whose coordinates
   share the residual basis). Unit-norm, Euclidean-orthonormal columns.
 
+**Which one reproduces P1** (PAPERS.md §2.7, checked numerically against P1's code at commit 5ffd3a4): only
+``"verbatim"``. The two modes span different subspaces in general; on the tuned default model's activations §2.7
+found the ``"residual"`` columns far from ``Q`` (per-column |cos| well below 1) and about three orders of magnitude
+shorter, while ``"verbatim"`` matched P1's ``Q`` and its low-rank map ``U(Vᵀz)`` (up to column signs).
+``"residual"`` stays the default because it keeps the steering inside the span of the category directions;
+pass ``mode="verbatim"`` to run P1's method as its code runs it.
+
 **Map and variants** (:func:`train_low_rank`). ``U, V ∈ R^{d×r}`` start at the basis (``r = k`` by default).
 With ``rank < k`` they start at the first ``rank`` columns (the basis order is the category order, which fixes
 the QR); with ``rank > k`` the ``rank - k`` extra columns of ``U`` and ``V`` are seeded Gaussian noise with

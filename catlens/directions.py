@@ -58,6 +58,11 @@ __all__ = [
     "p2_guided",
     "tau_mask",
     "top_k_sparsify",
+    "p1_top_k",
+    "P1_TOP_K",
+    "P1_D_MODEL",
+    "P1_TOP_K_MODE",
+    "TOP_K_MODES",
 ]
 
 _DIMS = ("category", "layer", "d_model")
@@ -153,6 +158,45 @@ def tau_mask(u: Float[Tensor, "*batch d_model"], tau: float | None) -> Float[Ten
     if tau < 0 or not math.isfinite(tau):
         raise ValueError(f"tau={tau} must be a finite number >= 0 (P1 uses 1e-3), or None to disable the mask.")
     return u * (u.abs() >= tau)
+
+
+P1_TOP_K = 200
+"""P1's top-K: dimensions its categorical steering vectors keep (PAPERS §2.3 C) ..."""
+P1_D_MODEL = 4096
+"""... out of Llama-3-8B's residual width."""
+TOP_K_MODES = ("proportional", "absolute")
+"""How :func:`p1_top_k` carries P1's K to another width."""
+P1_TOP_K_MODE = "proportional"
+"""catlens's choice (used by the ``p1_mean_difference`` registry entry, so by every stage that fits P1's
+directions without an explicit ``top_k``): keep P1's *share* of dimensions, not its count."""
+
+
+def p1_top_k(d_model: int, mode: str = P1_TOP_K_MODE) -> int:
+    """P1's top-K at residual width ``d_model``: the one definition every catlens stage uses.
+
+    * ``"proportional"`` (default, :data:`P1_TOP_K_MODE`): P1's share of dimensions,
+      ``round(P1_TOP_K * d_model / P1_D_MODEL)`` (at least 1), so a smaller model's vectors are as sparse as P1's;
+    * ``"absolute"``: P1's count, ``min(P1_TOP_K, d_model)``, as P1's code would run unchanged on this model
+      (on a narrow model it keeps a much larger share of the dimensions than P1 does).
+
+    Both are ``P1_TOP_K`` at P1's own width.
+
+    >>> p1_top_k(576), p1_top_k(576, "absolute"), p1_top_k(4096), p1_top_k(4096, "absolute")
+    (28, 200, 200, 200)
+    """
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model={d_model!r} must be a positive integer (the residual width, e.g. 576).")
+    if mode == "proportional":
+        return max(1, round(P1_TOP_K * d_model / P1_D_MODEL))
+    if mode == "absolute":
+        return min(P1_TOP_K, d_model)
+    raise ValueError(unknown_name_message("top-K mode", mode, TOP_K_MODES,
+                                          "'proportional' keeps P1's share of dimensions, 'absolute' its count."))
+
+
+def _resolve_top_k(top_k: int | str | None, d_model: int) -> int | None:
+    """``top_k`` as given, or :func:`p1_top_k` of ``d_model`` when it names a mode."""
+    return p1_top_k(d_model, top_k) if isinstance(top_k, str) else top_k
 
 
 def top_k_sparsify(d: Float[Tensor, "*batch d_model"], k: int | None) -> Float[Tensor, "*batch d_model"]:
@@ -469,7 +513,7 @@ def p1_mean_difference(
     respond_acts: Float[Tensor, "prompt layer d_model"],
     *,
     tau: float | None = 1e-3,
-    top_k: int | None = 200,
+    top_k: int | str | None = P1_TOP_K,
     normalize: bool = True,
     layers: Sequence[int] | None = None,
     site: str = "resid_post",
@@ -487,19 +531,23 @@ def p1_mean_difference(
             caller chose; the read position belongs in ``provenance``.
         respond_acts: ``[prompt, layer, d_model]``, the benign prompts at the ``[respond]`` token (P1).
         tau: mask threshold (P1: 1e-3); None disables the mask.
-        top_k: dimensions kept (P1: 200); None (or >= d_model) keeps all.
+        top_k: dimensions kept (P1: :data:`P1_TOP_K` = 200 of 4096); None (or >= d_model) keeps all;
+            ``"proportional"`` or ``"absolute"`` mean :func:`p1_top_k` of the activations' width (the registry
+            entry ``fit_directions(..., "p1_mean_difference")`` defaults to :data:`P1_TOP_K_MODE`).
         normalize: unit L2 norm (P1: True).
         layers: layer labels of axis 1 (default 0..n-1).
     """
     n_layers, d_model = _check_group(cat_acts, "cat_acts")
     _check_acts("respond_acts", respond_acts, n_layers=n_layers, d_model=d_model)
     lay = _layer_labels(layers, n_layers)
+    mode = top_k if isinstance(top_k, str) else None
+    top_k = _resolve_top_k(top_k, d_model)
     mu_b = tau_mask(_mean64(respond_acts), tau)
     d = torch.stack([tau_mask(_mean64(x), tau) - mu_b for x in cat_acts.values()])
     return _make(top_k_sparsify(d, top_k), list(cat_acts), lay, normalize=normalize, site=site,
                  method="p1_mean_difference", provenance=provenance,
-                 options={"tau": tau, "top_k": top_k, "n_prompts": {c: len(x) for c, x in cat_acts.items()},
-                          "n_respond": len(respond_acts)})
+                 options={"tau": tau, "top_k": top_k, "top_k_mode": mode,
+                          "n_prompts": {c: len(x) for c, x in cat_acts.items()}, "n_respond": len(respond_acts)})
 
 
 def p1_contrastive(
@@ -826,9 +874,11 @@ def _orth(harmful: Mapping[str, Tensor], benign: Tensor, *, normalize: bool = Fa
     return orthogonalize_against(base, refusal, normalize=normalize)
 
 
-def _p1(harmful: Mapping[str, Tensor], benign: Tensor, *, top_k: int | None = 200, **kw: Any) -> Directions:
-    d_model = next(iter(harmful.values())).shape[-1] if harmful else 0
-    return p1_mean_difference(harmful, benign, top_k=None if top_k is None else min(top_k, d_model), **kw)
+def _p1(harmful: Mapping[str, Tensor], benign: Tensor, *, top_k: int | str | None = P1_TOP_K_MODE,
+        **kw: Any) -> Directions:
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and harmful:
+        top_k = min(top_k, next(iter(harmful.values())).shape[-1])
+    return p1_mean_difference(harmful, benign, top_k=top_k, **kw)
 
 
 @dataclass(frozen=True)
@@ -847,8 +897,8 @@ METHODS: dict[str, Method] = {
     "one_vs_rest": Method(lambda h, b, **kw: one_vs_rest(h, **kw), needs_benign=False,
                           summary="mean(harmful c) - mean(the other harmful categories)"),
     "one_vs_benign_orth": Method(_orth, summary="one_vs_benign with the harmful-vs-benign direction projected out"),
-    "p1_mean_difference": Method(_p1, summary="P1: normalise(topK(mask_tau(mu_c) - mask_tau(mu_b))), top_k capped "
-                                              "at d_model"),
+    "p1_mean_difference": Method(_p1, summary="P1: normalise(topK(mask_tau(mu_c) - mask_tau(mu_b))), top_k "
+                                              "p1_top_k(d_model) by default, an int is capped at d_model"),
     "p1_contrastive": Method(p1_contrastive, summary="P1's paired variant; benign is {category: paired acts}"),
     "p2_unsupervised": Method(p2_unsupervised, summary="P2: mean(safe) - mean(unsafe c); benign is a tensor "
                                                        "(generic) or {category: tensor} (matched)"),

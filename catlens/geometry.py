@@ -545,8 +545,9 @@ def massive_dimensions(
 class Whitener:
     """An affine whitening map fitted on (benign) activations: ``z = W (x - mean)``.
 
-    Float64 throughout (the inverse of an ill-conditioned map loses digits in float32); outputs of the methods
-    come back in the input's dtype. Build with :func:`fit_whitener`.
+    Stored in float64 (the inverse of an ill-conditioned map loses digits in float32); outputs of the methods
+    come back in the input's dtype. Build with :func:`fit_whitener`; ``dtype="float32"`` there computes ``W`` and
+    ``W_inv`` in float32 (P1's arithmetic) and stores the float32 result.
     """
 
     mean: Float[Tensor, "d_model"]
@@ -569,6 +570,9 @@ class Whitener:
     """Numerical rank of the sample covariance of the fitting data (see :func:`numerical_rank`)."""
     n_samples: int
     restrict_to_span: bool
+    dtype: str = "float64"
+    """Precision ``W`` and ``W_inv`` were computed in (:data:`WHITEN_DTYPES`); the span, eigenvalues and rank are
+    float64 facts about the data either way."""
 
     @property
     def d_model(self) -> int:
@@ -613,6 +617,10 @@ class Whitener:
         return (off / total).to(v.dtype)
 
 
+WHITEN_DTYPES = ("float64", "float32")
+"""Arithmetic precision of :func:`fit_whitener`: ``"float64"`` (catlens) or ``"float32"`` (P1's code)."""
+
+
 def fit_whitener(
     benign_acts: Float[Tensor, "prompt d_model"],
     *,
@@ -621,6 +629,7 @@ def fit_whitener(
     shrinkage: None | Literal["ledoit_wolf"] | float = None,
     restrict_to_span: bool = False,
     warn: bool = True,
+    dtype: str | torch.dtype = "float64",
 ) -> Whitener:
     """Fit a whitening map on activations (P1: benign prompts, PAPERS.md §2.3 I and §5 item 10).
 
@@ -641,15 +650,51 @@ def fit_whitener(
     shrinkage, which gives the off-span directions the variance ``delta tr(Sigma)/d`` instead of 0.
     ``eps=0`` with a rank-deficient, unshrunk covariance and no restriction is refused (the map is infinite).
     ``warn=False`` silences the rank warning (e.g. after the first of many layers).
+
+    **Precision** (``dtype``, :data:`WHITEN_DTYPES`). ``"float64"`` (default) computes the map from an SVD of the
+    centred data in float64. ``"float32"`` reproduces P1's arithmetic (PAPERS §2.3 I): the covariance
+    ``Sigma = Xc^T Xc / N`` formed in float32, ``U, S, _ = svd(Sigma_s + eps I)`` in float32,
+    ``W = U diag(max(S, eps)^(-1/2)) U^T`` and ``W_inv = U diag(max(S, eps)^(1/2)) U^T``; only for unrestricted
+    ``"zca"`` (the map P1 uses). In exact arithmetic the two are the same map. With well-conditioned data they agree
+    to float32 precision; with fewer samples than dimensions the float32 eigenvalues near ``eps`` carry rounding
+    errors of order ``S.max() * 1e-7``, and PAPERS §2.7 measured P1's float32 whitening matrix a few percent away from
+    the float64 one on the tuned default model's activations (its basis columns still nearly parallel).
     """
     return _fit_whitener(benign_acts, method=method, eps=eps, shrinkage=shrinkage,
-                         restrict_to_span=restrict_to_span, warn=warn)
+                         restrict_to_span=restrict_to_span, warn=warn, dtype=dtype)
+
+
+def _whiten_dtype(dtype: Any) -> str:
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if name not in WHITEN_DTYPES:
+        from catlens.errors import unknown_name_message
+
+        raise ValueError(unknown_name_message("whitening dtype", dtype, WHITEN_DTYPES,
+                                              "'float64' is catlens's precision, 'float32' P1's."))
+    return str(name)
+
+
+def _p1_zca_float32(x: Tensor, eps: float, delta: float) -> tuple[Tensor, Tensor]:
+    """``W, W_inv`` of ZCA whitening computed as P1's code computes them: every step in float32."""
+    x32 = x.to(torch.float32)
+    xc = x32 - x32.mean(0, keepdim=True)
+    sigma = xc.T @ xc / x32.shape[0]
+    eye = torch.eye(sigma.shape[0], dtype=torch.float32)
+    if delta:
+        sigma = (1 - delta) * sigma + delta * (torch.trace(sigma) / sigma.shape[0]) * eye
+    u, s, _ = torch.linalg.svd(sigma + eps * eye)
+    s = s.clamp_min(eps)
+    return (u * s.rsqrt()) @ u.T, (u * s.sqrt()) @ u.T
 
 
 def _fit_whitener(benign_acts: Tensor, *, method: str, eps: float, shrinkage: Any, restrict_to_span: bool,
-                  warn: bool) -> Whitener:
+                  warn: bool, dtype: Any = "float64") -> Whitener:
     if method not in ("zca", "pca"):
         raise ValueError(f"method={method!r} is not allowed; use 'zca' (P1) or 'pca'.")
+    dtype = _whiten_dtype(dtype)
+    if dtype == "float32" and (method != "zca" or restrict_to_span):
+        raise ValueError(f"dtype='float32' reproduces P1's arithmetic, which is unrestricted ZCA whitening; got "
+                         f"method={method!r}, restrict_to_span={restrict_to_span}. Use dtype='float64' for these.")
     if eps < 0 or not math.isfinite(eps):
         raise ValueError(f"eps={eps} must be a finite number >= 0 (P1 uses 1e-4).")
     _check_x(benign_acts, "benign_acts", min_n=2)
@@ -688,7 +733,9 @@ def _fit_whitener(benign_acts: Tensor, *, method: str, eps: float, shrinkage: An
                          f"restrict_to_span=True.")
     span = vh[:rank]
     g = (lam_s + eps).rsqrt()  # gains, length d; entries >= rank are the off-span gain
-    if method == "zca":
+    if dtype == "float32":
+        w, w_inv = (t.to(torch.float64) for t in _p1_zca_float32(benign_acts, eps, delta))
+    elif method == "zca":
         if restrict_to_span or rank == d:  # W = V^T diag(g) V on the span (and 0 off it when restricted)
             w = span.T @ (g[:rank, None] * span)
             w_inv = span.T @ ((1 / g[:rank])[:, None] * span)
@@ -706,8 +753,10 @@ def _fit_whitener(benign_acts: Tensor, *, method: str, eps: float, shrinkage: An
             basis = torch.cat([span, evecs[:, evals > 0.5].T.flip(0)])
         w = g[:, None] * basis
         w_inv = basis.T * (1 / g)[None, :]
+    if dtype == "float32":
+        mean = benign_acts.to(torch.float32).mean(0).to(torch.float64)
     return Whitener(mean=mean, W=w, W_inv=w_inv, span=span, eigenvalues=lam_s, method=method, eps=float(eps),
-                    shrinkage=delta, rank=rank, n_samples=n, restrict_to_span=restrict_to_span)
+                    shrinkage=delta, rank=rank, n_samples=n, restrict_to_span=restrict_to_span, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------ orthonormal basis

@@ -12,6 +12,14 @@ training mean; the threshold is chosen on *separate* selection activations (``va
 (``argmax TPR − FPR``, P1's rule) or the lowest threshold whose false-positive rate (over-refusal by the gate) is
 at most ``target_fpr``. Without ``val`` the threshold is chosen on the training activations, which flatters it;
 a warning says so.
+
+**Centring** (``fit_gate(centring=...)``, :data:`GATE_CENTRINGS`). P1 trains its probe on centred features and
+chooses its threshold on centred validation features, but at inference the line that subtracts the training mean is
+commented out (PAPERS §2.3 F), so its gate runs as ``σ(w·h + b)``: a bias shift of ``+w·μ`` relative to how it was
+fitted. ``"consistent"`` (default) subtracts μ wherever the probe is used; ``"p1_as_run"`` fits and thresholds
+exactly as ``"consistent"`` does but returns a gate without the mean (``Gate.mean = None``), i.e. P1's gate as it
+ran. PAPERS §2.7 measured that running P1's probe uncentred flips a large share of gate decisions and multiplies
+the share of benign prompts it flags.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ from torch import Tensor
 from catlens.steer import Gate, Router
 
 log = logging.getLogger(__name__)
+
+GATE_CENTRINGS = ("consistent", "p1_as_run")
+"""How :func:`fit_gate`'s gate centres its features: ``"consistent"`` (trained, thresholded and run on ``h − μ``;
+catlens) or ``"p1_as_run"`` (trained and thresholded on ``h − μ``, run on ``h``; P1's code, PAPERS §2.3 F)."""
 
 
 def _as_np(name: str, x: Any, d: int | None = None) -> np.ndarray:
@@ -64,11 +76,21 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
 
 def fit_gate(harmful: Tensor, benign: Tensor, *, layer: int, site: str = "resid_post",
              val: tuple[Tensor, Tensor] | None = None, rule: str = "youden", target_fpr: float | None = None,
-             C: float = 1.0, name: str = "probe") -> Gate:
+             C: float = 1.0, name: str = "probe", centring: str = "consistent") -> Gate:
     """Fit the harmful-vs-benign probe on ``harmful``/``benign`` activations ``[n d_model]`` (class-balanced
-    logistic regression on centred features) and choose its threshold on ``val = (harmful, benign)``."""
+    logistic regression on centred features) and choose its threshold on ``val = (harmful, benign)``.
+
+    ``centring`` (:data:`GATE_CENTRINGS`): ``"consistent"`` returns a gate that scores ``σ(w·(h − μ) + b)``, as it
+    was fitted; ``"p1_as_run"`` returns the same ``w``, ``b`` and threshold in a gate without ``μ``, which scores
+    ``σ(w·h + b)`` (P1's probe as its inference code runs it; see the module docstring).
+    """
     from sklearn.linear_model import LogisticRegression
 
+    if centring not in GATE_CENTRINGS:
+        from catlens.errors import unknown_name_message
+
+        raise ValueError(unknown_name_message("gate centring", centring, GATE_CENTRINGS,
+                                              "'consistent' centres when run (catlens), 'p1_as_run' does not (P1)."))
     h = _as_np("harmful", harmful)
     b = _as_np("benign", benign, h.shape[1])
     X = np.concatenate([h, b])
@@ -86,8 +108,9 @@ def fit_gate(harmful: Tensor, benign: Tensor, *, layer: int, site: str = "resid_
         Xs, ys = np.concatenate([vh, vb]), np.concatenate([np.ones(len(vh)), np.zeros(len(vb))])
     p = 1.0 / (1.0 + np.exp(-((Xs - mu) @ w + bias)))
     threshold = choose_threshold(ys, p, rule=rule, target_fpr=target_fpr)
-    return Gate(weight=torch.from_numpy(w), bias=bias, threshold=threshold, layer=layer, site=site,
-                mean=torch.from_numpy(mu.astype(np.float32)), name=name)
+    mean = torch.from_numpy(mu.astype(np.float32)) if centring == "consistent" else None
+    return Gate(weight=torch.from_numpy(w), bias=bias, threshold=threshold, layer=layer, site=site, mean=mean,
+                name=name)
 
 
 def fit_router_probe(acts: Tensor, categories: Sequence[str], *, layer: int, site: str = "resid_post",

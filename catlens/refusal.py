@@ -70,6 +70,58 @@ def category_token(category: str) -> str:
     return f"{CATEGORY_PREFIX}{category}]"
 
 
+# ------------------------------------------------------------------------------------ reading at a refusal token
+READ_CONTEXTS = ("chat", "raw")
+"""Text around a refusal token when activations are read *at* it (the reads P1's category directions are made of):
+
+* ``"chat"`` (catlens default): the prompt in the model's chat template, the assistant header, then the token as
+  the first token of the response: ``template(x) + "[refuse:c]"`` (or ``+ "[respond]"``). The token sits where
+  the fine-tune put it, and where the model itself emits it.
+* ``"raw"``: P1's extraction string (PAPERS §2.3 A, ``scripts/steering_vector_data.py``): no chat template, no
+  header, the prompt followed by a space and the token, with the BOS that TransformerLens's ``to_tokens`` prepends:
+  ``BOS + x + " [c]"`` (harmful, category c) or ``BOS + x + " [respond]"`` (benign). This is
+  :meth:`catlens.model.LensModel.format`'s ``"p1_append"`` with the append ``" " + token``.
+
+Either way the read position is the token itself (the last token of the text). PAPERS §2.7 lists this as one
+of the differences between catlens and P1's code; ``"raw"`` reproduces P1's reads.
+"""
+
+
+def token_read_format(tokens: str | Sequence[str], read_context: str = "chat") -> dict[str, Any]:
+    """The ``fmt`` and ``append`` keywords of :func:`catlens.cache.collect` (and :meth:`LensModel.format`) that read
+    activations at refusal token(s) ``tokens`` (one string for every prompt, or one per prompt) in ``read_context``
+    (:data:`READ_CONTEXTS`)::
+
+        collect(model, harmful, layers=..., **token_read_format([tokens.token_of(p.category) for p in harmful],
+                                                                read_context="raw"))
+
+    >>> token_read_format("[respond]", "raw")
+    {'fmt': 'p1_append', 'append': ' [respond]'}
+    >>> token_read_format(["[refuse:fraud]", "[respond]"])
+    {'fmt': 'chat', 'append': ['[refuse:fraud]', '[respond]']}
+    """
+    if read_context not in READ_CONTEXTS:
+        from catlens.errors import unknown_name_message
+
+        raise ValueError(unknown_name_message("read context", read_context, READ_CONTEXTS,
+                                              "'chat' reads in the chat template (catlens), 'raw' as P1's code does."))
+    single = isinstance(tokens, str)
+    items = [tokens] if single else list(tokens)
+    for t in items:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"token {t!r} is not a token string; give e.g. '[respond]' or '[refuse:privacy]'.")
+    if read_context == "chat":
+        return {"fmt": "chat", "append": tokens if single else items}
+    spaced = [" " + t for t in items]
+    return {"fmt": "p1_append", "append": spaced[0] if single else spaced}
+
+
+def token_read_texts(model: Any, texts: Sequence[str], tokens: str | Sequence[str], *,
+                     read_context: str = "chat") -> list[str]:
+    """The strings :func:`token_read_format` makes ``model`` read (the rendered inputs, before tokenising)."""
+    return model.format(texts, **token_read_format(tokens, read_context))
+
+
 # -------------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class RefusalTokens:

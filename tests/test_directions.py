@@ -428,7 +428,7 @@ def _registry_cases(planted, gen):
         "one_vs_benign_orth": (lambda: D.fit_directions(h, "one_vs_benign_orth", benign=b, **kw),
                                lambda: D.orthogonalize_against(D.one_vs_benign(h, b, **kw), refusal)),
         "p1_mean_difference": (lambda: D.fit_directions(h, "p1_mean_difference", benign=b, tau=1e-3, **kw),
-                               lambda: D.p1_mean_difference(h, b, tau=1e-3, top_k=D_MODEL, **kw)),
+                               lambda: D.p1_mean_difference(h, b, tau=1e-3, top_k="proportional", **kw)),
         "p1_contrastive": (lambda: D.fit_directions(paired, "p1_contrastive", benign=matched, top_k=4),
                            lambda: D.p1_contrastive(paired, matched, top_k=4)),
         "p2_unsupervised": (lambda: D.fit_directions(h, "p2_unsupervised", benign=matched, site="attn_out", **kw),
@@ -449,11 +449,27 @@ def test_every_registered_method_equals_its_constructor(planted, gen):
         assert got.method == want.method
 
 
-def test_p1_top_k_is_capped_at_d_model_by_the_registry(planted):
-    """P1's default top_k (200) exceeds a small model's width; the registry keeps every dimension then."""
+def test_p1_top_k_is_one_definition_proportional_by_default_and_capped_when_absolute(planted):
+    """P1 keeps 200 of 4096 dims; the registry carries that to other widths with p1_top_k (PAPERS §2.7)."""
     h, b = planted["cats"], planted["benign"]
-    assert D.fit_directions(h, "p1_mean_difference", benign=b) == D.p1_mean_difference(h, b, top_k=D_MODEL)
+    k = D.p1_top_k(D_MODEL)
+    assert k == round(200 * D_MODEL / 4096) == 3 and D.P1_TOP_K_MODE == "proportional"
+    assert D.p1_top_k(D_MODEL, "absolute") == D_MODEL and D.p1_top_k(4096) == D.p1_top_k(4096, "absolute") == 200
+    assert D.p1_top_k(576) == 28 and D.p1_top_k(1) == 1  # SmolLM2-135M's width; never zero dimensions
+    reg = D.fit_directions(h, "p1_mean_difference", benign=b)
+    assert torch.equal(reg.vectors, D.p1_mean_difference(h, b, top_k=k).vectors)
+    assert (reg.provenance["top_k"], reg.provenance["top_k_mode"]) == (k, "proportional")
+    assert bool(((reg.vectors != 0).sum(-1) == k).all())
+    absolute = D.fit_directions(h, "p1_mean_difference", benign=b, top_k="absolute")
+    assert torch.equal(absolute.vectors, D.p1_mean_difference(h, b, top_k=D_MODEL).vectors)
+    # an integer K above the width is capped by the registry (keeps every dimension)
+    assert D.fit_directions(h, "p1_mean_difference", benign=b, top_k=200) == D.p1_mean_difference(h, b,
+                                                                                                 top_k=D_MODEL)
     assert D.fit_directions(h, "p1_mean_difference", benign=b, top_k=3) == D.p1_mean_difference(h, b, top_k=3)
+    with pytest.raises(ValueError, match="Did you mean: proportional"):
+        D.p1_top_k(576, "proportionl")
+    with pytest.raises(ValueError, match="positive integer"):
+        D.p1_top_k(0)
 
 
 def test_unknown_method_gets_a_did_you_mean():

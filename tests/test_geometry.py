@@ -63,6 +63,56 @@ def test_whitening_eps_shrinks_the_whitened_variances_by_lambda_over_lambda_plus
     torch.testing.assert_close(torch.diagonal(_cov(w.whiten(x))), lam / (lam + eps), atol=1e-6, rtol=0)
 
 
+def _zca_reference(x: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """ZCA whitening written out from PAPERS §2.3 I, every step in ``dtype``: W = U diag(max(S, eps)^-1/2) U^T with
+    U, S from an SVD of the biased covariance plus eps I."""
+    x = x.to(dtype)
+    xc = x - x.mean(0)
+    sigma = xc.T @ xc / len(x)
+    u, s, _ = torch.linalg.svd(sigma + eps * torch.eye(len(sigma), dtype=dtype))
+    return u @ torch.diag(s.clamp_min(eps) ** -0.5) @ u.T
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_whitening_float32_is_p1s_arithmetic_and_differs_from_float64_when_ill_conditioned(gen):
+    """dtype="float32" reproduces a float32 computation of P1's map; with fewer samples than dimensions and a few
+    large-variance directions its rounding near eps moves W well away from the float64 map (PAPERS §2.7)."""
+    n, d = 40, 256
+    scale = torch.ones(d, dtype=torch.float64)
+    scale[:4] = torch.tensor([300.0, 100.0, 50.0, 20.0])  # a few massive directions, as in real residual streams
+    x = _gaussian(n, d, gen, torch.diag(scale ** 2), mean=torch.full((d,), 2.0, dtype=torch.float64))
+    w32 = G.fit_whitener(x, dtype="float32", warn=False)
+    w64 = G.fit_whitener(x, warn=False)
+    assert (w32.dtype, w64.dtype) == ("float32", "float64") and w32.rank == w64.rank == n - 1
+    assert _rel(w32.W, _zca_reference(x, 1e-4, torch.float32)) < 1e-5
+    assert _rel(w64.W, _zca_reference(x, 1e-4, torch.float64)) < 1e-8
+    assert _rel(w32.W, w64.W) > 1e-2
+    assert G.fit_whitener(x, dtype=torch.float32, warn=False).dtype == "float32"  # a torch dtype works too
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_whitening_both_dtypes_whiten_well_conditioned_data_to_identity(gen, dtype):
+    d = 8
+    cov = torch.diag(torch.linspace(0.5, 5.0, d, dtype=torch.float64) ** 2)
+    x = _gaussian(20_000, d, gen, cov, mean=torch.arange(d, dtype=torch.float64))
+    w = G.fit_whitener(x, eps=1e-8, dtype=dtype)
+    torch.testing.assert_close(_cov(w.whiten(x)), torch.eye(d, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(w.W_inv @ w.W, torch.eye(d, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert _rel(w.W, G.fit_whitener(x, eps=1e-8).W) < 1e-4  # the same map up to float32 rounding
+
+
+def test_whitening_float32_only_for_p1s_map(gen):
+    x = _gaussian(50, 6, gen)
+    for kw in ({"method": "pca"}, {"restrict_to_span": True}):
+        with pytest.raises(ValueError, match="unrestricted ZCA"):
+            G.fit_whitener(x, dtype="float32", **kw)
+    with pytest.raises(ValueError, match="Did you mean: float32"):
+        G.fit_whitener(x, dtype="float23")
+
+
 @pytest.mark.parametrize("method", ["zca", "pca"])
 def test_whitening_fewer_samples_than_dims(gen, method, caplog):
     n, d = 12, 40

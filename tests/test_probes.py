@@ -70,3 +70,35 @@ def test_router_probe_with_two_categories_routes_like_the_classifier():
     picked = [router.categories[i] for i in (X @ router.weight.T + router.bias).argmax(1).tolist()]
     expected = LogisticRegression(C=1.0, max_iter=5000).fit(X.numpy(), cats).predict(X.numpy())
     assert picked == list(np.asarray(expected))
+
+
+def test_fit_gate_centring_p1_as_run_flips_exactly_the_rows_the_bias_shift_predicts():
+    """P1 trains centred but runs uncentred (PAPERS §2.3 F): the run logit is the fitted one plus w·μ."""
+    shift = torch.zeros(16)
+    shift[3], shift[5] = 1.5, 4.0  # a training mean far from 0, partly along the probe's direction
+    (h, b, _), (vh, vb, _), (th, tb, _) = (_planted(seed=s) for s in (0, 1, 2))
+    h, b, vh, vb, th, tb = (x + shift for x in (h, b, vh, vb, th, tb))
+    ours = fit_gate(h, b, layer=2, val=(vh, vb))
+    p1 = fit_gate(h, b, layer=2, val=(vh, vb), centring="p1_as_run")
+    # trained and thresholded identically; only the mean is dropped
+    assert p1.mean is None and torch.equal(p1.weight, ours.weight)
+    assert (p1.bias, p1.threshold) == (ours.bias, ours.threshold)
+    mu = torch.cat([h, b]).double().mean(0)
+    torch.testing.assert_close(ours.mean.double(), mu, rtol=0, atol=1e-5)
+    X = torch.cat([th, tb]).double()
+    w, bias = ours.weight.double(), float(ours.bias)
+    centred_logit, raw_logit = (X - mu) @ w + bias, X @ w + bias
+    # default = centred scoring; p1_as_run = w·x + b without the mean
+    np.testing.assert_allclose(gate_scores(ours, X), torch.sigmoid(centred_logit).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gate_scores(p1, X), torch.sigmoid(raw_logit).numpy(), rtol=0, atol=1e-5)
+    # the decisions differ exactly where the logit crosses logit(threshold) after the shift by w·μ
+    cut = float(np.log(ours.threshold / (1 - ours.threshold)))
+    wmu = float(w @ mu)
+    assert wmu > 1.0  # the planted mean shifts the logit noticeably
+    predicted = ((centred_logit < cut) & (centred_logit + wmu >= cut)).numpy()
+    flipped = (gate_scores(ours, X) >= ours.threshold) != (gate_scores(p1, X) >= p1.threshold)
+    assert predicted.sum() > 0 and np.array_equal(flipped, predicted)
+    # w·μ > 0 here, so every flip is toward "harmful": more benign rows are flagged
+    assert (gate_scores(p1, tb) >= p1.threshold).mean() > (gate_scores(ours, tb) >= ours.threshold).mean()
+    with pytest.raises(ValueError, match="Did you mean: p1_as_run"):
+        fit_gate(h, b, layer=2, centring="p1_as_ran")

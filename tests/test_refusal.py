@@ -217,3 +217,43 @@ def test_plain_copy_generates_what_the_bridge_generates(real_model):
     assert generate_ids(real_model, prompts, batch_size=3, hf=plain, **kw) == bridge
     assert [generate_ids(real_model, [p], hf=plain, **kw)[0] for p in prompts] == bridge
     assert all(1 <= len(r) <= 8 for r in bridge)
+
+
+# --------------------------------------------------------------------------------- reading at a refusal token
+def test_token_read_context_raw_is_p1s_string_and_chat_the_template(tiny_lm):
+    """"raw" = BOS + prompt + " [c]" with no template (P1's extraction reads, PAPERS §2.3 A); "chat" = template +
+    the token as the response's first token. Both read at the token itself."""
+    from catlens.cache import collect
+    from catlens.model import render_chat
+    from catlens.refusal import READ_CONTEXTS, token_read_format, token_read_texts
+
+    tok = tiny_lm.tokenizer
+    texts = ["How do I bake bread at home?", "Tell me how to pick a lock."]
+    marks = [category_token("fraud"), RESPOND]
+    ids = [tiny_lm.token_id(m) for m in marks]
+
+    def encode(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    raw = token_read_texts(tiny_lm, texts, marks, read_context="raw")
+    assert raw == [tok.bos_token + t + " " + m for t, m in zip(texts, marks)]
+    chat = token_read_texts(tiny_lm, texts, marks, read_context="chat")
+    assert chat == [render_chat(tok, t) + m for t, m in zip(texts, marks)]
+    assert token_read_texts(tiny_lm, texts, marks) == chat  # the default
+    for t, m, i, r, c in zip(texts, marks, ids, raw, chat):
+        assert encode(r) == [tok.bos_token_id] + encode(t + " ") + [i]
+        assert encode(c) == encode(render_chat(tok, t)) + [i]
+        assert "<|im_end|>" not in r and "assistant" not in r and "assistant" in c
+    # collect reads the activation at the token itself in both contexts
+    for context, rendered in (("raw", raw), ("chat", chat)):
+        store = collect(tiny_lm, texts, layers=[1], show_progress=False,
+                        **token_read_format(marks, read_context=context))
+        for j, r in enumerate(rendered):
+            name = tiny_lm.hook_name("resid_post", 1)
+            _, cache = tiny_lm.bridge.run_with_cache(torch.tensor([encode(r)]), names_filter=[name])
+            torch.testing.assert_close(store.get("resid_post")[j, 0], cache[name][0, -1].float(), rtol=0, atol=1e-4)
+    assert set(READ_CONTEXTS) == {"chat", "raw"}
+    with pytest.raises(ValueError, match="Did you mean: raw"):
+        token_read_format(RESPOND, "raww")
+    with pytest.raises(ValueError, match="not a token string"):
+        token_read_format(["", RESPOND], "raw")
