@@ -50,11 +50,14 @@ _MISSING = dataclasses.MISSING
 
 # ========================================================================================= declaring options
 def option(default: Any = _MISSING, help: str | None = None, *, aliases: tuple[str, ...] = (),
-           choices: tuple[Any, ...] | None = None, metavar: str | None = None) -> Any:
+           choices: tuple[Any, ...] | None = None, metavar: str | None = None, minimum: float | None = None,
+           maximum: float | None = None, below: float | None = None) -> Any:
     """A dataclass field that is a command-line option: ``--<name-with-dashes>`` (plus ``aliases``, e.g.
-    ``("--layer",)``); no ``default`` makes it a required option."""
+    ``("--layer",)``); no ``default`` makes it a required option. ``minimum``/``maximum`` (inclusive) and ``below``
+    (exclusive) are the range the script accepts: checked on a config's ``args`` table (:func:`check_value`), while
+    the script checks its own command line after parsing (``tests/test_stages.py`` holds the two to the same range)."""
     meta = {"help": help, "aliases": tuple(aliases), "choices": None if choices is None else tuple(choices),
-            "metavar": metavar}
+            "metavar": metavar, "minimum": minimum, "maximum": maximum, "below": below}
     if default is _MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -249,7 +252,24 @@ def check_value(cls: type, name: str, value: Any, where: str = "") -> Any:
     choices = f.metadata.get("choices")
     if choices is not None and converted not in choices:
         raise ConfigError(f"{key}: " + unknown_name_message(f"value of {flag_of(name)}", converted, choices))
+    why = out_of_range(f, converted)
+    if why:
+        raise bad(why)
     return converted
+
+
+def out_of_range(f: dataclasses.Field, value: Any) -> str:
+    """Why ``value`` is outside the range of option field ``f`` ("must be >= 1"), or ``""``."""
+    if value is None or isinstance(value, (str, Path)):
+        return ""
+    lo, hi, below = f.metadata.get("minimum"), f.metadata.get("maximum"), f.metadata.get("below")
+    if lo is not None and value < lo:
+        return f"must be >= {lo}"
+    if hi is not None and value > hi:
+        return f"must be <= {hi}"
+    if below is not None and value >= below:
+        return f"must be < {below}"
+    return ""
 
 
 def from_mapping(cls: type, args: Mapping[str, Any], *, where: str = "", **given: Any) -> Any:
@@ -382,26 +402,28 @@ class P1Options:
                          help="positions scopes tried for each candidate: the decision position only, it and the "
                               "first K generated tokens, or every generated token too (P1)")
     min_refusal_low: float = option(0.90, help="the zones' constraint on val: Wilson lower bound of pooled harmful "
-                                               "refusal")
-    target_refusal: float = option(0.90, help="candidates on generated val answers: harmful refusal at least this")
-    zone_grid: int = option(41, help="gate-score quantiles per threshold axis")
+                                               "refusal", minimum=0, maximum=1)
+    target_refusal: float = option(0.90, minimum=0, maximum=1,
+                                   help="candidates on generated val answers: harmful refusal at least this")
+    zone_grid: int = option(41, help="gate-score quantiles per threshold axis", minimum=3)
     judge: str = option("full_answer", help="the headline's judge (reads the whole answer)")
     top_k: int = option(28, help="P1's top-K sparsity (200 of 4096 dims ~ 28 of 576)")
-    train_cap: int = option(500, help="train prompts per side (seeded sample)")
-    val_cap: int = option(100, help="val prompts per benchmark half")
+    train_cap: int = option(500, help="train prompts per side (seeded sample)", minimum=1)
+    val_cap: int = option(100, help="val prompts per benchmark half", minimum=1)
     test_cap: int | None = option(None, help="test prompts per dataset, seeded (demo and smoke runs; default: all)")
     test_gen_cap: int | None = option(None, help="test prompts per dataset generated in full (default: every test "
-                                                 "prompt)")
-    val_gen_n: int = option(96, help="val prompts per side generated in full for choosing")
-    gen_n: int = option(96, help="test prompts per side for the transfer studies")
-    gen_tokens: int = option(64)
-    jailbreak_n: int = option(100, help="harmful test prompts wrapped in each jailbreak template (0 skips it)")
-    candidates: int = option(3, help="best val settings per zone mode checked in full")
+                                                 "prompt)", minimum=1)
+    val_gen_n: int = option(96, help="val prompts per side generated in full for choosing", minimum=1)
+    gen_n: int = option(96, help="test prompts per side for the transfer studies", minimum=1)
+    gen_tokens: int = option(64, minimum=1)
+    jailbreak_n: int = option(100, minimum=0,
+                              help="harmful test prompts wrapped in each jailbreak template (0 skips it)")
+    candidates: int = option(3, help="best val settings per zone mode checked in full", minimum=1)
     ppl_guard: float = option(0.10)
-    batch_size: int = option(32)
+    batch_size: int = option(32, minimum=1)
     lowrank_steps: int = option(120, help="low-rank training steps (0 skips it)")
     reverse_n: int = option(150, help="prompts per side (train, val and test each) for the reverse transfer, stock "
-                                      "-> tuned (0 skips it)")
+                                      "-> tuned (0 skips it)", minimum=0)
     quick: bool = option(False, help="small caps and grid (minutes)")
     seed: int = option(0)
     threads: int | None = option(None)
@@ -428,12 +450,14 @@ class P2Options:
                                             "without (generic)")
     categories: str | None = option(None, help="comma-separated taxonomy categories (default: those with harmful "
                                                "prompts and benign look-alikes)")
-    per_category: int | None = option(None, help=f"harmful prompts per category before the split (default "
-                                                  f"{_P2_FULL['per_category']}, --quick {_P2_QUICK['per_category']})")
-    n_alpaca: int | None = option(None, help=f"Alpaca sample size before the split (default {_P2_FULL['n_alpaca']})")
+    per_category: int | None = option(None, minimum=1,
+                                      help=f"harmful prompts per category before the split (default "
+                                           f"{_P2_FULL['per_category']}, --quick {_P2_QUICK['per_category']})")
+    n_alpaca: int | None = option(None, minimum=1,
+                                  help=f"Alpaca sample size before the split (default {_P2_FULL['n_alpaca']})")
     n_benign: int | None = option(None, help=f"benign prompts in each of val and test (a seeded sample of the "
                                              f"split's benign prompts; default {_P2_FULL['n_benign']}, --quick "
-                                             f"{_P2_QUICK['n_benign']})")
+                                             f"{_P2_QUICK['n_benign']})", minimum=1)
     fractions: str = option("0.5,0.2,0.3", help="train,val,test fractions")
     exclude_ids: str = option("auto", help="'auto' (the model folder's training_prompt_ids.json), 'none', or a "
                                            "training_prompt_ids.json file")
@@ -452,14 +476,15 @@ class P2Options:
     route: str = option("label", help="harmful prompts: label (own category) or probe (router)")
     judge: str = option("substring", help="primary judge: substring or refusal_token")
     guided_min: int = option(3, help="answered training prompts a category needs for its guided vector (else its "
-                                     "unsupervised one)")
-    help_tol: float = option(0.10, help="allowed relative drop of the share of benign prompts answered")
+                                     "unsupervised one)", minimum=1)
+    help_tol: float = option(0.10, minimum=0, below=1,
+                             help="allowed relative drop of the share of benign prompts answered")
     ppl_guard: float = option(0.10, help="coherence guard: a setting is admissible only if its benign answers' "
-                                         "perplexity ratio to the unsteered answers is <= 1 + guard")
+                                         "perplexity ratio to the unsteered answers is <= 1 + guard", minimum=0)
     select_by: str = option("method,site", help="columns whose every combination gets its own chosen setting")
     max_new_tokens: int | None = option(None, help=f"default {_P2_FULL['max_new_tokens']}, --quick "
-                                                   f"{_P2_QUICK['max_new_tokens']}")
-    batch_size: int = option(32)
+                                                   f"{_P2_QUICK['max_new_tokens']}", minimum=1)
+    batch_size: int = option(32, minimum=1)
     quick: bool = option(False, help="small caps and grid for a smoke run")
     seed: int = option(0, help="sampling and pairing seed")
     split_seed: int = option(1, help="train/val/test split seed (default 1; seeds whose test split was already "
@@ -498,11 +523,11 @@ class SpecificityOptions:
                                                     "(default: the model's own, else 'default')")
     categories: str | None = option(None, help="comma-separated steering categories (default: all with training "
                                                "prompts)")
-    n_random: int = option(3, help="random control directions")
-    n_perm: int = option(3, help="label permutations (directions fitted on shuffled category labels)")
+    n_random: int = option(3, help="random control directions", minimum=0)
+    n_perm: int = option(3, help="label permutations (directions fitted on shuffled category labels)", minimum=0)
     correction: str = option("fdr_bh", help="multiple-testing correction across the cells: fdr_bh, holm")
-    n_boot: int = option(2000, help="bootstrap draws")
-    batch_size: int = option(32)
+    n_boot: int = option(2000, help="bootstrap draws", minimum=1)
+    batch_size: int = option(32, minimum=1)
     quick: bool = option(False, help=f"a smoke run: caps {SIZES['specificity']['script_quick']}")
     seed: int = option(0)
     threads: int | None = option(None)

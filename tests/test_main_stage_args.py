@@ -46,6 +46,7 @@ def main(monkeypatch):
     (["p2.args.pairing=randm"], ["Unknown value of --pairing 'randm'", "Did you mean: random?"]),
     (["specificity.args.n-bot=5"], ["specificity.args: Unknown option 'n-bot'", "Did you mean: n-boot"]),
     (["eval.args.gen-per-set=many"], ["eval.args.gen-per-set='many'"]),
+    (["p1.args.train-cap=0"], ["p1.args.train-cap=0: must be >= 1"]),
     (["geometry.args.whiten-methd=pca"], ["Did you mean: whiten-method"]),
 ])
 def test_a_bad_stage_option_exits_2_before_any_work(main, sets, needles, tmp_path, capsys):
@@ -73,8 +74,8 @@ def test_a_valid_override_reaches_the_script_as_the_typed_value(main, tmp_path, 
     from catlens.runs import RunDir
     from catlens.stages import check_stage_args, from_namespace
 
-    cfg = main.resolve_args(["--out", str(tmp_path / "run"), "--model", "tuned", "--dtype", "float32", "--set", "p1.args.layers=3",
-                             "--set", "p1.args.gate-c=0.5", "--set", "p1.args.test-cap=null",
+    cfg = main.resolve_args(["--out", str(tmp_path / "run"), "--model", "tuned", "--dtype", "float32",
+                             "--set", "p1.args.layers=3", "--set", "p1.args.gate-c=0.5", "--set", "p1.args.test-cap=null",
                              "--set", "p2.args.pairing=random"])
     checked = check_stage_args(cfg)
     assert (checked["p1"].layers, checked["p1"].gate_c, checked["p1"].test_cap) == ("3", 0.5, None)

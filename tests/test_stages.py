@@ -22,6 +22,7 @@ from catlens.stages import (
     SpecificityOptions,
     build_parser,
     config_args,
+    flag_of,
     from_mapping,
     from_namespace,
     parser_spec,
@@ -80,6 +81,48 @@ def test_p1_quick_sizes_are_the_table_s():
     quick = vars(p1.parse_args(["--model", "m", "--out", "o", "--quick"]))
     changed = {k: v for k, v in quick.items() if plain.get(k) != v and k not in ("quick", "scope_list")}
     assert changed == SIZES["p1"]["script_quick"]
+
+
+def _range_cases(cls):
+    """(field, value, inside) at and just outside each declared range of ``cls``."""
+    import typing
+
+    for f in dataclasses.fields(cls):
+        lo, hi, below = (f.metadata.get(k) for k in ("minimum", "maximum", "below"))
+        tp = typing.get_type_hints(cls)[f.name]
+        step = 1 if int in (tp, *typing.get_args(tp)) else 0.01
+        cases = []
+        if lo is not None:
+            cases += [(lo, True), (lo - step, False)]
+        if hi is not None:
+            cases += [(hi, True), (hi + step, False)]
+        if below is not None:
+            cases += [(round(below - step, 6), True), (below, False)]
+        for value, inside in cases:
+            yield f, value, inside
+
+
+@pytest.mark.parametrize("stem", ["p1_steering", "p2_steering", "specificity"])
+def test_the_declared_ranges_are_the_ranges_the_script_accepts(stem):
+    """Each range declared on an option (checked on the config before any work) is the script's own: its command
+    line rejects the value just outside and (p1, p2: parsing is free of work) accepts the bound, and so does
+    from_mapping. Specificity checks after parsing inside main, so only its rejections are run here."""
+    module = _script(stem)
+    cls = SCRIPT_OPTIONS[stem]
+    n = 0
+    for f, value, inside in _range_cases(cls):
+        argv = ["--model", "m", "--out", "o", flag_of(f.name), str(value)]
+        n += 1
+        if inside:
+            from_mapping(cls, {f.name: value}, model="m", out="o")
+            if stem != "specificity":
+                getattr(module, ENTRY[stem])(argv)
+        else:
+            with pytest.raises(ConfigError, match="must be"):
+                from_mapping(cls, {f.name: value}, model="m", out="o")
+            with pytest.raises((SystemExit, ValueError)):
+                getattr(module, ENTRY[stem])(argv)
+    assert n >= 8
 
 
 def test_the_defaults_that_scripts_compute_from_their_constants_match():
