@@ -635,9 +635,8 @@ def resolve_args(argv: Sequence[str] | None = None) -> Config:
         if value is None:
             continue
         shorthands.append((key, (not value) if dest == "no_png" else value))
-    cfg = resolve(args.config, sets=args.set, shorthands=shorthands)
-    check_stage_args(cfg)  # every stage's args table against its script's options (catlens.stages), before any work
-    return cfg
+    # every stage's args table against its script's options (catlens.stages), before any work or heavy import
+    return resolve(args.config, sets=args.set, shorthands=shorthands, checks=(check_stage_args,))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

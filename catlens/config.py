@@ -34,7 +34,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,9 +324,13 @@ def _unknown_key(key: str, fix: str = "") -> ConfigError:
                                             fix or "Write section.field, e.g. --set eval.batch_size=8."))
 
 
-def from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
-    """Build a :class:`Config` from nested dicts (a parsed file), checking every key and value."""
+def from_dict(raw: Mapping[str, Any], where: str = "", checks: Sequence[Callable[[Config], Any]] = ()) -> Config:
+    """Build a :class:`Config` from nested dicts (a parsed file), checking every key and value; ``checks`` (e.g.
+    :func:`catlens.stages.check_stage_args`) run on the built tree before the checks that import the fine-tune
+    configuration (and with it torch), so a typo they catch fails at once."""
     cfg = _build(raw, where)
+    for check in checks:
+        check(cfg)
     _validate(cfg, f"{where}: " if where else "")
     return cfg
 
@@ -491,9 +495,10 @@ def _apply(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 
 def resolve(file: str | os.PathLike[str] | None = None, sets: Sequence[str] = (),
-            shorthands: Sequence[tuple[str, Any]] = ()) -> Config:
+            shorthands: Sequence[tuple[str, Any]] = (), checks: Sequence[Callable[[Config], Any]] = ()) -> Config:
     """The resolved :class:`Config`: defaults, quick defaults (when ``run.quick``), ``file``, then ``shorthands``
-    (``(key, value)`` pairs from command-line flags, already typed) and ``sets`` (``--set`` items), later winning."""
+    (``(key, value)`` pairs from command-line flags, already typed) and ``sets`` (``--set`` items), later winning;
+    ``checks`` as for :func:`from_dict`."""
     raw: dict[str, Any] = {}
     where = ""
     if file is not None:
@@ -506,7 +511,7 @@ def resolve(file: str | os.PathLike[str] | None = None, sets: Sequence[str] = ()
     quick = bool(raw.get("run", {}).get("quick", False)) if isinstance(raw.get("run"), Mapping) else False
     if quick:
         raw = _deep_merge({s: dict(v) for s, v in QUICK_DEFAULTS.items()}, raw)
-    return from_dict(raw)
+    return from_dict(raw, checks=checks)
 
 
 def _checked_shorthand(key: str, value: Any) -> Any:

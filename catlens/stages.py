@@ -49,9 +49,13 @@ _MISSING = dataclasses.MISSING
 
 
 # ========================================================================================= declaring options
+Bound = int | float
+"""A range bound (spelled out: the tests' runtime type check takes `float` as floats only)."""
+
+
 def option(default: Any = _MISSING, help: str | None = None, *, aliases: tuple[str, ...] = (),
-           choices: tuple[Any, ...] | None = None, metavar: str | None = None, minimum: int | float | None = None,
-           maximum: int | float | None = None, below: int | float | None = None) -> Any:
+           choices: tuple[Any, ...] | None = None, metavar: str | None = None, minimum: Bound | None = None,
+           maximum: Bound | None = None, below: Bound | None = None) -> Any:
     """A dataclass field that is a command-line option: ``--<name-with-dashes>`` (plus ``aliases``, e.g.
     ``("--layer",)``); no ``default`` makes it a required option. ``minimum``/``maximum`` (inclusive) and ``below``
     (exclusive) are the range the script accepts: checked on a config's ``args`` table (:func:`check_value`), while

@@ -98,3 +98,17 @@ def test_the_default_and_quick_configurations_pass(main):
         checked = check_stage_args(main.resolve_args(argv))
         assert set(checked) == {"eval", "geometry", "p1", "p2", "specificity"}
     assert isinstance(check_stage_args(main.resolve_args(["--quick"]))["p2"], P2Options)
+
+
+def test_a_typo_fails_before_torch_is_imported(tmp_path):
+    """The check runs before the config's fine-tune validation imports torch (seconds): a typo costs well under a
+    second. A fresh process runs the job's command line and reports whether torch was ever imported."""
+    import subprocess
+
+    code = ("import sys, runpy; sys.argv = ['main.py', '--out', sys.argv[1], '--set', 'p1.args.layerz=3']\n"
+            "try:\n    runpy.run_path('analyses/main.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.stdout.strip() == "exit 2 False", done.stdout + done.stderr
+    assert "Did you mean: layers" in done.stderr and not (tmp_path / "run").exists()
