@@ -17,8 +17,10 @@ command-line shorthands of ``analyses/main.py`` (``--quick``, ``--out``, ...) an
 in the order given. Every value is checked against its field's type where it enters (a bad key gets a did-you-mean
 listing the valid keys, a bad value names the expected type), so a typo fails before any model is loaded.
 
-Keys are ``section.field``; a stage's ``args`` table (and ``finetune.overrides``) takes any sub-key:
-``--set p1.args.layers=10-20``, ``--set finetune.overrides.steps=60``. On the command line a value is read as JSON
+Keys are ``section.field``; a stage's ``args`` table (and ``finetune.overrides``) takes sub-keys:
+``--set p1.args.layers=10-20``, ``--set finetune.overrides.steps=60``. The tree here keeps any sub-key of ``args``;
+``analyses/main.py`` checks each stage's table against its script's options (:mod:`catlens.stages`, the ``checks``
+of :func:`resolve`) and the fine-tune overrides are checked here. On the command line a value is read as JSON
 when it parses (``10``, ``1e-4``, ``true``, ``null``, ``["a", "b"]``), else as text; a text field takes the text as
 given. Optional fields (``str | None``, ...) default to ``None``, which a TOML file writes by leaving the key out
 (``--set model.spec=null`` resets one). :func:`to_toml` writes the resolved tree back (the run folder's
