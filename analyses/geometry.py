@@ -38,7 +38,6 @@ Direction sets (all layers; fitted on the prompts of --direction-splits, default
 Whitening (per layer) is fitted on the benign prompts of the fitting split, as P1 fits it on benign prompts.
 """
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ import torch
 from catlens import directions as D
 from catlens import geometry as G
 from catlens.runs import RunDir, configure_process, sha256_file
+from catlens.stages import GeometryOptions, build_parser
 
 log = logging.getLogger("analyses.geometry")
 
@@ -130,36 +130,7 @@ class Args:
 def parse_args(argv: Sequence[str] | None = None) -> Args:
     from catlens.options import parse_layers
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--model", default=Args.model)
-    p.add_argument("--prompts", default=Args.prompts)
-    p.add_argument("--other-model", default=None)
-    p.add_argument("--acts", type=Path, default=None)
-    p.add_argument("--other-acts", type=Path, default=None)
-    p.add_argument("--device", default=Args.device, help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=Args.dtype, help="float32, bfloat16 or float16")
-    p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
-    p.add_argument("--site", default=Args.site)
-    p.add_argument("--layers", default="all", help="'all' or e.g. '0-5,10'")
-    p.add_argument("--positions", default=Args.positions)
-    p.add_argument("--fmt", default=Args.fmt)
-    p.add_argument("--batch-size", type=int, default=Args.batch_size)
-    p.add_argument("--harmful-label", default=Args.harmful_label)
-    p.add_argument("--direction-splits", default="train", help="comma-separated splits, or 'all'")
-    p.add_argument("--directions", default=",".join(DIRECTION_SETS))
-    p.add_argument("--whiten-method", default=Args.whiten_method, choices=["zca", "pca"])
-    p.add_argument("--whiten-eps", type=float, default=Args.whiten_eps)
-    p.add_argument("--whiten-shrinkage", default=None, help="ledoit_wolf or a float in [0, 1]")
-    p.add_argument("--restrict-to-span", action="store_true")
-    p.add_argument("--cv-folds", type=int, default=Args.cv_folds)
-    p.add_argument("--pca-dims", default=str(Args.pca_dims), help="int, or 'none' for the full-dimension probe")
-    p.add_argument("--tsne-layers", default=None, help="'none', 'auto' (default) or e.g. '5,15,25'")
-    p.add_argument("--projection-subset", default=Args.projection_subset, choices=["harmful", "all"])
-    p.add_argument("--spectrum-top", type=int, default=Args.spectrum_top)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=Args.seed)
-    p.add_argument("--overwrite", action="store_true")
+    p = build_parser(GeometryOptions, __doc__)  # the options: catlens.stages.GeometryOptions
     a = p.parse_args(argv)
     layers = parse_layers(a.layers)
     tsne: tuple[int, ...] | None

@@ -32,7 +32,9 @@ Stages (:data:`STAGES`, run in this order; each writes its own run folder ``<out
 
 Script stages are called as ``module.main(argv)`` with ``--model <tuned> --out <out>/<stage> --seed N
 [--data-dir D] [--quick] [--overwrite]``, plus ``--stock-model <stock>`` for p1 and p2, ``--device``/``--dtype``
-when they are not cpu/float32, and the stage's ``args`` table. ``--overwrite`` is left out when the stage was
+when they are not cpu/float32, and the stage's ``args`` table. Every stage's ``args`` table is checked against its
+script's options (``catlens.stages.STAGE_OPTIONS``: names with a did-you-mean, types, choices) when the configuration
+is resolved, before any work. ``--overwrite`` is left out when the stage was
 interrupted (or failed) with the same configuration, so the script resumes its own run. A stage whose script does not exist is skipped and
 recorded as "skipped: not available". A stage is skipped when its folder's manifest says done for the same
 resolved stage configuration (a hash of its section, the config keys it reads, the models, its script's code and
@@ -60,6 +62,7 @@ from typing import Any
 
 from catlens.config import Config, ConfigError, args_to_argv, resolve, to_toml
 from catlens.runs import RunDir, configure_process, sha256_file, sha256_text, write_text_atomic
+from catlens.stages import check_stage_args
 
 log = logging.getLogger("analyses.main")
 HERE = Path(__file__).resolve().parent
@@ -623,7 +626,8 @@ SHORTHANDS = {"out": "run.out", "quick": "run.quick", "stock": "run.stock", "mod
 
 
 def resolve_args(argv: Sequence[str] | None = None) -> Config:
-    """The resolved config of a command line (file, shorthands, ``--set``); raises :class:`ConfigError`."""
+    """The resolved config of a command line (file, shorthands, ``--set``), every stage's ``args`` table checked
+    against its script's options; raises :class:`ConfigError`."""
     args = build_parser().parse_args(argv)
     shorthands = []
     for dest, key in SHORTHANDS.items():
@@ -631,7 +635,8 @@ def resolve_args(argv: Sequence[str] | None = None) -> Config:
         if value is None:
             continue
         shorthands.append((key, (not value) if dest == "no_png" else value))
-    return resolve(args.config, sets=args.set, shorthands=shorthands)
+    # every stage's args table against its script's options (catlens.stages), before any work or heavy import
+    return resolve(args.config, sets=args.set, shorthands=shorthands, checks=(check_stage_args,))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

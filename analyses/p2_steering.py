@@ -116,6 +116,7 @@ from typing import Any
 import torch
 
 from catlens.cli import parse_floats
+from catlens.stages import SIZES, P2Options, build_parser
 
 log = logging.getLogger("analyses.p2_steering")
 
@@ -131,8 +132,10 @@ JUDGES = ("substring", "refusal_token")
 SELECT_COLUMNS = ("method", "site", "reduction", "safe", "quantile")
 AUTO_LAYER_FRACTIONS = (0.45, 0.52, 0.65, 0.81, 1.0)
 """P2's multi-layer set {14, 16, 20, 25, 31} of a 32-layer model, as fractions of the last layer index."""
-DEFAULTS = {"per_category": 32, "n_alpaca": 800, "n_benign": 150, "max_new_tokens": 32, "coeffs": "0.5,1"}
-QUICK = {"per_category": 6, "n_alpaca": 30, "n_benign": 6, "max_new_tokens": 12, "coeffs": "1"}
+DEFAULTS = SIZES["p2"]["full"]
+"""The full sizes of the options whose default (None) depends on --quick (catlens.stages.SIZES)."""
+QUICK = SIZES["p2"]["script_quick"]
+"""Their --quick sizes."""
 SPLIT_SEED = 1
 """Default split seed. Seed 0's test split was evaluated by the stop-15 runs (``runs/p2/stock`` before and again after
 the stronger grid of ``runs/p2/stock-strong`` was chosen), so it is no longer an untouched test set."""
@@ -261,66 +264,7 @@ class Plan:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model spec: a name (smollm2-135m-instruct) or a folder")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CATLENS_DATA_DIR or "
-                                                    "<repo>/../shared/data)")
-    p.add_argument("--prompts", default=None, help="one prompt file (.jsonl/.csv) instead of the benchmark data: "
-                                                   "harmful prompts with categories, benign ones with a category "
-                                                   "(look-alikes) or without (generic)")
-    p.add_argument("--categories", default=None, help="comma-separated taxonomy categories (default: those with "
-                                                      "harmful prompts and benign look-alikes)")
-    p.add_argument("--per-category", type=int, default=None,
-                   help=f"harmful prompts per category before the split (default {DEFAULTS['per_category']}, "
-                        f"--quick {QUICK['per_category']})")
-    p.add_argument("--n-alpaca", type=int, default=None,
-                   help=f"Alpaca sample size before the split (default {DEFAULTS['n_alpaca']})")
-    p.add_argument("--n-benign", type=int, default=None,
-                   help=f"benign prompts in each of val and test (a seeded sample of the split's benign prompts; "
-                        f"default {DEFAULTS['n_benign']}, --quick {QUICK['n_benign']})")
-    p.add_argument("--fractions", default="0.5,0.2,0.3", help="train,val,test fractions")
-    p.add_argument("--exclude-ids", default="auto", help="'auto' (the model folder's training_prompt_ids.json), "
-                                                         "'none', or a training_prompt_ids.json file")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--sites", default="attn_out", help=f"activation sites ({', '.join(SITES)})")
-    p.add_argument("--reductions", default="mean", help="token reductions of the prompt: mean, last")
-    p.add_argument("--safe", default="generic", help="safe side: generic, matched (comma-separated for both)")
-    p.add_argument("--layer-sets", default="auto", help="'auto' or sets like '15;13,15,19,23,29'")
-    p.add_argument("--coeffs", default=None, help=f"steering coefficients m (default {DEFAULTS['coeffs']})")
-    p.add_argument("--quantiles", default="0.5", help="pruning quantiles, each in (0, 1)")
-    p.add_argument("--pairing", default="truncate", choices=PAIRINGS, help="pairing of safe and unsafe rows "
-                                                                           "for pruning")
-    p.add_argument("--scale", default="raw", choices=SCALES, help="raw: m * omega (P2); norm: m x the site's "
-                                                                  "typical norm along the unit vector")
-    p.add_argument("--positions", default="all", help="steered positions: all (prompt and generated), generated")
-    p.add_argument("--route", default="label", help="harmful prompts: label (own category) or probe (router)")
-    p.add_argument("--judge", default="substring", help="primary judge: substring or refusal_token")
-    p.add_argument("--guided-min", type=int, default=3, help="answered training prompts a category needs for "
-                                                             "its guided vector (else its unsupervised one)")
-    p.add_argument("--help-tol", type=float, default=0.10, help="allowed relative drop of the share of benign "
-                                                                 "prompts answered")
-    p.add_argument("--ppl-guard", type=float, default=0.10, help="coherence guard: a setting is admissible only if "
-                                                                 "its benign answers' perplexity ratio to the "
-                                                                 "unsteered answers is <= 1 + guard")
-    p.add_argument("--select-by", default="method,site", help="columns whose every combination gets its own "
-                                                              "chosen setting")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default {DEFAULTS['max_new_tokens']}, --quick {QUICK['max_new_tokens']}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="small caps and grid for a smoke run")
-    p.add_argument("--seed", type=int, default=0, help="sampling and pairing seed")
-    p.add_argument("--split-seed", type=int, default=SPLIT_SEED,
-                   help=f"train/val/test split seed (default {SPLIT_SEED}; seeds whose test split was already looked "
-                        f"at are refused: {sorted(SEEN_SPLIT_SEEDS)})")
-    p.add_argument("--reuse-seen-split", action="store_true",
-                   help="allow a split seed whose test split was already looked at (recorded in the manifest)")
-    p.add_argument("--threads", type=int, default=None)
-    from catlens.model import add_model_options
-
-    add_model_options(p)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p = build_parser(P2Options, __doc__)  # the options: catlens.stages.P2Options
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
     for key in DEFAULTS:

@@ -78,6 +78,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from catlens.stages import SIZES, SpecificityOptions, build_parser
+
 log = logging.getLogger("analyses.specificity")
 
 METHODS = ("one_vs_benign", "one_vs_rest", "p1_mean_difference")
@@ -98,8 +100,8 @@ SUMMARY_COLUMNS = (
     "seeds")
 COSINE_COLUMNS = ("variant", "method", "layer", "category_a", "category_b", "cosine")
 CI_METHOD = "paired percentile bootstrap over prompts (resampled within each set and category)"
-QUICK = {"eval_per_cell": 10, "train_harmful_per_category": 24, "train_benign": 64, "n_boot": 200, "n_random": 2,
-         "n_perm": 2}
+QUICK = SIZES["specificity"]["script_quick"]
+"""The --quick caps (catlens.stages.SIZES)."""
 CORRECTIONS = {"fdr_bh": "Benjamini-Hochberg (false discovery rate)", "holm": "Holm (family-wise error rate)"}
 P_VALUE = "exact McNemar test on the paired refusals (steered vs unsteered, same prompts), two-sided"
 SELECTION_COLUMNS = ("layer", "scale", "split", "n_prompts", "harmful_away", "lookalike_toward", "objective",
@@ -839,42 +841,7 @@ def _headline(summary: pd.DataFrame) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model spec (the refusal-tuned folder)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--policy", default=None, help="a P1 policy folder: its site, positions, method, and its layer and "
-                                                  "scale as the first candidates of the grid")
-    p.add_argument("--layers", "--layer", dest="layers", default="auto",
-                   help="candidate steering layers, comma-separated, or 'auto' (two: the policy's layer and another, "
-                        f"or the layers at {AUTO_LAYER_FRACTIONS} of the depth); chosen on the selection split")
-    p.add_argument("--scales", "--scale", dest="scales", default="auto",
-                   help="candidate toward/away magnitudes, fractions of the residual norm, comma-separated, or "
-                        "'auto' (two: the policy's scale and twice it, else 0.1,0.2); chosen on the selection split")
-    p.add_argument("--method", default=None, help=f"direction constructor: {', '.join(METHODS)} (default: the "
-                                                  f"policy's, else one_vs_benign)")
-    p.add_argument("--prompts", default=None, help="a .jsonl/.csv prompt file with train, val (selection) and test "
-                                                   "(measurement) splits, instead of the built-in + benchmark prompts")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CATLENS_DATA_DIR or shared/data)")
-    p.add_argument("--finetune-config", default=None, help="fine-tune preset whose training/held-out prompts are "
-                                                           "used (default: the model's own, else 'default')")
-    p.add_argument("--categories", default=None, help="comma-separated steering categories (default: all with "
-                                                      "training prompts)")
-    p.add_argument("--n-random", type=int, default=3, help="random control directions")
-    p.add_argument("--n-perm", type=int, default=3, help="label permutations (directions fitted on shuffled "
-                                                         "category labels)")
-    p.add_argument("--correction", default="fdr_bh", help=f"multiple-testing correction across the cells: "
-                                                          f"{', '.join(CORRECTIONS)}")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help=f"a smoke run: caps {QUICK}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    from catlens.model import add_model_options
-
-    add_model_options(p)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    return build_parser(SpecificityOptions, __doc__)  # the options: catlens.stages.SpecificityOptions
 
 
 def _parse_list(text: str, what: str, cast: Any) -> list[Any] | None:

@@ -31,7 +31,6 @@ intervals, perplexity ratio, admissible, pareto, chosen), ``runs.parquet`` (one 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 from catlens.cli import parse_floats
+from catlens.stages import SteerSweepOptions, build_parser
 
 log = logging.getLogger("analyses.steer_sweep")
 METHODS = ("one_vs_benign", "one_vs_rest")
@@ -272,26 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from catlens.datasets import load_prompts
     from catlens.runs import RunDir
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model spec (the refusal-tuned folder for P1)")
-    p.add_argument("--prompts", default="builtin", help="a prompt set with train and val splits")
-    p.add_argument("--layers", default="16,20,24")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--toward", default="0.05,0.1,0.2", help="coefficients for rows the gate flags (fractions of the "
-                                                           "residual norm with --scale norm)")
-    p.add_argument("--away", default="0.05,0.1,0.2", help="magnitudes for the other rows (applied negatively)")
-    p.add_argument("--scale", default="norm", choices=["norm", "raw"])
-    p.add_argument("--positions", default="last_prompt")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--ppl-guard", type=float, default=0.10)
-    p.add_argument("--target-fpr", type=float, default=None, help="gate threshold for this over-refusal rate "
-                                                                  "instead of Youden's J")
-    p.add_argument("--n-per-split", type=int, default=None, help="subsample train and val (seeded; smoke runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p = build_parser(SteerSweepOptions, __doc__)  # the options: catlens.stages.SteerSweepOptions
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

@@ -17,8 +17,10 @@ command-line shorthands of ``analyses/main.py`` (``--quick``, ``--out``, ...) an
 in the order given. Every value is checked against its field's type where it enters (a bad key gets a did-you-mean
 listing the valid keys, a bad value names the expected type), so a typo fails before any model is loaded.
 
-Keys are ``section.field``; a stage's ``args`` table (and ``finetune.overrides``) takes any sub-key:
-``--set p1.args.layers=10-20``, ``--set finetune.overrides.steps=60``. On the command line a value is read as JSON
+Keys are ``section.field``; a stage's ``args`` table (and ``finetune.overrides``) takes sub-keys:
+``--set p1.args.layers=10-20``, ``--set finetune.overrides.steps=60``. The tree here keeps any sub-key of ``args``;
+``analyses/main.py`` checks each stage's table against its script's options (:mod:`catlens.stages`, the ``checks``
+of :func:`resolve`) and the fine-tune overrides are checked here. On the command line a value is read as JSON
 when it parses (``10``, ``1e-4``, ``true``, ``null``, ``["a", "b"]``), else as text; a text field takes the text as
 given. Optional fields (``str | None``, ...) default to ``None``, which a TOML file writes by leaving the key out
 (``--set model.spec=null`` resets one). :func:`to_toml` writes the resolved tree back (the run folder's
@@ -34,13 +36,14 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from catlens._typecheck import check_field_type, is_mapping_type, split_optional
 from catlens.errors import ConfigError, FileFormatError, unknown_name_message
+from catlens.stages import SIZES, FinetuneEvalOptions, GeometryOptions, config_args
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
@@ -83,9 +86,9 @@ class DataSection:
 
     data_dir: str | None = None
     """Benchmark files. ``None``: ``$CATLENS_DATA_DIR``, else ``../shared/data`` (the built-in prompts offline)."""
-    per_set: int = 250
+    per_set: int = FinetuneEvalOptions.per_set
     """eval: at most this many prompts per benign set (scored and generated) and per extra harmful set (scored)."""
-    per_category: int = 20
+    per_category: int = FinetuneEvalOptions.per_category
     """eval: held-out harmful prompts generated per category (all are scored)."""
     prompts: str = "builtin"
     """geometry: the prompt set (``builtin``, a dataset name or a .jsonl/.csv file)."""
@@ -129,9 +132,9 @@ class EvalStage:
     """``analyses/finetune_eval.py`` on the tuned model (caps: ``data.per_set``, ``data.per_category``)."""
 
     enabled: bool = True
-    batch_size: int = 32
-    max_new_tokens: int = 40
-    ungated: int = 64
+    batch_size: int = FinetuneEvalOptions.batch_size
+    max_new_tokens: int = FinetuneEvalOptions.max_new_tokens
+    ungated: int = FinetuneEvalOptions.ungated
     """Prompts generated without the gate to measure repeated special tokens."""
     args: Mapping[str, Any] = field(default_factory=_no_args)
     """Further options of the script (``{"per-set": 10}`` -> ``--per-set 10``; ``true`` -> a bare flag)."""
@@ -146,10 +149,10 @@ class GeometryStage:
     """``all`` or e.g. ``0-5,10``."""
     tsne_layers: str = "auto"
     """``auto`` (four layers), ``none`` or e.g. ``5,15``."""
-    cv_folds: int = 5
+    cv_folds: int = GeometryOptions.cv_folds
     directions: tuple[str, ...] = ()
     """Direction sets (``()``: every set the script knows)."""
-    batch_size: int = 16
+    batch_size: int = GeometryOptions.batch_size
     args: Mapping[str, Any] = field(default_factory=_no_args)
     """Further options of the script (e.g. ``{"whiten-method": "pca"}``)."""
 
@@ -178,15 +181,7 @@ class ReportStage:
     enabled: bool = True
 
 
-DEMO_ARGS: dict[str, dict[str, Any]] = {
-    "p1": {"layers": "18,21", "gate-layers": "9,15,21,27", "methods": "one_vs_benign", "toward": "0.1,0.2",
-           "away": "0.2,0.6", "scopes": "last_prompt+0,last_prompt", "train-cap": 150, "val-cap": 20,
-           "test-cap": 40, "test-gen-cap": 6, "val-gen-n": 24, "gen-n": 32, "gen-tokens": 64, "jailbreak-n": 8,
-           "candidates": 1, "zone-grid": 31, "lowrank-steps": 30, "reverse-n": 40},
-    "p2": {"per-category": 12, "n-alpaca": 60, "n-benign": 8, "methods": "unsupervised,pruned", "coeffs": "4",
-           "layer-sets": "13,15,19,23,29", "max-new-tokens": 16},
-    "specificity": {"quick": True},
-}
+DEMO_ARGS: dict[str, dict[str, Any]] = {name: config_args(SIZES[name]["demo"]) for name in ("p1", "p2", "specificity")}
 """The main job's sizes for the three steering analyses: a reduced grid and capped sets so that ``make demo`` runs
 every stage in minutes. The scripts' own defaults are the full protocol (``docs/RESULTS.md``); set a key to
 ``false``/``null`` to fall back to the script's default (``--set p1.args.test-cap=null``)."""
@@ -236,21 +231,17 @@ class Config:
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
 _DEFAULT = Config()
-QUICK_ARGS: dict[str, dict[str, Any]] = {
-    "p1": {"layers": "21", "gate-layers": "15,21", "methods": "one_vs_benign", "toward": "0.2", "away": "0.4",
-           "scopes": "last_prompt+0", "train-cap": 40, "val-cap": 8, "test-cap": 6, "test-gen-cap": 3,
-           "val-gen-n": 8, "gen-n": 6, "gen-tokens": 10, "jailbreak-n": 4, "candidates": 1, "zone-grid": 11,
-           "lowrank-steps": 6, "reverse-n": 6},
-    "p2": {"per-category": 6, "n-alpaca": 12, "n-benign": 4, "methods": "unsupervised", "coeffs": "4",
-           "layer-sets": "15", "max-new-tokens": 10},
-    "specificity": {"quick": True},
-}
+QUICK_ARGS: dict[str, dict[str, Any]] = {name: config_args(SIZES[name]["quick"]) for name in DEMO_ARGS}
 """The ``--quick`` job's sizes for the steering analyses: one layer, one setting per side, a handful of prompts per
 set (a smoke run of every step, not a measurement; the scripts also get ``--quick``)."""
+_EVAL_QUICK = SIZES["eval"]["quick"]
 QUICK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "finetune": {"config": "quick"}, "data": {"per_category": 5, "per_set": 30, "prompts_per_group": 3},
-    "eval": {"max_new_tokens": 16, "ungated": 8, "args": {"gen-per-set": 8}},
-    "geometry": {"tsne_layers": "none", "cv_folds": 3},
+    "finetune": {"config": "quick"},
+    "data": {"per_category": _EVAL_QUICK["per_category"], "per_set": _EVAL_QUICK["per_set"], "prompts_per_group": 3},
+    "eval": {"max_new_tokens": _EVAL_QUICK["max_new_tokens"], "ungated": _EVAL_QUICK["ungated"],
+             "args": {"gen-per-set": _EVAL_QUICK["gen_per_set"]}},
+    "geometry": {"tsne_layers": SIZES["geometry"]["quick"]["tsne_layers"],
+                 "cv_folds": SIZES["geometry"]["quick"]["cv_folds"]},
     **{name: {"args": {**{k: None for k in DEMO_ARGS[name]}, **QUICK_ARGS[name]}} for name in DEMO_ARGS}}
 """What ``run.quick = true`` changes, applied under the config file and the overrides (which win): the quick
 fine-tune, a few prompts per set for the evaluation and the geometry (still every layer), and the steering analyses
@@ -335,9 +326,13 @@ def _unknown_key(key: str, fix: str = "") -> ConfigError:
                                             fix or "Write section.field, e.g. --set eval.batch_size=8."))
 
 
-def from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
-    """Build a :class:`Config` from nested dicts (a parsed file), checking every key and value."""
+def from_dict(raw: Mapping[str, Any], where: str = "", checks: Sequence[Callable[[Config], Any]] = ()) -> Config:
+    """Build a :class:`Config` from nested dicts (a parsed file), checking every key and value; ``checks`` (e.g.
+    :func:`catlens.stages.check_stage_args`) run on the built tree before the checks that import the fine-tune
+    configuration (and with it torch), so a typo they catch fails at once."""
     cfg = _build(raw, where)
+    for check in checks:
+        check(cfg)
     _validate(cfg, f"{where}: " if where else "")
     return cfg
 
@@ -502,9 +497,10 @@ def _apply(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 
 def resolve(file: str | os.PathLike[str] | None = None, sets: Sequence[str] = (),
-            shorthands: Sequence[tuple[str, Any]] = ()) -> Config:
+            shorthands: Sequence[tuple[str, Any]] = (), checks: Sequence[Callable[[Config], Any]] = ()) -> Config:
     """The resolved :class:`Config`: defaults, quick defaults (when ``run.quick``), ``file``, then ``shorthands``
-    (``(key, value)`` pairs from command-line flags, already typed) and ``sets`` (``--set`` items), later winning."""
+    (``(key, value)`` pairs from command-line flags, already typed) and ``sets`` (``--set`` items), later winning;
+    ``checks`` as for :func:`from_dict`."""
     raw: dict[str, Any] = {}
     where = ""
     if file is not None:
@@ -517,7 +513,7 @@ def resolve(file: str | os.PathLike[str] | None = None, sets: Sequence[str] = ()
     quick = bool(raw.get("run", {}).get("quick", False)) if isinstance(raw.get("run"), Mapping) else False
     if quick:
         raw = _deep_merge({s: dict(v) for s, v in QUICK_DEFAULTS.items()}, raw)
-    return from_dict(raw)
+    return from_dict(raw, checks=checks)
 
 
 def _checked_shorthand(key: str, value: Any) -> Any:

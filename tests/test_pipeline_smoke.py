@@ -102,7 +102,7 @@ def run_pipeline(main, root: Path, base: Path, *extra: str, device: str = "cpu")
 
 
 def _layers_and_gate(argv: list[str]) -> tuple[str, str]:
-    """The --layers value of a p1 call and its last item (the config file's --gate flag comes last)."""
+    """The --layers value of a p1 call and its last item (the config's p1.args.quick flag comes last)."""
     return argv[argv.index("--layers") + 1], argv[-1]
 
 
@@ -258,14 +258,15 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     out = tmp_path / "run"
     argv = ["--model", str(model), "--other-model", str(other), "--out", str(out), "--seed", "7", "--quick",
             "--data-dir", str(tmp_path / "data"), "--set", "geometry.enabled=false", "--set", "figures.enabled=false",
-            "--set", "report.enabled=false", "--set", "p1.args.layers=1-2", "--set", "p1.args.gate=true",
-            "--set", "p1.args.dry_run=false"]
+            "--set", "report.enabled=false", "--set", "p1.args.layers=1-2", "--set", "p1.args.quick=true",
+            "--set", "p1.args.test-gen-cap=false"]
     main.main(argv)
     calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
     assert calls == [["--model", str(model), "--out", str(out / "p1"), "--seed", "7", "--data-dir",
                       str(tmp_path / "data"), "--quick", "--stock-model", str(other),
                       *([] if resolve_dtype("auto") == "float32" else ["--dtype", resolve_dtype("auto")]),
-                      *args_to_argv({**QUICK_ARGS["p1"], "layers": "1-2", "gate": True})]]  # quick sizes, file wins
+                      *args_to_argv({**QUICK_ARGS["p1"], "layers": "1-2", "test-gen-cap": False,
+                                     "quick": True})]]  # quick sizes, the overrides win
     stages = manifest(out)["stages"]
     assert stages["p1"]["status"] == "done" and stages["p2"]["status"] == "skipped: not available"
     assert "p2_steering.py does not exist" in stages["p2"]["reason"]
@@ -279,7 +280,7 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     assert manifest(out)["stages"]["p1"]["status"] == "reused"
     main.main(argv + ["--set", "p1.args.layers=0-1"])  # changed args: rerun, replacing the old folder
     calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 2 and "--overwrite" in calls[1] and _layers_and_gate(calls[1]) == ("0-1", "--gate")
+    assert len(calls) == 2 and "--overwrite" in calls[1] and _layers_and_gate(calls[1]) == ("0-1", "--quick")
     assert manifest(out)["stages"]["p1"]["status"] == "done"
 
     # an edited script reruns its stage (same config); a failing stage is recorded, the others still run, and the
@@ -304,7 +305,7 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     main.main(argv + ["--set", "p1.args.layers=0-1"])
     assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "done"
     main.main(argv + ["--set", "p1.args.layers=1-3"])  # a finished stage with another configuration is replaced
-    assert "--overwrite" in last_call() and _layers_and_gate(last_call()) == ("1-3", "--gate")
+    assert "--overwrite" in last_call() and _layers_and_gate(last_call()) == ("1-3", "--quick")
 
 
 @pytest.mark.gpu
