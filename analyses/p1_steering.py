@@ -237,10 +237,25 @@ def splits_table(sets: dict[str, Any], seed: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------- activations, fits
-def _acts(model: Any, ps: Any, layers: Sequence[int], out: Path, append: Any = "") -> Any:
+def _top_k(value: Any) -> int | str | None:
+    """``--top-k``: a mode name (``proportional``, ``absolute``), a positive integer, or 0 = every dimension."""
+    text = str(value).strip()
+    if text in ("proportional", "absolute"):
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise SystemExit(f"--top-k {value!r}: give 'proportional', 'absolute', a positive integer, or 0 for every "
+                         "dimension.") from None
+    if k < 0:
+        raise SystemExit(f"--top-k {k}: give 0 (every dimension) or a positive integer.")
+    return k or None
+
+
+def _acts(model: Any, ps: Any, layers: Sequence[int], out: Path, append: Any = "", fmt: str = "chat") -> Any:
     from catlens.cache import collect
 
-    store = collect(model, ps, layers=layers, out=out, append=append, batch_size=32)
+    store = collect(model, ps, layers=layers, out=out, append=append, fmt=fmt, batch_size=32)
     return store.get("resid_post")  # [n layer d]
 
 
@@ -283,7 +298,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], gate
     from catlens.directions import fit_directions
     from catlens.gate import choose_gate, gate_probabilities, stack_features
     from catlens.probes import fit_gate
-    from catlens.refusal import RefusalTokens, category_token
+    from catlens.refusal import RefusalTokens, category_token, token_read_format
     from catlens.steer import Router
 
     train, gtrain, val = sets["train"], sets["gate_train"], sets["val"]
@@ -305,12 +320,14 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], gate
         if m == "p1_mean_difference":  # P1's extraction context: the category token / [respond] as the response
             harm = train.filter(lambda p: p.label == "harmful" and p.category in cats, "harmful in cats")
             ben = train.filter(lambda p: p.label == "benign", "benign")
-            H = _acts(model, harm, layers, run.path / "acts" / "train_cat_token",
-                      append=[category_token(p.category) for p in harm])
-            B = _acts(model, ben, layers, run.path / "acts" / "train_respond", append=tokens.respond)
+            ctx = args.read_context  # "chat" (catlens) or "raw" (P1's code: no template, " [category]" appended)
+            H = _acts(model, harm, layers, run.path / "acts" / f"train_cat_token_{ctx}",
+                      **token_read_format([category_token(p.category) for p in harm], read_context=ctx))
+            B = _acts(model, ben, layers, run.path / "acts" / f"train_respond_{ctx}",
+                      **token_read_format(tokens.respond, read_context=ctx))
             hf = harm.to_frame()
             dirs[m] = fit_directions({c: H[torch.tensor((hf.category == c).to_numpy())] for c in cats}, m, benign=B,
-                                     top_k=args.top_k if args.top_k > 0 else None, layers=layers)
+                                     top_k=_top_k(args.top_k), layers=layers)
         else:  # one_vs_benign, one_vs_rest: the last prompt token in the chat template
             dirs[m] = fit_directions(harm_by_cat, m, benign=None if m == "one_vs_rest" else X[~is_h],
                                      normalize=True, layers=layers)
@@ -328,7 +345,8 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], gate
         g_rows = (y_g == 1)
         pg = fit_gate(G["reads"][key][torch.from_numpy(g_rows)], G["reads"][key][torch.from_numpy(~g_rows)],
                       layer=int(L), val=(V["reads"][key][torch.from_numpy(y_v == 1)],
-                                         V["reads"][key][torch.from_numpy(y_v == 0)]), name="p1-probe")
+                                         V["reads"][key][torch.from_numpy(y_v == 0)]), name="p1-probe",
+                      centring=args.p1_gate_centring)
         p1_gates[int(L)] = pg
         p1_scores[int(L)] = pg.score(V["reads"][key]).numpy().astype(np.float64)
     table = choice.table.assign(split="val", focus="harmful vs " + ",".join(BENIGN_HEADLINE) + " (val)")
@@ -525,61 +543,12 @@ def benign_ppl(model_ref: Any, judged: Any, ids: set[str] | None = None) -> tupl
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the refusal-token fine-tune (folder or spec)")
-    p.add_argument("--stock-model", default="smollm2-135m-instruct",
-                   help="same-architecture model for the transfer study ('none' skips it)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--layers", default="12,15,18,21,24", help="steering layers (directions fitted at each)")
-    p.add_argument("--sweep-layers", default=None, help="the subset of --layers the sweep steers at (default: all of "
-                                                      "them; directions are fitted at every --layers)")
-    p.add_argument("--gate-layers", default="9,15,21,27", help="layers the gate may read (chosen on val, apart "
-                                                            "from the steering layer)")
-    p.add_argument("--gate-c", type=float, default=0.1, help="inverse L2 strength of the gate's logistic probe")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--toward", default="0.1,0.2,0.4", help="coefficients toward refusal (fractions of the norm)")
-    p.add_argument("--away", default="0.2,0.4,0.6,1.0", help="magnitudes away from refusal (applied negatively)")
-    p.add_argument("--scopes", default="last_prompt+0,last_prompt+4,last_prompt",
-                   help="positions scopes tried for each candidate: the decision position only, it and the first "
-                        "K generated tokens, or every generated token too (P1)")
-    p.add_argument("--min-refusal-low", type=float, default=0.90, help="the zones' constraint on val: Wilson lower "
-                   "bound of pooled harmful refusal")
-    p.add_argument("--target-refusal", type=float, default=0.90, help="candidates on generated val answers: harmful "
-                   "refusal at least this")
-    p.add_argument("--zone-grid", type=int, default=41, help="gate-score quantiles per threshold axis")
-    p.add_argument("--judge", default="full_answer", help="the headline's judge (reads the whole answer)")
-    p.add_argument("--top-k", type=int, default=28, help="P1's top-K sparsity (200 of 4096 dims ~ 28 of 576)")
-    p.add_argument("--train-cap", type=int, default=500, help="train prompts per side (seeded sample)")
-    p.add_argument("--val-cap", type=int, default=100, help="val prompts per benchmark half")
-    p.add_argument("--test-cap", type=int, default=None, help="test prompts per dataset, seeded (demo and smoke runs; "
-                   "default: all)")
-    p.add_argument("--test-gen-cap", type=int, default=None, help="test prompts per dataset generated in full "
-                   "(default: every test prompt)")
-    p.add_argument("--val-gen-n", type=int, default=96, help="val prompts per side generated in full for choosing")
-    p.add_argument("--gen-n", type=int, default=96, help="test prompts per side for the transfer studies")
-    p.add_argument("--gen-tokens", type=int, default=64)
-    p.add_argument("--jailbreak-n", type=int, default=100, help="harmful test prompts wrapped in each jailbreak "
-                   "template (0 skips it)")
-    p.add_argument("--candidates", type=int, default=3, help="best val settings per zone mode checked in full")
-    p.add_argument("--ppl-guard", type=float, default=0.10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lowrank-steps", type=int, default=120, help="low-rank training steps (0 skips it)")
-    p.add_argument("--reverse-n", type=int, default=150, help="prompts per side (train, val and test each) for the "
-                   "reverse transfer, stock -> tuned (0 skips it)")
-    p.add_argument("--quick", action="store_true", help="small caps and grid (minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
-    from catlens.model import add_model_options
+    from catlens.stages import SIZES, P1Options, build_parser
 
-    add_model_options(p)
+    p = build_parser(P1Options, __doc__)  # one source of truth for the options: catlens.stages.P1Options
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; options given explicitly win
-        quick = {"layers": "18,21", "gate_layers": "15,21", "methods": "one_vs_benign", "toward": "0.1,0.2",
-                 "away": "0.2,0.6", "scopes": "last_prompt+0,last_prompt", "train_cap": 120, "val_cap": 20,
-                 "val_gen_n": 16, "gen_n": 24, "gen_tokens": 16, "candidates": 1, "lowrank_steps": 20,
-                 "reverse_n": 24, "test_cap": 20, "test_gen_cap": 6, "jailbreak_n": 8, "zone_grid": 21}
+        quick = SIZES["p1"]["script_quick"]
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
@@ -953,7 +922,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
     method = rows[0]["method"] if rows else list(fit["dirs"])[0]
     li = list(layers).index(layer)
     X, is_h = fit["X"], fit["is_h"]
-    whitener = fit_whitener(X[~is_h, li])
+    whitener = fit_whitener(X[~is_h, li], dtype=args.whiten_dtype)
     train = sets["train"]
     val, vf = sets["val"], fit["val_frame"].reset_index(drop=True)
     harmful, focus = (vf.label == "harmful").to_numpy(), _focus(vf)

@@ -328,9 +328,9 @@ def config_args(options: Mapping[str, Any]) -> dict[str, Any]:
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "p1": {
         "demo": {"layers": "18,21", "gate_layers": "9,15,21,27", "methods": "one_vs_benign", "toward": "0.1,0.2",
-                 "away": "0.2,0.6", "scopes": "last_prompt+0,last_prompt", "train_cap": 150, "val_cap": 20,
-                 "test_cap": 40, "test_gen_cap": 6, "val_gen_n": 24, "gen_n": 32, "gen_tokens": 64,
-                 "jailbreak_n": 8, "candidates": 1, "zone_grid": 31, "lowrank_steps": 30, "reverse_n": 40},
+                 "away": "0.2,0.6", "scopes": "last_prompt+0,last_prompt+4,last_prompt", "train_cap": 150,
+                 "val_cap": 20, "test_cap": 40, "test_gen_cap": 12, "val_gen_n": 32, "gen_n": 32, "gen_tokens": 64,
+                 "jailbreak_n": 16, "candidates": 1, "zone_grid": 31, "lowrank_steps": 30, "reverse_n": 40},
         "quick": {"layers": "21", "gate_layers": "15,21", "methods": "one_vs_benign", "toward": "0.2", "away": "0.4",
                   "scopes": "last_prompt+0", "train_cap": 40, "val_cap": 8, "test_cap": 6, "test_gen_cap": 3,
                   "val_gen_n": 8, "gen_n": 6, "gen_tokens": 10, "jailbreak_n": 4, "candidates": 1, "zone_grid": 11,
@@ -411,7 +411,20 @@ class P1Options:
                                    help="candidates on generated val answers: harmful refusal at least this")
     zone_grid: int = option(41, help="gate-score quantiles per threshold axis", minimum=3)
     judge: str = option("full_answer", help="the headline's judge (reads the whole answer)")
-    top_k: int = option(28, help="P1's top-K sparsity (200 of 4096 dims ~ 28 of 576)")
+    top_k: str = option("proportional", help="P1's top-K sparsity for p1_mean_difference: 'proportional' (P1's "
+                        "share, 200 of 4096 dims = 28 of 576; catlens.directions.p1_top_k), 'absolute' (P1's count, "
+                        "200), an integer, or 0 for every dimension")
+    read_context: str = option("chat", choices=("chat", "raw"),
+                               help="where p1_mean_difference reads the category / [respond] token: 'chat' (in the "
+                                    "chat template, catlens) or 'raw' (raw prompt + ' [category]', no template, as "
+                                    "P1's code does; catlens.refusal.token_read_format)")
+    p1_gate_centring: str = option("consistent", choices=("consistent", "p1_as_run"),
+                                   help="P1's own gate: 'consistent' scores centred activations as it was trained; "
+                                        "'p1_as_run' runs it uncentred, as P1's code does (catlens.probes.fit_gate; "
+                                        "PAPERS.md 2.7)")
+    whiten_dtype: str = option("float64", choices=("float64", "float32"),
+                               help="precision of the low-rank basis's ZCA whitening: float64 (catlens) or float32 "
+                                    "(P1's code; catlens.geometry.fit_whitener)")
     train_cap: int = option(500, help="train prompts per side (seeded sample)", minimum=1)
     val_cap: int = option(100, help="val prompts per benchmark half", minimum=1)
     test_cap: int | None = option(None, help="test prompts per dataset, seeded (demo and smoke runs; default: all)")
@@ -422,7 +435,9 @@ class P1Options:
     gen_tokens: int = option(64, minimum=1)
     jailbreak_n: int = option(100, minimum=0,
                               help="harmful test prompts wrapped in each jailbreak template (0 skips it)")
-    candidates: int = option(3, help="best val settings per zone mode checked in full", minimum=1)
+    candidates: int = option(3, help="best first-position settings generated in full on val (unsteered, all "
+                                     "toward, all away at every scope), whose zones are then swept on the judged "
+                                     "answers", minimum=1)
     ppl_guard: float = option(0.10)
     batch_size: int = option(32, minimum=1)
     lowrank_steps: int = option(120, help="low-rank training steps (0 skips it)")

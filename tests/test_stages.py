@@ -66,7 +66,7 @@ def script_parser(stem: str, monkeypatch) -> argparse.ArgumentParser:
 @pytest.mark.parametrize("stem", sorted(ENTRY))
 def test_each_scripts_parser_is_exactly_its_options_dataclass(stem, monkeypatch):
     """Names, flags and aliases, types, defaults, choices, required, help: a script that adds, drops or changes an
-    option without its dataclass fails here (p1_steering's parser is still written by hand: this is its guard)."""
+    option without its dataclass fails here."""
     real = parser_spec(script_parser(stem, monkeypatch))
     ours = parser_spec(build_parser(SCRIPT_OPTIONS[stem]))
     assert list(real) == list(ours)  # same options, same order
@@ -75,7 +75,7 @@ def test_each_scripts_parser_is_exactly_its_options_dataclass(stem, monkeypatch)
 
 
 def test_p1_quick_sizes_are_the_table_s():
-    """p1_steering's own --quick branch sets exactly SIZES['p1']['script_quick'] (mirrored until p1 reads it)."""
+    """p1_steering's own --quick branch sets exactly SIZES['p1']['script_quick']."""
     p1 = _script("p1_steering")
     plain = vars(p1.parse_args(["--model", "m", "--out", "o"]))
     quick = vars(p1.parse_args(["--model", "m", "--out", "o", "--quick"]))
