@@ -563,6 +563,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("min_refusal_low", "target_refusal"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a rate in [0, 1].")
+    try:
+        _top_k(args.top_k)
+    except SystemExit as e:
+        p.error(str(e))
     if args.zone_grid < 3:
         p.error(f"--zone-grid={args.zone_grid} must be >= 3.")
     from catlens.steer import parse_positions

@@ -225,6 +225,10 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     (["--judge", "full_answr"], "Did you mean"),
     (["--val-cap", "0"], "val-cap"),
     (["--reverse-n", "-1"], "reverse-n"),
+    (["--top-k", "lots"], "'proportional', 'absolute', a positive integer"),
+    (["--read-context", "template"], "read-context"),
+    (["--p1-gate-centring", "none"], "p1-gate-centring"),
+    (["--whiten-dtype", "float16"], "whiten-dtype"),
 ])
 def test_p1_bad_inputs(extra, message, tmp_path, capsys):
     mod = _script()
