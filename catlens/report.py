@@ -1152,9 +1152,41 @@ def _steer_sweep(sec: _Section, sw: Any) -> None:
     sec.block(figure=fig, table=shown[keep], table_title="Pareto-optimal and chosen settings", stands_for=notes)
 
 
+def section_bound(t: Tables) -> SectionResult:
+    """What bounds P1's result (``p1/bound``, ``p1/test_frontier``, ``p1/gate_roc``): the chosen zones beside an
+    oracle gate and the best side per row, the test frontier of every zone pair and the gate's ROC."""
+    sec = _Section("bound", "P1: what bounds the result (gate or steering)", P1_COMMAND)
+    tabs = _need(t, sec, "p1", ["bound", "test_frontier", "gate_roc"])
+    if len(tabs) < 3:
+        return sec.result()
+    from catlens.figures.p1_bound import bound_figure
+
+    bound = tabs["bound"]
+    _require(bound, ["gate", "refusal", "over_refusal", "refusal_ci_low", "refusal_ci_high", "over_refusal_ci_low",
+                     "over_refusal_ci_high"], "bound")
+    by = bound.set_index("gate")
+    if {"chosen zones (offline)", "oracle gate (label)"} <= set(by.index):
+        ch, orc = by.loc["chosen zones (offline)"], by.loc["oracle gate (label)"]
+        sec.text(f"Chosen zones: over-refusal {_interval(ch.over_refusal, ch.over_refusal_ci_low, ch.over_refusal_ci_high)}"
+                 f", refusal {_interval(ch.refusal, ch.refusal_ci_low, ch.refusal_ci_high)}; a gate that knew each "
+                 f"prompt's label, with the same steering: over-refusal "
+                 f"{_interval(orc.over_refusal, orc.over_refusal_ci_low, orc.over_refusal_ci_high)}, refusal "
+                 f"{_interval(orc.refusal, orc.refusal_ci_low, orc.refusal_ci_high)} (test answers).")
+    shown = _with_interval(bound, "over_refusal", "over_refusal_ci_low", "over_refusal_ci_high", "over_refusal_interval")
+    shown = _with_interval(shown, "refusal", "refusal_ci_low", "refusal_ci_high", "refusal_interval")
+    keep = [c for c in ("gate", "over_refusal_interval", "over_refusal_n", "refusal_interval", "refusal_n", "ppl_ratio",
+                        "agreement_with_offline") if c in shown.columns]
+    sec.block(figure=bound_figure(bound, tabs["test_frontier"], tabs["gate_roc"]), table=shown[keep],
+              table_title="Bounds (test answers; Wilson 95 % intervals)",
+              caption="The gap from the chosen zones to the oracle gate is the gate's; what is left at the oracle is "
+                      "the steering's. The frontier is every zone pair on the test answers (reported, nothing "
+                      "chosen on it).")
+    return sec.result()
+
+
 SECTIONS: tuple[Callable[[Tables], SectionResult], ...] = (
     section_run, section_finetune, section_separability, section_cosine, section_anisotropy, section_whitening,
-    section_model_diff, section_p1, section_probe_roc, section_sweep, section_p2, section_specificity,
+    section_model_diff, section_p1, section_probe_roc, section_bound, section_sweep, section_p2, section_specificity,
     section_judges,
 )
 _TITLES = {"section_run": ("run", "What was run"), "section_finetune": ("finetune", "Fine-tune results"),
@@ -1165,6 +1197,7 @@ _TITLES = {"section_run": ("run", "What was run"), "section_finetune": ("finetun
            "section_model_diff": ("model_diff", "Model diffing"),
            "section_p1": ("p1", "P1: refusal vs over-refusal (Figure 1) and the safety table"),
            "section_probe_roc": ("probe_roc", "Probe gate vs refusal token: ROC"),
+           "section_bound": ("bound", "P1: what bounds the result (gate or steering)"),
            "section_sweep": ("sweep", "Sweeps: strength, layer and the validation cloud"),
            "section_p2": ("p2", "P2 per category"), "section_specificity": ("specificity", "Specificity"),
            "section_judges": ("judges", "Judge agreement")}

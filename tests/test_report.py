@@ -12,7 +12,7 @@ import pytest
 from catlens import report as R
 from catlens.browser import browser_unavailable, chromium_executable, headless_chromium, page_errors
 from catlens.cli import main as cli_main
-from test_figures_p1 import make_p1_run
+from test_figures_p1 import _bound_tables, make_p1_run
 
 CHROMIUM = chromium_executable()
 _NO_BROWSER = browser_unavailable(CHROMIUM)
@@ -108,6 +108,8 @@ def make_run(root: Path, *, placeholders: bool = True) -> Path:
     if not placeholders:
         return root
     make_p1_run(root / "p1", lowrank=True)
+    for name, table in zip(("bound", "test_frontier", "gate_roc"), _bound_tables()):
+        _save(root / "p1", name, table)
     make_p2_tables(root / "p2")
     make_specificity_tables(root / "specificity")
     _save(root / "eval", "judge_agreement", pd.DataFrame([{"judge_a": "keyword", "judge_b": "llama_guard",
@@ -213,9 +215,10 @@ def test_every_section_renders_from_synthetic_tables(full_run):
     assert rep.path == full_run / "report.html" and rep.path.exists()
     status = {s.id: s.status for s in rep.sections}
     assert status == {s: "ok" for s in ("run", "finetune", "separability", "cosine", "anisotropy", "whitening",
-                                         "model_diff", "p1", "probe_roc", "sweep", "p2", "specificity", "judges")}
+                                         "model_diff", "p1", "probe_roc", "bound", "sweep", "p2", "specificity",
+                                         "judges")}
     page = rep.path.read_text()
-    assert rep.n_figures == sum(len(s.figures) for s in rep.sections) >= 13
+    assert rep.n_figures == sum(len(s.figures) for s in rep.sections) >= 14
     from plotly.offline import get_plotlyjs
 
     assert page.count(get_plotlyjs()[:300]) == 1  # plotly.js inlined once
@@ -277,7 +280,7 @@ def test_sections_say_not_run_with_the_command(tmp_path):
     rep = R.build_report(run)
     status = {s.id: s.status for s in rep.sections}
     assert status["model_diff"] == "ok"
-    for sid in ("p1", "probe_roc", "sweep", "p2", "specificity", "judges"):
+    for sid in ("p1", "probe_roc", "bound", "sweep", "p2", "specificity", "judges"):
         assert status[sid] == "not run", sid
     page = rep.path.read_text()
     for table in ("p1/headline.parquet", "p1/test_rates.parquet", "p1/auroc.parquet", "p1/test_fp/&lt;policy&gt;-*",
