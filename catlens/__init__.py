@@ -1,15 +1,36 @@
 """catlens: discover, measure and steer category-specific refusal directions in chat language models.
 
-``import catlens`` touches no disk, network or device: the public names below are imported on first use. They are
-the papers' verbs: load a model and prompts, collect activations, fit directions (``fit_directions``, any method of
-``catlens.directions.METHODS``), measure them (``separability``, ``cosine_matrix``, ``anisotropy``, ...), whiten
-and build the basis (``fit_whitener``, ``orthonormal_basis``, ``init_basis``), steer (``SteeringPolicy``,
-``fit_gate``), generate, judge (``judge_records``), rate (``rate_table``), train the low-rank map
-(``train_low_rank``) and report (``build_report``).
+``import catlens as cl`` touches no disk, network or device: the public names below are imported on first use. They
+are the papers' verbs (and the types they return):
+
+* models and prompts: ``load_model`` (the embedded SmolLM2-135M-Instruct, a checkpoint folder, a hub id, or a model
+  in the cache by the name ``catlens models`` lists, e.g. the refusal-token fine-tune ``"refusal-default"``),
+  ``load_prompts`` / ``load_dataset``, ``split_prompts``, ``deduplicate``, ``check_leakage``;
+* activations: ``collect`` (an ``ActivationStore``);
+* directions and geometry: ``fit_directions`` (any method of ``catlens.directions.METHODS``), ``separability``,
+  ``cosine_matrix``, ``whitened_cosine_matrix``, ``anisotropy``, ``projections``, ``model_diff_cosines``; whitening
+  and the basis: ``fit_whitener``, ``orthonormal_basis``;
+* steering: ``Intervention`` (``Intervention.from_directions``), a ``Gate`` from ``fit_gate`` (P1's probe) or
+  ``fit_feature_gate`` / ``choose_gate`` / ``zone_sweep`` (the three-zone feature gate), a ``Router`` (refusal
+  tokens, or ``fit_router_probe``), ``SteeringPolicy``, ``steering`` (hooks inside a ``with`` block);
+* generation, judges, rates: ``generate``, ``first_position``, ``prefill_reads``, ``get_judge``, ``judge_records``,
+  ``agreement_table``, ``rate_table``;
+* P1's learned low-rank map: ``init_basis``, ``train_low_rank``, ``low_rank_policy``; the report: ``build_report``.
+
+The README's "P1 in twenty lines" runs P1 end to end through these names. The same steps, here on a tiny test model
+(``model``) instead of ``cl.load_model("refusal-default")``:
 
     >>> import catlens as cl
-    >>> model = cl.load_model()                                   # the embedded SmolLM2-135M-Instruct  # doctest: +SKIP
-    >>> acts = cl.collect(model, cl.load_prompts("builtin"), sites=["resid_post"])             # doctest: +SKIP
+    >>> builtin = cl.load_prompts("builtin")
+    >>> train, val = (builtin.where(split=s).sample(32) for s in ("train", "val"))
+    >>> acts, val_acts = (cl.collect(model, p, layers=[3], show_progress=False) for p in (train, val))
+    >>> dirs = cl.fit_directions(acts, "one_vs_benign", normalize=True).with_ref_norm(acts)
+    >>> gate = cl.fit_gate(acts, layer=3, val=val_acts)
+    >>> policy = cl.SteeringPolicy(cl.Intervention.from_directions(dirs, 3, scale="norm", positions="last_prompt+0"),
+    ...                            gate=gate, toward=0.1, away=-0.1)
+    >>> records = cl.generate(model, val[:2], policy, max_new_tokens=2, show_progress=False)
+    >>> [r["gate"]["outcome"] in ("toward", "away") for r in records]
+    [True, True]
 """
 
 from importlib import import_module

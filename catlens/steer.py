@@ -321,6 +321,25 @@ class Intervention:
         kw["positions"] = parse_positions(kw.get("positions", "all"))
         return cls(**kw)
 
+    @classmethod
+    def from_directions(cls, directions: Any, layer: int, *, site: str | None = None,
+                        categories: Sequence[str] | None = None, **kwargs: Any) -> "Intervention":
+        """One intervention at ``layer`` holding every category's direction of a
+        :class:`catlens.directions.Directions` (``labels`` = its categories, so a :class:`Router` picks one per
+        prompt), with that layer's reference norm when the directions carry one
+        (:meth:`~catlens.directions.Directions.with_ref_norm`), so that ``scale="norm"`` needs nothing more.
+
+        ``kwargs`` go to the constructor (``coeff``, ``kind``, ``positions``, ``scale``, ``normalize``...)."""
+        if categories is not None:
+            directions = directions.select(categories=list(categories))
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer={layer!r} must be one int, a layer of the directions {list(directions.layers)}; "
+                            f"for several layers use catlens.steer.from_directions.")
+        ref = getattr(directions, "ref_norm", None)
+        ref_norm = float(ref[directions.layer_index(layer)]) if ref is not None else None
+        return cls(site=site or directions.site, layer=int(layer), vectors=directions.at(layer),
+                   labels=tuple(directions.categories), ref_norm=ref_norm, **kwargs)
+
     def same_as(self, other: "Intervention") -> bool:
         t1, t2 = {}, {}
         if self.to_dict("x", t1) != other.to_dict("x", t2) or t1.keys() != t2.keys():
@@ -341,14 +360,7 @@ def from_directions(directions: Any, layers: int | Sequence[int] | None = None, 
     if not chosen:
         raise ValueError("layers is empty; give at least one layer of the directions "
                          f"({list(directions.layers)}).")
-    ref = getattr(directions, "ref_norm", None)
-    out = []
-    for layer in chosen:
-        li = directions.layer_index(layer)
-        ref_norm = float(ref[li]) if ref is not None else None
-        out.append(Intervention(site=site or directions.site, layer=int(layer), vectors=directions.at(layer),
-                                labels=tuple(directions.categories), ref_norm=ref_norm, **kwargs))
-    return out
+    return [Intervention.from_directions(directions, int(layer), site=site, **kwargs) for layer in chosen]
 
 
 GATE_POOLS = ("last", "mean_all")
@@ -564,7 +576,8 @@ class SteeringPolicy:
     ``model`` records what the policy was made on (name, widths, weights hash) for :meth:`check_model`.
     """
 
-    interventions: tuple[Intervention, ...]
+    interventions: tuple[Intervention, ...] | Intervention
+    """The edits; one :class:`Intervention` may be given alone (it is stored as a one-element tuple)."""
     gate: Gate | None = None
     router: Router | None = None
     toward: float | int | None = None
