@@ -140,6 +140,17 @@ def bound_lines(folder: Path) -> list[str]:
                    f"{_pct(ch.over_refusal)} % at {_pct(ch.refusal)} %); choosing the best of the three answers per "
                    f"row, {_pct(best.over_refusal)} % at {_pct(best.refusal)} %. The gap from the chosen zones to the "
                    "oracle is the gate's; what is left at the oracle is the steering's.")
+    tf = _load(folder, "test_frontier")
+    if tf is not None and len(tf):
+        head = _load(folder, "headline")
+        target = float(head.target_refusal.iloc[0]) if head is not None and "target_refusal" in head else 0.9
+        ok = tf[tf.refusal >= target]
+        if len(ok):
+            r = ok.sort_values(["over_refusal", "refusal"], ascending=[True, False]).iloc[0]
+            out.append(f"With hindsight (the test frontier of every zone pair of this gate, chosen on nothing), the "
+                       f"lowest over-refusal at harmful refusal >= {_pct(target)} % is {_pct(r.over_refusal)} % (refusal "
+                       f"{_pct(r.refusal)} %, thresholds {_num(r.lower)} / {_num(r.upper)}, perplexity ratio "
+                       f"{_num(r.ppl_ratio)}): what this gate's scores allow at best.")
     own = bound[bound.gate.str.contains("own answers")]
     if len(own) and "agreement_with_offline" in own:
         out.append(f"The gated policy's own answers agree with the offline zone verdicts on "
