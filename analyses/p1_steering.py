@@ -587,10 +587,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from catlens.model import load_model
-    from catlens.runs import RunDir, configure_process
+    from catlens.stages import P1Options, from_namespace
 
-    args = parse_args(argv)
+    return run(from_namespace(P1Options, parse_args(argv)))
+
+
+def run(options: Any, models: Any = None) -> dict[str, Any]:
+    """What the command line does, from typed options (``catlens.stages.P1Options``, checked as the command line
+    is) and a ``catlens.model.ModelPool`` (the main job's, so each model is loaded once per job; default: a new
+    one)."""
+    from catlens.model import ModelPool
+    from catlens.runs import RunDir, configure_process
+    from catlens.stages import to_argv
+
+    args = parse_args(to_argv(options))  # the command line's checks and --quick sizes, on the typed options
+    models = ModelPool() if models is None else models
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     configure_process(threads=args.threads, seed=args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -610,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(str(e)) from None
     run = RunDir.create(args.out, config, overwrite=args.overwrite, resume=not args.overwrite, seed=args.seed)
     t_start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = models.get(args.model, device=args.device, dtype=args.dtype)
     run.record_model(model)
     layers = model.resolve_layers([int(x) for x in args.layers.split(",") if x.strip()])
     sets = build_sets(args.model, args.data_dir, seed=args.seed, train_cap=args.train_cap, val_cap=args.val_cap,
