@@ -392,13 +392,19 @@ def _setup_logging(run: RunDir) -> list[logging.Handler]:
     return handlers
 
 
+def main(argv: Sequence[str] | None = None) -> RunDir:
+    """The command line: its options (:func:`parse_args`) run by :func:`run_args` on a new model pool."""
+    return run_args(parse_args(argv))
+
+
 def run(options: GeometryOptions, models: "ModelPool | None" = None) -> RunDir:
     """What the command line does, from typed options and a model pool (the main job's, so each model is loaded
     once per job; default: a new one)."""
-    return main(args_of(options), models)
+    return run_args(args_of(options), models)
 
 
-def main(args: Args, models: "ModelPool | None" = None) -> RunDir:
+def run_args(args: Args, models: "ModelPool | None" = None) -> RunDir:
+    """The analysis of checked :class:`Args` into the run folder ``args.out``."""
     configure_process(threads=args.threads, seed=args.seed)  # the one place this script sets process-wide state
     run = RunDir.create(args.out, config=args, overwrite=args.overwrite, seed=args.seed)  # manifest first
     handlers = _setup_logging(run)
@@ -478,4 +484,4 @@ def summarise(run: RunDir) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()
