@@ -681,8 +681,8 @@ def resolve_args(argv: Sequence[str] | None = None) -> Config:
 
 def main(argv: Sequence[str] | None = None, *, share_models: bool = True) -> dict[str, Any]:
     """Run the job of a command line. ``share_models``: one ``catlens.model.ModelPool`` for every stage, so each
-    model is loaded once per job (False: each stage loads its own, as separate processes would;
-    ``bench/bench_main_loads.py`` compares the two)."""
+    model is loaded once per job (False: each stage loads its own, as separate processes would; the manifest's
+    ``model_loads`` tells the two apart)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kaleido", "choreographer"):  # static export logs every browser step at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,10 +1,14 @@
 """One process, each model loaded once: ``catlens.model.ModelPool`` (same object for the same model, device and
 dtype; another for another dtype), the main job passing one pool to every stage (a two-stage job loads each model
 once, and twice as often without the pool), and a pooled model left as it was found after steered generation (no
-hook behind: its logits equal a freshly loaded model's). Tiny random models, seconds."""
+hook behind: its logits equal a freshly loaded model's), and every script still a command line of its own (geometry
+run alone in a subprocess writes the same tables as its ``run(options, pool)``; P1's typed options get the checks its
+command line gets). Tiny random models, seconds."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,6 +81,15 @@ def test_the_pool_says_what_was_wrong_with_a_spec():
         ModelPool().get("/no/such/folder")
 
 
+def write_prompts(path: Path) -> Path:
+    """Eight train prompts, four harmful (one category) and four benign: enough for the geometry script."""
+    rows = [{"id": f"{lab}{i}", "text": f"{'how to hack' if lab == 'h' else 'how to bake'} thing {i}",
+             "label": "harmful" if lab == "h" else "benign", "category": "cybercrime" if lab == "h" else None,
+             "split": "train"} for lab in ("h", "b") for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def load_main():
     spec = importlib.util.spec_from_file_location("_catlens_main_onepass", REPO / "analyses" / "main.py")
     module = importlib.util.module_from_spec(spec)
@@ -97,11 +110,7 @@ def test_a_two_stage_job_loads_each_model_once(two_models, counted, tmp_path, mo
     fake.write_text(COUNTING_SCRIPT)
     monkeypatch.setitem(main.STAGE_SCRIPTS, "p1", fake)
     out = tmp_path / "run"
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [{"id": f"{lab}{i}", "text": f"{'how to hack' if lab == 'h' else 'how to bake'} thing {i}",
-             "label": "harmful" if lab == "h" else "benign", "category": "cybercrime" if lab == "h" else None,
-             "split": "train"} for lab in ("h", "b") for i in range(4)]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
     argv = ["--model", str(tuned), "--other-model", str(stock), "--out", str(out), "--dtype", "float32",
             "--set", f"data.prompts={prompts}", "--set", "geometry.layers=all", "--set", "geometry.tsne_layers=none",
             "--set", "geometry.cv_folds=2", "--set", "geometry.args.directions=one_vs_benign",
@@ -143,3 +152,66 @@ def test_a_pooled_model_has_no_hook_or_change_left_after_steered_generation(two_
     fresh = cm.load_model(tuned)
     assert pool.get(tuned) is model
     assert torch.equal(model.logits(prompts), fresh.logits(prompts))  # bitwise: nothing left behind
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_onepass_{name}", REPO / "analyses" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_script_still_runs_alone_from_its_command_line_and_equals_its_run_on_a_pool(two_models, tmp_path):
+    """``python analyses/geometry.py ...`` in its own process (its own models) writes the same tables, to the bit,
+    as ``run(options, pool)`` in this process on the options that command line parses to."""
+    import pandas as pd
+
+    from catlens.stages import GeometryOptions, build_parser, from_namespace
+
+    tuned, stock = two_models
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    common = ["--model", str(tuned), "--other-model", str(stock), "--prompts", str(prompts), "--layers", "all",
+              "--tsne-layers", "none", "--cv-folds", "2", "--directions", "one_vs_benign", "--pca-dims", "none",
+              "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    alone = tmp_path / "alone"
+    done = subprocess.run([sys.executable, str(REPO / "analyses" / "geometry.py"), *common, "--out", str(alone)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((alone / "manifest.json").read_text())["status"] == "done"
+
+    geometry = load_script("geometry")
+    options = from_namespace(GeometryOptions, build_parser(GeometryOptions).parse_args(
+        [*common, "--out", str(tmp_path / "pooled")]))
+    pool = ModelPool()
+    geometry.run(options, pool)
+    assert pool.stats()["loads"] == 2  # the model and its other model, from the pool it was given
+    for table in ("cosine", "separability", "model_diff"):
+        a = pd.read_parquet(alone / f"{table}.parquet")
+        b = pd.read_parquet(tmp_path / "pooled" / f"{table}.parquet")
+        assert len(a) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_p1_run_checks_typed_options_as_its_command_line_does(tmp_path, capsys):
+    """The same checks and ``--quick`` sizes whether P1 gets a command line (usage error, exit 2) or typed options
+    (a ValueError); either way before the run folder or any model."""
+    from catlens.stages import SIZES, P1Options
+
+    p1 = load_script("p1_steering")
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"--zone-grid=2 must be >= 3"):
+        p1.run(P1Options(model="no-such-model", out=str(out), zone_grid=2), ModelPool(loader=_no_load))
+    with pytest.raises(SystemExit) as e:
+        p1.main(["--model", "no-such-model", "--out", str(out), "--zone-grid", "2"])
+    assert e.value.code == 2 and "--zone-grid=2 must be >= 3" in capsys.readouterr().err
+    assert not out.exists()
+    quick = p1.prepare(P1Options(model="m", out="o", quick=True, train_cap=7))
+    assert quick.train_cap == 7  # given explicitly: wins over the quick size
+    assert quick.val_cap == SIZES["p1"]["script_quick"]["val_cap"] != P1Options(model="m", out="o").val_cap
+    assert vars(quick) == vars(p1.parse_args(["--model", "m", "--out", "o", "--quick", "--train-cap", "7"]))
+
+
+def _no_load(*a, **k):
+    raise AssertionError("a model was loaded before the options were checked")
