@@ -177,7 +177,7 @@ def test_a_script_still_runs_alone_from_its_command_line_and_equals_its_run_on_a
            "OMP_NUM_THREADS": "1"}
     alone = tmp_path / "alone"
     done = subprocess.run([sys.executable, str(REPO / "analyses" / "geometry.py"), *common, "--out", str(alone)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((alone / "manifest.json").read_text())["status"] == "done"
 
