@@ -329,8 +329,8 @@ def stage_eval(cfg: Config, job: Job, folder: Path) -> None:
     if cfg.model.cache_dir:
         given["cache_dir"] = str(_expand(cfg.model.cache_dir))
     options = stage_options("eval", cfg, **given)
-    if trained.get("set") and "set" not in {k.replace("-", "_") for k in cfg.eval.args}:
-        options = dataclasses.replace(options, set=trained["set"])  # a tuple: not a value from_mapping reads
+    if trained.get("set"):  # the fine-tune's own overrides first, an ``eval.args.set`` after them (it wins)
+        options = dataclasses.replace(options, set=(*trained["set"], *options.set))
     _check_returned("eval", _call("eval", module, options, job))
 
 
@@ -607,7 +607,8 @@ def run_stage(stage: Stage, job: Job, position: str = "") -> None:
         if _stage_record_status(folder) != "done":
             raise RuntimeError(f"stage {name} returned without finishing its run folder {folder} (its manifest "
                                f"does not say done).")
-    except Exception as e:  # noqa: BLE001 - recorded; the independent stages still run
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded; the independent stages still run (a script's
+        # SystemExit, its way of saying what to fix, ends its stage, not the job that runs it in this process)
         return _failed(job, name, prefix, e, t0, folder=name, config_hash=h, args_hash=args_hash)
     finally:
         job.loads[name] = {"n": len(LOADS) - n_loads,
@@ -628,7 +629,7 @@ def _stage_record_status(folder: Path) -> str | None:
         return None
 
 
-def _failed(job: Job, name: str, prefix: str, e: Exception, t0: float, **info: Any) -> None:
+def _failed(job: Job, name: str, prefix: str, e: BaseException, t0: float, **info: Any) -> None:
     log.exception("%s failed", prefix)
     message = f"{type(e).__name__}: {e}"
     job.failures[name] = message

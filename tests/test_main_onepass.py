@@ -215,3 +215,26 @@ def test_p1_run_checks_typed_options_as_its_command_line_does(tmp_path, capsys):
 
 def _no_load(*a, **k):
     raise AssertionError("a model was loaded before the options were checked")
+
+
+def test_a_stage_that_exits_is_a_failed_stage_and_the_job_goes_on(two_models, tmp_path, monkeypatch):
+    """A script's ``SystemExit("what to fix")`` inside the one-process job fails its stage (recorded, with the
+    message), the independent stages still run, and the job then raises naming it."""
+    tuned, stock = two_models
+    main = load_main()
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "p1_steering.py").write_text("def run(options, models):\n"
+                                            "    raise SystemExit('--layers 99: no such layer')\n")
+    (scripts / "p2_steering.py").write_text("from catlens.runs import RunDir\n\ndef run(options, models):\n"
+                                            "    RunDir.create(options.out, config={}).finish()\n")
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p1", scripts / "p1_steering.py")
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p2", scripts / "p2_steering.py")
+    argv = ["--model", str(tuned), "--other-model", str(stock), "--out", str(tmp_path / "run"), "--dtype", "float32"]
+    for off in ("eval", "geometry", "specificity", "figures", "report"):
+        argv += ["--set", f"{off}.enabled=false"]
+    with pytest.raises(RuntimeError, match=r"p1: SystemExit: --layers 99: no such layer"):
+        main.main(argv)
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert stages["p1"]["status"].startswith("failed: SystemExit: --layers 99")
+    assert stages["p2"]["status"] == "done"
