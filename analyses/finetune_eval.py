@@ -40,17 +40,21 @@ Outputs (tidy tables, CSV twins, in the run folder):
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from catlens.stages import FinetuneEvalOptions, build_parser
+from catlens.stages import FinetuneEvalOptions, build_parser, from_namespace
+
+if TYPE_CHECKING:
+    from catlens.model import ModelPool
 
 log = logging.getLogger("finetune_eval")
 
@@ -90,13 +94,21 @@ def answer_nll(stock: Any, prompts: list[str], answers: list[list[int]]) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(from_namespace(FinetuneEvalOptions, parse_args(argv)))
+
+
+def run(options: FinetuneEvalOptions, models: "ModelPool | None" = None) -> int:
+    """What the command line does, from typed options and a model pool (the main job's, so each model is loaded
+    once per job; default: a new one)."""
+    from catlens.model import ModelPool
+
+    args = argparse.Namespace(**{**dataclasses.asdict(options), "set": list(options.set)})
+    models = ModelPool() if models is None else models
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import pandas as pd
 
     from catlens.finetune import (assemble_data, ensure_refusal_model, get_config, parse_overrides, prompt_form,
                                   read_manifest)
-    from catlens.model import load_model
     from catlens.refusal import RefusalTokens, first_token_scores, generate_ids, parse_response
     from catlens.runs import RunDir, configure_process
 
@@ -116,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"the data assembled for --config {args.config} (hash {data.content_hash[:12]}) is not the "
                          f"data {folder} was trained on ({str(manifest.get('data_hash'))[:12]}): pass the matching "
                          f"--config / --data-dir.")
-    model = load_model(folder, cache=args.cache_dir, device=args.device, dtype=args.dtype)
-    stock = load_model(manifest["base"]["folder"] if manifest["base"]["spec"] != "smollm2-135m-instruct"
+    model = models.get(folder, cache=args.cache_dir, device=args.device, dtype=args.dtype)
+    stock = models.get(manifest["base"]["folder"] if manifest["base"]["spec"] != "smollm2-135m-instruct"
                        else manifest["base"]["spec"], cache=args.cache_dir, device=args.device, dtype=args.dtype)
     plain, plain_stock = model.plain_hf(), stock.plain_hf()  # nothing is steered here: generate without the bridge
     run.record_model(model, "finetune")

@@ -43,7 +43,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -52,7 +52,10 @@ import torch
 from catlens import directions as D
 from catlens import geometry as G
 from catlens.runs import RunDir, configure_process, sha256_file
-from catlens.stages import GeometryOptions, build_parser
+from catlens.stages import GeometryOptions, build_parser, from_namespace
+
+if TYPE_CHECKING:
+    from catlens.model import ModelPool
 
 log = logging.getLogger("analyses.geometry")
 
@@ -128,10 +131,14 @@ class Args:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
+    p = build_parser(GeometryOptions, __doc__)  # the options: catlens.stages.GeometryOptions
+    return args_of(from_namespace(GeometryOptions, p.parse_args(argv)))
+
+
+def args_of(a: GeometryOptions) -> Args:
+    """The checked :class:`Args` of typed options (the command line's, or the main job's)."""
     from catlens.options import parse_layers
 
-    p = build_parser(GeometryOptions, __doc__)  # the options: catlens.stages.GeometryOptions
-    a = p.parse_args(argv)
     layers = parse_layers(a.layers)
     tsne: tuple[int, ...] | None
     if a.tsne_layers is None or a.tsne_layers == "auto":
@@ -167,18 +174,21 @@ class Activations:
     data: dict[str, Any]  # prompt / store provenance
 
 
-def load_activations(args: Args, *, model_spec: str, acts_path: Path | None) -> Activations:
-    """The only place that touches the model and activation-store API; adapt here if that API changes."""
+def load_activations(args: Args, *, model_spec: str, acts_path: Path | None,
+                     models: "ModelPool | None" = None) -> Activations:
+    """The only place that touches the model and activation-store API; adapt here if that API changes. The model
+    comes from ``models`` (a new pool when None)."""
     from catlens.cache import ActivationStore, collect
 
     if acts_path is not None:
         store = ActivationStore.load(acts_path)
         model_prov = dict(store.meta.get("model", {}))
     else:
-        from catlens.model import load_model
         from catlens.datasets import load_prompts
+        from catlens.model import ModelPool
 
-        model = load_model(model_spec, device=args.device, dtype=args.dtype, cache=args.cache_dir)
+        models = ModelPool() if models is None else models
+        model = models.get(model_spec, device=args.device, dtype=args.dtype, cache=args.cache_dir)
         store = collect(model, load_prompts(args.prompts), sites=[args.site],
                         layers=None if args.layers is None else list(args.layers), positions=args.positions,
                         fmt=args.fmt, batch_size=args.batch_size, out=None)
@@ -382,12 +392,24 @@ def _setup_logging(run: RunDir) -> list[logging.Handler]:
     return handlers
 
 
-def main(args: Args) -> RunDir:
+def main(argv: Sequence[str] | None = None) -> RunDir:
+    """The command line: its options (:func:`parse_args`) run by :func:`run_args` on a new model pool."""
+    return run_args(parse_args(argv))
+
+
+def run(options: GeometryOptions, models: "ModelPool | None" = None) -> RunDir:
+    """What the command line does, from typed options and a model pool (the main job's, so each model is loaded
+    once per job; default: a new one)."""
+    return run_args(args_of(options), models)
+
+
+def run_args(args: Args, models: "ModelPool | None" = None) -> RunDir:
+    """The analysis of checked :class:`Args` into the run folder ``args.out``."""
     configure_process(threads=args.threads, seed=args.seed)  # the one place this script sets process-wide state
     run = RunDir.create(args.out, config=args, overwrite=args.overwrite, seed=args.seed)  # manifest first
     handlers = _setup_logging(run)
     try:
-        _run(args, run)
+        _run(args, run, models)
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
@@ -395,8 +417,11 @@ def main(args: Args) -> RunDir:
     return run
 
 
-def _run(args: Args, run: RunDir) -> None:
-    a = load_activations(args, model_spec=args.model, acts_path=args.acts)
+def _run(args: Args, run: RunDir, models: "ModelPool | None" = None) -> None:
+    from catlens.model import ModelPool
+
+    models = ModelPool() if models is None else models
+    a = load_activations(args, model_spec=args.model, acts_path=args.acts, models=models)
     run.record_model(a.model)
     run.record_data("activations", a.data)
     log.info("activations %s over layers %s", tuple(a.acts.shape), a.layers)
@@ -425,7 +450,7 @@ def _run(args: Args, run: RunDir) -> None:
     run.save_table("projections", projection_table(args, a))
 
     if args.other_model is not None or args.other_acts is not None:
-        b = load_activations(args, model_spec=args.other_model or "", acts_path=args.other_acts)
+        b = load_activations(args, model_spec=args.other_model or "", acts_path=args.other_acts, models=models)
         run.record_model(b.model, role="other_model")
         if b.acts.shape[-1] != a.acts.shape[-1]:
             raise ValueError(f"the other model has d_model={b.acts.shape[-1]}, this one {a.acts.shape[-1]}: "
@@ -459,4 +484,4 @@ def summarise(run: RunDir) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

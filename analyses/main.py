@@ -30,18 +30,22 @@ Stages (:data:`STAGES`, run in this order; each writes its own run folder ``<out
                    ``specificity/``, anything else ``geometry/``);
 8. ``report``      ``catlens.report.build_report``: ``<out>/report.html`` from the saved tables (rebuilt every time).
 
-Script stages are called as ``module.main(argv)`` with ``--model <tuned> --out <out>/<stage> --seed N
-[--data-dir D] [--quick] [--overwrite]``, plus ``--stock-model <stock>`` for p1 and p2, ``--device``/``--dtype``
-when they are not cpu/float32, and the stage's ``args`` table. Every stage's ``args`` table is checked against its
-script's options (``catlens.stages.STAGE_OPTIONS``: names with a did-you-mean, types, choices) when the configuration
-is resolved, before any work. ``--overwrite`` is left out when the stage was
+Script stages run in this process, as ``module.run(options, models)``: ``options`` is the stage's typed options
+dataclass (``catlens.stages.STAGE_OPTIONS``) built from what the job passes (the tuned model, ``<out>/<stage>``, the
+seed, the data folder, ``quick``, ``overwrite``, the stock partner for p1 and the device and dtype) under the
+stage's ``args`` table, which wins; ``models`` is the job's ``catlens.model.ModelPool``, so each model (tuned,
+stock) is loaded once per job and shared by the stages (the manifest's ``model_loads`` records how many loads
+happened, their seconds and which stage made them). Every stage's ``args`` table is checked against its
+script's options (names with a did-you-mean, types, choices, ranges) when the configuration
+is resolved, before any work. ``overwrite`` is left false when the stage was
 interrupted (or failed) with the same configuration, so the script resumes its own run. A stage whose script does not exist is skipped and
 recorded as "skipped: not available". A stage is skipped when its folder's manifest says done for the same
 resolved stage configuration (a hash of its section, the config keys it reads, the models, its script's code and
 the stages it depends on); a changed configuration or an edited script reruns that stage. A failed stage is
 recorded and the independent stages still run; the job then exits with an error naming it.
 
-Writes: <out>/config.toml, <out>/manifest.json (config, per stage: folder, status, seconds, config hash),
+Writes: <out>/config.toml, <out>/manifest.json (config, per stage: folder, status, seconds, config hash, model
+loads; the job's model_loads),
 <out>/summary.json, <out>/report.html and the stage folders.
 """
 
@@ -60,9 +64,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from catlens.config import Config, ConfigError, args_to_argv, resolve, to_toml
+from catlens.config import Config, ConfigError, resolve, to_toml
 from catlens.runs import RunDir, configure_process, sha256_file, sha256_text, write_text_atomic
-from catlens.stages import check_stage_args
+from catlens.stages import STAGE_OPTIONS, check_stage_args, from_mapping, to_argv
 
 log = logging.getLogger("analyses.main")
 HERE = Path(__file__).resolve().parent
@@ -100,6 +104,11 @@ class Job:
     """The stage records of the run folder's manifest before this run (to tell an interrupted stage)."""
     args_hashes: dict[str, str] = field(default_factory=dict)
     """Per stage, the hash of its configuration without its code (an unchanged one resumes)."""
+    models: Any = None
+    """The job's ``catlens.model.ModelPool``, passed to every stage (each model loaded once per job); None: every
+    stage loads its own models."""
+    loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per stage that ran, its ``load_model`` calls: ``{"n", "seconds"}``."""
 
     @property
     def out(self) -> Path:
@@ -146,13 +155,27 @@ def _load_script(path: Path) -> ModuleType:
     return module
 
 
-def _common_argv(cfg: Config, job: Job, folder: Path, *, threads: bool = False) -> list[str]:
-    argv = ["--model", str(job.tuned), "--out", str(folder), "--seed", str(cfg.run.seed)]
+def _common(cfg: Config, job: Job, folder: Path, *, threads: bool = False) -> dict[str, Any]:
+    """The options every script stage gets from the job: model, out, seed, data folder (and threads)."""
+    given: dict[str, Any] = {"model": str(job.tuned), "out": str(folder), "seed": cfg.run.seed}
     if cfg.data.data_dir:
-        argv += ["--data-dir", str(_expand(cfg.data.data_dir))]
+        given["data_dir"] = str(_expand(cfg.data.data_dir))
     if threads and cfg.run.threads is not None:
-        argv += ["--threads", str(cfg.run.threads)]
-    return argv
+        given["threads"] = cfg.run.threads
+    return given
+
+
+def stage_options(name: str, cfg: Config, **given: Any) -> Any:
+    """The typed options of script stage ``name``: the values the job passes (``given``) under the stage's
+    ``args`` table (the table wins, as it did when it came last on the command line), checked by
+    :func:`catlens.stages.from_mapping`."""
+    return from_mapping(STAGE_OPTIONS[name], cfg.section(name).args, where=f"{name}.args", **given)
+
+
+def _call(name: str, module: ModuleType, options: Any, job: Job) -> Any:
+    """``module.run(options, job.models)``: the stage's script in this process, on the job's model pool."""
+    log.info("stage %s: %s.run(%s)", name, STAGE_SCRIPTS[name].name, " ".join(to_argv(options)))
+    return module.run(options, job.models)
 
 
 def _overwrite(folder: Path, job: Job | None = None, name: str = "") -> list[str]:
@@ -173,16 +196,11 @@ def _overwrite(folder: Path, job: Job | None = None, name: str = "") -> list[str
 
 def _check_returned(name: str, value: Any) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and value != 0:
-        raise RuntimeError(f"stage {name}: the script's main() returned exit code {value}.")
+        raise RuntimeError(f"stage {name}: the script's run() returned exit code {value}.")
 
 
-def _model_options(cfg: Config) -> list[str]:
-    out = []
-    if cfg.model.device != "cpu":
-        out += ["--device", cfg.model.device]
-    if cfg.model.dtype != "float32":
-        out += ["--dtype", cfg.model.dtype]
-    return out
+def _model_options(cfg: Config) -> dict[str, Any]:
+    return {"device": cfg.model.device, "dtype": cfg.model.dtype}
 
 
 def finetune_config(cfg: Config) -> Any:
@@ -195,10 +213,10 @@ def finetune_config(cfg: Config) -> Any:
     return get_config(cfg.finetune.config).replace(**overrides)
 
 
-def finetune_cli_args(folder: str | Path) -> list[str] | None:
-    """``--config <preset> --set FIELD=VALUE ...`` reproducing the config a catlens fine-tune folder was trained with
-    (read from its manifest), for ``analyses/finetune_eval.py``; ``None`` when the folder is not a catlens
-    fine-tune."""
+def finetune_eval_options(folder: str | Path) -> dict[str, Any] | None:
+    """``{"config": <preset>, "set": ("FIELD=VALUE", ...)}`` reproducing the config a catlens fine-tune folder was
+    trained with (read from its manifest), for ``analyses/finetune_eval.py``; ``None`` when the folder is not a
+    catlens fine-tune."""
     from catlens.finetune import CONFIGS, read_manifest
 
     manifest = read_manifest(folder) if Path(folder).is_dir() else None
@@ -207,9 +225,18 @@ def finetune_cli_args(folder: str | Path) -> list[str] | None:
     recorded = manifest["config"]
     preset = recorded.get("name") if recorded.get("name") in CONFIGS else "default"
     base = CONFIGS[preset].to_dict()
-    sets = [f"{k}={json.dumps(v)}" for k, v in recorded.items()
-            if k in base and k not in ("device", "checkpoint_every") and base[k] != v]
-    return ["--config", preset] + [x for s in sets for x in ("--set", s)]
+    sets = tuple(f"{k}={json.dumps(v)}" for k, v in recorded.items()
+                 if k in base and k not in ("device", "checkpoint_every") and base[k] != v)
+    return {"config": preset, "set": sets}
+
+
+def finetune_cli_args(folder: str | Path) -> list[str] | None:
+    """:func:`finetune_eval_options` as ``--config <preset> --set FIELD=VALUE ...`` (``catlens finetune``'s
+    command line); ``None`` when the folder is not a catlens fine-tune."""
+    given = finetune_eval_options(folder)
+    if given is None:
+        return None
+    return ["--config", given["config"]] + [x for s in given["set"] for x in ("--set", s)]
 
 
 def _identity(spec: str | None) -> dict[str, Any] | None:
@@ -293,13 +320,18 @@ def _eval_unavailable(cfg: Config, job: Job) -> str | None:
 
 def stage_eval(cfg: Config, job: Job, folder: Path) -> None:
     module = _load_script(STAGE_SCRIPTS["eval"])
-    argv = _common_argv(cfg, job, folder, threads=True) + (finetune_cli_args(str(job.tuned)) or [])
-    argv += ["--per-category", str(cfg.data.per_category), "--per-set", str(cfg.data.per_set),
-             "--batch-size", str(cfg.eval.batch_size), "--max-new-tokens", str(cfg.eval.max_new_tokens),
-             "--ungated", str(cfg.eval.ungated), "--device", cfg.model.device, "--dtype", cfg.model.dtype]
-    argv += ["--cache-dir", str(_expand(cfg.model.cache_dir))] if cfg.model.cache_dir else []
-    argv += _overwrite(folder) + args_to_argv(cfg.eval.args)
-    _check_returned("eval", module.main(argv))
+    given = {**_common(cfg, job, folder, threads=True), "per_category": cfg.data.per_category,
+             "per_set": cfg.data.per_set, "batch_size": cfg.eval.batch_size,
+             "max_new_tokens": cfg.eval.max_new_tokens, "ungated": cfg.eval.ungated, **_model_options(cfg),
+             "overwrite": bool(_overwrite(folder))}
+    trained = finetune_eval_options(str(job.tuned)) or {}
+    given["config"] = trained.get("config", "default")
+    if cfg.model.cache_dir:
+        given["cache_dir"] = str(_expand(cfg.model.cache_dir))
+    options = stage_options("eval", cfg, **given)
+    if trained.get("set"):  # the fine-tune's own overrides first, an ``eval.args.set`` after them (it wins)
+        options = dataclasses.replace(options, set=(*trained["set"], *options.set))
+    _check_returned("eval", _call("eval", module, options, job))
 
 
 def geometry_prompts(cfg: Config, out: Path) -> str:
@@ -331,51 +363,52 @@ def geometry_prompts(cfg: Config, out: Path) -> str:
 def stage_geometry(cfg: Config, job: Job, folder: Path) -> None:
     module = _load_script(STAGE_SCRIPTS["geometry"])
     g = cfg.geometry
-    argv = ["--model", str(job.tuned), "--out", str(folder), "--seed", str(cfg.run.seed),
-            "--prompts", geometry_prompts(cfg, job.out), "--layers", g.layers, "--tsne-layers", g.tsne_layers,
-            "--cv-folds", str(g.cv_folds), "--batch-size", str(g.batch_size), "--device", cfg.model.device,
-            "--dtype", cfg.model.dtype]
-    argv += ["--threads", str(cfg.run.threads)] if cfg.run.threads is not None else []
-    argv += ["--directions", ",".join(g.directions)] if g.directions else []
-    argv += ["--cache-dir", str(_expand(cfg.model.cache_dir))] if cfg.model.cache_dir else []
+    given: dict[str, Any] = {
+        "model": str(job.tuned), "out": str(folder), "seed": cfg.run.seed, "prompts": geometry_prompts(cfg, job.out),
+        "layers": g.layers, "tsne_layers": g.tsne_layers, "cv_folds": g.cv_folds, "batch_size": g.batch_size,
+        **_model_options(cfg), "threads": cfg.run.threads, "overwrite": bool(_overwrite(folder))}
+    if g.directions:
+        given["directions"] = ",".join(g.directions)
+    if cfg.model.cache_dir:
+        given["cache_dir"] = str(_expand(cfg.model.cache_dir))
     if job.stock is not None and job.stock != job.tuned:
-        argv += ["--other-model", job.stock]
-    argv += _overwrite(folder) + args_to_argv(g.args)
-    module.main(module.parse_args(argv))
+        given["other_model"] = job.stock
+    _call("geometry", module, stage_options("geometry", cfg, **given), job)
 
 
-def _p1_policy(cfg: Config, job: Job) -> list[str]:
+def _p1_policy(cfg: Config, job: Job) -> dict[str, Any]:
     """Specificity measures at the layer and scale P1 chose on validation prompts (its Youden-gated policy), unless
     the config gives ``--policy`` or ``--layer`` itself."""
     given = cfg.section("specificity").args
     if "policy" in given or "layer" in given:
-        return []
+        return {}
     for name in ("categorical_youden", "categorical_target_fpr"):
         folder = job.out / "p1" / "policies" / name
         if (folder / "policy.json").exists():
-            return ["--policy", str(folder)]
+            return {"policy": str(folder)}
     raise RuntimeError("specificity needs P1's chosen policy (<out>/p1/policies/categorical_youden), which the p1 "
                        "stage did not write; enable p1, or set specificity.args.layer and specificity.args.scale.")
 
 
-def _script_stage(name: str, stock_model: bool, extra: Callable[[Config, Job], list[str]] | None = None,
+def _script_stage(name: str, stock_model: bool, extra: Callable[[Config, Job], dict[str, Any]] | None = None,
                   on_stock: bool = False) -> Callable[[Config, Job, Path], None]:
-    """``stock_model``: pass ``--stock-model <stock>`` (the transfer partner); ``on_stock``: study the stock model
-    itself (``--model <stock>``; P2 addresses a model that never refuses), the tuned one when there is no stock."""
+    """``stock_model``: pass ``stock_model=<stock>`` (the transfer partner); ``on_stock``: study the stock model
+    itself (``model=<stock>``; P2 addresses a model that never refuses), the tuned one when there is no stock.
+    ``extra``: options that win over the stage's ``args`` table (it leaves out what the table gives)."""
 
     def run(cfg: Config, job: Job, folder: Path) -> None:
         module = _load_script(STAGE_SCRIPTS[name])
-        argv = _common_argv(cfg, job, folder)
+        given = _common(cfg, job, folder)
         if on_stock and job.stock is not None:
-            argv[argv.index("--model") + 1] = str(job.stock)
-        argv += ["--quick"] if cfg.run.quick else []
-        argv += _overwrite(folder, job, name)
+            given["model"] = str(job.stock)
+        given["quick"] = bool(cfg.run.quick)
+        given["overwrite"] = bool(_overwrite(folder, job, name))
         if stock_model and job.stock is not None:
-            argv += ["--stock-model", job.stock]
-        argv += _model_options(cfg) + args_to_argv(cfg.section(name).args)
-        argv += extra(cfg, job) if extra is not None else []
-        log.info("stage %s: %s.main(%s)", name, STAGE_SCRIPTS[name].name, " ".join(argv))
-        _check_returned(name, module.main(argv))
+            given["stock_model"] = job.stock
+        options = stage_options(name, cfg, **given, **_model_options(cfg))
+        if extra is not None and (more := extra(cfg, job)):
+            options = dataclasses.replace(options, **more)
+        _check_returned(name, _call(name, module, options, job))
 
     run.__name__ = f"stage_{name}"
     return run
@@ -566,19 +599,27 @@ def run_stage(stage: Stage, job: Job, position: str = "") -> None:
         return
     log.info("%s -> %s%s", prefix, folder, " (config changed: rerun)" if record is not None else "")
     _record(job, name, status="running", folder=name, config_hash=h, args_hash=args_hash)  # seen if interrupted
+    from catlens.model import LOADS
+
+    n_loads = len(LOADS)
     try:
         stage.fn(cfg, job, folder)
         if _stage_record_status(folder) != "done":
             raise RuntimeError(f"stage {name} returned without finishing its run folder {folder} (its manifest "
                                f"does not say done).")
-    except Exception as e:  # noqa: BLE001 - recorded; the independent stages still run
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded; the independent stages still run (a script's
+        # SystemExit, its way of saying what to fix, ends its stage, not the job that runs it in this process)
         return _failed(job, name, prefix, e, t0, folder=name, config_hash=h, args_hash=args_hash)
+    finally:
+        job.loads[name] = {"n": len(LOADS) - n_loads,
+                           "seconds": round(sum(x["seconds"] for x in LOADS[n_loads:]), 2)}
     seconds = round(time.perf_counter() - t0, 1)
     RunDir.open(folder).update_manifest(**{STAGE_RECORD: {
         "name": name, "config_hash": h, "seconds": seconds, "section": cfg.to_dict()[name],
         "uses": {k: _get(cfg, k) for k in stage.uses}, "models": {"tuned": job.tuned, "stock": job.stock}}})
-    log.info("%s: done (%.1f s)", prefix, seconds)
-    _record(job, name, status="done", folder=name, seconds=seconds, config_hash=h, args_hash=args_hash)
+    log.info("%s: done (%.1f s; %d model load(s))", prefix, seconds, job.loads[name]["n"])
+    _record(job, name, status="done", folder=name, seconds=seconds, config_hash=h, args_hash=args_hash,
+            model_loads=job.loads[name])
 
 
 def _stage_record_status(folder: Path) -> str | None:
@@ -588,7 +629,7 @@ def _stage_record_status(folder: Path) -> str | None:
         return None
 
 
-def _failed(job: Job, name: str, prefix: str, e: Exception, t0: float, **info: Any) -> None:
+def _failed(job: Job, name: str, prefix: str, e: BaseException, t0: float, **info: Any) -> None:
     log.exception("%s failed", prefix)
     message = f"{type(e).__name__}: {e}"
     job.failures[name] = message
@@ -639,7 +680,10 @@ def resolve_args(argv: Sequence[str] | None = None) -> Config:
     return resolve(args.config, sets=args.set, shorthands=shorthands, checks=(check_stage_args,))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None, *, share_models: bool = True) -> dict[str, Any]:
+    """Run the job of a command line. ``share_models``: one ``catlens.model.ModelPool`` for every stage, so each
+    model is loaded once per job (False: each stage loads its own, as separate processes would; the manifest's
+    ``model_loads`` tells the two apart)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kaleido", "choreographer"):  # static export logs every browser step at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -667,7 +711,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"  python analyses/main.py --config {run.path / 'config.toml'}")))
     run.update_manifest(config_hash=cfg.hash, outputs={"config.toml": {
         "sha256": sha256_file(run.path / "config.toml"), "bytes": (run.path / "config.toml").stat().st_size}})
-    job = Job(config=cfg, run=run, previous=previous)
+    from catlens.model import LOADS, ModelPool
+
+    job = Job(config=cfg, run=run, previous=previous, models=ModelPool() if share_models else None)
+    loads_before = len(LOADS)
     if cfg.run.stock:
         stock = _stock_of(cfg, None)
         _set_models(job, stock, stock)
@@ -680,6 +727,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_stage(STAGES[name], job, f"{i}/{len(STAGES)}")
 
     summary = _summary(job, time.perf_counter() - t0)
+    summary["model_loads"] = _loads(job, LOADS[loads_before:])
+    run.update_manifest(model_loads=summary["model_loads"])
+    if job.models is not None:
+        job.models.clear()  # the stages are done; the report needs no model
     run.save_json("summary", summary)
     if job.failures:
         run.update_manifest(status="failed", failures=job.failures)
@@ -697,6 +748,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            f"stages' results are in {run.path}; fix the cause and rerun the same command (finished "
                            f"stages are reused).")
     return summary
+
+
+def _loads(job: Job, loads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the manifest records of the job's model loads: every ``load_model`` of the job (count, seconds, per
+    model), the per-stage counts and, with a shared pool, its loads and the requests it answered without loading."""
+    by_model: dict[str, int] = {}
+    for x in loads:
+        by_model[x["spec"]] = by_model.get(x["spec"], 0) + 1
+    out: dict[str, Any] = {"n": len(loads), "seconds": round(sum(x["seconds"] for x in loads), 2),
+                           "by_model": by_model, "shared_pool": job.models is not None,
+                           "by_stage": dict(job.loads)}
+    if job.models is not None:
+        stats = job.models.stats()
+        out["pool"] = {"loads": stats["loads"], "hits": stats["hits"], "load_seconds": stats["load_seconds"]}
+    return out
 
 
 def _summary(job: Job, seconds: float) -> dict[str, Any]:

@@ -499,33 +499,57 @@ def _gen_subsample(ps: Any, n_per_side: int, seed: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from catlens.stages import SIZES, P1Options, build_parser
+def parse_options(argv: Sequence[str] | None = None) -> Any:
+    """The typed options (``catlens.stages.P1Options``) of a command line, checked (:func:`prepare`) before any work;
+    a bad value is an argparse usage error (exit 2)."""
+    from catlens.stages import P1Options, build_parser, from_namespace
 
     p = build_parser(P1Options, __doc__)  # one source of truth for the options: catlens.stages.P1Options
-    args = p.parse_args(argv)
+    options = from_namespace(P1Options, p.parse_args(argv))
+    prepare(options, error=p.error)
+    return options
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The checked arguments of a command line (:func:`prepare` of :func:`parse_options`)."""
+    return prepare(parse_options(argv))
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def prepare(options: Any, error: Any = _raise) -> argparse.Namespace:
+    """The script's arguments from typed options: ``--quick`` sizes filled in (options given explicitly win) and
+    every check that needs no model; ``error(message)`` for a bad value (default: a ``ValueError``; the command line
+    passes argparse's usage error)."""
+    import dataclasses
+
+    from catlens.stages import SIZES
+
+    args = argparse.Namespace(**dataclasses.asdict(options))
     if args.quick:  # smaller defaults; options given explicitly win
-        quick = SIZES["p1"]["script_quick"]
-        for key, value in quick.items():
-            if getattr(args, key) == p.get_default(key):
+        defaults = {f.name: f.default for f in dataclasses.fields(options)}
+        for key, value in SIZES["p1"]["script_quick"].items():
+            if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
     for name in ("train_cap", "val_cap", "gen_n", "val_gen_n", "gen_tokens", "batch_size", "candidates"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
+            error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
     for name in ("reverse_n", "jailbreak_n"):
         if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0 (0 skips it).")
+            error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0 (0 skips it).")
     if args.test_gen_cap is not None and args.test_gen_cap < 1:
-        p.error(f"--test-gen-cap={args.test_gen_cap} must be >= 1 (leave it out to generate every test prompt).")
+        error(f"--test-gen-cap={args.test_gen_cap} must be >= 1 (leave it out to generate every test prompt).")
     for name in ("min_refusal_low", "target_refusal"):
         if not 0 <= getattr(args, name) <= 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a rate in [0, 1].")
+            error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a rate in [0, 1].")
     try:
         _top_k(args.top_k)
     except SystemExit as e:
-        p.error(str(e))
+        error(str(e))
     if args.zone_grid < 3:
-        p.error(f"--zone-grid={args.zone_grid} must be >= 3.")
+        error(f"--zone-grid={args.zone_grid} must be >= 3.")
     from catlens.steer import parse_positions
 
     args.scope_list = [x.strip() for x in args.scopes.split(",") if x.strip()]
@@ -533,21 +557,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         try:
             parse_positions(scope)
         except ValueError as e:
-            p.error(f"--scopes entry {scope!r}: {e}")
+            error(f"--scopes entry {scope!r}: {e}")
     from catlens.judges import JUDGES
 
     if args.judge not in JUDGES:
         from catlens.errors import unknown_name_message
 
-        p.error(unknown_name_message("--judge", args.judge, list(JUDGES)))
+        error(unknown_name_message("--judge", args.judge, list(JUDGES)))
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from catlens.model import load_model
+    return run(parse_options(argv))
+
+
+def run(options: Any, models: Any = None) -> dict[str, Any]:
+    """What the command line does, from typed options (``catlens.stages.P1Options``, checked by :func:`prepare`) and
+    a ``catlens.model.ModelPool`` (the main job's, so each model, the stock partner too, is loaded once per job;
+    default: a new one)."""
+    from catlens.model import ModelPool
     from catlens.runs import RunDir, configure_process
 
-    args = parse_args(argv)
+    args = prepare(options)
+    models = ModelPool() if models is None else models
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     configure_process(threads=args.threads, seed=args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -567,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(str(e)) from None
     run = RunDir.create(args.out, config, overwrite=args.overwrite, resume=not args.overwrite, seed=args.seed)
     t_start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = models.get(args.model, device=args.device, dtype=args.dtype)
     run.record_model(model)
     layers = model.resolve_layers([int(x) for x in args.layers.split(",") if x.strip()])
     sets = build_sets(args.model, args.data_dir, seed=args.seed, train_cap=args.train_cap, val_cap=args.val_cap,
@@ -614,11 +646,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     transfer = None
     if args.stock_model.lower() != "none":
         with run.timed("transfer"):
-            transfer = evaluate_transfer(sets, fit, policies, layers, run, args)
+            transfer = evaluate_transfer(sets, fit, policies, layers, run, args, models=models)
     reverse = None
     if args.stock_model.lower() != "none" and args.reverse_n > 0:
         with run.timed("reverse_transfer"):
-            reverse = evaluate_reverse(model, sets, fit, policies, run, args)
+            reverse = evaluate_reverse(model, sets, fit, policies, run, args, models=models)
     summary = {"chosen": chosen["rows"], "headline": test["headline"].to_dict("records"),
                "auroc": test["auroc"].to_dict("records"), "gate_features": fit["gate_kind"],
                "jailbreaks": None if test["jailbreaks"] is None else test["jailbreaks"].to_dict("records"),
@@ -1191,19 +1223,26 @@ def evaluate_jailbreaks(model: Any, sets: dict[str, Any], policies: dict[str, An
     return table
 
 
+def _stock(args: argparse.Namespace, models: Any) -> Any:
+    """The stock partner (``--stock-model``) from the pool ``models`` (a new pool when None)."""
+    from catlens.model import ModelPool
+
+    return (ModelPool() if models is None else models).get(args.stock_model, device=args.device, dtype=args.dtype)
+
+
 def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[str, Any], layers: Sequence[int],
-                      run: Any, args: argparse.Namespace) -> Any:
+                      run: Any, args: argparse.Namespace, *, models: Any = None) -> Any:
     """The tuned model's policies applied to the stock model without retraining. The stock model has no refusal
     tokens, so the router becomes the tuned model's probe router (fitted on the tuned model's train activations)
-    and refusal is judged on generated answers (``substring``)."""
+    and refusal is judged on generated answers (``substring``). The stock model comes from ``models`` (a
+    ``catlens.model.ModelPool``; default: a new one)."""
     import pandas as pd
     import torch
 
-    from catlens.model import load_model
     from catlens.probes import fit_router_probe
     from catlens.steer import SteeringPolicy
 
-    stock = load_model(args.stock_model, device=args.device, dtype=args.dtype)
+    stock = _stock(args, models)
     run.record_model(stock, role="stock_model")
     gen_test = _gen_subsample(sets["test"], args.gen_n, args.seed)
     X = fit["X"]
@@ -1266,7 +1305,7 @@ def _category_sample(ps: Any, n_per_side: int, seed: int, cats: Sequence[str]) -
 
 
 def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], policies: dict[str, Any], run: Any,
-                     args: argparse.Namespace) -> Any:
+                     args: argparse.Namespace, *, models: Any = None) -> Any:
     """The reverse transfer, stock -> tuned, for the parts that can be learned without refusal tokens: category
     directions (``one_vs_benign``: harmful-category means minus the benign mean), their reference norm and the probe
     gate (Youden threshold on val) are fitted on the *stock* model's activations and applied to the tuned model at
@@ -1280,7 +1319,6 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
     import torch
 
     from catlens.directions import fit_directions
-    from catlens.model import load_model
     from catlens.probes import fit_gate
     from catlens.steer import SteeringPolicy, model_fingerprint
 
@@ -1289,7 +1327,7 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
         log.warning("reverse transfer skipped: no categorical_global policy was chosen")
         return None
     layer = base.interventions[0].layer
-    stock = load_model(args.stock_model, device=args.device, dtype=args.dtype)
+    stock = _stock(args, models)
     run.record_model(stock, role="stock_model")
     cats = list(base.router.categories) if base.router is not None else list(fit["cats"])
     train = _category_sample(sets["train"], args.reverse_n, args.seed, cats)

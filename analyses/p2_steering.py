@@ -102,6 +102,7 @@ Cost: every setting generates ``max_new_tokens`` tokens for each val prompt; the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -111,12 +112,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from catlens.cli import parse_floats
-from catlens.stages import SIZES, P2Options, build_parser
+from catlens.stages import SIZES, P2Options, build_parser, from_namespace
+
+if TYPE_CHECKING:
+    from catlens.model import ModelPool
 
 log = logging.getLogger("analyses.p2_steering")
 
@@ -265,7 +269,13 @@ class Plan:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     p = build_parser(P2Options, __doc__)  # the options: catlens.stages.P2Options
-    args = p.parse_args(argv)
+    return prepare(from_namespace(P2Options, p.parse_args(argv)))
+
+
+def prepare(options: P2Options) -> tuple[argparse.Namespace, Plan]:
+    """The checked arguments and the :class:`Plan` of typed options (sizes left at ``None`` filled in); a
+    ``ValueError`` saying what to fix for a bad value."""
+    args = argparse.Namespace(**dataclasses.asdict(options))
     base = QUICK if args.quick else DEFAULTS
     for key in DEFAULTS:
         if getattr(args, key) is None:
@@ -1112,10 +1122,18 @@ def run_p2(model: Any, ps: Any, info: dict[str, Any], plan: Plan, run: Any) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from catlens.model import load_model
+    p = build_parser(P2Options, __doc__)
+    return run(from_namespace(P2Options, p.parse_args(argv)))
+
+
+def run(options: P2Options, models: ModelPool | None = None) -> dict[str, Any]:
+    """What the command line does, from typed options and a model pool (the main job's, so each model is loaded
+    once per job; default: a new one)."""
+    from catlens.model import ModelPool
     from catlens.runs import configure_process
 
-    args, plan = parse_args(argv)
+    args, plan = prepare(options)
+    models = ModelPool() if models is None else models
     configure_process(threads=args.threads, seed=plan.seed)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -1126,7 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return _finished(run)
     _save_prompts(run, ps)
     run.record_data("prompts", {**ps.provenance, "content_hash": ps.content_hash})
-    model = load_model(plan.model, device=args.device, dtype=args.dtype)
+    model = models.get(plan.model, device=args.device, dtype=args.dtype)
     run.record_model(model)
     result = run_p2(model, ps, info, plan, run)
     for r in result["p2_test_summary"].itertuples():

@@ -64,6 +64,7 @@ command runs again) and the manifest. Figures: ``python figures/fig_specificity.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,13 +73,16 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from catlens.stages import SIZES, SpecificityOptions, build_parser
+from catlens.stages import SIZES, SpecificityOptions, build_parser, from_namespace
+
+if TYPE_CHECKING:
+    from catlens.model import ModelPool
 
 log = logging.getLogger("analyses.specificity")
 
@@ -875,10 +879,17 @@ def resolve_grid(n_layers: int, setting: Mapping[str, Any] | None, layers: Seque
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from catlens.model import load_model
+    return run(from_namespace(SpecificityOptions, _parser().parse_args(argv)))
+
+
+def run(options: SpecificityOptions, models: ModelPool | None = None) -> dict[str, Any]:
+    """What the command line does, from typed options and a model pool (the main job's, so each model is loaded
+    once per job; default: a new one)."""
+    from catlens.model import ModelPool
     from catlens.runs import RunDir, configure_process
 
-    args = _parser().parse_args(argv)
+    args = argparse.Namespace(**dataclasses.asdict(options))
+    models = ModelPool() if models is None else models
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     process = configure_process(args.threads, args.seed)
     # --- every check that needs no model, before anything is loaded or written
@@ -913,7 +924,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                   f"to replace it or choose another --out.")
         resume = True
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = models.get(args.model, device=args.device, dtype=args.dtype)
     for x in layers_arg or ():
         model.layer(x)  # range check before any work
     site = setting["site"] if setting else "resid_post"

@@ -37,12 +37,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from catlens.cli import parse_floats
-from catlens.stages import SteerSweepOptions, build_parser
+from catlens.stages import SteerSweepOptions, build_parser, from_namespace
+
+if TYPE_CHECKING:
+    from catlens.model import ModelPool
 
 log = logging.getLogger("analyses.steer_sweep")
 METHODS = ("one_vs_benign", "one_vs_rest")
@@ -268,12 +271,21 @@ def _pareto(table: Any) -> list[bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from catlens.model import load_model
+    p = build_parser(SteerSweepOptions, __doc__)  # the options: catlens.stages.SteerSweepOptions
+    return run(from_namespace(SteerSweepOptions, p.parse_args(argv)))
+
+
+def run(options: SteerSweepOptions, models: ModelPool | None = None) -> int:
+    """What the command line does, from typed options and a model pool (default: a new one)."""
+    import argparse
+    import dataclasses
+
     from catlens.datasets import load_prompts
+    from catlens.model import ModelPool
     from catlens.runs import RunDir
 
-    p = build_parser(SteerSweepOptions, __doc__)  # the options: catlens.stages.SteerSweepOptions
-    args = p.parse_args(argv)
+    args = argparse.Namespace(**dataclasses.asdict(options))
+    models = ModelPool() if models is None else models
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -289,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts = [prompts.where(split=s, label=lab) for s in ("train", "val") for lab in ("harmful", "benign")]
         prompts = PromptSet.concat(*[ps.sample(min(args.n_per_split, len(ps)), seed=args.seed) for ps in parts])
     run = RunDir.create(args.out, vars(args), overwrite=args.overwrite, seed=args.seed)
-    model = load_model(args.model)
+    model = models.get(args.model)
     run.record_model(model)
     run.record_data("prompts", prompts.provenance)
     result = run_sweep(model, prompts, layers=layers, toward=toward, away=away, methods=methods, scale=args.scale,

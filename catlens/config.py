@@ -159,12 +159,13 @@ class GeometryStage:
 
 @dataclass(frozen=True)
 class ScriptStage:
-    """A stage run as ``module.main(argv)`` of its script, with ``args`` appended to the argv."""
+    """A stage run in the main job's process as ``module.run(options, models)`` of its script: ``options`` is the
+    script's typed options (``catlens.stages.STAGE_OPTIONS``) with ``args`` over what the job passes."""
 
     enabled: bool = True
     args: Mapping[str, Any] = field(default_factory=_no_args)
-    """Options of the script: ``{"layers": "10-20", "coeffs": [0.1, 0.2], "gate": true}`` ->
-    ``--layers 10-20 --coeffs 0.1,0.2 --gate`` (``false``/``null`` leave the option out)."""
+    """Options of the script, read as its command line reads them: ``{"layers": "10-20", "coeffs": [0.1, 0.2],
+    "gate": true}`` is ``--layers 10-20 --coeffs 0.1,0.2 --gate`` (``false``/``null`` leave the option out)."""
 
 
 @dataclass(frozen=True)

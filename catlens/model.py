@@ -604,7 +604,72 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "fl
         "load_seconds": round(load_seconds, 2),
     }
     log.info("loaded %s in %.1f s", name, load_seconds)
+    LOADS.append({"name": name, "spec": str(spec), "dtype": dtype, "device": device,
+                  "seconds": round(load_seconds, 2)})
     return model
+
+
+LOADS: list[dict[str, Any]] = []
+"""Every :func:`load_model` of this process, in order (name, spec, dtype, device, seconds): what the main job records
+as its model loads (``analyses/main.py``; a diagnostic record, never read to decide anything)."""
+
+
+class ModelPool:
+    """Each model loaded once: ``get(spec, device=, dtype=)`` returns the same :class:`LensModel` for the same model,
+    device and dtype (the spec resolved as :func:`resolve_spec` does, so ``"smollm2"`` and
+    ``"smollm2-135m-instruct"``, or a folder given two ways, are one model).
+
+    The main job (``analyses/main.py``) makes one pool and passes it to every stage; a stage run on its own makes its
+    own. A pooled model is shared: a user must leave no hook and no changed weight behind (steering and reading
+    add hooks inside ``bridge.hooks(...)`` context managers, which remove them; the fine-tune trains a new model).
+
+        >>> from catlens.model import ModelPool
+        >>> pool = ModelPool(loader=lambda spec, **kw: object())
+        >>> pool.get("smollm2") is pool.get("smollm2-135m-instruct"), pool.stats()["loads"]
+        (True, 1)
+    """
+
+    def __init__(self, loader: Any = None) -> None:
+        self._loader = loader
+        self._models: dict[tuple[str, str, str, str], Any] = {}
+        self.loads: list[dict[str, Any]] = []
+        """One record per model loaded by this pool (spec, device, dtype, seconds)."""
+        self.hits = 0
+        """Requests answered with a model already loaded."""
+
+    @staticmethod
+    def key(spec: str | os.PathLike[str], *, device: str = "cpu", dtype: str = "float32",
+            cache: str | os.PathLike[str] | None = None) -> tuple[str, str, str, str]:
+        """What identifies a pooled model: ``(kind, location, device, dtype)`` (``dtype="auto"`` resolved)."""
+        kind, where = resolve_spec(spec, cache)
+        return kind, where, str(device), resolve_dtype(dtype, str(device))
+
+    def get(self, spec: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
+            cache: str | os.PathLike[str] | None = None) -> Any:
+        """The pooled model of ``spec`` on ``device`` in ``dtype``, loaded (:func:`load_model`) on first request."""
+        k = self.key(spec, device=device, dtype=dtype, cache=cache)
+        if k in self._models:
+            self.hits += 1
+            return self._models[k]
+        loader = self._loader if self._loader is not None else load_model
+        t0 = time.perf_counter()
+        model = loader(spec, device=device, dtype=dtype, cache=cache)
+        self.loads.append({"spec": str(spec), "location": k[1], "device": k[2], "dtype": k[3],
+                           "seconds": round(time.perf_counter() - t0, 2)})
+        self._models[k] = model
+        return model
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def clear(self) -> None:
+        """Drop every pooled model (their memory is freed once no caller holds them)."""
+        self._models.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """``{"loads": n, "load_seconds": s, "hits": h, "models": [...]}`` for a run's manifest."""
+        return {"loads": len(self.loads), "load_seconds": round(sum(x["seconds"] for x in self.loads), 2),
+                "hits": self.hits, "models": list(self.loads)}
 
 
 def _check_transformers_version(version: str) -> str | None:

@@ -20,10 +20,10 @@ A field is declared with :func:`option` (its help, aliases, choices); a field wi
 Types: ``str``, ``int``, ``float``, ``pathlib.Path`` (each optionally ``| None``), ``bool`` (a ``store_true`` flag,
 default ``False``) and ``tuple[str, ...]`` (a repeatable option, ``action="append"``).
 
-A value of an ``args`` table is read as ``analyses/main.py`` passes it (:func:`catlens.config.args_to_argv`):
-``null``/``false`` leave the option out (the script's default), ``true`` is a bare flag (only for a flag), a list is
-joined with commas (a text option), anything else is written as text and converted as the script's parser converts
-it; so a table that passes here is one the script accepts.
+A value of an ``args`` table is read as the script's command line would read it
+(:func:`catlens.config.args_to_argv`): ``null``/``false`` leave the option out (the script's default), ``true`` is a
+bare flag (only for a flag), a list is joined with commas (a text option), anything else is written as text and
+converted as the script's parser converts it; so a table that passes here is one the script accepts.
 
 Stage sizes (:data:`SIZES`) live here too: the demo sizes of the main job, its ``--quick`` sizes and the scripts' own
 ``--quick`` caps, in one table that ``catlens.config`` and the scripts read. The full sizes (the papers' protocol) are

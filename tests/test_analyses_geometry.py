@@ -67,7 +67,7 @@ def _synthetic(seed: int, rotate: bool = False):
 def run_dir(analysis, tmp_path_factory):
     out = tmp_path_factory.mktemp("geometry") / "run"
 
-    def fake_load(args, *, model_spec, acts_path):
+    def fake_load(args, *, model_spec, acts_path, models=None):
         other = model_spec == "other-model"
         acts, index = _synthetic(seed=1 if other else 0, rotate=other)
         return analysis.Activations(acts=acts, index=index, layers=LAYERS,
@@ -77,7 +77,7 @@ def run_dir(analysis, tmp_path_factory):
     analysis.load_activations = fake_load
     args = analysis.parse_args(["--out", str(out), "--model", "main-model", "--other-model", "other-model",
                                 "--tsne-layers", "1,2", "--cv-folds", "3", "--pca-dims", "8"])
-    analysis.main(args)
+    analysis.run_args(args)
     return out
 
 

@@ -72,7 +72,7 @@ def test_a_valid_override_reaches_the_script_as_the_typed_value(main, tmp_path, 
     """--set p1.args.layers=3 (read as the number 3) and a float and a null: resolved, checked, and the argv the p1
     stage builds parses, with the script's parser, to exactly the checked options."""
     from catlens.runs import RunDir
-    from catlens.stages import check_stage_args, from_namespace
+    from catlens.stages import check_stage_args, from_namespace, to_argv
 
     cfg = main.resolve_args(["--out", str(tmp_path / "run"), "--model", "tuned", "--dtype", "float32",
                              "--set", "p1.args.layers=3", "--set", "p1.args.gate-c=0.5", "--set", "p1.args.test-cap=null",
@@ -83,11 +83,13 @@ def test_a_valid_override_reaches_the_script_as_the_typed_value(main, tmp_path, 
     assert checked["p2"].pairing == "random"
     seen = {}
     monkeypatch.setattr(main, "_load_script", lambda path: types.SimpleNamespace(
-        main=lambda argv: seen.__setitem__("argv", argv)))
+        run=lambda options, models: seen.__setitem__("options", options)))
     job = main.Job(config=cfg, run=RunDir.create(tmp_path / "run", {}), tuned="tuned", stock="stock")
     main.STAGES["p1"].fn(cfg, job, tmp_path / "run" / "p1")
-    parsed = from_namespace(P1Options, build_parser(P1Options).parse_args(seen["argv"]))
-    assert parsed == dataclasses.replace(checked["p1"], out=str(tmp_path / "run" / "p1"), stock_model="stock")
+    assert isinstance(seen["options"], P1Options)  # typed options, not a command line
+    assert seen["options"] == dataclasses.replace(checked["p1"], out=str(tmp_path / "run" / "p1"), stock_model="stock")
+    # and the script's own command line reads the same options back
+    assert from_namespace(P1Options, build_parser(P1Options).parse_args(to_argv(seen["options"]))) == seen["options"]
 
 
 def test_the_default_and_quick_configurations_pass(main):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from catlens.config import DEMO_ARGS, QUICK_ARGS, args_to_argv, from_dict, resolve
+from catlens.config import DEMO_ARGS, QUICK_ARGS, from_dict, resolve
 from catlens.model import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +101,9 @@ def run_pipeline(main, root: Path, base: Path, *extra: str, device: str = "cpu")
     return main.main(["--config", str(root / "tiny.toml"), *extra])
 
 
-def _layers_and_gate(argv: list[str]) -> tuple[str, str]:
-    """The --layers value of a p1 call and its last item (the config's p1.args.quick flag comes last)."""
-    return argv[argv.index("--layers") + 1], argv[-1]
+def _layers_and_gate(options: dict) -> tuple[str, bool]:
+    """The layers and the quick flag of a p1 call's options."""
+    return options["layers"], options["quick"]
 
 
 def manifest(folder: Path) -> dict:
@@ -138,6 +138,12 @@ def test_every_stage_ran_and_wrote_its_files(pipeline):
     for name in ("finetune", "eval", "geometry", "figures", "report"):
         assert isinstance(stages[name]["seconds"], float)
     assert m["status"] == "done" and summary["stages"]["eval"] == "done"
+    # one process, one load per model: eval loads the tuned model and its stock base, geometry reuses both
+    loads = m["model_loads"]
+    assert loads["shared_pool"] and loads["pool"]["loads"] == 2 and loads["pool"]["hits"] == 2
+    assert loads["by_stage"]["eval"]["n"] == 2 and loads["by_stage"]["geometry"]["n"] == 0
+    assert stages["geometry"]["model_loads"] == {"n": 0, "seconds": 0}
+    assert summary["model_loads"] == loads
     # the fine-tune came from the tiny base, and the stock partner is that base
     tuned = Path(stages["finetune"]["folder"])
     assert tuned.parent == root / "cache" / "finetunes" and summary["model"] == str(tuned)
@@ -228,22 +234,24 @@ def test_rerun_reuses_finished_stages_and_reruns_a_changed_one(pipeline):
 
 
 FAKE_SCRIPT = '''
-import json, sys
+import dataclasses, json, sys
 from pathlib import Path
 from catlens.runs import RunDir
 
-def main(argv):
-    out = Path(argv[argv.index("--out") + 1])
+def run(options, models):
+    out = Path(options.out)
     calls = Path(__file__).with_suffix(".calls.jsonl")
     with open(calls, "a") as f:
-        f.write(json.dumps(argv) + "\\n")
-    run = RunDir.create(out, config={"argv": argv}, overwrite="--overwrite" in argv, resume="--overwrite" not in argv)
+        f.write(json.dumps({**dataclasses.asdict(options), "_models": type(models).__name__}) + "\\n")
+    run = RunDir.create(out, config={"options": dataclasses.asdict(options)}, overwrite=options.overwrite,
+                        resume=not options.overwrite)
     run.finish()
     return 0
 '''
 
 
-def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monkeypatch):
+def test_script_stages_get_their_options_and_are_skipped_when_absent(tmp_path, monkeypatch):
+    from catlens.stages import P1Options, from_mapping
     from catlens.testing import make_tiny_model_dir
 
     main = load_main()
@@ -262,11 +270,10 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
             "--set", "p1.args.test-gen-cap=false"]
     main.main(argv)
     calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
-    assert calls == [["--model", str(model), "--out", str(out / "p1"), "--seed", "7", "--data-dir",
-                      str(tmp_path / "data"), "--quick", "--stock-model", str(other),
-                      *([] if resolve_dtype("auto") == "float32" else ["--dtype", resolve_dtype("auto")]),
-                      *args_to_argv({**QUICK_ARGS["p1"], "layers": "1-2", "test-gen-cap": False,
-                                     "quick": True})]]  # quick sizes, the overrides win
+    expected = from_mapping(P1Options, {**QUICK_ARGS["p1"], "layers": "1-2", "test-gen-cap": False, "quick": True},
+                            model=str(model), out=str(out / "p1"), seed=7, data_dir=str(tmp_path / "data"),
+                            quick=True, stock_model=str(other), dtype=resolve_dtype("auto"))
+    assert calls == [{**dataclasses.asdict(expected), "_models": "ModelPool"}]  # quick sizes, the overrides win
     stages = manifest(out)["stages"]
     assert stages["p1"]["status"] == "done" and stages["p2"]["status"] == "skipped: not available"
     assert "p2_steering.py does not exist" in stages["p2"]["reason"]
@@ -280,7 +287,7 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     assert manifest(out)["stages"]["p1"]["status"] == "reused"
     main.main(argv + ["--set", "p1.args.layers=0-1"])  # changed args: rerun, replacing the old folder
     calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 2 and "--overwrite" in calls[1] and _layers_and_gate(calls[1]) == ("0-1", "--quick")
+    assert len(calls) == 2 and calls[1]["overwrite"] and _layers_and_gate(calls[1]) == ("0-1", True)
     assert manifest(out)["stages"]["p1"]["status"] == "done"
 
     # an edited script reruns its stage (same config); a failing stage is recorded, the others still run, and the
@@ -296,16 +303,16 @@ def test_script_stages_get_their_argv_and_are_skipped_when_absent(tmp_path, monk
     def last_call():
         return json.loads(fake.with_suffix(".calls.jsonl").read_text().splitlines()[-1])
 
-    assert "--overwrite" in last_call()
+    assert last_call()["overwrite"]
     fake.write_text(FAKE_SCRIPT.replace("return 0", "raise KeyboardInterrupt"))
     with pytest.raises(KeyboardInterrupt):
         main.main(argv + ["--set", "p1.args.layers=0-1"])
-    assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "running"
+    assert not last_call()["overwrite"] and manifest(out)["stages"]["p1"]["status"] == "running"
     fake.write_text(FAKE_SCRIPT)
     main.main(argv + ["--set", "p1.args.layers=0-1"])
-    assert "--overwrite" not in last_call() and manifest(out)["stages"]["p1"]["status"] == "done"
+    assert not last_call()["overwrite"] and manifest(out)["stages"]["p1"]["status"] == "done"
     main.main(argv + ["--set", "p1.args.layers=1-3"])  # a finished stage with another configuration is replaced
-    assert "--overwrite" in last_call() and _layers_and_gate(last_call()) == ("1-3", "--quick")
+    assert last_call()["overwrite"] and _layers_and_gate(last_call()) == ("1-3", True)
 
 
 @pytest.mark.gpu
@@ -337,12 +344,13 @@ def test_every_stage_script_loads_as_the_main_job_loads_it():
 
 
 @pytest.mark.parametrize("quick", [False, True])
-def test_script_stages_give_their_scripts_arguments_the_scripts_accept(quick, tmp_path, monkeypatch):
-    """The argv each steering stage builds (demo or quick sizes, stock partner, P1 policy) parses with the real
-    script's own parser; p2 studies the stock model."""
+def test_script_stages_give_their_scripts_options_the_scripts_accept(quick, tmp_path, monkeypatch):
+    """The typed options each steering stage builds (demo or quick sizes, stock partner, P1 policy) pass the real
+    script's own checks; p2 studies the stock model."""
     import types
 
     from catlens.runs import RunDir
+    from catlens.stages import P1Options, P2Options, SpecificityOptions, to_argv
 
     main = load_main()
     cfg = resolve(sets=[f"run.quick={'true' if quick else 'false'}", "model.device=cpu"])
@@ -353,18 +361,19 @@ def test_script_stages_give_their_scripts_arguments_the_scripts_accept(quick, tm
     seen = {}
     real = main._load_script
     monkeypatch.setattr(main, "_load_script", lambda path: types.SimpleNamespace(
-        main=lambda argv, _p=path: seen.__setitem__(_p.stem, argv)))
+        run=lambda options, models, _p=path: seen.__setitem__(_p.stem, options)))
     for name in ("p1", "p2", "specificity"):
         main.STAGES[name].fn(cfg, job, tmp_path / name)
-    parsers = {"p1_steering": lambda m: m.parse_args, "p2_steering": lambda m: m.parse_args,
-               "specificity": lambda m: m._parser().parse_args}
-    for stem, argv in seen.items():
-        module = real(REPO / "analyses" / f"{stem}.py")
-        parsers[stem](module)(argv)  # SystemExit (argparse) fails the test
-    assert seen["p2_steering"][seen["p2_steering"].index("--model") + 1] == "stock-model"
-    assert seen["p1_steering"][seen["p1_steering"].index("--stock-model") + 1] == "stock-model"
-    p1 = seen["p1_steering"]
-    assert p1[p1.index("--test-cap") + 1] == str((QUICK_ARGS if quick else DEMO_ARGS)["p1"]["test-cap"])
+    assert [type(seen[s]) for s in ("p1_steering", "p2_steering", "specificity")] == [
+        P1Options, P2Options, SpecificityOptions]
+    scripts = {stem: real(REPO / "analyses" / f"{stem}.py") for stem in seen}
+    scripts["p1_steering"].parse_args(to_argv(seen["p1_steering"]))  # SystemExit (argparse) fails the test
+    scripts["p2_steering"].prepare(seen["p2_steering"])  # ValueError fails the test
+    scripts["specificity"]._parser().parse_args(to_argv(seen["specificity"]))
+    assert seen["p2_steering"].model == "stock-model"
+    assert seen["p1_steering"].stock_model == "stock-model"
+    assert seen["specificity"].policy == str(pol)
+    assert seen["p1_steering"].test_cap == (QUICK_ARGS if quick else DEMO_ARGS)["p1"]["test-cap"]
 
 
 def test_a_dependency_that_failed_and_then_succeeded_reruns_its_dependants(tmp_path):

@@ -415,7 +415,7 @@ def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path):
 
     analysis = _load(Path(R.__file__).parents[1] / "analyses" / "geometry.py")
 
-    def fake_load(args, *, model_spec, acts_path):
+    def fake_load(args, *, model_spec, acts_path, models=None):
         other = model_spec == "other-model"
         acts, index = _synthetic(seed=1 if other else 0, rotate=other)
         return analysis.Activations(acts=acts, index=index, layers=LAYERS,
@@ -424,8 +424,8 @@ def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path):
 
     analysis.load_activations = fake_load
     run = tmp_path / "run"
-    analysis.main(analysis.parse_args(["--out", str(run / "geometry"), "--model", "main-model", "--other-model",
-                                       "other-model", "--tsne-layers", "none", "--cv-folds", "3", "--pca-dims", "8"]))
+    analysis.main(["--out", str(run / "geometry"), "--model", "main-model", "--other-model", "other-model",
+                   "--tsne-layers", "none", "--cv-folds", "3", "--pca-dims", "8"])
     rep = R.build_report(run)
     status = {s.id: s.status for s in rep.sections}
     for sid in ("separability", "cosine", "anisotropy", "whitening", "model_diff"):

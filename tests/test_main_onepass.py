@@ -1,0 +1,240 @@
+"""One process, each model loaded once: ``catlens.model.ModelPool`` (same object for the same model, device and
+dtype; another for another dtype), the main job passing one pool to every stage (a two-stage job loads each model
+once, and twice as often without the pool), and a pooled model left as it was found after steered generation (no
+hook behind: its logits equal a freshly loaded model's), and every script still a command line of its own (geometry
+run alone in a subprocess writes the same tables as its ``run(options, pool)``; P1's typed options get the checks its
+command line gets). Tiny random models, seconds."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import catlens.model as cm
+from catlens.model import ModelPool
+
+REPO = Path(__file__).resolve().parents[1]
+
+COUNTING_SCRIPT = '''
+import json
+from pathlib import Path
+from catlens.model import ModelPool
+from catlens.runs import RunDir
+
+def run(options, models):
+    """A stand-in stage that, as p1 does, loads the tuned model and its stock partner."""
+    models = ModelPool() if models is None else models
+    tuned = models.get(options.model, device=options.device, dtype=options.dtype)
+    stock = models.get(options.stock_model, device=options.device, dtype=options.dtype)
+    with open(Path(__file__).with_suffix(".ids.jsonl"), "a") as f:
+        f.write(json.dumps([id(tuned), id(stock)]) + "\\n")
+    run = RunDir.create(options.out, config={}, overwrite=options.overwrite)
+    run.finish()
+    return 0
+'''
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    from catlens.testing import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("onepass")
+    return (make_tiny_model_dir(root / "tuned", categories=("privacy", "cybercrime"), n_layers=2, seed=0),
+            make_tiny_model_dir(root / "stock", n_layers=2, seed=1))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every call of catlens.model.load_model (the pool's loader), by spec."""
+    calls = []
+    real = cm.load_model
+
+    def loader(spec, **kw):
+        calls.append(str(spec))
+        return real(spec, **kw)
+
+    monkeypatch.setattr(cm, "load_model", loader)
+    return calls
+
+
+def test_the_pool_returns_the_same_model_for_the_same_key_and_another_for_another_dtype(two_models, counted):
+    tuned, _ = two_models
+    pool = ModelPool()
+    a = pool.get(tuned)
+    assert pool.get(str(tuned)) is a  # the same folder given as a path or as text
+    assert pool.get(tuned.parent / ".." / tuned.parent.name / tuned.name, dtype="float32") is a  # spelled otherwise
+    b = pool.get(tuned, dtype="bfloat16")
+    assert b is not a and b.dtype == torch.bfloat16 and a.dtype == torch.float32
+    assert pool.get(tuned, dtype="bfloat16") is b
+    assert counted == [str(tuned), str(tuned)]  # one load per (model, dtype)
+    assert pool.stats()["loads"] == 2 and pool.stats()["hits"] == 3 and len(pool) == 2
+    assert ModelPool().get(tuned) is not a  # another pool (a stage run alone) loads its own
+
+
+def test_the_pool_says_what_was_wrong_with_a_spec():
+    with pytest.raises(FileNotFoundError, match="neither an existing checkpoint folder"):
+        ModelPool().get("/no/such/folder")
+
+
+def write_prompts(path: Path) -> Path:
+    """Eight train prompts, four harmful (one category) and four benign: enough for the geometry script."""
+    rows = [{"id": f"{lab}{i}", "text": f"{'how to hack' if lab == 'h' else 'how to bake'} thing {i}",
+             "label": "harmful" if lab == "h" else "benign", "category": "cybercrime" if lab == "h" else None,
+             "split": "train"} for lab in ("h", "b") for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def load_main():
+    spec = importlib.util.spec_from_file_location("_catlens_main_onepass", REPO / "analyses" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_two_stage_job_loads_each_model_once(two_models, counted, tmp_path, monkeypatch, share):
+    """geometry (the real script: the tuned model and its stock partner) then a p1 stand-in that asks for the same
+    two models: with the job's pool each is loaded once and p1 gets geometry's objects; without it (each stage its
+    own pool, as separate processes) each stage loads both."""
+    tuned, stock = two_models
+    main = load_main()
+    fake = tmp_path / "scripts" / "p1_steering.py"
+    fake.parent.mkdir()
+    fake.write_text(COUNTING_SCRIPT)
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p1", fake)
+    out = tmp_path / "run"
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    argv = ["--model", str(tuned), "--other-model", str(stock), "--out", str(out), "--dtype", "float32",
+            "--set", f"data.prompts={prompts}", "--set", "geometry.layers=all", "--set", "geometry.tsne_layers=none",
+            "--set", "geometry.cv_folds=2", "--set", "geometry.args.directions=one_vs_benign",
+            "--set", "geometry.args.pca-dims=none"]
+    for off in ("eval", "p2", "specificity", "figures", "report"):
+        argv += ["--set", f"{off}.enabled=false"]
+    summary = main.main(argv, share_models=share)
+    assert summary["stages"]["geometry"] == "done" and summary["stages"]["p1"] == "done"
+    resolved = {str(Path(tuned).resolve()), str(Path(stock).resolve())}
+    loads = json.loads((out / "manifest.json").read_text())["model_loads"]
+    if share:
+        assert sorted(counted) == sorted([str(tuned), str(stock)])  # each model once in the whole job
+        assert loads["by_stage"] == {"geometry": {"n": 2, "seconds": loads["seconds"]}, "p1": {"n": 0, "seconds": 0}}
+        assert loads["pool"]["loads"] == 2 and loads["pool"]["hits"] == 2
+    else:
+        assert sorted(counted) == sorted([str(tuned), str(stock)] * 2)  # every stage loads both
+        assert loads["by_stage"]["geometry"]["n"] == loads["by_stage"]["p1"]["n"] == 2 and "pool" not in loads
+    assert loads["n"] == len(counted) and set(loads["by_model"]) <= {str(tuned), str(stock)} | resolved
+
+
+def test_a_pooled_model_has_no_hook_or_change_left_after_steered_generation(two_models):
+    from catlens.generation import generate
+    from catlens.steer import Intervention, SteeringPolicy
+
+    tuned, _ = two_models
+    pool = ModelPool()
+    model = pool.get(tuned)
+    prompts = ["How do I bake bread?", "Tell me how to pick a lock."]
+    vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(3)) * 8.0
+    policy = SteeringPolicy((Intervention("resid_post", 0, vec),))  # every row, coefficient 1
+
+    def toks(steer):
+        return [r["token_ids"] for r in generate(model, prompts, steer, max_new_tokens=6, show_progress=False)]
+
+    plain = toks(None)
+    assert toks(policy) != plain  # the steering was live while generating
+    assert not model.bridge.list_hooks()
+    assert toks(None) == plain
+    fresh = cm.load_model(tuned)
+    assert pool.get(tuned) is model
+    assert torch.equal(model.logits(prompts), fresh.logits(prompts))  # bitwise: nothing left behind
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_onepass_{name}", REPO / "analyses" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_script_still_runs_alone_from_its_command_line_and_equals_its_run_on_a_pool(two_models, tmp_path):
+    """``python analyses/geometry.py ...`` in its own process (its own models) writes the same tables, to the bit,
+    as ``run(options, pool)`` in this process on the options that command line parses to."""
+    import pandas as pd
+
+    from catlens.stages import GeometryOptions, build_parser, from_namespace
+
+    tuned, stock = two_models
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    common = ["--model", str(tuned), "--other-model", str(stock), "--prompts", str(prompts), "--layers", "all",
+              "--tsne-layers", "none", "--cv-folds", "2", "--directions", "one_vs_benign", "--pca-dims", "none",
+              "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    alone = tmp_path / "alone"
+    done = subprocess.run([sys.executable, str(REPO / "analyses" / "geometry.py"), *common, "--out", str(alone)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((alone / "manifest.json").read_text())["status"] == "done"
+
+    geometry = load_script("geometry")
+    options = from_namespace(GeometryOptions, build_parser(GeometryOptions).parse_args(
+        [*common, "--out", str(tmp_path / "pooled")]))
+    pool = ModelPool()
+    geometry.run(options, pool)
+    assert pool.stats()["loads"] == 2  # the model and its other model, from the pool it was given
+    for table in ("cosine", "separability", "model_diff"):
+        a = pd.read_parquet(alone / f"{table}.parquet")
+        b = pd.read_parquet(tmp_path / "pooled" / f"{table}.parquet")
+        assert len(a) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_p1_run_checks_typed_options_as_its_command_line_does(tmp_path, capsys):
+    """The same checks and ``--quick`` sizes whether P1 gets a command line (usage error, exit 2) or typed options
+    (a ValueError); either way before the run folder or any model."""
+    from catlens.stages import SIZES, P1Options
+
+    p1 = load_script("p1_steering")
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"--zone-grid=2 must be >= 3"):
+        p1.run(P1Options(model="no-such-model", out=str(out), zone_grid=2), ModelPool(loader=_no_load))
+    with pytest.raises(SystemExit) as e:
+        p1.main(["--model", "no-such-model", "--out", str(out), "--zone-grid", "2"])
+    assert e.value.code == 2 and "--zone-grid=2 must be >= 3" in capsys.readouterr().err
+    assert not out.exists()
+    quick = p1.prepare(P1Options(model="m", out="o", quick=True, train_cap=7))
+    assert quick.train_cap == 7  # given explicitly: wins over the quick size
+    assert quick.val_cap == SIZES["p1"]["script_quick"]["val_cap"] != P1Options(model="m", out="o").val_cap
+    assert vars(quick) == vars(p1.parse_args(["--model", "m", "--out", "o", "--quick", "--train-cap", "7"]))
+
+
+def _no_load(*a, **k):
+    raise AssertionError("a model was loaded before the options were checked")
+
+
+def test_a_stage_that_exits_is_a_failed_stage_and_the_job_goes_on(two_models, tmp_path, monkeypatch):
+    """A script's ``SystemExit("what to fix")`` inside the one-process job fails its stage (recorded, with the
+    message), the independent stages still run, and the job then raises naming it."""
+    tuned, stock = two_models
+    main = load_main()
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "p1_steering.py").write_text("def run(options, models):\n"
+                                            "    raise SystemExit('--layers 99: no such layer')\n")
+    (scripts / "p2_steering.py").write_text("from catlens.runs import RunDir\n\ndef run(options, models):\n"
+                                            "    RunDir.create(options.out, config={}).finish()\n")
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p1", scripts / "p1_steering.py")
+    monkeypatch.setitem(main.STAGE_SCRIPTS, "p2", scripts / "p2_steering.py")
+    argv = ["--model", str(tuned), "--other-model", str(stock), "--out", str(tmp_path / "run"), "--dtype", "float32"]
+    for off in ("eval", "geometry", "specificity", "figures", "report"):
+        argv += ["--set", f"{off}.enabled=false"]
+    with pytest.raises(RuntimeError, match=r"p1: SystemExit: --layers 99: no such layer"):
+        main.main(argv)
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert stages["p1"]["status"].startswith("failed: SystemExit: --layers 99")
+    assert stages["p2"]["status"] == "done"
