@@ -376,18 +376,26 @@ def stage_geometry(cfg: Config, job: Job, folder: Path) -> None:
     _call("geometry", module, stage_options("geometry", cfg, **given), job)
 
 
+P1_POLICIES_FOR_SPECIFICITY = ("categorical_global", "categorical_per_category")
+"""The P1 policies (``<out>/p1/policies/<name>``) whose layer, scale, site and positions specificity measures at, in
+order of preference (P1's chosen global-zone policy first)."""
+
+
 def _p1_policy(cfg: Config, job: Job) -> dict[str, Any]:
-    """Specificity measures at the layer and scale P1 chose on validation prompts (its Youden-gated policy), unless
-    the config gives ``--policy`` or ``--layer`` itself."""
-    given = cfg.section("specificity").args
-    if "policy" in given or "layer" in given:
+    """Specificity measures at the layer and scale P1 chose on validation prompts (its chosen policy), unless the
+    config gives ``policy`` or ``layers`` itself. When P1 chose no policy (no setting passed its guard), specificity
+    chooses its own layers and scales on its own selection split (the script's ``auto``), and the log says so."""
+    given = {k.replace("-", "_") for k in cfg.section("specificity").args}
+    if given & {"policy", "layer", "layers"}:
         return {}
-    for name in ("categorical_youden", "categorical_target_fpr"):
+    for name in P1_POLICIES_FOR_SPECIFICITY:
         folder = job.out / "p1" / "policies" / name
         if (folder / "policy.json").exists():
             return {"policy": str(folder)}
-    raise RuntimeError("specificity needs P1's chosen policy (<out>/p1/policies/categorical_youden), which the p1 "
-                       "stage did not write; enable p1, or set specificity.args.layer and specificity.args.scale.")
+    log.warning("specificity: P1 wrote none of %s under %s (it chose no policy), so specificity chooses its own "
+                "layers and scales ('auto', without a policy)", ", ".join(P1_POLICIES_FOR_SPECIFICITY),
+                job.out / "p1" / "policies")
+    return {}
 
 
 def _script_stage(name: str, stock_model: bool, extra: Callable[[Config, Job], dict[str, Any]] | None = None,

@@ -982,7 +982,7 @@ def section_p2(t: Tables) -> SectionResult:
 
 
 SPECIFICITY_COMMAND = ("python analyses/specificity.py --model <refusal-tuned folder> --policy <run folder>/p1/"
-                       "policies/categorical_youden --out <run folder>/specificity")
+                       "policies/categorical_global --out <run folder>/specificity")
 
 
 def section_specificity(t: Tables) -> SectionResult:

@@ -238,3 +238,24 @@ def test_a_stage_that_exits_is_a_failed_stage_and_the_job_goes_on(two_models, tm
     stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     assert stages["p1"]["status"].startswith("failed: SystemExit: --layers 99")
     assert stages["p2"]["status"] == "done"
+
+
+def test_specificity_reads_p1s_chosen_policy_and_chooses_its_own_setting_without_one(tmp_path, caplog):
+    """specificity measures at P1's chosen global policy when P1 wrote it; with no P1 policy it runs with its own
+    layer and scale choice (no options added, a warning) instead of failing the job; the config's own policy or
+    layers win."""
+    from catlens.config import resolve
+    from catlens.runs import RunDir
+
+    main = load_main()
+    job = main.Job(config=resolve(), run=RunDir.create(tmp_path / "run", {}))
+    with caplog.at_level("WARNING"):
+        assert main._p1_policy(job.config, job) == {}
+    assert "chose no policy" in caplog.text
+    for name in reversed(main.P1_POLICIES_FOR_SPECIFICITY):  # the first name is preferred when both exist
+        folder = job.out / "p1" / "policies" / name
+        folder.mkdir(parents=True)
+        (folder / "policy.json").write_text("{}")
+    assert main._p1_policy(job.config, job) == {"policy": str(job.out / "p1" / "policies" / "categorical_global")}
+    given = resolve(sets=["specificity.args.layers=\"10\""])
+    assert main._p1_policy(given, job) == {}
