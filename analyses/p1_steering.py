@@ -58,6 +58,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from catlens.answers import AnswerScorer, generate_and_judge
 from catlens.cli import parse_floats
 
 log = logging.getLogger("analyses.p1_steering")
@@ -352,6 +353,7 @@ def fit_everything(model: Any, sets: dict[str, Any], layers: Sequence[int], gate
     table = choice.table.assign(split="val", focus="harmful vs " + ",".join(BENIGN_HEADLINE) + " (val)")
     reads_g, lo_g = choice.gate.feature_reads, choice.gate.logodds
     return {"layers": list(layers), "gate_layers": list(gate_layers), "dirs": dirs, "ref_norm": ref_norm,
+            "scorer": AnswerScorer(model),  # answers' NLL under the unsteered model, each scored once per run
             "cats": cats, "router": Router("refusal_tokens", tuple(cats)), "gate": choice.gate,
             "gate_kind": choice.kind, "gate_table": table,
             "val_score": gate_probabilities(choice.gate, stack_features(V, reads_g, lo_g)),
@@ -494,51 +496,6 @@ def _gen_subsample(ps: Any, n_per_side: int, seed: int) -> Any:
             part = side.where(source=s)
             parts.append(part.sample(min(per, len(part)), seed=seed))
     return PromptSet.concat(*parts, name=f"{ps.name}-gen{n_per_side}")
-
-
-def generate_and_judge(model: Any, ps: Any, policy: Any, out: Path, *, tokens: int, batch_size: int,
-                       allow_transfer: bool = False) -> Any:
-    """Generate (resumable: ``out`` is a generation folder), judge with every applicable judge; a DataFrame."""
-    from catlens.generation import generate
-    from catlens.refusal import refusal_token_ids
-    from catlens.judges import judge_records
-
-    import pandas as pd
-
-    recs = generate(model, ps, policy, max_new_tokens=tokens, batch_size=batch_size, out=out,
-                    allow_transfer=allow_transfer)
-    has_tokens = refusal_token_ids(model)[0] is not None
-    judged = judge_records(recs, (("refusal_token",) if has_tokens else ()) + ("substring", "full_answer"))
-    judged["token_ids"] = [r["token_ids"] for r in recs]
-    judged["prompt"] = [r["prompt"] for r in recs]
-    judged["dataset"] = [r["source"] for r in recs]
-    judged["gate_flagged"] = pd.array([None if not r.get("gate") else bool(r["gate"]["flagged"]) for r in recs],
-                                      dtype="boolean")
-    return judged
-
-
-_NLL: dict[tuple[int, str, tuple[int, ...]], tuple[float, int]] = {}
-"""Per (model id, prompt, answer ids): the answer's mean NLL and token count (the unsteered answers are scored
-against every candidate; each is computed once)."""
-
-
-def benign_ppl(model_ref: Any, judged: Any, ids: set[str] | None = None) -> tuple[float, int]:
-    """Perplexity of the benign answers (restricted to ``ids`` when given) under the unsteered ``model_ref``."""
-    from catlens.metrics import perplexity_under
-
-    part = judged[(judged.label == "benign") & judged.token_ids.map(bool)]
-    if ids is not None:
-        part = part[part.id.isin(ids)]
-    if not len(part):
-        return math.nan, 0
-    keys = [(id(model_ref), p, tuple(t)) for p, t in zip(part.prompt, part.token_ids)]
-    todo = sorted({k for k in keys if k not in _NLL})
-    if todo:
-        t = perplexity_under(model_ref, [k[1] for k in todo], [list(k[2]) for k in todo])
-        _NLL.update({k: (float(nll), int(n)) for k, nll, n in zip(todo, t.nll, t.n_tokens)})
-    nll = [_NLL[k][0] for k in keys]
-    n = [_NLL[k][1] for k in keys]
-    return float(math.exp(sum(a * b for a, b in zip(nll, n)) / sum(n))), int(len(part))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -708,54 +665,21 @@ def _side_rates(judged: Any, column: str, focus_ids: set[str]) -> dict[str, floa
             "n_benign": int(len(ben))}
 
 
-def answer_nll(model_ref: Any, judged: Any) -> tuple[Any, Any]:
-    """Per row of ``judged``: the answer's mean NLL under the unsteered ``model_ref`` and its token count (0 and
-    0 for an empty answer); cached like :func:`benign_ppl`."""
-    import numpy as np
-
-    keys = [(id(model_ref), p, tuple(t)) for p, t in zip(judged.prompt, judged.token_ids)]
-    todo = sorted({k for k in keys if k not in _NLL and k[2]})
-    if todo:
-        from catlens.metrics import perplexity_under
-
-        t = perplexity_under(model_ref, [k[1] for k in todo], [list(k[2]) for k in todo])
-        _NLL.update({k: (float(nll), int(n)) for k, nll, n in zip(todo, t.nll, t.n_tokens)})
-    nll = np.array([_NLL[k][0] if k[2] else 0.0 for k in keys])
-    n = np.array([_NLL[k][1] if k[2] else 0 for k in keys])
-    return np.nan_to_num(nll), n
-
-
 def side_answers(model: Any, ps: Any, fit: dict[str, Any], r: Any, scope: str, run: Any, args: argparse.Namespace,
                  split: str, base: Any) -> dict[str, Any]:
-    """The three sides of one setting, generated in full on ``ps``: ``base`` (unsteered, judged), every row steered
-    toward refusal, every row steered away, at positions ``scope``; returns the judged frames aligned to ``ps``'s
-    order, the verdict arrays of the headline's judge and the answers' :class:`catlens.gate.AnswerCost`. Any zone
-    choice's verdicts and perplexity ratio on ``ps`` follow from these with no further forward pass."""
-    import numpy as np
-
-    from catlens.gate import AnswerCost
+    """The three sides of one setting on ``ps`` (:func:`catlens.answers.three_sides`): ``base`` (unsteered,
+    judged), every row steered toward refusal, every row steered away, at positions ``scope``."""
+    from catlens.answers import three_sides
     from catlens.steer import SteeringPolicy
 
-    col = f"refused_{args.judge}"
-    ids = [p.id for p in ps]
-    key = f"{r['method']}-L{int(r['layer'])}-{scope}"
-    frames = {"none": base.set_index("id").loc[ids].reset_index()}
-    for side, c in (("toward", float(r["toward"])), ("away", float(r["away"]))):
-        pol = SteeringPolicy((intervention(fit, r["method"], int(r["layer"]), c, positions=scope),),
-                             router=fit["router"])
-        j = generate_and_judge(model, ps, pol, run.path / "gen" / f"{split}_all-{side}-{key}-c{c:g}",
-                               tokens=args.gen_tokens, batch_size=args.batch_size)
-        frames[side] = j.set_index("id").loc[ids].reset_index()
-    verdict = {s: f[col].astype(bool).to_numpy().astype(int) for s, f in frames.items()}
-    benign = (frames["none"].label == "benign").to_numpy()
-    nll, tok, counts = [], [], []
-    for s in ("none", "toward", "away"):
-        a, n = answer_nll(model, frames[s])
-        nll.append(a)
-        tok.append(n)
-        counts.append(benign & (verdict[s] == 0) & (n > 0))
-    return {"frames": frames, "verdict": verdict, "ids": ids,
-            "cost": AnswerCost(np.stack(nll), np.stack(tok), np.stack(counts))}
+    def ungated(coeff: float) -> Any:
+        return SteeringPolicy((intervention(fit, r["method"], int(r["layer"]), coeff, positions=scope),),
+                              router=fit["router"])
+
+    key = f"{split}_sides-{r['method']}-L{int(r['layer'])}-t{float(r['toward']):g}-a{float(r['away']):g}-{scope}"
+    return three_sides(model, ps, base, ungated(float(r["toward"])), ungated(float(r["away"])), judge=args.judge,
+                       scorer=fit["scorer"], out=run.path / "gen" / key, max_new_tokens=args.gen_tokens,
+                       batch_size=args.batch_size)
 
 
 def _scores_for(fit: dict[str, Any], ids: Sequence[str]) -> tuple[Any, Any]:
@@ -789,7 +713,7 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
     focus_ids = set(vf[_focus(vf)].id)
     gen_val = _gen_subsample(sets["val"].filter(lambda p: p.label == "harmful" or p.id in focus_ids,
                                                 "harmful or headline benign"), args.val_gen_n, args.seed)
-    base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", tokens=args.gen_tokens,
+    base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", max_new_tokens=args.gen_tokens,
                               batch_size=args.batch_size)
     col = f"refused_{args.judge}"
     rows = [{"mode": "unsteered", "positions": None, **_side_rates(base, col, focus_ids), "ppl_ratio": 1.0,
@@ -854,7 +778,7 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
         pol = build_policy(model, fit, row, positions=row["positions"], mode=mode, seed=args.seed)
         # the gated policy itself, on the same val rows: does it do what the three sides predicted?
         judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_chosen_{mode}",
-                                    tokens=args.gen_tokens, batch_size=args.batch_size)
+                                    max_new_tokens=args.gen_tokens, batch_size=args.batch_size)
         sa, v = ctx["sa"], ctx["sa"]["verdict"]
         if mode == "global":
             offline = zone_verdicts(ctx["score"], v["none"], v["toward"], v["away"], lower=row["lower"],
@@ -876,11 +800,11 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
         r = p1.iloc[0].to_dict()
         pol = build_policy(model, fit, r, positions="last_prompt", mode="p1_gate", seed=args.seed)
         judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / "val_p1_gate",
-                                    tokens=args.gen_tokens, batch_size=args.batch_size)
+                                    max_new_tokens=args.gen_tokens, batch_size=args.batch_size)
         answered = set(judged[(judged.label == "benign") & ~judged[col].astype(bool)].id) & set(
             base[(base.label == "benign") & ~base[col].astype(bool)].id)
-        ppl_s, n = benign_ppl(model, judged, answered)
-        ppl_b, _ = benign_ppl(model, base, answered)
+        ppl_s, n = fit["scorer"].benign_ppl(judged, answered)
+        ppl_b, _ = fit["scorer"].benign_ppl(base, answered)
         rows.append({"mode": "p1_gate", "method": r["method"], "layer": int(r["layer"]), "toward": r["toward"],
                      "away": r["away"], "positions": "last_prompt", "lower": r["lower"], "upper": r["upper"],
                      **_side_rates(judged, col, focus_ids), "ppl_ratio": ppl_s / ppl_b if ppl_b else math.nan,
@@ -937,7 +861,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
     gen_val = _gen_subsample(val.filter(lambda p: p.label == "harmful" or p.id in focus_ids,
                                         "harmful or headline benign"), args.val_gen_n, args.seed)
     col = f"refused_{args.judge}"
-    base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", tokens=args.gen_tokens,
+    base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", max_new_tokens=args.gen_tokens,
                               batch_size=args.batch_size)
     for mode in ("residual", "verbatim"):
         basis = init_basis(fit["dirs"][method], whitener, layer=layer, mode=mode)
@@ -982,12 +906,12 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
                                        "zones": "global", "steps": args.lowrank_steps, "val_refusal": r["refusal"],
                                        "val_over_refusal": r["over_refusal"], "seed": args.seed})
             judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_lowrank_{mode}_"
-                                        f"t{r['toward']}_a{r['away']}", tokens=args.gen_tokens,
+                                        f"t{r['toward']}_a{r['away']}", max_new_tokens=args.gen_tokens,
                                         batch_size=args.batch_size)
             answered = set(judged[(judged.label == "benign") & ~judged[col].astype(bool)].id) & set(
                 base[(base.label == "benign") & ~base[col].astype(bool)].id)
-            ppl_s, _ = benign_ppl(model, judged, answered)
-            ppl_b, _ = benign_ppl(model, base, answered)
+            ppl_s, _ = fit["scorer"].benign_ppl(judged, answered)
+            ppl_b, _ = fit["scorer"].benign_ppl(base, answered)
             r["ppl_ratio"] = ppl_s / ppl_b if ppl_b == ppl_b and ppl_b > 0 else math.nan
             if r["ppl_ratio"] == r["ppl_ratio"] and r["ppl_ratio"] <= 1 + args.ppl_guard:
                 r["chosen"] = True
@@ -1082,7 +1006,7 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     gen_test = test if args.test_gen_cap is None else _per_dataset_cap(test, args.test_gen_cap, args.seed)
     judged_all = []
     for name, pol in policies.items():
-        j = generate_and_judge(model, gen_test, pol, run.path / "gen" / f"test_{name}", tokens=args.gen_tokens,
+        j = generate_and_judge(model, gen_test, pol, run.path / "gen" / f"test_{name}", max_new_tokens=args.gen_tokens,
                                batch_size=args.batch_size).assign(policy=name)
         judged_all.append(j)
     judged = pd.concat(judged_all, ignore_index=True)
@@ -1092,7 +1016,7 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     ppl_rows = []
     for name, j in judged.groupby("policy", sort=False):
         ids = answered & set(j[(j.label == "benign") & ~j[col].astype(bool)].id)
-        ppl, n = benign_ppl(model, j, ids)
+        ppl, n = fit["scorer"].benign_ppl(j, ids)
         ppl_rows.append({"policy": name, "benign_ppl": ppl, "n": n})
     ppl = pd.DataFrame(ppl_rows)
     base_ppl = float(ppl[ppl.policy == "unsteered"].benign_ppl.iloc[0])
@@ -1179,6 +1103,7 @@ def evaluate_bound(model: Any, gen_test: Any, fp: Any, judged: Any, chosen_rows:
     import pandas as pd
     from sklearn.metrics import roc_curve
 
+    from catlens.answers import bound_rows, oracle_sides
     from catlens.gate import ZoneObjective, zone_sides, zone_sweep, zone_verdicts
 
     rows = [r for r in chosen_rows if r.get("mode") == "global"]
@@ -1195,25 +1120,20 @@ def evaluate_bound(model: Any, gen_test: Any, fp: Any, judged: Any, chosen_rows:
     harmful = (frame.label == "harmful").to_numpy() & frame.source.isin(HARMFUL_POOL).to_numpy()
     benign = (frame.label == "benign").to_numpy() & frame.source.isin(HEADLINE_POOL).to_numpy()
     v = sa["verdict"]
-    V = np.stack([v["none"], v["toward"], v["away"]])
     lo, hi = float(r["lower"]), float(r["upper"])
     gated = judged[judged.policy == "categorical_global"].set_index("id").loc[sa["ids"]][col].astype(int).to_numpy()
-    best_side = np.where(harmful, V.argmax(0), V.argmin(0))  # the side that refuses harmful, answers benign
-    sides = {"unsteered": np.zeros(len(score), dtype=int), "all toward": np.ones(len(score), dtype=int),
-             "all away": np.full(len(score), 2), "chosen zones (offline)": zone_sides(score, lower=lo, upper=hi),
-             "oracle gate (label)": np.where(harmful, 1, 2), "best side per row": best_side}
-    out = []
-    for name, side in sides.items():
-        verdict = V[side, np.arange(len(side))]
-        out.append({"gate": name, **_bound_row(verdict, harmful, benign), "ppl_ratio": sa["cost"].ratio(side)})
-    out.append({"gate": "chosen zones (the policy's own answers)", **_bound_row(gated, harmful, benign),
-                "ppl_ratio": math.nan,
-                "agreement_with_offline": float((gated == zone_verdicts(score, *V, lower=lo, upper=hi)).mean())})
-    table = pd.DataFrame(out).assign(lower=lo, upper=hi, method=r["method"], layer=r["layer"], toward=r["toward"],
-                                     away=r["away"], positions=r["positions"], judge=args.judge,
-                                     n_rows=len(score))
+    n = len(score)
+    sides = {"unsteered": np.zeros(n, dtype=int), "all toward": np.ones(n, dtype=int), "all away": np.full(n, 2),
+             "chosen zones (offline)": zone_sides(score, lower=lo, upper=hi), **oracle_sides(v, harmful)}
+    rows = bound_rows(v, sides, harmful, benign, sa["cost"])
+    own = bound_rows({"none": gated, "toward": gated, "away": gated}, {"x": np.zeros(n, dtype=int)}, harmful,
+                     benign)[0]
+    rows.append({**own, "gate": "chosen zones (the policy's own answers)", "agreement_with_offline": float(
+        (gated == zone_verdicts(score, v["none"], v["toward"], v["away"], lower=lo, upper=hi)).mean())})
+    table = pd.DataFrame(rows).assign(lower=lo, upper=hi, method=r["method"], layer=r["layer"], toward=r["toward"],
+                                      away=r["away"], positions=r["positions"], judge=args.judge, n_rows=n)
     run.save_table("bound", table)
-    res = zone_sweep(score, V[0], V[1], V[2], harmful, benign, grid=args.zone_grid, cost=sa["cost"],
+    res = zone_sweep(score, v["none"], v["toward"], v["away"], harmful, benign, grid=args.zone_grid, cost=sa["cost"],
                      objective=ZoneObjective(0.0, min_refusal=args.target_refusal, max_ppl_ratio=1 + args.ppl_guard))
     fr = res["global"]
     run.save_table("test_frontier", fr[_pareto_mask(fr)].reset_index(drop=True).assign(
@@ -1233,15 +1153,6 @@ def evaluate_bound(model: Any, gen_test: Any, fp: Any, judged: Any, chosen_rows:
     run.save_table("gate_roc", pd.concat([roc, pd.DataFrame(marks)], ignore_index=True).assign(
         split="test", pair="harmful vs " + ",".join(HEADLINE_POOL), n_pos=int(y_pos.sum()), n_neg=int(y_neg.sum())))
     return table
-
-
-def _bound_row(verdict: Any, harmful: Any, benign: Any) -> dict[str, float]:
-    from catlens.gate import rates_with_interval
-
-    h, b = rates_with_interval(verdict[harmful]), rates_with_interval(verdict[benign])
-    return {"refusal": h["rate"], "refusal_ci_low": h["ci_low"], "refusal_ci_high": h["ci_high"], "refusal_n": h["n"],
-            "over_refusal": b["rate"], "over_refusal_ci_low": b["ci_low"], "over_refusal_ci_high": b["ci_high"],
-            "over_refusal_n": b["n"]}
 
 
 def _per_dataset_cap(ps: Any, cap: int, seed: int) -> Any:
@@ -1270,7 +1181,7 @@ def evaluate_jailbreaks(model: Any, sets: dict[str, Any], policies: dict[str, An
     rows = []
     col = f"refused_{args.judge}"
     for name, pol in policies.items():
-        j = generate_and_judge(model, ps, pol, run.path / "gen" / f"jailbreak_{name}", tokens=args.gen_tokens,
+        j = generate_and_judge(model, ps, pol, run.path / "gen" / f"jailbreak_{name}", max_new_tokens=args.gen_tokens,
                                batch_size=args.batch_size)
         j["template"] = [s.split("+", 1)[1] if "+" in s else "none (plain)" for s in j.dataset]
         t = rate_table(j.assign(dataset=j.template, **{col: j[col].astype(bool)}), col, by=["dataset"])
@@ -1317,7 +1228,7 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
             router = fit_router_probe(X[harm, li], list(tf[harm.numpy()].category), layer=layer)
             pol = SteeringPolicy(pol.interventions, gate=pol.gate, router=router, toward=pol.toward, away=pol.away,
                                  name=f"{pol.name}-transfer", model=pol.model, meta={**pol.meta, "transfer": True})
-        j = generate_and_judge(stock, gen_test, pol, run.path / "gen" / f"stock_{name}", tokens=args.gen_tokens,
+        j = generate_and_judge(stock, gen_test, pol, run.path / "gen" / f"stock_{name}", max_new_tokens=args.gen_tokens,
                                batch_size=args.batch_size, allow_transfer=True)
         for label, part in j.groupby("label"):
             t = rate_table_pooled(part)

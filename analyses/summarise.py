@@ -148,7 +148,51 @@ def bound_lines(folder: Path) -> list[str]:
     return out
 
 
-def p1_section(folder: Path) -> str:
+EARLIER_KEYS = ("train_cap", "val_cap", "test_cap", "test_gen_cap", "val_gen_n", "gen_n", "gen_tokens", "scopes",
+                "layers", "gate_layers", "toward", "away", "candidates", "zone_grid", "dtype")
+"""The P1 options compared between a run and an earlier run on the same test split."""
+
+
+def earlier_lines(folder: Path, earlier: Sequence[Path]) -> list[str]:
+    """Earlier P1 runs that read the same test split before this one: what this run changed after seeing them, and
+    their pooled headline, each rendered from the two runs' manifests and ``headline`` tables. A change made after a
+    test read means this run's test sets are no longer untouched; the text says so whenever an earlier run read
+    them."""
+    if not earlier:
+        return []
+    now = _manifest(folder)
+    cfg = now.get("config") or {}
+    splits = _load(folder, "splits")
+    seed = None if splits is None else int(splits.seed.iloc[0])
+    out = ["### Earlier runs on the same test split"]
+    for old in earlier:
+        m = _manifest(old)
+        head = _load(old, "headline")
+        if not m or head is None:
+            out.append(f"`{old}`: no manifest or headline table, so it is not described here.")
+            continue
+        old_cfg = m.get("config") or {}
+        old_splits = _load(old, "splits")
+        old_seed = None if old_splits is None else int(old_splits.seed.iloc[0])
+        changed = [f"{k.replace('_', '-')} {old_cfg.get(k)} -> {cfg.get(k)}" for k in EARLIER_KEYS
+                   if old_cfg.get(k) != cfg.get(k)]
+        same = "the same split seed" if seed == old_seed else f"split seed {old_seed} (this run: {seed})"
+        allp = head[head.benign_pool == "all"] if "benign_pool" in head else head
+        rows = "; ".join(f"{r.policy} over-refusal {_pct(r.over_refusal)} % [{_pct(r.over_refusal_ci_low)}, "
+                         f"{_pct(r.over_refusal_ci_high)}], refusal {_pct(r.refusal)} %" for r in allp.itertuples())
+        before = str(m.get("created", "")) < str(now.get("created", ""))
+        if not before:
+            out.append(f"`{old}` (started {m.get('created', '?')}, {same}) did not start before this run: {rows}.")
+            continue
+        out.append(f"`{old}` (started {m.get('created', '?')}, {same}) read the test sets before this run: {rows}. "
+                   + ("This run changed " + ", ".join(changed) + " after that read" if changed else
+                      "This run changed none of the compared options")
+                   + ", so its test sets are not untouched: read its headline as a second look at the same prompts, "
+                     "with the earlier run beside it.")
+    return out
+
+
+def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
     import json
 
     out = [f"## P1: categorical steering, three-zone gate, low-rank combination, transfer (`{folder}`)"]
@@ -170,6 +214,7 @@ def p1_section(folder: Path) -> str:
         out.append("Run sizes (the run's manifest): " + ", ".join(sizes)
                    + "; a test cap or a generated-test cap means a subsample of each test set, not the full protocol.")
     out.append("\n".join(selection_lines(manifest)))
+    out.extend(earlier_lines(folder, earlier))
     judge = head.judge.iloc[0] if "judge" in head else "?"
     out.append(f"### Headline (test; judge: {judge}; 95 % Wilson)")
     pools = head.drop_duplicates("benign_pool")
@@ -438,12 +483,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--p1", type=Path, default=None)
     p.add_argument("--p2", type=Path, nargs="*", default=[])
+    p.add_argument("--p1-earlier", type=Path, nargs="*", default=[],
+                   help="earlier P1 runs that read the same test split (their headline and what changed since)")
     p.add_argument("--specificity", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the Markdown here (default: print it)")
     args = p.parse_args(argv)
     parts = ["# Results (rendered from the saved tables by `analyses/summarise.py`)\n"]
     if args.p1:
-        parts.append(p1_section(args.p1))
+        parts.append(p1_section(args.p1, args.p1_earlier))
     if args.p2:
         parts.append(p2_section(args.p2))
     if args.specificity:

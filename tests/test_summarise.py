@@ -138,3 +138,25 @@ def test_main_writes_the_rendered_file(summ, tmp_path):
     assert out.read_text() == text
     assert "not run" in text  # the missing P1 folder
     assert "Every choice was made on val" not in text  # the old constant sentence is gone
+
+
+def _p1_run(folder: Path, created: str, val_gen_n: int, over_refusal: float) -> Path:
+    _save(folder, "headline", pd.DataFrame({
+        "policy": ["unsteered", "categorical_global"], "benign_pool": ["all", "all"],
+        "over_refusal": [0.25, over_refusal], "over_refusal_ci_low": [0.15, over_refusal - 0.1],
+        "over_refusal_ci_high": [0.37, over_refusal + 0.1], "refusal": [0.87, 0.95]}))
+    _save(folder, "splits", pd.DataFrame({"split": ["test"], "n": [10], "seed": [0]}))
+    (folder / "manifest.json").write_text(json.dumps({"created": created, "config": {"val_gen_n": val_gen_n}}))
+    return folder
+
+
+def test_an_earlier_run_on_the_same_test_split_is_said_with_what_changed(summ, tmp_path):
+    old = _p1_run(tmp_path / "old", "2026-12-07T07:03:00", 32, 0.25)
+    new = _p1_run(tmp_path / "new", "2026-12-07T12:01:00", 64, 0.15)
+    text = "\n".join(summ.earlier_lines(new, [old]))
+    assert "val-gen-n 32 -> 64 after that read" in text
+    assert "not untouched" in text and "categorical_global over-refusal 25.0 % [15.0, 35.0]" in text
+    assert summ.earlier_lines(new, []) == []
+    # a run that started later is not described as read before this one
+    later = "\n".join(summ.earlier_lines(old, [new]))
+    assert "did not start before this run" in later and "not untouched" not in later
