@@ -1215,9 +1215,8 @@ def _map_pending_text(pca: Mapping[str, Any], st: Mapping[str, Any] | None) -> s
     where = f"{pca['site']} layer {pca['layer']}"
     if st is not None and st.get("error"):
         return f"The map of the built-in prompts at {where} could not be prepared: {st['error']}"
-    count = f": {st['done']}/{st['total']} prompts" if st is not None else ""
-    return (f"Preparing the map of the built-in prompts at {where}{count}. This prompt's place in it appears here "
-            f"when the map is ready; the answers above are final.")
+    return (f"Preparing the map of the built-in prompts at {where} (its progress is next to the Run button). This "
+            f"prompt's place in it appears here when the map is ready; the answers above are final.")
 
 
 def _n_tokens(rec: Mapping[str, Any]) -> str:
