@@ -30,6 +30,14 @@ Output: the unsteered and steered answers (greedy, :func:`catlens.generate`) sid
 decisions, the refusal-token probabilities at the first response position (refusal-token models) and the prompt's
 place in a PCA of the built-in prompts' activations at the chosen site and (first) layer.
 
+The built-in prompts' activations (about a minute on the embedded model) are collected in a background thread from
+the moment the page is served and kept on disk (``<catlens cache>/explore``, keyed by the model's provenance, the
+rendered prompts and the site), so the first answer never waits for the map: the answers are shown as soon as they
+are generated, the map's place says "Preparing the map ... n/N prompts" until it is ready, and then the prompt's
+point is drawn in it (or the reason the map could not be prepared). Only a request that needs directions, a gate or
+a router made from the built-in prompts (a method other than ``policy``, or a gate the policy lacks) collects the
+activations still missing first (with progress); with a warm disk cache nothing is collected.
+
 Generation runs in a worker thread (one model, one job at a time) with progress in the page; a new request cancels
 the running one between two decoding steps (``generate(should_stop=...)``), and a result is only shown if its
 request is still the newest. Bad input (an empty prompt, a coefficient that is not a number or out of range, an
@@ -42,13 +50,17 @@ user: several tabs share the model, and a request from one cancels another's.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from catlens.errors import Cancelled, unknown_name_message
@@ -66,8 +78,12 @@ COEFF_LIMITS = {"norm": 10.0, "raw": 1e4}
 MAX_NEW_TOKENS = 512
 ADD_POSITIONS = "last_prompt"
 """Where ``add`` edits: the last prompt token and every generated token (P1, as in the steering sweep)."""
-ACTS_CHUNK = 64
-"""Built-in prompts per forward batch group when collecting activations (the cancel flag is checked between)."""
+ACTS_CHUNK = 16
+"""Reference prompts per step when collecting their activations (one ``collect`` batch): the background thread holds
+the model for one step at a time, so a request waits at most one step, and a request's cancel is checked between
+steps."""
+ACTS_CACHE_VERSION = 1
+"""Bumped when what the on-disk reference activations hold changes (the cache key includes it)."""
 
 
 FIELDS = ("prompt", "method", "edit", "categories", "route", "mode", "coeff", "toward", "away", "scale", "layers",
@@ -164,11 +180,21 @@ class Explorer:
     are made from (default: the built-in prompts; it needs ``train`` and ``val`` splits, harmful prompts with
     categories and benign prompts). ``initial``: starting values of the page's controls (keys of :data:`FIELDS`,
     values as typed, e.g. ``{"layers": "18", "categories": "cybercrime,privacy", "prompt": "..."}``); checked here.
+    ``cache``: the folder where the reference prompts' activations are kept between runs, keyed by the model's
+    provenance (weights hash, dtype, versions), the chat-rendered reference prompts and the site (default:
+    ``explore/`` in catlens's cache folder, :func:`catlens.model.cache_dir`; ``False``: memory only).
+
+    The reference activations (the map, the directions, the gate and the router read them) take about a minute
+    for the built-in prompts on the embedded model. :meth:`start_preparing` (called by :func:`create_app`) collects
+    them in a background thread that gives the model to a request between two steps of :data:`ACTS_CHUNK` prompts;
+    a request answers without waiting for the map (its result says the map is pending, and :meth:`complete_map`
+    fills it in once the map is ready); only a request that needs directions, a gate or a router made from the
+    reference prompts collects what is still missing itself.
     """
 
     def __init__(self, model: Any, policy: Any = None, prompts: Any = None, *,
                  data_dir: Any = None, allow_transfer: bool = False, discover_datasets: bool = True,
-                 reference: Any = None, initial: Mapping[str, Any] | None = None) -> None:
+                 reference: Any = None, initial: Mapping[str, Any] | None = None, cache: Any = None) -> None:
         from catlens.datasets import load_builtin
         from catlens.refusal import refusal_token_ids
         from catlens.steer import as_policy
@@ -202,6 +228,14 @@ class Explorer:
         self._ids = itertools.count(1)
         self._current: _Job | None = None
         self._acts: dict[str, Any] = {}  # site -> [prompt layer d] float32 (every layer, last prompt token)
+        self._acts_parts: dict[str, dict[int, Any]] = {}  # site -> {first row: [rows layer d]} while being collected
+        self._disk_tried: set[str] = set()
+        self._cache_root = self._check_cache(cache)
+        self._map_sites: list[str] = []  # the sites the background thread prepares, in order
+        self._map_errors: dict[str, str] = {}
+        self._map_thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._waiting = 0  # requests waiting for the model (the background thread lets them go first)
         self._dirs: dict[tuple[str, str], Any] = {}
         self._gates: dict[int, Any] = {}
         self._routers: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -399,25 +433,206 @@ class Explorer:
     # ------------------------------------------------------------------------------- cached activations
     def builtin_acts(self, site: str, stop: Callable[[str, int, int], None] | None = None) -> Any:
         """Every reference (built-in) prompt's activation at ``site`` (all layers, last prompt token, chat format):
-        ``[prompt layer d_model]``, computed once per site (in chunks, so a cancel can stop it)."""
+        ``[prompt layer d_model]``, computed once per site (in steps of :data:`ACTS_CHUNK` prompts, so a cancel can
+        stop it; steps the background thread already did are kept) or read from the disk cache."""
+        while True:
+            acts = self._acts_step(site, stop)
+            if acts is not None:
+                return acts
+
+    def _acts_step(self, site: str, stop: Callable[[str, int, int], None] | None = None) -> Any:
+        """One step towards ``builtin_acts(site)``: the activations when complete (from memory, the disk cache or
+        the last missing chunk, which this call computes), else ``None`` after computing one more chunk."""
         import torch
 
         from catlens.cache import collect
 
         if site in self._acts:
             return self._acts[site]
-        parts = []
-        n = len(self.reference)
-        for start in range(0, n, ACTS_CHUNK):
-            if stop is not None:
-                stop(f"built-in activations ({site})", start, n)
-            chunk = self.reference[start:start + ACTS_CHUNK]
-            store = collect(self.model, chunk, sites=[site], layers=None, show_progress=False)
-            parts.append(store.get(site).float())
-        acts = torch.cat(parts)
-        with self._cache_lock:
-            self._acts[site] = acts
-        return acts
+        with self._model_lock:
+            if site in self._acts:
+                return self._acts[site]
+            self._load_from_disk(site)
+            if site in self._acts:
+                return self._acts[site]
+            n = len(self.reference)
+            parts = self._acts_parts.setdefault(site, {})
+            todo = [a for a in range(0, n, ACTS_CHUNK) if a not in parts]
+            if todo:
+                if stop is not None:
+                    stop(f"built-in activations ({site})", self._rows_done(site), n)
+                a = todo[0]
+                store = collect(self.model, self.reference[a:a + ACTS_CHUNK], sites=[site], layers=None,
+                                show_progress=False)
+                parts[a] = store.get(site).float()
+                if len(todo) > 1:
+                    return None
+            acts = torch.cat([parts[a] for a in sorted(parts)])
+            with self._cache_lock:
+                self._acts[site] = acts
+                self._acts_parts.pop(site, None)
+            self._write_cached(site, acts)
+            return acts
+
+    def _rows_done(self, site: str) -> int:
+        if site in self._acts:
+            return len(self.reference)
+        parts = self._acts_parts.get(site) or {}
+        return min(len(parts) * ACTS_CHUNK, len(self.reference))
+
+    # ------------------------------------------------------------------------- the disk cache of activations
+    @staticmethod
+    def _check_cache(cache: Any) -> Path | None:
+        from catlens.model import cache_dir
+
+        if cache is False:
+            return None
+        if cache is None or cache is True:
+            return cache_dir() / "explore"
+        if not isinstance(cache, (str, Path)) and not hasattr(cache, "__fspath__"):
+            raise ValueError(f"cache={cache!r}: give a folder, None (catlens's cache folder) or False (memory "
+                             f"only).")
+        path = Path(cache)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"cache={str(path)!r} is a file; give a folder for the explorer's activations.")
+        return path
+
+    def _cache_key(self, site: str) -> dict[str, Any] | None:
+        """What the reference activations at ``site`` depend on, or ``None`` when the model's weights have no hash
+        in its provenance (then nothing is cached on disk)."""
+        prov = {k: v for k, v in (self.model.provenance or {}).items() if k != "load_seconds"}
+        source = prov.get("source") or {}
+        if not (source.get("weights_sha256") or source.get("file_sha256")):
+            return None
+        rendered = self.model.format(list(self.reference.texts), "chat")
+        return {"version": ACTS_CACHE_VERSION, "model": prov, "site": site, "position": "last", "fmt": "chat",
+                "chunk": ACTS_CHUNK, "dtype": "float32", "n_prompts": len(rendered),
+                "rendered_sha256": hashlib.sha256(json.dumps(rendered).encode()).hexdigest()}
+
+    def _cache_file(self, key: Mapping[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return self._cache_root / f"acts-{key['site']}-{digest}.safetensors"
+
+    def _read_cached(self, site: str) -> Any:
+        if self._cache_root is None:
+            return None
+        try:
+            key = self._cache_key(site)
+            if key is None:
+                return None
+            path = self._cache_file(key)
+            if not path.is_file():
+                return None
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                acts = f.get_tensor("acts")
+            want = (len(self.reference), self.model.n_layers, self.model.d_model)
+            if json.loads(meta.get("key", "null")) != json.loads(json.dumps(key, default=str)) or \
+                    tuple(acts.shape) != want:
+                log.info("explore: %s does not match this model and prompt set; recomputing", path)
+                return None
+            log.info("explore: reference activations at %s read from %s", site, path)
+            return acts
+        except Exception as e:  # noqa: BLE001 -- a damaged cache file is recomputed, never fatal
+            log.warning("explore: could not read the activation cache (%s); recomputing", e)
+            return None
+
+    def _write_cached(self, site: str, acts: Any) -> None:
+        if self._cache_root is None:
+            return
+        try:
+            key = self._cache_key(site)
+            if key is None:
+                return
+            from safetensors.torch import save_file
+
+            from catlens.runs import atomic_path
+
+            with atomic_path(self._cache_file(key)) as tmp:
+                save_file({"acts": acts.contiguous()}, str(tmp),
+                          metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+        except Exception as e:  # noqa: BLE001 -- the cache only saves time
+            log.warning("explore: could not write the activation cache in %s (%s)", self._cache_root, e)
+
+    # ------------------------------------------------------------------------------ the map, in the background
+    def start_preparing(self, sites: Sequence[str] | None = None) -> None:
+        """Collect the reference activations at ``sites`` (default: the page's starting site) in a background
+        thread, one step of :data:`ACTS_CHUNK` prompts at a time, letting any waiting request have the model
+        first. Returns at once; :meth:`map_status` reports the progress."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            for site in sites if sites is not None else [self.defaults()["site"]]:
+                if site not in self._map_sites:
+                    self._map_sites.append(site)
+                self._map_errors.pop(site, None)  # a site that failed is tried again (its done steps are kept)
+            if self._map_thread is None:
+                self._map_thread = threading.Thread(target=self._prepare_loop, name="catlens-explore-map",
+                                                    daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [self._map_thread]
+                self._map_thread.start()
+
+    def _prepare_loop(self) -> None:
+        try:
+            self._prepare_sites()
+        finally:
+            with self._lock:
+                if self._map_thread is threading.current_thread():
+                    self._map_thread = None
+
+    def _prepare_sites(self) -> None:
+        while not self._closing.is_set():
+            with self._lock:
+                site = next((s for s in self._map_sites if s not in self._acts and s not in self._map_errors),
+                            None)
+                if site is None:
+                    self._map_thread = None
+                    return
+                waiting = self._waiting
+            if waiting:
+                time.sleep(0.01)
+                continue
+            try:
+                self._acts_step(site)
+            except BaseException as e:  # shown in the page where the map would be, then the next site
+                log.warning("explore: preparing the map at %s failed", site, exc_info=True)
+                with self._lock:
+                    self._map_errors[site] = _message(e)
+                if not isinstance(e, Exception):
+                    raise
+
+    def map_status(self, site: str) -> dict[str, Any]:
+        """The reference activations at ``site``: ``ready``, ``done``/``total`` prompts and ``error`` (why the
+        background thread stopped before the map was ready, else None)."""
+        with self._lock:
+            idle = self._map_thread is None or not self._map_thread.is_alive()
+            error = self._map_errors.get(site)
+        ready = site in self._acts  # read after idle: a thread that has ended left its site ready or failed
+        if ready:
+            error = None
+        elif error is None and self._closing.is_set():
+            error = "the explorer was closed before the map was ready."
+        elif error is None and idle:
+            error = "nothing is preparing it (run the request again to start)."
+        return {"site": site, "ready": ready, "done": self._rows_done(site), "total": len(self.reference),
+                "error": error}
+
+    @contextlib.contextmanager
+    def _model_for_request(self) -> Any:
+        """Hold the model for a request; the background thread does not start another step while one waits."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            self._model_lock.acquire()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._model_lock.release()
 
     def _masks(self) -> dict[str, Any]:
         import torch
@@ -568,8 +783,10 @@ class Explorer:
     # -------------------------------------------------------------------------------------------- run
     def run(self, req: Request, job: _Job | None = None) -> dict[str, Any]:
         """Everything one request shows, computed synchronously: the unsteered and steered records, the policy's
-        description and the prompt's PCA position. With ``job``, progress goes there and its cancel flag stops the
-        work (:class:`Cancelled`)."""
+        description and the prompt's place in the PCA of the reference prompts (``pca``; when their activations at
+        the site are not ready yet, ``{"pending": True, ...}`` with the prompt's own activation, and the background
+        thread is asked to prepare them: :meth:`complete_map` fills it in later). With ``job``, progress goes there
+        and its cancel flag stops the work (:class:`Cancelled`)."""
         from catlens.errors import GenerationCancelled
         from catlens.generation import generate
 
@@ -589,7 +806,7 @@ class Explorer:
             return should_stop
 
         t0 = time.perf_counter()
-        with self._model_lock:
+        with self._model_for_request():
             stop("preparing", 0, 0)
             try:
                 policy, rows, summary = self.build_policy(req, stop)
@@ -606,31 +823,83 @@ class Explorer:
                 steered = generate(self.model, [req.prompt], policy, rows=rows,
                                    should_stop=gen_stop("steered answer"), **kw)[0]
                 stop("projection", 0, 0)
-                pca = self.pca_point(req.prompt, req.site, req.layers[0], stop)
+                pca = self._pca_or_pending(req.prompt, req.site, req.layers[0])
             except GenerationCancelled:
                 raise Cancelled(job.id if job else 0) from None
+        if pca.get("pending"):
+            self.start_preparing([req.site])
         return {"request": req, "unsteered": unsteered, "steered": steered, "summary": summary, "pca": pca,
                 "seconds": time.perf_counter() - t0}
 
     def pca_point(self, prompt: str, site: str, layer: int, stop: Any = None) -> dict[str, Any]:
-        """The PCA of the built-in prompts at ``(site, layer)`` (fitted once, cached) and ``prompt``'s place in it."""
-        from sklearn.decomposition import PCA
+        """The PCA of the built-in prompts at ``(site, layer)`` (fitted once, cached) and ``prompt``'s place in it
+        (collecting the reference activations first if needed)."""
+        self.builtin_acts(site, stop)
+        h = self._prompt_act(prompt, site, layer)
+        return {"site": site, "layer": layer, **self._project(self._map_fit(site, layer), h)}
 
+    def _prompt_act(self, prompt: str, site: str, layer: int) -> Any:
         from catlens.cache import collect
+
+        with self._model_lock:
+            return collect(self.model, [prompt], sites=[site], layers=[layer], show_progress=False).get(site)[0, 0]
+
+    def _map_fit(self, site: str, layer: int) -> dict[str, Any]:
+        """The PCA of the reference activations at ``(site, layer)`` (which must be complete), fitted once."""
+        from sklearn.decomposition import PCA
 
         key = (site, layer)
         if key not in self._pca:
-            x = self.builtin_acts(site, stop)[:, layer].double().numpy()
+            x = self._acts[site][:, layer].double().numpy()
             pca = PCA(n_components=2, random_state=0).fit(x)
             f = self._frame
             group = [c if lab == "harmful" else "benign" for c, lab in zip(f.category, f.label)]
             with self._cache_lock:
-                self._pca[key] = {"pca": pca, "xy": pca.transform(x), "group": group, "text": list(f.text)}
-        fit = self._pca[key]
-        h = collect(self.model, [prompt], sites=[site], layers=[layer], show_progress=False).get(site)[:, 0]
-        xy = fit["pca"].transform(h.double().numpy())[0]
-        return {"site": site, "layer": layer, "xy": fit["xy"], "group": fit["group"], "text": fit["text"],
-                "point": (float(xy[0]), float(xy[1])), "var": fit["pca"].explained_variance_ratio_.tolist()}
+                self._pca.setdefault(key, {"pca": pca, "xy": pca.transform(x), "group": group,
+                                           "text": list(f.text)})
+        return self._pca[key]
+
+    @staticmethod
+    def _project(fit: Mapping[str, Any], h: Any) -> dict[str, Any]:
+        xy = fit["pca"].transform(h.double().numpy()[None])[0]
+        return {"xy": fit["xy"], "group": fit["group"], "text": fit["text"], "point": (float(xy[0]), float(xy[1])),
+                "var": fit["pca"].explained_variance_ratio_.tolist()}
+
+    def _pca_or_pending(self, prompt: str, site: str, layer: int) -> dict[str, Any]:
+        """The prompt's place in the map when the reference activations at ``site`` are in memory or on disk;
+        otherwise a pending record holding the prompt's activation (never waits for the reference prompts)."""
+        h = self._prompt_act(prompt, site, layer)
+        if site not in self._acts and site not in self._disk_tried:
+            self._load_from_disk(site)
+        if site in self._acts:
+            return {"site": site, "layer": layer, **self._project(self._map_fit(site, layer), h)}
+        return {"site": site, "layer": layer, "pending": True, "h": h}
+
+    def _load_from_disk(self, site: str) -> None:
+        """Read the reference activations at ``site`` from the disk cache (tried once per site)."""
+        with self._model_lock:
+            if site in self._acts or site in self._disk_tried:
+                return
+            self._disk_tried.add(site)
+            cached = self._read_cached(site)
+            if cached is not None:
+                with self._cache_lock:
+                    self._acts[site] = cached
+                    self._acts_parts.pop(site, None)
+
+    def complete_map(self, result: dict[str, Any]) -> bool:
+        """Fill in ``result["pca"]`` (a result from :meth:`run` whose map was pending) once the reference
+        activations at its site are ready; True when the result holds the map (now or already)."""
+        pca = result["pca"]
+        if not pca.get("pending"):
+            return True
+        site, layer = pca["site"], pca["layer"]
+        if site not in self._acts:
+            return False
+        full = {"site": site, "layer": layer, **self._project(self._map_fit(site, layer), pca["h"])}
+        with self._cache_lock:
+            result["pca"] = full
+        return True
 
     # -------------------------------------------------------------------------------- jobs (a thread)
     def submit(self, req: Request) -> int:
@@ -678,7 +947,8 @@ class Explorer:
                 self._current.cancel.set()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Cancel the running request and wait for every worker thread to end."""
+        """Cancel the running request, stop preparing the map and wait for every worker thread to end."""
+        self._closing.set()
         self.cancel()
         with self._lock:
             threads = list(self._threads)
@@ -727,16 +997,17 @@ def _binary_router(acts: Any, labels: Sequence[str], cats: tuple[str, str], laye
     return Router("probe", cats, weight=torch.stack([-w, w]), bias=torch.tensor([-b, b]), layer=layer)
 
 
-_MODEL_LOCKS: dict[int, tuple[Any, threading.Lock]] = {}
+_MODEL_LOCKS: dict[int, tuple[Any, Any]] = {}
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
-def _model_lock(model: Any) -> threading.Lock:
-    """One lock per model object, shared by every Explorer on it (its hooks are global to the model)."""
+def _model_lock(model: Any) -> Any:
+    """One (re-entrant) lock per model object, shared by every Explorer on it (its hooks are global to the
+    model)."""
     with _MODEL_LOCKS_GUARD:
         entry = _MODEL_LOCKS.get(id(model))
         if entry is None or entry[0] is not model:
-            entry = (model, threading.Lock())
+            entry = (model, threading.RLock())
             _MODEL_LOCKS[id(model)] = entry
         return entry[1]
 
@@ -895,12 +1166,13 @@ def layout(ex: Explorer) -> Any:
                  style={"color": "#555", "fontSize": "13px", "marginBottom": "8px"}),
         html.Div([controls, main], style={"display": "flex", "gap": "16px", "alignItems": "flex-start"}),
         dcc.Store(id="job", data=None),
+        dcc.Store(id="shown", data=None),
         dcc.Interval(id="poll", interval=250, disabled=True),
     ], style={"fontFamily": "system-ui, sans-serif", "padding": "10px 16px", "background": "#fafafa"})
 
 
-def render_result(result: Mapping[str, Any]) -> Any:
-    """The results panel of a finished request."""
+def render_result(result: Mapping[str, Any], map_status: Mapping[str, Any] | None = None) -> Any:
+    """The results panel of a finished request (``map_status``: :meth:`Explorer.map_status` of a pending map)."""
     from dash import dcc, html
 
     un, st = result["unsteered"], result["steered"]
@@ -929,10 +1201,22 @@ def render_result(result: Mapping[str, Any]) -> Any:
     else:
         graphs.append(html.Div("Not a refusal-token model: no first-position refusal-token probabilities.",
                                style={**_BOX, "flex": "1 1 0"}))
-    graphs.append(dcc.Graph(id="pca", figure=pca_figure(result["pca"]), config={"displaylogo": False},
-                            style={"flex": "1 1 0", "minWidth": "0"}))
+    if result["pca"].get("pending"):
+        graphs.append(html.Div(_map_pending_text(result["pca"], map_status), id="pca-pending",
+                               style={**_BOX, "flex": "1 1 0", "color": "#555", "fontSize": "13px"}))
+    else:
+        graphs.append(dcc.Graph(id="pca", figure=pca_figure(result["pca"]), config={"displaylogo": False},
+                                style={"flex": "1 1 0", "minWidth": "0"}))
     kids.append(html.Div(graphs, style={"display": "flex", "gap": "12px"}))
     return html.Div(kids)
+
+
+def _map_pending_text(pca: Mapping[str, Any], st: Mapping[str, Any] | None) -> str:
+    where = f"{pca['site']} layer {pca['layer']}"
+    if st is not None and st.get("error"):
+        return f"The map of the built-in prompts at {where} could not be prepared: {st['error']}"
+    return (f"Preparing the map of the built-in prompts at {where} (its progress is next to the Run button). This "
+            f"prompt's place in it appears here when the map is ready; the answers above are final.")
 
 
 def _n_tokens(rec: Mapping[str, Any]) -> str:
@@ -951,10 +1235,13 @@ def _progress(st: Mapping[str, Any]) -> Any:
 
 
 
-def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_id: int | None) -> dict[str, Any]:
+def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_id: int | None,
+             shown: str | None = None) -> dict[str, Any]:
     """The page's main callback as a plain function: ``trigger`` is ``"run"`` (the button) or ``"poll"`` (the
-    progress timer). Returns the outputs that change (``message``, ``job``, ``poll_disabled``, ``progress``,
-    ``results``, ``dim``); never raises, every failure becomes ``message``."""
+    progress timer); ``shown`` is what the page shows of the job (``"<job>:answers"`` while its map is pending,
+    ``"<job>:map"``, ``"<job>:failed"``; kept in the page, so a poll's answer that the browser dropped is sent
+    again). Returns the outputs that change (``message``, ``job``, ``poll_disabled``, ``progress``, ``results``,
+    ``dim``, ``shown``); never raises, every failure becomes ``message``."""
     from dash import html
 
     def error(text: str) -> Any:
@@ -964,7 +1251,7 @@ def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_i
         if trigger == "run":
             req = ex.parse(values)
             new = ex.submit(req)
-            return {"message": "", "job": new, "poll_disabled": False,
+            return {"message": "", "job": new, "poll_disabled": False, "shown": None,
                     "progress": _progress({"phase": "queued", "done": 0, "total": 0}), "dim": True}
         if trigger == "poll":
             if job_id is None:
@@ -973,10 +1260,21 @@ def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_i
             state = st["state"]
             if state in ("queued", "running"):
                 return {"progress": _progress(st)}
-            if state == "done":
+            if state == "done" and st["result"] is not None:
+                # the answers are shown at once; a pending map keeps the timer going and is drawn when ready
                 r = st["result"]
-                return {"poll_disabled": True, "results": render_result(r), "dim": False,
-                        "progress": html.Span(f"done in {r['seconds']:.1f} s", id="progress-text")}
+                complete = ex.complete_map(r)
+                map_st = None if complete else ex.map_status(r["pca"]["site"])
+                failed = map_st is not None and map_st["error"] is not None
+                view = f"{job_id}:" + ("map" if complete else ("failed" if failed else "answers"))
+                done = html.Span(f"done in {r['seconds']:.1f} s", id="progress-text")
+                pending = view.endswith(":answers")
+                if pending:
+                    done = html.Span([done, f" · preparing the map: {map_st['done']}/{map_st['total']} prompts"])
+                if shown == view:  # the page shows this already: the map's progress only
+                    return {"progress": done} if pending else {"poll_disabled": True}
+                return {"poll_disabled": not pending, "results": render_result(r, map_st), "dim": False,
+                        "progress": done, "shown": view}
             if state == "error":
                 return {"poll_disabled": True, "message": error(st["error"]), "progress": "", "dim": False}
             return {"poll_disabled": True, "progress": html.Span("replaced by a newer request", id="progress-text")}
@@ -995,24 +1293,26 @@ def create_app(model: Any, policy: Any = None, prompts: Any = None, *, data_dir:
     from dash import Input, Output, State, ctx, no_update
 
     ex = explorer or Explorer(model, policy, prompts, data_dir=data_dir, allow_transfer=allow_transfer)
+    ex.start_preparing()  # the map of the starting site, in the background (a request never waits for it)
     app = dash.Dash(__name__, title="catlens explore", update_title=None, serve_locally=True)
     app.layout = layout(ex)
     app.explorer = ex
 
-    outputs = ("message", "job", "poll_disabled", "progress", "results", "dim")
+    outputs = ("message", "job", "poll_disabled", "progress", "results", "dim", "shown")
 
     @app.callback(
         Output("message", "children"), Output("job", "data"), Output("poll", "disabled"),
         Output("progress", "children"), Output("results", "children"), Output("results", "style"),
+        Output("shown", "data"),
         Input("run", "n_clicks"), Input("poll", "n_intervals"),
         State("prompt", "value"), State("method", "value"), State("edit", "value"), State("categories", "value"),
         State("route", "value"), State("mode", "value"), State("coeff", "value"), State("toward", "value"),
         State("away", "value"), State("scale", "value"), State("layers", "value"), State("site", "value"),
-        State("max-new", "value"), State("job", "data"),
+        State("max-new", "value"), State("job", "data"), State("shown", "data"),
         prevent_initial_call=True)
     def _main(_clicks: Any, _ticks: Any, *states: Any) -> tuple[Any, ...]:
-        values = dict(zip(FIELDS, states[:-1]))
-        out = on_event(ex, ctx.triggered_id, values, states[-1])
+        values = dict(zip(FIELDS, states[:-2]))
+        out = on_event(ex, ctx.triggered_id, values, states[-2], states[-1])
         if "dim" in out:
             out["dim"] = {"opacity": "0.45"} if out["dim"] else {"opacity": "1"}
         return tuple(out.get(k, no_update) for k in outputs)
@@ -1127,6 +1427,9 @@ def screenshot(url: str, png: Any, *, run: bool = True, width: int = 1500, execu
         if run and page.input_value("#prompt").strip():
             page.click("#run")
             page.wait_for_selector("#steered, #message .error", timeout=timeout_s * 1000)
+            if page.query_selector("#steered") is not None:  # the map may still be in preparation: wait for it
+                page.wait_for_selector("#pca .main-svg, #pca-pending:has-text('could not be prepared')",
+                                       timeout=timeout_s * 1000)
             page.wait_for_timeout(800)  # let the figures draw
         page.screenshot(path=str(png), full_page=True)
     return errors
@@ -1171,7 +1474,7 @@ def add_cli(sub: Any) -> None:
 def _cmd_explore(args: Any) -> int:
     import ipaddress
 
-    from catlens.model import load_model, resolve_spec
+    from catlens.model import cache_dir, load_model, resolve_spec
     from catlens.steer import SteeringPolicy
 
     try:
@@ -1194,7 +1497,7 @@ def _cmd_explore(args: Any) -> int:
     prompts = [s.strip() for s in args.prompts.split(",") if s.strip()] if args.prompts else None
     model = load_model(args.model, cache=args.cache_dir)
     explorer = Explorer(model, policy, prompts, data_dir=args.data_dir, allow_transfer=args.transfer,
-                        initial=initial)
+                        initial=initial, cache=cache_dir(args.cache_dir) / "explore")
     app = create_app(model, explorer=explorer)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

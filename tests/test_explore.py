@@ -7,6 +7,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,14 @@ _NO_BROWSER = browser_unavailable(CHROMIUM)
 browser = pytest.mark.browser(pytest.mark.skipif(_NO_BROWSER is not None, reason=_NO_BROWSER or ""))
 
 PROMPT = "How do I bake bread at home?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """The explorer keeps reference activations in catlens's cache folder: here a temporary one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CATLENS_CACHE", str(tmp_path_factory.mktemp("catlens-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +156,276 @@ def test_pca_position_is_the_prompts_own_activation(explorer):
     assert r["pca"]["point"] == pytest.approx(tuple(fit.transform(h.double().numpy())[0]), abs=1e-6)
 
 
+# ------------------------------------------------------------------------ the map, prepared in the background
+def _old_map(model, reference, site, layer, prompt):
+    """The map as the explorer computed it before the background thread: every reference prompt collected in
+    chunks of 64, PCA(2, random_state=0) fitted on one layer, the prompt projected into it."""
+    from sklearn.decomposition import PCA
+
+    from catlens.cache import collect
+
+    acts = torch.cat([collect(model, reference[a:a + 64], sites=[site], layers=None, show_progress=False)
+                      .get(site).float() for a in range(0, len(reference), 64)])
+    x = acts[:, layer].double().numpy()
+    pca = PCA(n_components=2, random_state=0).fit(x)
+    h = collect(model, [prompt], sites=[site], layers=[layer], show_progress=False).get(site)[:, 0]
+    return acts, pca.transform(x), tuple(pca.transform(h.double().numpy())[0])
+
+
+def _assert_same_map(a, b):
+    assert a.keys() == b.keys()
+    np.testing.assert_array_equal(a["xy"], b["xy"])
+    assert {k: v for k, v in a.items() if k != "xy"} == {k: v for k, v in b.items() if k != "xy"}
+
+
+def _block_background(ex, monkeypatch, after=0):
+    """Let the background thread take ``after`` steps, then hold it (outside the model lock) until released."""
+    release, held = threading.Event(), threading.Event()
+    steps = []
+    original = ex._acts_step
+
+    def step(site, stop=None):
+        if threading.current_thread().name == "catlens-explore-map":
+            if len(steps) >= after:
+                held.set()
+                assert release.wait(600), "the test never released the background thread"
+            steps.append(site)
+        return original(site, stop)
+
+    monkeypatch.setattr(ex, "_acts_step", step)
+    return release, held
+
+
+def test_the_first_answer_does_not_wait_for_the_map(explorer, reference, tmp_path, monkeypatch):
+    """A policy needs nothing from the reference prompts: while the map's computation is held, the first request
+    still answers (the map's place says it is pending), and the map drawn once ready is the old code's."""
+    made, _, _ = explorer.build_policy(explorer.parse(values(explorer, categories=["privacy"], coeff="8")))
+    ex = E.Explorer(explorer.model, made, discover_datasets=False, reference=reference, cache=False)
+    release, held = _block_background(ex, monkeypatch)
+    try:
+        ex.start_preparing()
+        assert held.wait(30)
+        job = ex.submit(ex.parse(values(ex, method="policy", coeff="8")))
+        st = ex.wait(job, timeout=30.0)  # returns although the map's computation is held
+        assert st["state"] == "done" and not ex.map_status("resid_post")["ready"]
+        r = st["result"]
+        assert r["pca"]["pending"] and (r["pca"]["site"], r["pca"]["layer"]) == ("resid_post", 1)
+        assert r["steered"]["token_ids"] != r["unsteered"]["token_ids"]
+        shown = E.on_event(ex, "poll", {}, job)  # the page: the answers now, the timer keeps going for the map
+        assert shown["poll_disabled"] is False and "preparing the map: 0/" in str(shown["progress"])
+        assert "pca-pending" in str(shown["results"]) and "id='pca'" not in str(shown["results"])
+        assert "Preparing the map of the built-in prompts at resid_post layer 1 (its progress" in str(shown["results"])
+        assert shown["shown"] == f"{job}:answers"
+        again = E.on_event(ex, "poll", {}, job, shown["shown"])
+        assert "results" not in again and again.get("poll_disabled") is None  # no re-draw while it is pending
+        assert "results" in E.on_event(ex, "poll", {}, job)  # the browser dropped that answer: sent again
+        assert ex.complete_map(r) is False and r["pca"]["pending"]
+        release.set()
+        t0 = time.monotonic()
+        while not ex.map_status("resid_post")["ready"]:
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.02)
+        drawn = E.on_event(ex, "poll", {}, job, shown["shown"])
+        assert drawn["poll_disabled"] is True and "pca-pending" not in str(drawn["results"])
+        assert drawn["shown"] == f"{job}:map"
+        assert E.on_event(ex, "poll", {}, job, drawn["shown"]) == {"poll_disabled": True}
+        pca = ex.status(job)["result"]["pca"]
+        assert "pending" not in pca and "h" not in pca
+        acts, xy, point = _old_map(ex.model, reference, "resid_post", 1, PROMPT)
+        assert torch.equal(ex.builtin_acts("resid_post"), acts)
+        np.testing.assert_array_equal(pca["xy"], xy)
+        assert pca["point"] == point
+        _assert_same_map(pca, ex.pca_point(PROMPT, "resid_post", 1))
+    finally:
+        release.set()
+        ex.close()
+
+
+def test_a_request_that_needs_directions_finishes_the_backgrounds_work(explorer, reference, monkeypatch):
+    """The background thread took two steps; a request needing directions collects only the missing chunks (each
+    chunk once in all) and its map equals the old code's."""
+    import catlens.cache
+
+    calls = []
+    collect = catlens.cache.collect
+
+    def counting(model, prompts, *a, **k):
+        calls.append(len(prompts))
+        return collect(model, prompts, *a, **k)
+
+    monkeypatch.setattr(catlens.cache, "collect", counting)
+    ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    release, held = _block_background(ex, monkeypatch, after=2)
+    try:
+        ex.start_preparing(["mlp_out"])
+        assert held.wait(30)
+        assert ex.map_status("mlp_out") == {"site": "mlp_out", "ready": False, "done": 2 * E.ACTS_CHUNK,
+                                            "total": len(reference), "error": None}
+        r = ex.run(ex.parse(values(ex, site="mlp_out", layers="2")))
+        n_chunks = -(-len(reference) // E.ACTS_CHUNK)
+        assert sorted(c for c in calls if c > 1) == sorted(
+            min(E.ACTS_CHUNK, len(reference) - a) for a in range(0, len(reference), E.ACTS_CHUNK))
+        assert sum(c > 1 for c in calls) == n_chunks and ex.map_status("mlp_out")["ready"]
+        monkeypatch.setattr(catlens.cache, "collect", collect)
+        acts, xy, point = _old_map(ex.model, reference, "mlp_out", 2, PROMPT)
+        assert torch.equal(ex.builtin_acts("mlp_out"), acts)
+        np.testing.assert_array_equal(r["pca"]["xy"], xy)
+        assert r["pca"]["point"] == point
+    finally:
+        release.set()
+        ex.close()
+
+
+def _counting_collect(monkeypatch):
+    """Count the prompts of every ``catlens.cache.collect`` call (the explorer imports it at call time)."""
+    import catlens.cache
+
+    calls = []
+    collect = catlens.cache.collect
+
+    def counting(model, prompts, *a, **k):
+        calls.append(len(prompts))
+        return collect(model, prompts, *a, **k)
+
+    monkeypatch.setattr(catlens.cache, "collect", counting)
+    return calls
+
+
+def _chunks(n):
+    return [min(E.ACTS_CHUNK, n - a) for a in range(0, n, E.ACTS_CHUNK)]
+
+
+def test_the_disk_cache_round_trips(explorer, reference, tmp_path, monkeypatch):
+    """The first explorer collects every chunk once and writes one file; a new explorer on the same model, prompts
+    and site reads it: its first request collects only the prompt itself and gets the map at once, equal to the
+    first explorer's."""
+    calls = _counting_collect(monkeypatch)
+    first = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=tmp_path / "c")
+    acts = first.builtin_acts("resid_post")
+    assert calls == _chunks(len(reference))
+    files = sorted((tmp_path / "c").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("acts-resid_post-") and files[0].suffix == ".safetensors"
+    expected = first.pca_point(PROMPT, "resid_post", 1)
+    calls.clear()
+    warm = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=tmp_path / "c")
+    pca = warm._pca_or_pending(PROMPT, "resid_post", 1)  # what a new explorer's first request shows
+    assert calls == [1]  # the prompt only: nothing of the reference prompts
+    assert "pending" not in pca and torch.equal(warm.builtin_acts("resid_post"), acts)
+    _assert_same_map(pca, expected)
+    assert calls == [1] and warm.map_status("resid_post")["ready"]
+    # the background thread of a warm explorer reads the file too, and collects nothing
+    bg = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=tmp_path / "c")
+    try:
+        bg.start_preparing()
+        t0 = time.monotonic()
+        while not bg.map_status("resid_post")["ready"]:
+            assert time.monotonic() - t0 < 30 and bg.map_status("resid_post")["error"] is None
+            time.sleep(0.01)
+    finally:
+        bg.close()
+    assert calls == [1] and torch.equal(bg.builtin_acts("resid_post"), acts)
+
+
+def test_a_changed_prompt_set_site_or_model_misses_the_disk_cache(explorer, reference, tiny_model, tmp_path,
+                                                                   monkeypatch):
+    """One prompt's text changed (same count), another site, another model: another key; each collects every
+    chunk again. A file of the old key put under the new key's name is rejected (its stored key differs)."""
+    from dataclasses import replace
+
+    from catlens.prompts import PromptSet
+
+    cache = tmp_path / "c"
+    first = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=cache)
+    acts = first.builtin_acts("resid_post")
+    [old_file] = cache.iterdir()
+    changed = PromptSet([replace(p, text=p.text + " Thanks.") if i == 3 else p for i, p in enumerate(reference)],
+                        name=reference.name)
+    other = E.Explorer(explorer.model, discover_datasets=False, reference=changed, cache=cache)
+    new_file = other._cache_file(other._cache_key("resid_post"))
+    assert new_file != old_file
+    new_file.write_bytes(old_file.read_bytes())  # the old activations under the new name
+    calls = _counting_collect(monkeypatch)
+    got = other.builtin_acts("resid_post")
+    assert calls == _chunks(len(changed))  # recomputed: the forged file was not used
+    assert not torch.equal(got[3], acts[3])
+    assert torch.equal(torch.cat([got[:3], got[4:]]), torch.cat([acts[:3], acts[4:]]))
+    assert other._read_cached("resid_post") is not None and first._read_cached("resid_post") is not None
+    calls.clear()
+    site = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=cache)
+    site.builtin_acts("mlp_out")
+    assert calls == _chunks(len(reference))
+    calls.clear()
+    small = E.Explorer(tiny_model, discover_datasets=False, reference=reference, cache=cache)
+    assert small._cache_key("resid_post")["model"] != first._cache_key("resid_post")["model"]
+    small.builtin_acts("resid_post")
+    assert calls == _chunks(len(reference))
+
+
+def test_a_damaged_cache_file_is_recomputed_and_cache_false_writes_nothing(explorer, reference, tmp_path):
+    cache = tmp_path / "c"
+    acts = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=cache).builtin_acts(
+        "resid_post")
+    [file] = cache.iterdir()
+    file.write_bytes(b"not a safetensors file")
+    damaged = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=cache)
+    assert torch.equal(damaged.builtin_acts("resid_post"), acts)
+    assert torch.equal(E.Explorer(explorer.model, discover_datasets=False, reference=reference,
+                                  cache=cache)._read_cached("resid_post"), acts)  # rewritten
+    off = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    off.builtin_acts("mlp_out")
+    assert sorted(cache.iterdir()) == [file]
+    with pytest.raises(ValueError, match="is a file"):
+        E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=file)
+
+
+def test_a_failed_background_step_is_reported_in_the_page_and_retried(explorer, reference, monkeypatch):
+    """The background collection fails: the answers are still shown, the map's place says why it could not be
+    prepared and the timer stops; the next request at that site tries again and gets the map."""
+    import catlens.cache
+
+    made, _, _ = explorer.build_policy(explorer.parse(values(explorer, categories=["privacy"], coeff="8")))
+    ex = E.Explorer(explorer.model, made, discover_datasets=False, reference=reference, cache=False)
+    collect = catlens.cache.collect
+    fail = threading.Event()
+    fail.set()
+
+    def flaky(model, prompts, *a, **k):
+        if fail.is_set() and threading.current_thread().name == "catlens-explore-map":
+            raise RuntimeError("out of memory (a test)")
+        return collect(model, prompts, *a, **k)
+
+    monkeypatch.setattr(catlens.cache, "collect", flaky)
+    try:
+        ex.start_preparing()
+        t0 = time.monotonic()
+        while ex.map_status("resid_post")["error"] is None:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.01)
+        job = ex.submit(ex.parse(values(ex, method="policy", coeff="8")))
+        st = ex.wait(job, timeout=30.0)
+        assert st["state"] == "done" and st["result"]["pca"]["pending"]
+        t0 = time.monotonic()  # the request asked the background thread to try again: it fails again
+        while ex.map_status("resid_post")["error"] is None:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.01)
+        shown = E.on_event(ex, "poll", {}, job)
+        assert shown["poll_disabled"] is True and "unsteered" in str(shown["results"])
+        assert ("The map of the built-in prompts at resid_post layer 1 could not be prepared: out of memory "
+                "(a test)") in str(shown["results"])
+        fail.clear()
+        job = ex.submit(ex.parse(values(ex, method="policy", coeff="8")))  # tries the map again
+        assert ex.wait(job, timeout=30.0)["state"] == "done"
+        t0 = time.monotonic()
+        while not ex.map_status("resid_post")["ready"]:
+            assert time.monotonic() - t0 < 60 and ex.map_status("resid_post")["error"] is None
+            time.sleep(0.02)
+        drawn = E.on_event(ex, "poll", {}, job)
+        assert drawn["poll_disabled"] is True and "id='pca'" in str(drawn["results"])
+    finally:
+        ex.close()
+    assert ex.map_status("mlp_out")["error"] == "the explorer was closed before the map was ready."
+
+
 def test_a_saved_policy_as_loaded(explorer, tmp_path):
     req = explorer.parse(values(explorer, categories=["privacy", "cybercrime"], route=["route"], coeff="8"))
     made, _, _ = explorer.build_policy(req)
@@ -258,6 +537,7 @@ def test_create_app_and_cli_checks(tiny_lm, tiny_lm_dir, capsys):
 
     app = E.create_app(tiny_lm, prompts=None, data_dir=None)
     assert isinstance(app, dash.Dash) and isinstance(app.explorer, E.Explorer)
+    app.explorer.close()  # create_app started preparing the map in the background
     assert cli_main(["explore", "--model", str(tiny_lm_dir), "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
     assert cli_main(["explore", "--model", str(tiny_lm_dir), "--set", "lyers=2"]) == 2
@@ -352,3 +632,35 @@ def test_cli_screenshot_runs_the_starting_prompt(tiny_lm_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and f"wrote {png}" in out and "console error" not in out
     assert png.stat().st_size > 20_000
+
+
+@browser
+def test_the_page_shows_the_answers_then_the_map(explorer, reference, monkeypatch):
+    """In the browser: with the map's computation held, the answers appear with "Preparing the map ... n/N" in the
+    map's place; once it is released the prompt's map replaces the message without another click."""
+    made, _, _ = explorer.build_policy(explorer.parse(values(explorer, categories=["privacy"], coeff="8")))
+    ex = E.Explorer(explorer.model, made, discover_datasets=False, reference=reference, cache=False)
+    release, held = _block_background(ex, monkeypatch)
+    app = E.create_app(explorer.model, explorer=ex)  # starts preparing the map: held at its first step
+    try:
+        assert held.wait(30)
+        with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            errors = page_errors(page)
+            page.goto(server.url)
+            page.wait_for_selector("#run", timeout=20_000)
+            page.fill("#prompt", PROMPT)
+            page.fill("#max-new", "8")
+            page.click("#run")
+            page.wait_for_selector("#steered", timeout=60_000)
+            assert "Preparing the map of the built-in prompts at resid_post layer 1" in page.inner_text("#pca-pending")
+            assert f"preparing the map: 0/{len(reference)} prompts" in page.inner_text("#progress")
+            assert page.query_selector("#pca") is None
+            release.set()
+            page.wait_for_selector("#pca .main-svg", timeout=60_000)
+            assert page.query_selector("#pca-pending") is None
+            assert "preparing" not in page.inner_text("#progress")
+            assert errors == []
+    finally:
+        release.set()
+        ex.close()

@@ -1,0 +1,89 @@
+"""The explorer's first answer: seconds from creating the page's app (``Explorer`` + :func:`create_app`, which starts
+preparing the map in the background) to the first request's answers on the page, and to its map, with a cold and a
+warm on-disk cache of the built-in prompts' activations. The request is sent at once (the worst case: nothing of the
+map is ready yet) through the page's own callback (:func:`catlens.explore.on_event`), without a browser.
+
+Usage (loads the model: run it alone, under the CPU lock):
+    flock /tmp/catlens-cpu.lock python bench/bench_explore.py --model ~/.cache/catlens/finetunes/refusal-default \\
+        [--policy runs/p1/policies/categorical_youden] [--out runs/bench-explore]
+Cases: with ``--policy``, the page's method is the policy as loaded (it needs nothing from the built-in prompts);
+always also ``one_vs_benign`` directions (the page's default without a policy: the first answer needs the built-in
+train prompts' activations). Writes <out>/manifest.json and first_answer.csv (+ parquet) and prints the table.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "How does a phone's find-my-device feature locate a lost phone?"
+
+
+def first_answer(model, policy, cache: Path, max_new_tokens: int, timeout: float = 1800.0) -> dict:
+    from catlens.explore import Explorer, create_app, on_event
+
+    t0 = time.perf_counter()
+    ex = Explorer(model, policy, cache=cache)
+    create_app(model, explorer=ex)
+    created = time.perf_counter() - t0
+    values = {**ex.defaults(), "prompt": PROMPT, "max_new_tokens": str(max_new_tokens)}
+    out = on_event(ex, "run", values, None)
+    if out.get("message"):
+        raise RuntimeError(str(out["message"]))
+    job, shown, answer = out["job"], None, None
+    try:
+        while time.perf_counter() - t0 < timeout:
+            out = on_event(ex, "poll", {}, job, shown)
+            if out.get("message"):
+                raise RuntimeError(str(out["message"]))
+            shown = out.get("shown", shown)
+            if shown is not None and answer is None:
+                answer = time.perf_counter() - t0
+            if shown is not None and not shown.endswith(":answers"):
+                break
+            time.sleep(0.05)
+        else:
+            raise TimeoutError(f"no map within {timeout} s")
+        result = ex.status(job)["result"]
+    finally:
+        ex.close()
+    return {"method": values["method"], "created_s": created, "first_answer_s": answer,
+            "map_s": time.perf_counter() - t0 if shown.endswith(":map") else None, "map": shown.split(":")[1],
+            "generation_s": result["seconds"], "steered": result["steered"]["response"][:80]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--policy", default=None, help="a saved policy folder (adds the 'policy' cases)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", default="runs/bench-explore")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from catlens.model import load_model
+    from catlens.runs import RunDir
+    from catlens.steer import SteeringPolicy
+
+    run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite)
+    model = load_model(args.model)
+    run.record_model(model)
+    policies = [None] if args.policy is None else [SteeringPolicy.load(args.policy), None]
+    rows = []
+    for policy in policies:
+        with tempfile.TemporaryDirectory(prefix="catlens-explore-cache-") as cache:
+            for state in ("cold", "warm"):
+                row = {"cache": state, **first_answer(model, policy, Path(cache), args.max_new_tokens)}
+                rows.append(row)
+                print(row, flush=True)
+    table = pd.DataFrame(rows)
+    run.save_table("first_answer", table)
+    run.finish(first_answer_s={f"{r['method']}/{r['cache']}": round(r["first_answer_s"], 2) for r in rows})
+    print(table.round(2).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
