@@ -15,7 +15,9 @@ with no early stop (every configuration decodes the same number of tokens), thre
 
 Reports: vLLM / catlens.generate throughput per setting (goal: steered and gated+routed >= 1.4x); the gate's cost
 inside the engine (gated_routed / steered time - 1; goal <= 5 %); what steering costs vLLM (steered / unsteered
-time - 1); the engine's start time; first-token agreement of the unsteered runs. Writes ``<out>/bench_vllm.csv``.
+time - 1); the engine's start time; first-token agreement of the unsteered runs; the machine (CPU, whether it has
+native bfloat16, the threads each engine computes with). Writes ``<out>/bench_vllm.csv`` and
+``<out>/bench_vllm_summary.csv``.
 """
 
 import argparse
@@ -33,6 +35,25 @@ def _texts(n: int) -> list[str]:
 
     base = load_prompts("builtin").texts
     return [base[(i * 7) % len(base)] for i in range(n)]
+
+
+def _machine() -> dict:
+    """The CPU the numbers were measured on (vLLM's CPU kernels and bfloat16 speed depend on its instruction set)."""
+    import os
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_count": os.cpu_count(), "cpu_avx512": "avx512f" in flags,
+            "cpu_bf16_native": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def _timed(fn, repeats: int):
@@ -78,6 +99,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     engine = VLLMEngine(spec, dtype=args.vllm_dtype, max_num_seqs=256, tensor_parallel_size=args.tensor_parallel_size)
     start_s = time.perf_counter() - t0
+    from catlens.engines import vllm_worker
+
+    vllm_threads = engine.llm.collective_rpc(vllm_worker.stats)[0]["threads"]
+    vllm_version = engine.model.provenance["backend"]
     model = engine.model
     d = model.d_model
     vecs = torch.randn(3, d) * 4
@@ -90,10 +115,20 @@ def main(argv=None) -> int:
     assert engine.single_pass(gated)
 
     def v(steer, two_pass=None):
+        engine.llm.reset_prefix_cache()  # every timed run starts cold, as catlens.generate (no prefix cache) does
         return engine.generate(texts, steer, max_new_tokens=args.new_tokens, stop_at_eos=False, two_pass=two_pass,
                                show_progress=False)
 
-    v(None)  # warm-up (first requests allocate the KV cache)
+    tokens = len(texts) * args.new_tokens
+
+    def save_rows() -> "pd.DataFrame":  # after every setting: a run stopped midway keeps what it measured
+        table = pd.DataFrame([{"engine": e, "setting": name, "seconds": s, "tokens": tokens, "tokens_per_s": tokens / s}
+                              for (e, name), s in timings.items()])
+        run.save_table("bench_vllm", table)
+        return table
+
+    # warm-up on a few prompts: the first requests allocate the KV cache
+    engine.generate(texts[:8], None, max_new_tokens=2, stop_at_eos=False, show_progress=False)
     timings = {}
     outs = {}
     for name, fn in [("unsteered", lambda: v(None)), ("steered", lambda: v(steered)),
@@ -101,6 +136,7 @@ def main(argv=None) -> int:
         timings[("vllm", name)], outs[("vllm", name)] = _timed(fn, args.repeats)
         print(json.dumps({"engine": "vllm", "setting": name, "seconds": round(timings[("vllm", name)], 2)}),
               flush=True)
+        save_rows()
     engine.close()
     del engine
 
@@ -115,19 +151,16 @@ def main(argv=None) -> int:
         timings[("catlens", name)], outs[("catlens", name)] = _timed(lambda: c(steer), args.repeats)
         print(json.dumps({"engine": "catlens", "setting": name, "seconds": round(timings[("catlens", name)], 2)}),
               flush=True)
+        table = save_rows()
 
-    tokens = len(texts) * args.new_tokens
-    rows = []
-    for (engine_name, name), s in timings.items():
-        rows.append({"engine": engine_name, "setting": name, "seconds": s, "tokens": tokens,
-                     "tokens_per_s": tokens / s})
-    table = pd.DataFrame(rows)
     first = lambda k: [r["token_ids"][0] for r in outs[k]]  # noqa: E731
     agree = sum(a == b for a, b in zip(first(("vllm", "unsteered")), first(("catlens", "unsteered")))) / len(texts)
     same_gate = [(r["steer"], (r["route"] or {}).get("category")) for r in outs[("vllm", "gated_routed")]] == \
         [(r["steer"], (r["route"] or {}).get("category")) for r in outs[("catlens", "gated_routed")]]
     summary = {
         "vllm_dtype": args.vllm_dtype, "catlens_dtype": "float32", "engine_start_s": start_s,
+        "vllm_version": vllm_version, "vllm_worker_threads": vllm_threads, "catlens_threads": torch.get_num_threads(),
+        **_machine(),
         "vllm_over_catlens_unsteered": timings[("catlens", "unsteered")] / timings[("vllm", "unsteered")],
         "vllm_over_catlens_steered": timings[("catlens", "steered")] / timings[("vllm", "steered")],
         "vllm_over_catlens_gated_routed": timings[("catlens", "gated_routed")] / timings[("vllm", "gated_routed")],
@@ -138,7 +171,6 @@ def main(argv=None) -> int:
         "unsteered_first_token_agreement": agree,
         "gated_routed_same_decisions": same_gate,
     }
-    run.save_table("bench_vllm", table)
     run.save_table("bench_vllm_summary", pd.DataFrame([summary]))
     run.finish(**{k: (round(v_, 4) if isinstance(v_, float) else v_) for k, v_ in summary.items()})
     with pd.option_context("display.width", 200, "display.max_columns", 20):

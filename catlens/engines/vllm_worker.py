@@ -453,9 +453,11 @@ def n_pending(worker: Any) -> int:
 
 
 def stats(worker: Any) -> dict[str, Any]:
-    """Counters for tests and debugging: forward calls seen, calls with catlens requests, requests pending."""
+    """Counters for tests and debugging: forward calls seen, calls with catlens requests, requests pending, the
+    worker's torch threads."""
     rt = _RT
-    out = dict(rt.stats, pending=len(rt.requests), policies=len(rt.policies), hooks=sorted(rt.handles))
+    out = dict(rt.stats, pending=len(rt.requests), policies=len(rt.policies), hooks=sorted(rt.handles),
+               threads=torch.get_num_threads())
     rid = out["last_req_ids"][0] if out["last_req_ids"] else None
     cached = rt.runner.requests.get(rid) if rid else None
     out["extra"] = repr(getattr(getattr(cached, "sampling_params", None), "extra_args", None))[:300]
