@@ -355,7 +355,7 @@ def test_script_stages_give_their_scripts_options_the_scripts_accept(quick, tmp_
     main = load_main()
     cfg = resolve(sets=[f"run.quick={'true' if quick else 'false'}", "model.device=cpu"])
     job = main.Job(config=cfg, run=RunDir.create(tmp_path / "run", {}), tuned="tuned-folder", stock="stock-model")
-    pol = job.out / "p1" / "policies" / "categorical_youden"
+    pol = job.out / "p1" / "policies" / "categorical_global"
     pol.mkdir(parents=True)
     (pol / "policy.json").write_text("{}")
     seen = {}

@@ -471,10 +471,16 @@ class VLLMEngine:
         """Shut the engine down (its worker process exits)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
+            procs: list[Any] = []
             try:
-                llm.llm_engine.engine_core.shutdown()
+                core = llm.llm_engine.engine_core
+                manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+                procs = list(getattr(manager, "processes", None) or [])
+                core.shutdown()
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
+            for proc in procs:  # shutdown() signals the engine-core processes; wait until they have exited
+                proc.join(timeout=30)
             self.llm = None
 
     def __enter__(self) -> "VLLMEngine":
