@@ -246,14 +246,8 @@ def test_a_request_that_needs_directions_finishes_the_backgrounds_work(explorer,
     chunk once in all) and its map equals the old code's."""
     import catlens.cache
 
-    calls = []
     collect = catlens.cache.collect
-
-    def counting(model, prompts, *a, **k):
-        calls.append(len(prompts))
-        return collect(model, prompts, *a, **k)
-
-    monkeypatch.setattr(catlens.cache, "collect", counting)
+    calls = _counting_collect(monkeypatch)
     ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
     release, held = _block_background(ex, monkeypatch, after=2)
     try:
@@ -262,10 +256,8 @@ def test_a_request_that_needs_directions_finishes_the_backgrounds_work(explorer,
         assert ex.map_status("mlp_out") == {"site": "mlp_out", "ready": False, "done": 2 * E.ACTS_CHUNK,
                                             "total": len(reference), "error": None}
         r = ex.run(ex.parse(values(ex, site="mlp_out", layers="2")))
-        n_chunks = -(-len(reference) // E.ACTS_CHUNK)
-        assert sorted(c for c in calls if c > 1) == sorted(
-            min(E.ACTS_CHUNK, len(reference) - a) for a in range(0, len(reference), E.ACTS_CHUNK))
-        assert sum(c > 1 for c in calls) == n_chunks and ex.map_status("mlp_out")["ready"]
+        assert sorted(c for c in calls if c > 1) == sorted(_chunks(len(reference)))
+        assert sum(c > 1 for c in calls) == len(_chunks(len(reference))) and ex.map_status("mlp_out")["ready"]
         monkeypatch.setattr(catlens.cache, "collect", collect)
         acts, xy, point = _old_map(ex.model, reference, "mlp_out", 2, PROMPT)
         assert torch.equal(ex.builtin_acts("mlp_out"), acts)
