@@ -1,6 +1,7 @@
 """The vLLM backend (catlens.engines.vllm) against catlens's own engine, on a tiny random Llama with refusal tokens.
 
-One engine is shared by the module (starting it takes about 20 s). It runs with a small token budget per step
+One engine is shared by the module, run in this process (``in_process=True``: it starts in about 8 s here instead
+of 22 s; the embedded-model test in test_engine_vllm_real.py runs vLLM's own process layout). It runs with a small token budget per step
 (``max_num_batched_tokens=48``, ``max_num_seqs=6``), so prompts are split over several forward calls (chunked
 prefill) and requests join and leave the running batch (continuous batching) in every test; a test checks that
 both happened. Both engines run float32. Tolerances: probabilities and probe scores 1e-4 absolute; activations
@@ -56,7 +57,7 @@ def engine(vdir):
     from catlens.engines.vllm import VLLMEngine
 
     eng = VLLMEngine(str(vdir), dtype="float32", max_model_len=256, max_num_seqs=6, max_num_batched_tokens=48,
-                     enable_chunked_prefill=True)
+                     enable_chunked_prefill=True, kv_cache_gib=1, in_process=True)
     yield eng
     eng.close()
 
@@ -243,35 +244,43 @@ def test_captured_activations_equal_collect(engine, lm, positions):
 
 
 def test_collect_shuts_down_the_engine_it_starts_and_leaves_a_given_one_running(engine, lm, monkeypatch):
-    """collect(engine="vllm") starts an engine for the call and shuts it down (its engine-core processes exit),
-    after a store and after an error alike; a running engine passed in is used and left running."""
+    """collect(engine="vllm") starts an engine on the model's own checkpoint and dtype for the call and closes it,
+    after a store and after an error alike; a running engine passed in is used and left running. The engine
+    "started" here is a stand-in that records its arguments and its close() and computes with the module's engine
+    (a second engine would cost its start-up); that close() ends vLLM's engine-core processes is checked on the
+    embedded model in test_engine_vllm_real.py."""
     import catlens.engines.vllm as vmod
     from catlens.cache import collect
 
     started = []
 
-    class Recording(vmod.VLLMEngine):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.procs = list(self.llm.llm_engine.engine_core.resources.engine_manager.processes)
+    class Started:
+        def __init__(self, spec, **kwargs):
+            self.spec, self.kwargs, self.closed = spec, kwargs, False
             started.append(self)
 
-    def shut_down(eng):
-        return eng.llm is None and bool(eng.procs) and not any(p.is_alive() for p in eng.procs)
+        def __getattr__(self, name):
+            return getattr(engine, name)
 
-    monkeypatch.setattr(vmod, "VLLMEngine", Recording)
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(vmod, "VLLMEngine", Started)
     texts = [p["text"] for p in PROMPTS[:4]]
     kw = {"sites": ["resid_post"], "layers": [1, 3], "positions": "last", "show_progress": False}
     got = collect(lm, texts, engine="vllm", **kw)
-    assert len(started) == 1 and shut_down(started[0])
-    ref = collect(lm, texts, engine=engine, **kw)  # the module's running engine: used, not shut down
+    assert len(started) == 1 and started[0].closed
+    assert started[0].spec == lm.provenance["source"]["folder"] and started[0].kwargs == {"dtype": "float32"}
+    given = collect(lm, texts, engine=engine, **kw)  # the module's running engine: used, not shut down
     assert engine.llm is not None and engine.generate(PROMPTS[:1], max_new_tokens=1, show_progress=False)
-    a, b = got.get_all("resid_post"), ref.get_all("resid_post")
-    scale = b.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
-    torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-4)
+    ref = collect(lm, texts, **kw)  # catlens's own engine
+    for store in (got, given):
+        a, b = store.get_all("resid_post"), ref.get_all("resid_post")
+        scale = b.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="sites is empty"):  # fails after the engine started: still shut down
         collect(lm, texts, engine="vllm", sites=[], show_progress=False)
-    assert len(started) == 2 and shut_down(started[1])
+    assert len(started) == 2 and started[1].closed
 
 
 def test_bad_input_fails_before_any_request(engine, lm):
@@ -367,3 +376,12 @@ def test_special_tokens_only_at_the_first_position_like_catlens(engine, lm, mode
     assert all(r["token_ids"][0] == tid for r in got)
     later = sum(t == tid for r in got for t in r["token_ids"][1:])
     assert (later == 0) if mode == "auto" else (later > 0)  # banned after the first position unless "free"
+
+
+@pytest.mark.parametrize("kwargs, message", [({"kv_cache_gib": 0}, "whole GiB as an int"),
+                                             ({"in_process": True, "tensor_parallel_size": 2}, "must be 1")])
+def test_bad_engine_options_fail_before_the_engine_starts(vdir, kwargs, message):
+    from catlens.engines.vllm import VLLMEngine
+
+    with pytest.raises(ValueError, match=message):
+        VLLMEngine(str(vdir), **kwargs)

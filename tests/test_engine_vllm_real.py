@@ -1,5 +1,6 @@
 """The vLLM backend on the real embedded model (SmolLM2-135M-Instruct, float32 in both engines): greedy
-generations over the built-in test prompts agree with catlens.generate's. Marked slow (the engine starts in about
+generations over the built-in test prompts agree with catlens.generate's, and closing the engine ends
+its engine-core processes. Marked slow (the engine starts in about
 20 s, then about 30 s of generation); runs in `make test`."""
 
 import os
@@ -23,8 +24,10 @@ def test_unsteered_greedy_agrees_with_catlens_on_the_embedded_model(real_model):
 
     prompts = list(load_prompts("builtin").where(split="test"))
     ref = catlens.generate(real_model, prompts, max_new_tokens=16, batch_size=32, show_progress=False)
-    with VLLMEngine("smollm2-135m-instruct", dtype="float32") as engine:
+    with VLLMEngine("smollm2-135m-instruct", dtype="float32") as engine:  # vLLM's own layout: engine core apart
+        procs = list(engine.llm.llm_engine.engine_core.resources.engine_manager.processes)
         got = engine.generate(prompts, max_new_tokens=16, show_progress=False)
+    assert procs and not any(p.is_alive() for p in procs)  # leaving the block ended the engine-core processes
     same = [a["token_ids"] == b["token_ids"] for a, b in zip(ref, got)]
     first = [a["token_ids"][0] == b["token_ids"][0] for a, b in zip(ref, got)]
     print(f"\nvLLM vs catlens, float32, {len(prompts)} built-in test prompts: 16 tokens identical on "

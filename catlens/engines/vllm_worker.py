@@ -406,7 +406,8 @@ def _position_mask(positions: Any, p: Tensor, T: Tensor) -> Tensor:
 def install(worker: Any) -> dict[str, Any]:
     """Set up the runtime in this worker (idempotent); the model's facts for the driver's checks."""
     global _RT
-    if _RT is None:
+    # one runtime per loaded model: an engine run in this process (in_process=True) after another has its own model
+    if _RT is None or _RT.model is not worker.model_runner.get_model():
         _RT = _Runtime(worker)
     cfg = _RT.model.config
     return {"n_layers": _RT.n_layers, "d_model": int(cfg.hidden_size), "n_heads": int(cfg.num_attention_heads),
