@@ -349,6 +349,7 @@ def test_script_stages_give_their_scripts_options_the_scripts_accept(quick, tmp_
     script's own checks; p2 studies the stock model."""
     import types
 
+    from catlens.recipes.p2 import prepare as p2_prepare
     from catlens.runs import RunDir
     from catlens.stages import P1Options, P2Options, SpecificityOptions, to_argv
 
@@ -368,7 +369,7 @@ def test_script_stages_give_their_scripts_options_the_scripts_accept(quick, tmp_
         P1Options, P2Options, SpecificityOptions]
     scripts = {stem: real(REPO / "analyses" / f"{stem}.py") for stem in seen}
     scripts["p1_steering"].parse_args(to_argv(seen["p1_steering"]))  # SystemExit (argparse) fails the test
-    scripts["p2_steering"].prepare(seen["p2_steering"])  # ValueError fails the test
+    p2_prepare(seen["p2_steering"])  # p2_steering's own checks (its recipe's); ValueError fails the test
     scripts["specificity"]._parser().parse_args(to_argv(seen["specificity"]))
     assert seen["p2_steering"].model == "stock-model"
     assert seen["p1_steering"].stock_model == "stock-model"
