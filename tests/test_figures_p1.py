@@ -88,7 +88,7 @@ def _per_prompt(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 
 def _sweep(rng: np.random.Generator) -> pd.DataFrame:
-    """The val grid of analyses/p1_steering.py's run_sweep (its columns); the target_fpr rule is planted better."""
+    """The val grid of catlens.recipes.p1.run_sweep (its columns); the target_fpr rule is planted better."""
     rows = []
     for method in ("one_vs_benign", "one_vs_rest"):
         for layer in (10, 14, 18):

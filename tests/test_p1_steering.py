@@ -1,5 +1,7 @@
 """analyses/p1_steering.py end to end on a tiny random model with the real benchmark files (tiny caps), the exact
-identity between the sweep's offline gate combination and the gated policy itself, and bad inputs."""
+identity between the sweep's offline gate combination and the gated policy itself, and bad inputs. The recipe's steps
+(:mod:`catlens.recipes.p1`) are tested here too, imported from the library: they are checked against the tables the
+script's end-to-end run wrote (the ``p1_run`` fixture)."""
 
 import importlib.util
 import json
@@ -7,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from catlens.recipes import p1 as recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,8 +126,7 @@ def test_candidates_obey_the_perplexity_guard_and_policies_follow_the_choice(p1_
 def test_splits_are_disjoint_and_the_leakage_check_covers_the_whole_train_pool(tiny8, data_dir):
     from catlens.prompts import check_leakage
 
-    mod = _script()
-    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    sets = recipe.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
     ids = {k: set(sets[k].ids) for k in ("train", "gate_train", "val", "test")}
     assert not ids["gate_train"] & ids["val"] and not ids["gate_train"] & ids["test"]
     assert not ids["val"] & ids["test"] and ids["train"] <= ids["gate_train"]
@@ -146,16 +149,17 @@ def test_sweep_offline_zones_equal_the_gated_policy(p1_run, tiny8, data_dir):
     mod, out, _, argv = p1_run
     args = mod.parse_args(argv)
     model = load_model(tiny8)
-    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
-    fit = mod.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], type("R", (), {"path": out})(), args)
+    sets = recipe.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    fit = recipe.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], type("R", (), {"path": out})(), args)
     sweep = pd.read_parquet(out / "sweep.parquet")
     row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep["mode"] == "global")].iloc[0]
-    pol = mod.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
+    pol = recipe.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
     vf = fit["val_frame"].reset_index(drop=True)
     pols = {"gated": pol, "base": None,
-            "toward": SteeringPolicy((mod.intervention(fit, "one_vs_benign", 2, float(row.toward)),),
+            "toward": SteeringPolicy((recipe.intervention(fit, "one_vs_benign", 2, float(row.toward)),),
                                      router=fit["router"]),
-            "away": SteeringPolicy((mod.intervention(fit, "one_vs_benign", 2, float(row.away)),), router=fit["router"])}
+            "away": SteeringPolicy((recipe.intervention(fit, "one_vs_benign", 2, float(row.away)),),
+                                   router=fit["router"])}
     t = first_position(model, sets["val"], pols, show_progress=False)
     by = {n: g.set_index("id").loc[vf.id] for n, g in t.groupby("policy")}
     score = by["gated"].gate_score.to_numpy(dtype=float)
@@ -188,13 +192,13 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     stock = make_tiny_model_dir(tmp_path / "stock", categories=DEFAULT_CATEGORIES, seed=7)
     args = mod.parse_args([*argv, "--stock-model", str(stock), "--reverse-n", "6"])
     model = load_model(tiny8)
-    sets = mod.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    sets = recipe.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
     run = RunDir.create(tmp_path / "rev", {}, seed=0)
-    fit = mod.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], run, args)
+    fit = recipe.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], run, args)
     sweep = pd.read_parquet(out / "sweep.parquet")
     row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep["mode"] == "global")].iloc[0]
-    base = mod.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
-    table = mod.evaluate_reverse(model, sets, fit, {"categorical_global": base}, run, args)
+    base = recipe.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
+    table = recipe.evaluate_reverse(model, sets, fit, {"categorical_global": base}, run, args)
     assert set(table.policy) == {"unsteered", "categorical_global", "reverse_stock_youden"}
     assert set(table.label) == {"harmful", "benign"} and len(table) == 6
     assert (run.path / "reverse_transfer.parquet").exists()
@@ -207,7 +211,7 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     assert len(fp[fp.policy == "reverse_stock_youden"]) == len(a)
 
     toward = with_coeff(base, toward=base.toward or 0.5)  # the ungated diagnostic needs a toward coefficient
-    tr = mod.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_global": toward}, [1, 2], run, args)
+    tr = recipe.evaluate_transfer(sets, fit, {"unsteered": None, "categorical_global": toward}, [1, 2], run, args)
     assert set(tr.policy) == {"unsteered", "categorical_global", "categorical_global_ungated_x1",
                               "categorical_global_ungated_x4"}
     gated = tr[tr.policy == "categorical_global"].gate_flag_rate
@@ -238,6 +242,32 @@ def test_p1_bad_inputs(extra, message, tmp_path, capsys):
     text = str(e.value) + capsys.readouterr().err
     assert message in text
     assert not (tmp_path / "o").exists()  # nothing created before the arguments are checked
+
+
+def test_parse_args_checks_the_options_once(monkeypatch):
+    mod = _script()
+    calls, real = [], mod.prepare
+    monkeypatch.setattr(mod, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
+    args = mod.parse_args(["--model", "m", "--out", "o", "--quick", "--train-cap", "7"])
+    assert len(calls) == 1 and args.quick and args.train_cap == 7
+
+
+def test_sweep_layers_outside_the_steering_layers_fail_before_any_fit():
+    from types import SimpleNamespace
+
+    from catlens.stages import P1Options
+
+    model = SimpleNamespace(resolve_layers=lambda xs: [x % 4 for x in xs])  # four layers: -1 is 3
+    args = recipe.prepare(P1Options(model="m", out="o", layers="1,-1", gate_layers="2", sweep_layers="3"))
+    assert recipe.resolve_layers(model, args) == ([1, 3], [2], [3])
+    args = recipe.prepare(P1Options(model="m", out="o", layers="1,2", sweep_layers="3"))
+    with pytest.raises(SystemExit, match=r"--sweep-layers \[3\] are not among --layers \[1, 2\]"):
+        recipe.resolve_layers(model, args)
+
+
+def test_pareto_mask_keeps_the_rows_nothing_beats_on_both_sides():
+    t = pd.DataFrame({"refusal": [0.9, 0.8, 0.95, 0.9, 0.7], "over_refusal": [0.1, 0.2, 0.3, 0.05, 0.01]})
+    assert recipe.pareto_mask(t).tolist() == [False, False, True, True, True]
 
 
 def test_summarise_renders_numbers_read_from_the_tables(p1_run, tmp_path):

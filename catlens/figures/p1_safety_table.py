@@ -20,7 +20,8 @@ SIDE_TITLES = {"harmful": "refusal (harmful sets, higher is better)",
 DATASET_ORDER = ("harmful_heldout", "strongreject", "xstest_unsafe", "simple_safety_tests", "jbb_harmful",
                  "harmbench", "advbench", "builtin_harmful", "xstest_safe", "coconot_contrast", "jbb_benign",
                  "builtin_lookalike", "alpaca", "builtin_ordinary")
-"""The order of analyses/p1_steering.py's HARMFUL_SETS and BENIGN_SETS; other datasets follow alphabetically."""
+"""The order of catlens.recipes.p1's HARMFUL_SETS and BENIGN_SETS; other datasets (the hard-benign ones too) follow
+alphabetically."""
 HEADLINE_BENIGN_LABEL = "pooled (Figure 1: XSTest safe, CoCoNot contrast, JBB benign, lookalikes)"
 RATE_COLUMNS = ("side", "row", "dataset", "policy", "n", "rate", "se")
 SHADE = {"harmful": (76, 114, 176), "benign": (221, 132, 82)}
