@@ -1,5 +1,6 @@
-"""analyses/geometry.py end to end on planted synthetic activations (no model), then every figure script on the
-run folder it wrote, so the figures are exercised on tables from the analysis's own writer."""
+"""analyses/geometry.py (its steps: catlens/recipes/geometry_tables.py) end to end on planted synthetic activations
+(no model), then every figure script on the run folder it wrote, so the figures are exercised on tables from the
+analysis's own writer."""
 
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from catlens.directions import Directions
+from catlens.recipes import geometry_tables
 
 REPO = Path(__file__).resolve().parents[1]
 CATS = ("cyber", "fraud", "privacy")
@@ -70,14 +72,15 @@ def run_dir(analysis, tmp_path_factory):
     def fake_load(args, *, model_spec, acts_path, models=None):
         other = model_spec == "other-model"
         acts, index = _synthetic(seed=1 if other else 0, rotate=other)
-        return analysis.Activations(acts=acts, index=index, layers=LAYERS,
-                                    model={"name": model_spec, "n_layers": 3, "d_model": D_MODEL},
-                                    data={"prompts": "synthetic", "positions": ["last"], "fmt": "chat"})
+        return geometry_tables.Activations(acts=acts, index=index, layers=LAYERS,
+                                           model={"name": model_spec, "n_layers": 3, "d_model": D_MODEL},
+                                           data={"prompts": "synthetic", "positions": ["last"], "fmt": "chat"})
 
-    analysis.load_activations = fake_load
     args = analysis.parse_args(["--out", str(out), "--model", "main-model", "--other-model", "other-model",
                                 "--tsne-layers", "1,2", "--cv-folds", "3", "--pca-dims", "8"])
-    analysis.run_args(args)
+    with pytest.MonkeyPatch.context() as mp:  # the recipe's one loader, replaced by planted activations
+        mp.setattr(geometry_tables, "load_activations", fake_load)
+        analysis.run_args(args)
     return out
 
 

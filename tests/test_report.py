@@ -409,20 +409,22 @@ def test_main_job_ends_with_the_report_stage(tmp_path):
     assert 'id="cosine" class="section error"' in (run.path / "report.html").read_text()
 
 
-def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path):
+def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path, monkeypatch):
     """The geometry sections read the tables analyses/geometry.py really writes (planted activations, no model)."""
     from test_analyses_geometry import D_MODEL, LAYERS, _load, _synthetic
+
+    from catlens.recipes import geometry_tables
 
     analysis = _load(Path(R.__file__).parents[1] / "analyses" / "geometry.py")
 
     def fake_load(args, *, model_spec, acts_path, models=None):
         other = model_spec == "other-model"
         acts, index = _synthetic(seed=1 if other else 0, rotate=other)
-        return analysis.Activations(acts=acts, index=index, layers=LAYERS,
-                                    model={"name": model_spec, "n_layers": len(LAYERS), "d_model": D_MODEL},
-                                    data={"prompts": "synthetic", "positions": ["last"], "fmt": "chat"})
+        return geometry_tables.Activations(acts=acts, index=index, layers=LAYERS,
+                                           model={"name": model_spec, "n_layers": len(LAYERS), "d_model": D_MODEL},
+                                           data={"prompts": "synthetic", "positions": ["last"], "fmt": "chat"})
 
-    analysis.load_activations = fake_load
+    monkeypatch.setattr(geometry_tables, "load_activations", fake_load)
     run = tmp_path / "run"
     analysis.main(["--out", str(run / "geometry"), "--model", "main-model", "--other-model", "other-model",
                    "--tsne-layers", "none", "--cv-folds", "3", "--pca-dims", "8"])

@@ -1,5 +1,6 @@
-"""Category specificity (analyses/specificity.py, figures/fig_specificity.py): the matrix and summary on planted
-first-position tables (a category-specific knob and a shared knob), and the script end to end on the tiny model."""
+"""Category specificity (catlens/recipes/specificity.py, analyses/specificity.py, figures/fig_specificity.py): the
+recipe's matrix and summary on planted first-position tables (a category-specific knob and a shared knob), and the
+script end to end on the tiny model."""
 
 import importlib.util
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from catlens.recipes import specificity as recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CATS = ("fraud", "hate", "privacy")
@@ -129,9 +132,9 @@ def planted(kind: str, n: int = 20):
     return pd.DataFrame(rows), pd.DataFrame(meta), index
 
 
-def test_planted_category_specific_knob_gives_a_large_ratio(spec):
+def test_planted_category_specific_knob_gives_a_large_ratio():
     fp, meta, index = planted("specific")
-    cells, summary = spec.specificity_tables(fp, meta, index, CATS, n_boot=500, seed=1)
+    cells, summary = recipe.specificity_tables(fp, meta, index, CATS, n_boot=500, seed=1)
     hit = cells[(cells.set == "harmful") & (cells.sign == "away")]
     assert len(hit) == 9 and (hit.n == 20).all()
     assert hit[hit.diagonal].delta.tolist() == pytest.approx([-0.5] * 3)
@@ -149,9 +152,9 @@ def test_planted_category_specific_knob_gives_a_large_ratio(spec):
     assert (rest.delta == 0).all() and (rest.delta_ci_low == 0).all() and (rest.delta_ci_high == 0).all()
 
 
-def test_planted_shared_knob_gives_ratio_one(spec):
+def test_planted_shared_knob_gives_ratio_one():
     fp, meta, index = planted("shared")
-    _, summary = spec.specificity_tables(fp, meta, index, CATS, n_boot=500, seed=1)
+    _, summary = recipe.specificity_tables(fp, meta, index, CATS, n_boot=500, seed=1)
     row = summary[(summary.set == "harmful") & (summary.sign == "away") & (summary.metric == "rate")].iloc[0]
     assert row.mean_diag == pytest.approx(-0.5) and row.mean_offdiag == pytest.approx(-0.5)
     assert row.ratio == pytest.approx(1.0) and row["diag_minus_offdiag"] == pytest.approx(0.0)
@@ -161,25 +164,25 @@ def test_planted_shared_knob_gives_ratio_one(spec):
     assert row["diag_minus_offdiag_ci_high"] == pytest.approx(0.0)
 
 
-def test_bootstrap_is_seeded_and_paired(spec):
+def test_bootstrap_is_seeded_and_paired():
     fp, meta, index = planted("specific")
-    a = spec.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=3)[0]
-    b = spec.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=3)[0]
-    c = spec.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=4)[0]
+    a = recipe.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=3)[0]
+    b = recipe.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=3)[0]
+    c = recipe.specificity_tables(fp, meta, index, CATS, n_boot=200, seed=4)[0]
     pd.testing.assert_frame_equal(a, b)
     assert not a.delta_ci_low.equals(c.delta_ci_low)
     # paired: one draw resamples each (set, category)'s prompts once for every cell, so directions with the same
     # effect on the same prompts get identical intervals (independent draws per cell would not)
-    shared = spec.specificity_tables(*planted("shared"), CATS, n_boot=200, seed=3)[0]
+    shared = recipe.specificity_tables(*planted("shared"), CATS, n_boot=200, seed=3)[0]
     hit = shared[(shared.set == "harmful") & (shared.sign == "away")]
     for _, part in hit.groupby("eval_category"):
         assert part.delta_ci_low.nunique() == 1 and part.delta_ci_high.nunique() == 1
         assert part.delta_ci_low.iloc[0] < part.delta_ci_high.iloc[0]  # a real interval, not a degenerate one
     with pytest.raises(ValueError, match="n_boot"):
-        spec.specificity_tables(fp, meta, index, CATS, n_boot=0)
+        recipe.specificity_tables(fp, meta, index, CATS, n_boot=0)
     with pytest.raises(ValueError, match="no lookalike evaluation prompts of category 'hate'"):
-        spec.specificity_tables(fp, meta, index[~((index.set == "lookalike") & (index.eval_category == "hate"))],
-                                CATS, n_boot=10)
+        recipe.specificity_tables(fp, meta, index[~((index.set == "lookalike") & (index.eval_category == "hate"))],
+                                  CATS, n_boot=10)
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -199,8 +202,8 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
 
     result, out = _run(spec, tiny_lm_dir, tmp_path, "--scale", "3.0")
     cells = load_table(out / "specificity")
-    assert list(cells.columns) == list(spec.SPECIFICITY_COLUMNS)
-    assert set(cells.variant) == set(spec.VARIANTS) and set(cells.set) == {"harmful", "lookalike"}
+    assert list(cells.columns) == list(recipe.SPECIFICITY_COLUMNS)
+    assert set(cells.variant) == set(recipe.VARIANTS) and set(cells.set) == {"harmful", "lookalike"}
     k = len(CATS)
     n_control = 1 + 2  # refusal + the --quick number of random directions
     assert len(cells) == (k + k + n_control) * 2 * 2 * k
@@ -239,7 +242,7 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     assert cells.p_adjusted.tolist() == pytest.approx(multipletests(cells.p_value, method="fdr_bh")[1].tolist())
     assert (cells.family_size == len(cells)).all() and cells.correction.str.startswith("Benjamini-Hochberg").all()
     summary = load_table(out / "summary")
-    assert list(summary.columns) == list(spec.SUMMARY_COLUMNS)
+    assert list(summary.columns) == list(recipe.SUMMARY_COLUMNS)
     assert len(summary[summary.rows == "categories"]) == 2 * 2 * 2 * 2  # raw/orth x set x sign x metric
     assert set(summary[summary.variant == "control"].rows) == {"refusal", "random"}
     # the label-permutation control: --quick fits 2 permutations; their cells and summaries are separate tables
@@ -257,7 +260,7 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     assert permuted.categories == CATS and not torch.allclose(permuted.vectors, Directions.load(
         out / "directions" / "raw").vectors)
     cos = load_table(out / "cosines")
-    assert list(cos.columns) == list(spec.COSINE_COLUMNS)
+    assert list(cos.columns) == list(recipe.COSINE_COLUMNS)
     orth = cos[(cos.variant == "orthogonalised") & (cos.category_b == "refusal")]
     assert orth.cosine.abs().max() < 1e-5  # orthogonalised against the refusal direction
     diag = cos[(cos.category_a == cos.category_b)]
@@ -265,7 +268,7 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     raw = Directions.load(out / "directions" / "raw")
     assert raw.categories == CATS and raw.ref_norm is not None and raw.layers == (2,)
     manifest = json.loads((out / "manifest.json").read_text())
-    all_variants = [*spec.VARIANTS, "permuted_0", "permuted_1"]
+    all_variants = [*recipe.VARIANTS, "permuted_0", "permuted_1"]
     assert manifest["status"] == "done" and manifest["summary"]["cache"] == {v: "computed" for v in all_variants}
     assert manifest["selection"]["split"] == "selection" and manifest["selection"]["measurement_read"] is True
     assert manifest["summary"]["chosen"] == {"layer": 2, "scale": 3.0}
@@ -344,7 +347,7 @@ def test_bad_inputs(spec, tiny_lm_dir, tmp_path):
         assert not (tmp_path / folder).exists()
 
 
-def test_policy_folder_gives_layer_scale_and_method(spec, tiny_lm, tmp_path):
+def test_policy_folder_gives_layer_scale_and_method(tiny_lm, tmp_path):
     import torch
 
     from catlens.steer import Gate, Intervention, SteeringPolicy
@@ -354,23 +357,66 @@ def test_policy_folder_gives_layer_scale_and_method(spec, tiny_lm, tmp_path):
                       ref_norm=5.0)
     gate = Gate(weight=torch.ones(tiny_lm.d_model), bias=0.0, threshold=0.5, layer=1)
     SteeringPolicy((iv,), gate=gate, toward=0.15, away=-0.1, name="sweep-one_vs_rest-L1").save(tmp_path / "pol")
-    s = spec.read_policy_setting(tmp_path / "pol")
+    s = recipe.read_policy_setting(tmp_path / "pol")
     assert (s["layer"], s["toward"], s["away"], s["method"], s["positions"]) == (1, 0.15, 0.1, "one_vs_rest",
                                                                                   "last_prompt")
     SteeringPolicy((iv,), gate=gate, toward=0.25, name="p1").save(tmp_path / "pol2")
-    s = spec.read_policy_setting(tmp_path / "pol2")
+    s = recipe.read_policy_setting(tmp_path / "pol2")
     assert (s["toward"], s["away"], s["filled"], s["method"]) == (0.25, 0.25, "away", None)
     assert math.isfinite(s["raw_vector_norm"])
 
 
+@pytest.mark.parametrize("method", recipe.METHODS)
+def test_fit_directions_are_the_constructors_on_the_training_rows(tiny_lm, tmp_path, method):
+    """The recipe fits through catlens.directions' registry: exactly the vectors of the constructor called on the
+    harmful training rows grouped by category (P1: read at the category's refusal token, benign at [respond], tau
+    1e-3, top-K 200 capped at d_model); the label-permutation control is the same constructor on shuffled labels."""
+    import torch
+
+    from catlens import directions as D
+    from catlens.cache import collect
+    from catlens.datasets import load_prompts
+    from catlens.refusal import RefusalTokens
+
+    train = load_prompts(str(write_prompts(tmp_path / "prompts.jsonl")), categories=CATS).where(split="train")
+    dirs = recipe.fit_directions(tiny_lm, train, CATS, layer=2, method=method, n_random=1, n_perm=2, seed=5,
+                                 show_progress=False)
+    kw = {"layers": [2], "batch_size": 32, "show_progress": False}
+    if method == "p1_mean_difference":
+        tokens = RefusalTokens.from_model(tiny_lm)
+        harm = train.where(label="harmful")
+        h = collect(tiny_lm, harm, append=[tokens.token_of(p.category) for p in harm], **kw).get("resid_post")
+        b = collect(tiny_lm, train.where(label="benign"), append=tokens.respond, **kw).get("resid_post")
+        labels = [p.category for p in harm]
+    else:
+        x = collect(tiny_lm, train, **kw).get("resid_post")
+        frame = train.to_frame()
+        is_h = (frame.label == "harmful").to_numpy()
+        h, b, labels = x[torch.tensor(is_h)], x[torch.tensor(~is_h)], list(frame.category[is_h])
+
+    def constructor(labs):
+        groups = {c: h.float()[torch.tensor([k == c for k in labs])] for c in CATS}
+        if method == "one_vs_benign":
+            return D.one_vs_benign(groups, b.float(), normalize=True)
+        if method == "one_vs_rest":
+            return D.one_vs_rest(groups, normalize=True)
+        return D.p1_mean_difference(groups, b.float(), tau=1e-3, top_k=min(200, h.shape[-1]), normalize=True)
+
+    assert dirs["raw"].method == method and dirs["raw"].categories == CATS
+    assert torch.equal(dirs["raw"].vectors, constructor(labels).vectors)
+    for p, shuffled in enumerate(recipe.permuted_labels(labels, 2, seed=5)):
+        assert torch.equal(dirs[f"permuted_{p}"].vectors, constructor(shuffled).vectors)
+    assert not torch.equal(dirs["permuted_0"].vectors, dirs["raw"].vectors)
+
+
 # ------------------------------------------------------------------------------- tests, corrections, permutations
-def test_planted_cells_get_mcnemar_p_values_and_the_correction_is_across_cells(spec):
+def test_planted_cells_get_mcnemar_p_values_and_the_correction_is_across_cells():
     """Specific knob: 10 of 20 diagonal prompts flip (exact McNemar p = 2 / 2**10), one of 20 off-diagonal (p = 1),
     everything else unchanged (p = 1). 36 cells: Benjamini-Hochberg gives 2**-9 * 36 / 3 = 0.0234 (significant),
     Holm 2**-9 * 36 = 0.0703 (not significant at 0.05)."""
     fp, meta, index = planted("specific")
-    bh, _ = spec.specificity_tables(fp, meta, index, CATS, n_boot=20, seed=1)
-    holm, _ = spec.specificity_tables(fp, meta, index, CATS, n_boot=20, seed=1, correction="holm")
+    bh, _ = recipe.specificity_tables(fp, meta, index, CATS, n_boot=20, seed=1)
+    holm, _ = recipe.specificity_tables(fp, meta, index, CATS, n_boot=20, seed=1, correction="holm")
     assert len(bh) == 36 and (bh.family_size == 36).all()
     diag = (bh.set == "harmful") & (bh.sign == "away") & bh.diagonal
     assert bh[diag].p_value.tolist() == pytest.approx([2 ** -9] * 3)
@@ -380,41 +426,41 @@ def test_planted_cells_get_mcnemar_p_values_and_the_correction_is_across_cells(s
     assert not bh[~diag].significant.any()
     assert holm.correction.iloc[0].startswith("Holm") and bh.correction.iloc[0].startswith("Benjamini-Hochberg")
     with pytest.raises(ValueError, match="Unknown correction 'bonferroni'"):
-        spec.specificity_tables(fp, meta, index, CATS, n_boot=20, correction="bonferroni")
+        recipe.specificity_tables(fp, meta, index, CATS, n_boot=20, correction="bonferroni")
 
 
-def test_mcnemar_exact_on_hand_counts(spec):
-    assert spec.mcnemar_exact([1, 1, 0, 0], [1, 1, 0, 0]) == (0, 1.0)
-    n, p = spec.mcnemar_exact([1] * 6 + [0] * 4, [0] * 6 + [0] * 4)  # 6 discordant, all one way
+def test_mcnemar_exact_on_hand_counts():
+    assert recipe.mcnemar_exact([1, 1, 0, 0], [1, 1, 0, 0]) == (0, 1.0)
+    n, p = recipe.mcnemar_exact([1] * 6 + [0] * 4, [0] * 6 + [0] * 4)  # 6 discordant, all one way
     assert n == 6 and p == pytest.approx(2 / 64)
-    n, p = spec.mcnemar_exact([1, 0, 1, 0], [0, 1, 0, 1])  # 2 each way: no evidence
+    n, p = recipe.mcnemar_exact([1, 0, 1, 0], [0, 1, 0, 1])  # 2 each way: no evidence
     assert n == 4 and p == pytest.approx(1.0)
 
 
-def test_permuted_labels_are_seeded_keep_class_sizes_and_differ(spec):
+def test_permuted_labels_are_seeded_keep_class_sizes_and_differ():
     labels = ["a"] * 5 + ["b"] * 3 + ["c"] * 2
-    perms = spec.permuted_labels(labels, 3, seed=7)
+    perms = recipe.permuted_labels(labels, 3, seed=7)
     assert len(perms) == 3 and all(sorted(p) == sorted(labels) for p in perms)
-    assert perms == spec.permuted_labels(labels, 3, seed=7)
-    assert spec.permuted_labels(labels, 2, seed=7) == perms[:2]  # more permutations never change the first ones
-    assert perms[0] != perms[1] and perms != spec.permuted_labels(labels, 3, seed=8)
+    assert perms == recipe.permuted_labels(labels, 3, seed=7)
+    assert recipe.permuted_labels(labels, 2, seed=7) == perms[:2]  # more permutations never change the first ones
+    assert perms[0] != perms[1] and perms != recipe.permuted_labels(labels, 3, seed=8)
     with pytest.raises(ValueError, match="n_perm=-1"):
-        spec.permuted_labels(labels, -1, seed=0)
+        recipe.permuted_labels(labels, -1, seed=0)
 
 
-def test_permutation_p_value_counts_permutations_at_least_as_extreme(spec):
+def test_permutation_p_value_counts_permutations_at_least_as_extreme():
     summary = pd.DataFrame([{"variant": "raw", "set": "harmful", "sign": "away", "metric": "rate",
                              "rows": "categories", "diag_minus_offdiag": -0.3},
                             {"variant": "control", "set": "harmful", "sign": "away", "metric": "rate",
                              "rows": "refusal", "diag_minus_offdiag": math.nan}])
     perm = pd.DataFrame([{"variant": f"permuted_{p}", "set": "harmful", "sign": "away", "metric": "rate",
                           "rows": "categories", "diag_minus_offdiag": v} for p, v in enumerate([0.1, -0.3, 0.05])])
-    out = spec.add_permutation_control(summary, perm)
+    out = recipe.add_permutation_control(summary, perm)
     r = out.iloc[0]
     assert r.perm_p == pytest.approx((1 + 1) / (1 + 3)) and r.n_perm == 3  # |-0.3| >= 0.3 once
     assert r.perm_mean_diag_minus_offdiag == pytest.approx(-0.05)
     assert math.isnan(out.iloc[1].perm_p)  # controls have no diagonal
-    assert spec.add_permutation_control(summary, perm.iloc[:0]).perm_p.isna().all()
+    assert recipe.add_permutation_control(summary, perm.iloc[:0]).perm_p.isna().all()
 
 
 def test_layer_and_scale_chosen_on_val_and_measured_on_test(spec, tiny_lm_dir, tmp_path):
@@ -440,11 +486,11 @@ def test_layer_and_scale_chosen_on_val_and_measured_on_test(spec, tiny_lm_dir, t
     assert (load_table(out / "summary").n_perm == 0).all() and not (out / "directions" / "permuted_0").exists()
 
 
-def test_auto_grid_is_two_layers_and_two_scales(spec):
+def test_auto_grid_is_two_layers_and_two_scales():
     # with a policy: its layer and the layer at 70 % of the depth (50 % when they coincide); its scale and twice it
-    assert spec.resolve_grid(30, {"layer": 21}, None, None, 0.1) == ([21, 20], [0.1, 0.2])
-    assert spec.resolve_grid(30, {"layer": 20}, None, None, 0.1) == ([20, 14], [0.1, 0.2])
-    assert spec.resolve_grid(30, {"layer": -1}, None, None, 0.3) == ([29, 20], [0.3, 0.6])
+    assert recipe.resolve_grid(30, {"layer": 21}, None, None, 0.1) == ([21, 20], [0.1, 0.2])
+    assert recipe.resolve_grid(30, {"layer": 20}, None, None, 0.1) == ([20, 14], [0.1, 0.2])
+    assert recipe.resolve_grid(30, {"layer": -1}, None, None, 0.3) == ([29, 20], [0.3, 0.6])
     # without one: 50 % and 70 % of the depth, scales 0.1 and 0.2; explicit values win
-    assert spec.resolve_grid(30, None, None, None, None) == ([14, 20], [0.1, 0.2])
-    assert spec.resolve_grid(30, None, [3, 3, 5], [0.5], None) == ([3, 5], [0.5])
+    assert recipe.resolve_grid(30, None, None, None, None) == ([14, 20], [0.1, 0.2])
+    assert recipe.resolve_grid(30, None, [3, 3, 5], [0.5], None) == ([3, 5], [0.5])

@@ -126,9 +126,11 @@ def test_the_declared_ranges_are_the_ranges_the_script_accepts(stem):
 
 
 def test_the_defaults_that_scripts_compute_from_their_constants_match():
+    from catlens.recipes import geometry_tables as geo
     from catlens.recipes import p1, p2  # the scripts are pages over their recipes, which hold the constants
+    from catlens.recipes import specificity as spec
+    from catlens.recipes import steer_sweep as sweep
 
-    spec, sweep, geo = (_script(s) for s in ("specificity", "steer_sweep", "geometry"))
     assert P1Options.methods == ",".join(p1.METHODS)
     assert (P2Options.methods, P2Options.split_seed) == (",".join(p2.METHODS), p2.SPLIT_SEED)
     fields = {f.name: f for f in dataclasses.fields(P2Options)}

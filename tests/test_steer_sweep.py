@@ -1,5 +1,5 @@
-"""The steering sweep end to end on the tiny model: tables, the coherence guard, the selection record, and the chosen
-policy applied through generate."""
+"""The steering sweep (catlens/recipes/steer_sweep.py, analyses/steer_sweep.py) end to end on the tiny model: tables,
+the coherence guard, the selection record, and the chosen policy applied through generate."""
 
 import importlib.util
 import json
@@ -84,10 +84,11 @@ def test_sweep_rule_rejects_the_ppl_guard_and_breaks_ties_by_magnitude():
 
     from catlens.selection import select, total_magnitude
 
-    sweep = _script()
+    from catlens.recipes.steer_sweep import sweep_rule
+
     t = pd.DataFrame({"toward": [None, 0.2, 0.1, 0.2], "away": [None, -0.2, -0.1, -0.05],
                       "objective": [0.1, 0.9, 0.5, 0.5], "ppl_ratio": [1.0, 1.11, 1.10, 1.05]})
     t["steer_magnitude"] = total_magnitude(t, ["toward", "away"])
-    sel = select(t, sweep.sweep_rule(0.10))
+    sel = select(t, sweep_rule(0.10))
     assert sel.index == 2 and sel.n_admissible == 3  # 0.9 breaks the guard; 0.2 < 0.25 in magnitude
-    assert select(t, sweep.sweep_rule(0.20)).index == 1  # a looser guard admits it
+    assert select(t, sweep_rule(0.20)).index == 1  # a looser guard admits it
