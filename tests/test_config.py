@@ -1,14 +1,14 @@
 """The main job's configuration (catlens/config.py): files, --set typing, round trips and the errors for bad keys
-and values; the shorthand flags of analyses/main.py."""
+and values; the shorthand flags of the main job (catlens/pipeline.py, analyses/main.py)."""
 
 import dataclasses
 import importlib.util
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_main
 from catlens.config import (
     SECTIONS,
     Config,
@@ -20,18 +20,10 @@ from catlens.config import (
     valid_keys,
 )
 from catlens.errors import ConfigError, FileFormatError
+from catlens.pipeline import SHORTHANDS, resolve_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-
-
-def _main_module():
-    path = REPO / "analyses" / "main.py"
-    spec = importlib.util.spec_from_file_location("_catlens_main_cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rich() -> Config:
@@ -171,8 +163,7 @@ def test_later_layers_win(tmp_path):
 
 
 def test_main_shorthands_map_onto_keys():
-    main = _main_module()
-    cfg = main.resolve_args(["--quick", "--no-png", "--device", "cuda", "--dtype", "float16", "--out", "o",
+    cfg = resolve_args(["--quick", "--no-png", "--device", "cuda", "--dtype", "float16", "--out", "o",
                              "--seed", "4", "--threads", "1", "--model", "m", "--other-model", "s", "--stock",
                              "--cache-dir", "c", "--data-dir", "d", "--set", "run.seed=5"])
     assert (cfg.run.quick, cfg.run.png, cfg.model.device, cfg.model.dtype, cfg.run.out, cfg.run.threads) == \
@@ -180,8 +171,8 @@ def test_main_shorthands_map_onto_keys():
     assert (cfg.model.spec, cfg.model.other_model, cfg.run.stock, cfg.model.cache_dir, cfg.data.data_dir) == \
         ("m", "s", True, "c", "d")
     assert cfg.run.seed == 5  # --set comes after the shorthands
-    assert main.resolve_args([]) == Config()
-    assert set(main.SHORTHANDS.values()) <= {k for k in valid_keys()}
+    assert resolve_args([]) == Config()
+    assert set(SHORTHANDS.values()) <= {k for k in valid_keys()}
 
 
 def test_args_to_argv():
@@ -262,7 +253,7 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_main_cli_exits_2_with_the_message(capsys, tmp_path):
-    main = _main_module()
+    main = load_main()
     assert main.cli(["--set", "eval.batch_sise=8", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "Did you mean: eval.batch_size" in err and "Traceback" not in err
@@ -274,7 +265,7 @@ def test_absent_cuda_is_a_clear_error_before_any_work(capsys, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    main = _main_module()
+    main = load_main()
     assert main.cli(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "device='cuda' is not available" in err and "cpu" in err

@@ -215,17 +215,17 @@ def run(tmp_path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- tests
 def test_every_script_is_a_p1_stage_figure_and_writes_its_files(run, tmp_path):
-    """analyses/main.py gives fig_p1_* the p1 stage folder and calls main(folder, out_dir=, png=)."""
-    spec = importlib.util.spec_from_file_location("main_for_figures", REPO / "analyses" / "main.py")
-    main_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main_mod)
+    """The main job's figures stage (catlens.pipeline.figure_stage_of) gives fig_p1_* the p1 stage folder and calls
+    main(folder, out_dir=, png=)."""
+    from catlens.pipeline import figure_stage_of
+
     expected = {"fig_p1_tradeoff": {"html", "csv", "cloud_html", "cloud_csv"},
                 "fig_p1_safety_table": {"html", "csv", "bars_html", "md", "table_csv"},
                 "fig_p1_probe_roc": {"html", "csv"},
                 "fig_p1_sweeps": {"html", "csv", "layers_html", "layers_csv", "lowrank_html", "lowrank_csv"}}
     for name, keys in expected.items():
         module = _load(name)
-        assert module.STAGE == "p1" and main_mod.figure_stage_of(REPO / "figures" / f"{name}.py", module) == "p1"
+        assert module.STAGE == "p1" and figure_stage_of(REPO / "figures" / f"{name}.py", module) == "p1"
         written = module.main(run, out_dir=tmp_path / "figs", png=False)
         assert set(written) == keys, name
         for path in written.values():

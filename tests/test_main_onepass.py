@@ -5,7 +5,6 @@ hook behind: its logits equal a freshly loaded model's), and every script still 
 run alone in a subprocess writes the same tables as its ``run(options, pool)``; P1's typed options get the checks its
 command line gets). Tiny random models, seconds."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import catlens.model as cm
+from _scripts import load_main, load_script
 from catlens.model import ModelPool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,14 +90,6 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
-def load_main():
-    spec = importlib.util.spec_from_file_location("_catlens_main_onepass", REPO / "analyses" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("share", [True, False])
 def test_a_two_stage_job_loads_each_model_once(two_models, counted, tmp_path, monkeypatch, share):
     """geometry (the real script: the tuned model and its stock partner) then a p1 stand-in that asks for the same
@@ -152,13 +144,6 @@ def test_a_pooled_model_has_no_hook_or_change_left_after_steered_generation(two_
     fresh = cm.load_model(tuned)
     assert pool.get(tuned) is model
     assert torch.equal(model.logits(prompts), fresh.logits(prompts))  # bitwise: nothing left behind
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_onepass_{name}", REPO / "analyses" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_script_still_runs_alone_from_its_command_line_and_equals_its_run_on_a_pool(two_models, tmp_path):

@@ -3,25 +3,18 @@ configuration is resolved: a typo or a wrong type stops the job before any work 
 override reaches the script as a value its own parser reads. Offline, no model is loaded."""
 
 import dataclasses
-import importlib.util
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_main
 from catlens.config import ConfigError
+from catlens.pipeline import resolve_args
 from catlens.stages import P1Options, P2Options, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_main():
-    spec = importlib.util.spec_from_file_location("_catlens_main_stage_args", REPO / "analyses" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -65,7 +58,7 @@ def test_a_bad_stage_option_exits_2_before_any_work(main, sets, needles, tmp_pat
 def test_a_typo_in_a_config_file_s_stage_table_is_caught_the_same_way(main, tmp_path):
     (tmp_path / "c.toml").write_text("[p1.args]\nlayerz = 3\n")
     with pytest.raises(ConfigError, match=r"p1\.args: Unknown option 'layerz'.*Did you mean: layers"):
-        main.resolve_args(["--config", str(tmp_path / "c.toml")])
+        resolve_args(["--config", str(tmp_path / "c.toml")])
 
 
 def test_a_valid_override_reaches_the_script_as_the_typed_value(main, tmp_path, monkeypatch):
@@ -74,7 +67,7 @@ def test_a_valid_override_reaches_the_script_as_the_typed_value(main, tmp_path, 
     from catlens.runs import RunDir
     from catlens.stages import check_stage_args, from_namespace, to_argv
 
-    cfg = main.resolve_args(["--out", str(tmp_path / "run"), "--model", "tuned", "--dtype", "float32",
+    cfg = resolve_args(["--out", str(tmp_path / "run"), "--model", "tuned", "--dtype", "float32",
                              "--set", "p1.args.layers=3", "--set", "p1.args.gate-c=0.5", "--set", "p1.args.test-cap=null",
                              "--set", "p2.args.pairing=random"])
     checked = check_stage_args(cfg)
@@ -82,7 +75,7 @@ def test_a_valid_override_reaches_the_script_as_the_typed_value(main, tmp_path, 
     assert checked["p1"].train_cap == 150  # the demo size, untouched
     assert checked["p2"].pairing == "random"
     seen = {}
-    monkeypatch.setattr(main, "_load_script", lambda path: types.SimpleNamespace(
+    monkeypatch.setattr(main, "load_script", lambda path: types.SimpleNamespace(
         run=lambda options, models: seen.__setitem__("options", options)))
     job = main.Job(config=cfg, run=RunDir.create(tmp_path / "run", {}), tuned="tuned", stock="stock")
     main.STAGES["p1"].fn(cfg, job, tmp_path / "run" / "p1")
@@ -97,9 +90,9 @@ def test_the_default_and_quick_configurations_pass(main):
 
     for argv in ([], ["--quick"], ["--config", str(REPO / "configs" / "default.toml")],
                  ["--config", str(REPO / "configs" / "quick.toml")]):
-        checked = check_stage_args(main.resolve_args(argv))
+        checked = check_stage_args(resolve_args(argv))
         assert set(checked) == {"eval", "geometry", "p1", "p2", "specificity"}
-    assert isinstance(check_stage_args(main.resolve_args(["--quick"]))["p2"], P2Options)
+    assert isinstance(check_stage_args(resolve_args(["--quick"]))["p2"], P2Options)
 
 
 def test_a_typo_fails_before_torch_is_imported(tmp_path):

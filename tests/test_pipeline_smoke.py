@@ -4,17 +4,17 @@ specificity) with the argv they receive. The fine-tune stage trains the tiny mod
 (seconds), so every stage runs for real."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
 import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from _scripts import load_main
 from catlens.config import DEMO_ARGS, QUICK_ARGS, from_dict, resolve
 from catlens.model import resolve_dtype
+from catlens.pipeline import STAGE_RECORD, finetune_cli_args, stage_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,14 +59,6 @@ GEOMETRY_TABLES = {
 """The schemas in analyses/geometry.py's docstring."""
 
 FIGURES = ["fig_anisotropy", "fig_cosine", "fig_model_diff", "fig_projection", "fig_separability"]
-
-
-def load_main():
-    spec = importlib.util.spec_from_file_location("_catlens_main_smoke", REPO / "analyses" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_config_text(root: Path, base: Path, device: str = "cpu") -> str:
@@ -189,7 +181,7 @@ def test_every_stage_ran_and_wrote_its_files(pipeline):
 
     # each stage folder records the config hash the main job ran it with
     for name in ("eval", "geometry", "figures"):
-        record = manifest(out / name)[main.STAGE_RECORD]
+        record = manifest(out / name)[STAGE_RECORD]
         assert record["config_hash"] == stages[name]["config_hash"]
 
 
@@ -198,11 +190,11 @@ def test_finetune_cli_args_reproduce_the_trained_config(pipeline):
 
     main, root, _, _ = pipeline
     tuned = Path(manifest(root / "run")["stages"]["finetune"]["folder"])
-    args = main.finetune_cli_args(tuned)
+    args = finetune_cli_args(tuned)
     preset, sets = args[1], args[3::2]
     assert args[0] == "--config" and all(a == "--set" for a in args[2::2])
     assert get_config(preset).replace(**parse_overrides(sets)).hash == read_manifest(tuned)["config_hash"]
-    assert main.finetune_cli_args(root / "base") is None  # not a catlens fine-tune
+    assert finetune_cli_args(root / "base") is None  # not a catlens fine-tune
 
 
 def test_rerun_reuses_finished_stages_and_reruns_a_changed_one(pipeline):
@@ -221,7 +213,7 @@ def test_rerun_reuses_finished_stages_and_reruns_a_changed_one(pipeline):
         assert stages["geometry"]["config_hash"] == old_hashes["geometry"]
         assert manifest(out / "geometry")["finished"] == before["geometry"]  # untouched
         assert manifest(out / "eval")["finished"] >= before["eval"]
-        assert manifest(out / "eval")[main.STAGE_RECORD]["section"]["max_new_tokens"] == 6
+        assert manifest(out / "eval")[STAGE_RECORD]["section"]["max_new_tokens"] == 6
 
         # the fine-tune folder given as model.spec: no fine-tune, and the same model identity reuses the stages
         tuned = stages["finetune"]["folder"]
@@ -339,7 +331,7 @@ def test_every_stage_script_loads_as_the_main_job_loads_it():
     executes (this failed in a real `make demo` while the smoke test, which points the scripts elsewhere, passed)."""
     main = load_main()
     for name, path in main.STAGE_SCRIPTS.items():
-        module = main._load_script(path)
+        module = main.load_script(path)
         assert callable(module.main), name
 
 
@@ -360,8 +352,8 @@ def test_script_stages_give_their_scripts_options_the_scripts_accept(quick, tmp_
     pol.mkdir(parents=True)
     (pol / "policy.json").write_text("{}")
     seen = {}
-    real = main._load_script
-    monkeypatch.setattr(main, "_load_script", lambda path: types.SimpleNamespace(
+    real = main.load_script
+    monkeypatch.setattr(main, "load_script", lambda path: types.SimpleNamespace(
         run=lambda options, models, _p=path: seen.__setitem__(_p.stem, options)))
     for name in ("p1", "p2", "specificity"):
         main.STAGES[name].fn(cfg, job, tmp_path / name)
@@ -386,8 +378,8 @@ def test_a_dependency_that_failed_and_then_succeeded_reruns_its_dependants(tmp_p
     job.hashes.update({d: f"h-{d}" for d in main.STAGES["figures"].deps})
     job.status.update({d: "done" for d in main.STAGES["figures"].deps})
     job.status["p2"] = "failed: boom"
-    before = main.stage_hash(main.STAGES["figures"], job, code=False)
+    before = stage_hash(main.STAGES["figures"], job, code=False)
     job.status["p2"] = "done"
-    after = main.stage_hash(main.STAGES["figures"], job, code=False)
+    after = stage_hash(main.STAGES["figures"], job, code=False)
     job.status["p2"] = "reused"
-    assert before != after == main.stage_hash(main.STAGES["figures"], job, code=False)
+    assert before != after == stage_hash(main.STAGES["figures"], job, code=False)

@@ -392,20 +392,15 @@ def test_report_loads_no_model(full_run):
 
 
 def test_main_job_ends_with_the_report_stage(tmp_path):
-    import importlib.util
-
+    from catlens.pipeline import rebuild_report
     from catlens.runs import RunDir
 
-    spec = importlib.util.spec_from_file_location("catlens_main_for_test",
-                                                  Path(R.__file__).parents[1] / "analyses" / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main)
     run = RunDir(make_run(tmp_path / "run", placeholders=False))
-    main._report(run)
+    rebuild_report(run)
     assert (run.path / "report.html").exists()
     assert run.manifest["stages"]["report"]["folder"] == "report.html"
     (run.path / "geometry" / "cosine.parquet").write_text("not parquet")  # a broken table: page still written
-    main._report(run)
+    rebuild_report(run)
     assert 'id="cosine" class="section error"' in (run.path / "report.html").read_text()
 
 

@@ -1,25 +1,15 @@
-"""analyses/summarise.py renders every number and sentence from a run's tables and manifest: rendered on synthetic
-P2 and specificity run folders, a changed table value or manifest record changes the text, and nothing about the
-protocol is printed unless the manifest says it."""
+"""catlens.results (the sections analyses/summarise.py writes to docs/RESULTS.md) renders every number and sentence
+from a run's tables and manifest: rendered on synthetic P2 and specificity run folders, a changed table value or
+manifest record changes the text, and nothing about the protocol is printed unless the manifest says it."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
+from _scripts import load_script
+from catlens import results
 from catlens.selection import Objective, SelectionRule, ppl_guard, select
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def summ():
-    spec = importlib.util.spec_from_file_location("summarise_under_test", REPO / "analyses" / "summarise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save(folder: Path, name: str, df: pd.DataFrame) -> None:
@@ -59,8 +49,8 @@ def make_p2(folder: Path, *, benign_ratio: float = 1.053, base_harmful: float = 
     return folder
 
 
-def test_p2_text_follows_the_tables_and_manifest(summ, tmp_path):
-    text = summ.p2_section([make_p2(tmp_path / "a")])
+def test_p2_text_follows_the_tables_and_manifest(tmp_path):
+    text = results.p2_section([make_p2(tmp_path / "a")])
     assert "| pruned-attn_out-m1 | 25.0 [15.0, 35.0] | 0.417 | True | 100.0 [95.0, 100.0] | 1.053 | 1.070 | 65 / 150 |" \
         in text
     assert "Settings were chosen on the val split: 1 of 2 choices made (rule: maximise objective; subject to " \
@@ -70,22 +60,22 @@ def test_p2_text_follows_the_tables_and_manifest(summ, tmp_path):
     assert "ratios 1.053; 1 of 1 tested setting within the tolerance (10 % drop)" in text
     assert "breaks helpfulness" not in text and "unsafe" not in text
     # a changed table value changes the text; nothing is typed
-    text2 = summ.p2_section([make_p2(tmp_path / "b", benign_ratio=0.8)])
+    text2 = results.p2_section([make_p2(tmp_path / "b", benign_ratio=0.8)])
     assert "ratios 0.800; 0 of 1 tested setting within the tolerance" in text2 and text2 != text
     # the split the choice was made on is read from the manifest, not printed as a constant
-    text3 = summ.p2_section([make_p2(tmp_path / "c", split="test")])
+    text3 = results.p2_section([make_p2(tmp_path / "c", split="test")])
     assert "chosen on the test split" in text3 and "chosen on the val split" not in text3
     # a zero baseline: "halved" is undefined, and the text says so
-    text4 = summ.p2_section([make_p2(tmp_path / "d", base_harmful=0.0)])
+    text4 = results.p2_section([make_p2(tmp_path / "d", base_harmful=0.0)])
     assert "| undefined |" in text4 and '"halved" is undefined' in text4
 
 
-def test_no_selection_record_is_said_not_assumed(summ, tmp_path):
+def test_no_selection_record_is_said_not_assumed(tmp_path):
     folder = make_p2(tmp_path / "a")
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["selection"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    text = summ.p2_section([folder])
+    text = results.p2_section([folder])
     assert "has no selection record" in text and "chosen on the" not in text
 
 
@@ -115,8 +105,8 @@ def make_specificity(folder: Path, *, sig: tuple[bool, bool] = (True, False), pe
     return folder
 
 
-def test_specificity_text_follows_the_tables(summ, tmp_path):
-    text = summ.specificity_section(make_specificity(tmp_path / "a"))
+def test_specificity_text_follows_the_tables(tmp_path):
+    text = results.specificity_section(make_specificity(tmp_path / "a"))
     assert "Settings were chosen on the selection split: 1 of 1 choice made (rule: maximise objective; ties: " \
            "smaller scale)." in text
     assert "The measurement split was read once, after the choice." in text
@@ -124,16 +114,16 @@ def test_specificity_text_follows_the_tables(summ, tmp_path):
     assert "2 of 4 cells change refusal significantly after the correction (Benjamini-Hochberg" in text
     assert "raw: significant on the diagonal 2 of 2, off the diagonal 0 of 2." in text
     assert "(permutation p = 0.25, 3 permutations)" in text
-    changed = summ.specificity_section(make_specificity(tmp_path / "b", sig=(False, True), perm_p=0.75))
+    changed = results.specificity_section(make_specificity(tmp_path / "b", sig=(False, True), perm_p=0.75))
     assert "raw: significant on the diagonal 0 of 2, off the diagonal 2 of 2." in changed
     assert "(permutation p = 0.75, 3 permutations)" in changed
 
 
-def test_main_writes_the_rendered_file(summ, tmp_path):
+def test_main_writes_the_rendered_file(tmp_path):
     p2 = make_p2(tmp_path / "p2")
     spec = make_specificity(tmp_path / "spec")
     out = tmp_path / "RESULTS.md"
-    text = summ.main(["--p2", str(p2), "--specificity", str(spec), "--p1", str(tmp_path / "nope"),
+    text = load_script("summarise").main(["--p2", str(p2), "--specificity", str(spec), "--p1", str(tmp_path / "nope"),
                       "--out", str(out)])
     assert out.read_text() == text
     assert "not run" in text  # the missing P1 folder
@@ -150,13 +140,13 @@ def _p1_run(folder: Path, created: str, val_gen_n: int, over_refusal: float) -> 
     return folder
 
 
-def test_an_earlier_run_on_the_same_test_split_is_said_with_what_changed(summ, tmp_path):
+def test_an_earlier_run_on_the_same_test_split_is_said_with_what_changed(tmp_path):
     old = _p1_run(tmp_path / "old", "2026-12-07T07:03:00", 32, 0.25)
     new = _p1_run(tmp_path / "new", "2026-12-07T12:01:00", 64, 0.15)
-    text = "\n".join(summ.earlier_lines(new, [old]))
+    text = "\n".join(results.earlier_lines(new, [old]))
     assert "val-gen-n 32 -> 64 after that read" in text
     assert "not untouched" in text and "categorical_global over-refusal 25.0 % [15.0, 35.0]" in text
-    assert summ.earlier_lines(new, []) == []
+    assert results.earlier_lines(new, []) == []
     # a run that started later is not described as read before this one
-    later = "\n".join(summ.earlier_lines(old, [new]))
+    later = "\n".join(results.earlier_lines(old, [new]))
     assert "did not start before this run" in later and "not untouched" not in later
