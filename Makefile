@@ -32,12 +32,13 @@ demo: setup chromium
 	$(BIN)/python analyses/main.py --out runs/main
 
 # the browser tests (tests/test_report.py) use the same Chromium; without it they are skipped with the reason
+# -n auto: pytest-xdist, one worker per core (tests/conftest.py shares the cores' threads out among them)
 test: setup chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # the fast tier: everything that needs neither the real model (marked slow) nor a browser; tiny models only
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not browser"
+	$(BIN)/python -m pytest -q -n auto -m "not slow and not browser"
 
 clean:
 	rm -rf $(VENV) runs figures/out

@@ -18,10 +18,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 "$PY" -c "import vllm" 2>/dev/null || "$PY" -m pip install vllm
 "$PY" -c "import catlens" 2>/dev/null || "$PY" -m pip install -e ".[dev]"
-"$PY" -m pytest -q -s -m gpu tests/test_engine_vllm_gpu.py
+"$PY" -m pytest -q -s -m gpu tests/engines/test_vllm_gpu.py
 "$PY" bench/bench_vllm.py --device cuda --out runs/bench-vllm-gpu
 if [ -n "$MODEL" ]; then
-  CATLENS_GPU_MODEL="$MODEL" CATLENS_GPU_TP="$TP" "$PY" -m pytest -q -s -m gpu tests/test_engine_vllm_gpu.py
+  CATLENS_GPU_MODEL="$MODEL" CATLENS_GPU_TP="$TP" "$PY" -m pytest -q -s -m gpu tests/engines/test_vllm_gpu.py
   "$PY" bench/bench_vllm.py --model "$MODEL" --tensor-parallel-size "$TP" --device cuda --layer 18 \
     --out "runs/bench-vllm-gpu-$(basename "$MODEL")-tp$TP"
 fi

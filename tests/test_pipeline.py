@@ -1,6 +1,6 @@
 """catlens.pipeline's rules on a planted two-stage registry (no model, no script of the repository): what a stage's
 hash covers, the resume rule of a resumable stage, the skip reasons a stage is recorded with. The main job's own
-registry, end to end, is tests/test_pipeline_smoke.py."""
+registry, end to end, is tests/analyses/test_pipeline_smoke.py."""
 
 from pathlib import Path
 

@@ -406,7 +406,10 @@ def test_main_job_ends_with_the_report_stage(tmp_path):
 
 def test_geometry_sections_on_tables_from_the_analysis_itself(tmp_path, monkeypatch):
     """The geometry sections read the tables analyses/geometry.py really writes (planted activations, no model)."""
-    from test_analyses_geometry import D_MODEL, LAYERS, _load, _synthetic
+    from _scripts import load_script
+
+    planted = load_script("test_geometry_script", folder="tests/analyses")  # its planted activations
+    D_MODEL, LAYERS, _load, _synthetic = planted.D_MODEL, planted.LAYERS, planted._load, planted._synthetic
 
     from catlens.recipes import geometry_tables
 

@@ -1,6 +1,6 @@
 """P2's recipe (catlens/recipes/p2.py) without a model: its vectors on planted data, the choice on val, the ratios to
 the unsteered model, the once-only claim on a test split and the automatic layer sets. The script and the steps end to
-end on the tiny model: tests/test_p2_steering.py."""
+end on the tiny model: tests/analyses/test_p2_steering.py."""
 
 import pandas as pd
 import pytest

@@ -12,7 +12,7 @@ import pytest
 
 from catlens.recipes import p1 as recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():

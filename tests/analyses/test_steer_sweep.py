@@ -10,7 +10,7 @@ import pytest
 
 from catlens.steer import SteeringPolicy
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "steer_sweep.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "analyses" / "steer_sweep.py"
 
 
 def _script():

@@ -18,7 +18,7 @@ import catlens.model as cm
 from _scripts import load_main, load_script
 from catlens.model import ModelPool
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 COUNTING_SCRIPT = '''
 import json

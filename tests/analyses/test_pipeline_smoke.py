@@ -16,7 +16,7 @@ from catlens.config import DEMO_ARGS, QUICK_ARGS, from_dict, resolve
 from catlens.model import resolve_dtype
 from catlens.pipeline import STAGE_RECORD, finetune_cli_args, stage_hash
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_FINETUNE = {
     "name": "tiny", "data": "builtin", "categories": ["privacy", "cybercrime"], "min_per_category": 2,

@@ -1,7 +1,8 @@
 """The vLLM backend (catlens.engines.vllm) against catlens's own engine, on a tiny random Llama with refusal tokens.
 
 One engine is shared by the module, run in this process (``in_process=True``: it starts in about 8 s here instead
-of 22 s; the embedded-model test in test_engine_vllm_real.py runs vLLM's own process layout). It runs with a small token budget per step
+of 22 s; the embedded-model test in engines/test_vllm_real.py runs vLLM's own process layout).
+It runs with a small token budget per step
 (``max_num_batched_tokens=48``, ``max_num_seqs=6``), so prompts are split over several forward calls (chunked
 prefill) and requests join and leave the running batch (continuous batching) in every test; a test checks that
 both happened. Both engines run float32. Tolerances: probabilities and probe scores 1e-4 absolute; activations
@@ -248,7 +249,7 @@ def test_collect_shuts_down_the_engine_it_starts_and_leaves_a_given_one_running(
     after a store and after an error alike; a running engine passed in is used and left running. The engine
     "started" here is a stand-in that records its arguments and its close() and computes with the module's engine
     (a second engine would cost its start-up); that close() ends vLLM's engine-core processes is checked on the
-    embedded model in test_engine_vllm_real.py."""
+    embedded model in engines/test_vllm_real.py."""
     import catlens.engines.vllm as vmod
     from catlens.cache import collect
 

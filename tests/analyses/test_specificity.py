@@ -13,7 +13,7 @@ import pytest
 
 from catlens.recipes import specificity as recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CATS = ("fraud", "hate", "privacy")
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from catlens.recipes import p2 as recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CATS = ("fraud_financial_crime", "hate_harassment", "privacy")
 WORDS = ("bank account password money steal wire transfer card loan scam fake invoice people group hate insult "
          "threat neighbor address phone track spy photo record private email secret bread poem sea wind garden "

@@ -14,7 +14,7 @@ import torch
 from catlens.directions import Directions
 from catlens.recipes import geometry_tables
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CATS = ("cyber", "fraud", "privacy")
 LAYERS = (0, 1, 2)
 D_MODEL = 24

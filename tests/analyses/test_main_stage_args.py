@@ -14,7 +14,7 @@ from catlens.config import ConfigError
 from catlens.pipeline import resolve_args
 from catlens.stages import P1Options, P2Options, build_parser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

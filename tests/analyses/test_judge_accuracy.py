@@ -27,7 +27,7 @@ from catlens.judges import (
     read_answer,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rec(i, response, **extra):
