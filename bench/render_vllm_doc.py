@@ -1,7 +1,8 @@
 """Render docs/BENCHMARKS.md's "vLLM engine" section from the run folders of bench/bench_vllm.py and
 bench/vllm_refusal_example.py (numbers are never typed): replaces the text between the section's markers.
 
-    python bench/render_vllm_doc.py --bench runs/bench-vllm [runs/bench-vllm-f32 ...] --example runs/vllm-example [--stopped RUN]
+    python bench/render_vllm_doc.py --bench runs/bench-vllm [runs/bench-vllm-f32 ...] [--example runs/vllm-example]
+        [--cli-example runs/vllm-cli-example] [--stopped RUN]
 """
 
 import argparse
@@ -43,7 +44,7 @@ def _meaning(s: "pd.Series") -> str:
     return head + tail
 
 
-def render(benches: list[Path], example: Path | None) -> str:
+def render(benches: list[Path], example: Path | None, cli_example: Path | None = None) -> str:
     """Each bench run (one per dtype, say) under its own heading when there are several, then the worked example."""
     if len(benches) == 1:
         lines = [render_bench(benches[0])]
@@ -53,7 +54,7 @@ def render(benches: list[Path], example: Path | None) -> str:
             s = pd.read_csv(bench / "bench_vllm_summary.csv").iloc[0]
             dtype = s.get("catlens_dtype", "float32")
             lines += [f"### vLLM in {s.vllm_dtype}, catlens.generate in {dtype}", "", render_bench(bench), ""]
-    lines += render_example(example)
+    lines += render_example(example) + render_cli_example(cli_example)
     return "\n".join(lines).rstrip("\n")
 
 
@@ -121,6 +122,45 @@ def render_bench(bench: Path) -> str:
         _meaning(s),
     ]
     return "\n".join(lines)
+
+
+def render_cli_example(folder: Path | None) -> list[str]:
+    """bench/vllm_cli_example.py's run: the same saved policy through both engines' command lines."""
+    if folder is None or not (folder / "agreement.json").exists():
+        return []
+    a = json.loads((folder / "agreement.json").read_text())
+    t = pd.read_csv(folder / "table.csv")
+    man = json.loads((folder / "manifest.json").read_text())
+    lines = [
+        "",
+        "### Worked example: the main job's P1 policy through `catlens generate`, on both engines",
+        "",
+        "```sh",
+        f"flock /tmp/catlens-cpu.lock python {' '.join(man.get('command') or ['bench/vllm_cli_example.py'])}",
+        "```",
+        "",
+        f"Policy `{a['policy']}` on `{a['model']}`; each held-out set through `catlens generate` and "
+        f"`catlens generate --engine vllm --engine-dtype {a['engine_dtype']}`, {a['max_new_tokens']} new tokens, "
+        f"the command's default judge (the refusal token); pooled rates with 95 % Wilson intervals from each "
+        f"command's `rates.csv` (git {str(man.get('git_commit'))[:7]}{' (dirty)' if man.get('git_dirty') else ''}).",
+        "",
+        "| set | side | n | catlens.generate | vLLM | difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in t.itertuples():
+        what = "refusal" if r.side == "harmful" else "over-refusal"
+        lines.append(f"| {r.set} | {r.side} ({what}) | {int(r.n)} | {100 * r.catlens_rate:.1f} % "
+                     f"{r.catlens_interval} | {100 * r.vllm_rate:.1f} % {r.vllm_interval} | "
+                     f"{r.diff_points:+.1f} points |")
+    lines += [
+        "",
+        f"Row by row over the {a['n_prompts']} prompts: every generated token identical on "
+        f"{100 * a['same_tokens']:.1f} %, the first token on {100 * a['same_first_token']:.1f} %, the same verdict "
+        f"on {100 * a['same_refused']:.1f} %, the same gate outcome on {100 * a['same_gate']:.1f} % and the same "
+        f"route on {100 * a['same_route']:.1f} % (largest gate-score difference {a['max_gate_score_diff']:.2e}); "
+        f"the rates differ by at most {a['max_rate_diff_points']:.1f} points.",
+    ]
+    return lines
 
 
 def render_example(example: Path | None) -> list[str]:
@@ -205,9 +245,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bench", required=True, nargs="+", help="one or more bench_vllm.py run folders")
     p.add_argument("--example", default=None)
+    p.add_argument("--cli-example", default=None, help="a bench/vllm_cli_example.py run folder")
     p.add_argument("--stopped", default=None, help="a bench_vllm.py run folder stopped before its end (shown too)")
     args = p.parse_args(argv)
-    body = render([Path(b) for b in args.bench], Path(args.example) if args.example else None)
+    body = render([Path(b) for b in args.bench], Path(args.example) if args.example else None,
+                  Path(args.cli_example) if args.cli_example else None)
     if args.stopped:
         body += "\n" + render_stopped(Path(args.stopped))
     text = DOC.read_text()

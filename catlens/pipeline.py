@@ -75,12 +75,37 @@ class Pipeline:
     """The folder of the ``fig_*.py`` scripts."""
 
     def code_files(self, stage: Stage) -> list[Path]:
-        """The files whose sha256 is part of the stage's hash."""
+        """The files whose sha256 is part of the stage's hash: a script and the recipe modules
+        (``catlens.recipes.*``) it imports, or every figure script."""
         if stage.script:
-            return [self.scripts[stage.name]]
+            script = self.scripts[stage.name]
+            return [script, *recipe_files(script)]
         if stage.draws_figures:
             return sorted(self.figures.glob("fig_*.py"))
         return []
+
+
+def recipe_files(script: Path) -> list[Path]:
+    """The source files of the ``catlens.recipes`` modules a script imports (read with ``ast``; nothing is run),
+    sorted; none for a script that does not exist yet."""
+    import ast
+    import importlib.util
+
+    if not script.is_file():
+        return []
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(script.read_text(), filename=str(script))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    files = set()
+    for name in names:
+        if name.startswith("catlens.recipes."):
+            spec = importlib.util.find_spec(name.rsplit(".", 1)[0] if name.count(".") > 2 else name)
+            if spec is not None and spec.origin and spec.origin.endswith(".py"):
+                files.add(Path(spec.origin))
+    return sorted(files)
 
 
 @dataclass
@@ -392,7 +417,7 @@ def stage_hash(stage: Stage, job: Job, code: bool = True) -> str:
     if code:  # an edited script reruns its stage
         if job.pipeline is None:
             raise ValueError("stage_hash(code=True) needs job.pipeline (where the stage's code lives)")
-        payload["code"] = {p.name: sha256_file(p) for p in job.pipeline.code_files(stage)}
+        payload["code"] = {f"{p.parent.name}/{p.name}": sha256_file(p) for p in job.pipeline.code_files(stage)}
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 

@@ -852,14 +852,19 @@ def section_sweep(t: Tables) -> SectionResult:
     headline = t.load("p1", "headline")
     region = fig1.region(headline) if headline is not None else None
     rule = fsw.best_gate_rule(sw)
+    if candidates is not None and "mode" in candidates.columns:  # today's table: zones chosen on judged answers
+        candidates = candidates.rename(columns={"mode": "gate_rule", "refusal": "val_refusal",
+                                                "over_refusal": "val_over_refusal"})
     chosen = candidates[candidates["chosen"].astype(bool)] if candidates is not None and "chosen" in candidates else None
     if chosen is not None:
-        for r in chosen.itertuples(index=False):
-            sec.text(f"Chosen for gate rule {r.gate_rule}: {r.method}, layer {fmt(r.layer)}, toward "
-                     f"{fmt(_num(r.toward))}, away {fmt(_num(r.away))}: val refusal {fmt(r.val_refusal)}, "
-                     f"over-refusal {fmt(r.val_over_refusal)}, perplexity ratio {fmt(r.ppl_ratio)}.")
-    keep = [c for c in ("gate_rule", "method", "layer", "toward", "away", "val_objective", "val_refusal",
-                        "val_over_refusal", "ppl_ratio", "ppl_n", "admissible", "chosen", "stands_for")
+        for r in chosen.to_dict("records"):
+            where = f", positions {r['positions']}" if r.get("positions") else ""
+            judged = f" ({r['judge']} judge on generated answers)" if r.get("judge") else ""
+            sec.text(f"Chosen for gate rule {r['gate_rule']}{where}: {r['method']}, layer {fmt(r['layer'])}, toward "
+                     f"{fmt(_num(r['toward']))}, away {fmt(_num(r['away']))}: val refusal {fmt(r['val_refusal'])}, "
+                     f"over-refusal {fmt(r['val_over_refusal'])}{judged}, perplexity ratio {fmt(r['ppl_ratio'])}.")
+    keep = [c for c in ("gate_rule", "positions", "method", "layer", "toward", "away", "val_objective", "val_refusal",
+                        "val_over_refusal", "judge", "ppl_ratio", "ppl_n", "admissible", "chosen", "stands_for")
             if candidates is not None and c in candidates.columns]
     sec.block(figure=fig1.sweep_figure(sw, candidates, region),
               table=candidates[keep] if candidates is not None else None,

@@ -40,6 +40,29 @@ def test_the_hash_covers_the_script_or_every_figure_script_and_needs_the_pipelin
         stage_hash(p1, _job(tmp_path / "bare"))
 
 
+def test_the_hash_covers_the_recipe_modules_the_script_imports(tmp_path, monkeypatch):
+    """A script stage's code is its script and every ``catlens.recipes`` module it imports: an edited recipe reruns
+    the stage, even where the recipe and the script share a file name."""
+    import catlens.pipeline as P
+    import catlens.recipes.specificity as recipe
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "specificity.py").write_text("from catlens.recipes import specificity\nfrom catlens import stages\n")
+    stage = Stage("specificity", _noop, script=True)
+    pipeline = Pipeline(stages={"specificity": stage}, scripts={"specificity": scripts / "specificity.py"},
+                        figures=tmp_path)
+    assert pipeline.code_files(stage) == [scripts / "specificity.py", Path(recipe.__file__)]
+    job = _job(tmp_path, pipeline)
+    before = stage_hash(stage, job)
+    real = P.sha256_file
+    monkeypatch.setattr(P, "sha256_file", lambda p: "edited" if Path(p) == Path(recipe.__file__) else real(p))
+    assert stage_hash(stage, job) != before
+    monkeypatch.setattr(P, "sha256_file", real)
+    (scripts / "specificity.py").write_text("from catlens.recipes import specificity  # edited\n")
+    assert stage_hash(stage, job) != before  # the script's own edit still counts beside its namesake recipe
+
+
 def test_a_resumable_stage_interrupted_with_the_same_configuration_resumes(tmp_path):
     folder = tmp_path / "p1"
     stage, plain = Stage("p1", _noop, script=True, resumable=True), Stage("p1", _noop, script=True)

@@ -466,6 +466,22 @@ def test_sweep_section_reads_the_steer_sweep_table(tmp_path):
     assert "0.800 [0.700, 0.850]" in sec.body and "<code>ppl_ratio</code> stands for coherence" in sec.body
 
 
+def test_sweep_section_reads_todays_candidates_table(tmp_path):
+    """The candidates table P1 writes today (``mode``, ``positions``, ``refusal``/``over_refusal`` on judged val
+    answers, ``judge``) renders, and the chosen row is named with its positions and judge."""
+    folder = make_p1_run(tmp_path / "run" / "p1", sweep=True)
+    cand = pd.read_parquet(folder / "candidates.parquet")
+    cand = cand.rename(columns={"gate_rule": "mode", "val_refusal": "refusal", "val_over_refusal": "over_refusal"})
+    _save(folder, "candidates", cand.assign(positions="last_prompt+4", judge="full_answer"))
+    rep = R.build_report(tmp_path / "run")
+    sec = next(s for s in rep.sections if s.id == "sweep")
+    assert sec.status == "ok", sec.body
+    picked = cand[cand.chosen.astype(bool)].iloc[0]
+    assert (f"Chosen for gate rule {picked['mode']}, positions last_prompt+4: {picked['method']}, layer "
+            f"{int(picked['layer'])}") in sec.body
+    assert "full_answer judge on generated answers" in sec.body
+
+
 def test_the_p1_stage_folder_given_directly(full_run):
     """`catlens report runs/main/p1`: the P1 sections read the folder itself; its auroc table (probe vs refusal
     token) is not mistaken for the fine-tune evaluation's."""
