@@ -2,13 +2,15 @@
 harmful tables, over-refusal and AUROC with values worked out by hand. The steps with models run end to end in
 tests/analyses/test_pipeline_smoke.py (the main job's ``eval`` stage on a tiny fine-tune)."""
 
+import argparse
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-from catlens.recipes.finetune_eval import auroc, harmful_tables, over_refusal_tables
+from catlens.recipes.finetune_eval import Context, auroc, harmful_tables, over_refusal_tables
 
 
 class Run:
@@ -38,8 +40,9 @@ def context():
     scores["refused_generated"] = scores.top_token.isin(of)
     scores["generated_category"] = [of.get(t, "") for t in scores.top_token]
     tokens = SimpleNamespace(respond=RESPOND, refuse=list(of), categories=list(of.values()))
-    ctx = SimpleNamespace(run=Run(), tokens=tokens, sets=dict.fromkeys(("harmful_heldout", "alpaca_test",
-                                                                         "xstest_unsafe")))
+    ctx = Context(args=argparse.Namespace(), run=Run(), folder=Path("ft"), manifest={}, data=None, model=None,
+                  stock=None, plain=None, plain_stock=None, tokens=tokens, t0=0.0,
+                  sets=dict.fromkeys(("harmful_heldout", "alpaca_test", "xstest_unsafe")))
     return ctx, scores
 
 
