@@ -4,12 +4,11 @@ main job and the scripts use. No model is loaded (the scripts are imported, not 
 
 import argparse
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_script
 from catlens.errors import ConfigError
 from catlens.stages import (
     SCRIPT_OPTIONS,
@@ -29,18 +28,13 @@ from catlens.stages import (
     to_argv,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 ENTRY = {"p1_steering": "parse_args", "p2_steering": "parse_args", "specificity": "main", "geometry": "parse_args",
          "steer_sweep": "main", "finetune_eval": "parse_args"}
 """The function of each script that builds its parser and parses the command line."""
 
 
 def _script(stem: str):
-    spec = importlib.util.spec_from_file_location(f"_catlens_stages_{stem}", REPO / "analyses" / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(stem, name=f"_catlens_stages_{stem}")
 
 
 class _Parsed(Exception):
