@@ -149,8 +149,9 @@ def render_cli_example(folder: Path | None) -> list[str]:
     ]
     for r in t.itertuples():
         what = "refusal" if r.side == "harmful" else "over-refusal"
-        lines.append(f"| {r.set} | {r.side} ({what}) | {int(r.n)} | {100 * r.catlens_rate:.1f} % "
-                     f"{r.catlens_interval} | {100 * r.vllm_rate:.1f} % {r.vllm_interval} | "
+        cells = [f"{100 * getattr(r, f'{e}_rate'):.1f} % [{100 * getattr(r, f'{e}_ci_low'):.1f}, "
+                 f"{100 * getattr(r, f'{e}_ci_high'):.1f}]" for e in ("catlens", "vllm")]
+        lines.append(f"| {r.set} | {r.side} ({what}) | {int(r.n)} | {cells[0]} | {cells[1]} | "
                      f"{r.diff_points:+.1f} points |")
     lines += [
         "",

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             rates = pd.read_csv(folder / "rates.csv")
             for r in rates[rates["row"] == "pooled"].itertuples():
                 rows.append({"set": spec, "engine": engine, "side": r.side, "metric": r.metric, "n": int(r.n),
-                             "k": int(r.k), "rate": float(r.rate), "interval": r.interval})
+                             "k": int(r.k), "rate": float(r.rate), "ci_low": float(r.ci_low),
+                             "ci_high": float(r.ci_high)})
             got[engine] = [json.loads(x) for x in (folder / "responses.jsonl").read_text().splitlines() if x]
         for a, b in zip(got["catlens"], got["vllm"]):
             if a["id"] != b["id"]:
@@ -67,14 +68,11 @@ def main(argv=None) -> int:
                           "gate_score_diff": abs(((a.get("gate") or {}).get("score") or 0.0)
                                                  - ((b.get("gate") or {}).get("score") or 0.0))})
     long = pd.DataFrame(rows)
-    table = long.pivot_table(index=["set", "side", "metric", "n"], columns="engine", values=["k", "rate"],
-                             aggfunc="first")
+    table = long.pivot_table(index=["set", "side", "metric", "n"], columns="engine",
+                             values=["k", "rate", "ci_low", "ci_high"], aggfunc="first")
     table.columns = [f"{engine}_{what}" for what, engine in table.columns]
     table = table.reset_index()
     table["diff_points"] = 100 * (table["vllm_rate"] - table["catlens_rate"])
-    for engine in ("catlens", "vllm"):
-        table[f"{engine}_interval"] = [long[(long.set == r.set) & (long.side == r.side) & (long.engine == engine)]
-                                       .interval.iloc[0] for r in table.itertuples()]
     run.save_table("table", table)
     pf = pd.DataFrame(pairs)
     summary = {"model": args.model, "policy": args.policy, "sets": args.sets, "n_prompts": len(pf),
