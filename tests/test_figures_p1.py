@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 HARMFUL = ("harmful_heldout", "xstest_unsafe", "jbb_harmful", "builtin_harmful")
@@ -31,11 +32,7 @@ def _load(name: str):
     key = f"{name}_under_test"
     if key in sys.modules:
         return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, REPO / "figures" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, "figures", key)  # registered in sys.modules under key: loaded once
 
 
 def _builders(name: str):

@@ -2,7 +2,6 @@
 (no model), then every figure script on the run folder it wrote, so the figures are exercised on tables from the
 analysis's own writer."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _scripts import load_script
 
 from catlens.directions import Directions
 from catlens.recipes import geometry_tables
@@ -21,10 +21,7 @@ D_MODEL = 24
 
 
 def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(f"_catlens_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path.stem, path.parent.name, f"_catlens_{path.stem}")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _scripts import load_script
 
 from catlens.recipes import p1 as recipe
 
@@ -16,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("p1_steering", ROOT / "analyses" / "p1_steering.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("p1_steering", name="p1_steering")
 
 
 @pytest.fixture(scope="module")

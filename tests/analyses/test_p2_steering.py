@@ -2,14 +2,13 @@
 schema, the saved policies, resumption, bad inputs, the defaults of its command line, and the figure script on its
 tables. The recipe's steps without a model: tests/recipes/test_p2.py."""
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from _scripts import load_script
 
 from catlens.recipes import p2 as recipe
 
@@ -25,11 +24,7 @@ SPLIT_COLUMNS = ("split_seed", "n_train_harmful", "n_train_benign", "n_val_harmf
 
 
 def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path.stem, path.parent.name, name)
 
 
 @pytest.fixture(scope="module")

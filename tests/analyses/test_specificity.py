@@ -2,7 +2,6 @@
 recipe's matrix and summary on planted first-position tables (a category-specific knob and a shared knob), and the
 script end to end on the tiny model."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _scripts import load_script
 
 from catlens.recipes import specificity as recipe
 
@@ -18,10 +18,7 @@ CATS = ("fraud", "hate", "privacy")
 
 
 def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path.stem, path.parent.name, name)
 
 
 @pytest.fixture(scope="module")

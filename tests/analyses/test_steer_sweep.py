@@ -1,12 +1,12 @@
 """The steering sweep (catlens/recipes/steer_sweep.py, analyses/steer_sweep.py) end to end on the tiny model: tables,
 the coherence guard, the selection record, and the chosen policy applied through generate."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from catlens.steer import SteeringPolicy
 
@@ -14,10 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "analyses" / "steer_sweep.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("steer_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT.stem, name="steer_sweep")
 
 
 def test_sweep_writes_tables_and_a_policy_that_applies(tiny_lm_dir, tiny_lm, tmp_path):
@@ -82,9 +79,8 @@ def test_sweep_rule_rejects_the_ppl_guard_and_breaks_ties_by_magnitude():
     the guard is not chosen; among equal objectives the smaller total magnitude wins."""
     import pandas as pd
 
-    from catlens.selection import select, total_magnitude
-
     from catlens.recipes.steer_sweep import sweep_rule
+    from catlens.selection import select, total_magnitude
 
     t = pd.DataFrame({"toward": [None, 0.2, 0.1, 0.2], "away": [None, -0.2, -0.1, -0.05],
                       "objective": [0.1, 0.9, 0.5, 0.5], "ppl_ratio": [1.0, 1.11, 1.10, 1.05]})
