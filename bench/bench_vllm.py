@@ -159,8 +159,10 @@ def main(argv=None) -> int:
 
     first = lambda k: [r["token_ids"][0] for r in outs[k]]  # noqa: E731
     agree = sum(a == b for a, b in zip(first(("vllm", "unsteered")), first(("catlens", "unsteered")))) / len(texts)
-    same_gate = [(r["steer"], (r["route"] or {}).get("category")) for r in outs[("vllm", "gated_routed")]] == \
-        [(r["steer"], (r["route"] or {}).get("category")) for r in outs[("catlens", "gated_routed")]]
+    decided = [[(r["steer"], (r["route"] or {}).get("category")) for r in outs[(e, "gated_routed")]]
+               for e in ("vllm", "catlens")]
+    same_gate = decided[0] == decided[1]
+    decisions_agree = sum(a == b for a, b in zip(*decided)) / len(texts)
     summary = {
         "vllm_dtype": args.vllm_dtype, "catlens_dtype": catlens_dtype, "engine_start_s": start_s,
         "vllm_version": vllm_version, "vllm_worker_threads": vllm_threads, "catlens_threads": torch.get_num_threads(),
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
         "catlens_gate_cost": timings[("catlens", "gated_routed")] / timings[("catlens", "steered")] - 1.0,
         "unsteered_first_token_agreement": agree,
         "gated_routed_same_decisions": same_gate,
+        "gated_routed_decision_agreement": decisions_agree,
     }
     run.save_table("bench_vllm_summary", pd.DataFrame([summary]))
     run.finish(**{k: (round(v_, 4) if isinstance(v_, float) else v_) for k, v_ in summary.items()})

@@ -116,8 +116,11 @@ def render_bench(bench: Path) -> str:
         f"- Unsteered first tokens, vLLM ({s.vllm_dtype}) vs catlens ({catlens_dtype}): "
         f"{100 * s.unsteered_first_token_agreement:.1f} % identical; the gated + routed runs "
         + ("made the same gate and route decisions on every prompt." if bool(s.gated_routed_same_decisions) else
-           "did not make the same gate and route decisions on every prompt (the run records only whether all "
-           "agree; in the lower precision, probe scores near a threshold can fall on the other side)."),
+           (f"made the same gate and route decisions on {100 * get('gated_routed_decision_agreement'):.1f} % of "
+            "the prompts (in the lower precision, probe scores near a threshold can fall on the other side)."
+            if get("gated_routed_decision_agreement") is not None else
+            "did not make the same gate and route decisions on every prompt (this run records only whether all "
+            "agree; in the lower precision, probe scores near a threshold can fall on the other side).")),
         "",
         _meaning(s),
     ]

@@ -69,8 +69,6 @@ class _Req:
 
 
 def _rows_from(policy: Any, steer: dict[str, Any]) -> Any:
-    from catlens import decisions
-
     from catlens.steer import Rows
 
     return Rows.from_records(policy, [steer])
