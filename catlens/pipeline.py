@@ -99,13 +99,9 @@ def recipe_files(script: Path) -> list[Path]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
-    files = set()
-    for name in names:
-        if name.startswith("catlens.recipes."):
-            spec = importlib.util.find_spec(name.rsplit(".", 1)[0] if name.count(".") > 2 else name)
-            if spec is not None and spec.origin and spec.origin.endswith(".py"):
-                files.add(Path(spec.origin))
-    return sorted(files)
+    modules = {".".join(n.split(".")[:3]) for n in names if n.startswith("catlens.recipes.")}  # the recipe module
+    specs = [importlib.util.find_spec(m) for m in modules]  # (a name imported from it is not a module of its own)
+    return sorted(Path(s.origin) for s in specs if s is not None and s.origin and s.origin.endswith(".py"))
 
 
 @dataclass
