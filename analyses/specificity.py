@@ -30,7 +30,8 @@ Protocol (choose on one split, measure on another; the steps are :mod:`catlens.r
   duplicate a training prompt (and measurement prompts that duplicate a selection prompt) (``check_leakage``, near
   threshold 0.8) are dropped and counted in the manifest; the check then runs again and must pass.
 * **measurement**: :func:`catlens.generation.first_position`, one call for every setting of every variant (one
-  prefill per batch shared by all of them; cached per variant in the run folder and reused on a rerun): with
+  prefill per batch shared by all of them; each setting cached in the run folder by
+  :func:`catlens.generation.first_position_cached` and reused on a rerun): with
   greedy decoding its ``refused`` column is exactly the ``refusal_token`` judge's verdict on ``generate``'s answer;
   ``refusal_score`` is the summed refusal-token probability at the first response position.
 * **the matrix**: cell (i, j) = steered minus unsteered refusal rate on prompts of category j when steering with
@@ -56,9 +57,10 @@ Protocol (choose on one split, measure on another; the steps are :mod:`catlens.r
   ``perm_p``, ``n_perm``; the smallest possible p is 1 / (n_perm + 1)).
 
 Writes ``<out>/selection.parquet`` (the grid on the selection split), ``specificity.parquet``, ``summary.parquet``,
-``permutation.parquet``, ``permutation_summary.parquet``, ``cosines.parquet`` (each + csv), ``directions/`` (every
-direction set), ``cache/`` (first-position results per variant and per selection grid point, reused when the same
-command runs again) and the manifest. Figures: ``python figures/fig_specificity.py <out>``.
+``permutation.parquet``, ``permutation_summary.parquet``, ``cosines.parquet`` (each + csv), ``first_position.parquet``
+(the measured first-position table, column ``variant``), ``directions/`` (every direction set), ``cache/``
+(first-position results per setting, keyed by model, prompts, setting and batch size, and per selection grid point,
+reused when the same command runs again) and the manifest. Figures: ``python figures/fig_specificity.py <out>``.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def run(options: SpecificityOptions, models: ModelPool | None = None) -> dict[st
     run.update_manifest(selection={"measurement_read": True})
     head = recipe.headline(result["summary"])
     run.finish(headline=head, chosen={"layer": layer, "scale": scale}, seconds=time.perf_counter() - t0,
-               cache=result["cache"], base_identical_across_variants=result["base_identical_across_variants"])
+               cache=result["cache"])
     for line in recipe.headline_lines(head):
         print(line)
     return {**result, "run_dir": plan.out, "layer": layer, "toward": scale, "away": scale, "method": plan.method,

@@ -614,6 +614,89 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
     return pd.DataFrame([r for name in resolved for r in out[name]], columns=list(FIRST_POSITION_COLUMNS))
 
 
+def first_position_key(model: Any, prompts: Any, policy: Any, *, batch_size: int, fmt: str = "chat",
+                       system: str | None = None) -> str:
+    """sha256 of what a cached :func:`first_position` table of one policy depends on: the model
+    (:func:`catlens.steer.model_fingerprint`, dtype and device), the prompts (ids, texts, labels, categories and
+    sources, in order), the policy (:func:`policy_digest`; ``None`` for the unsteered model), the batch size
+    (padding) and the chat rendering."""
+    from catlens.steer import model_fingerprint
+
+    items = hashlib.sha256(json.dumps([[it.id, it.text, it.label, it.category, it.source]
+                                       for it in prompt_items(prompts)], default=str).encode()).hexdigest()
+    spec = {"model": model_fingerprint(model), "dtype": str(getattr(model, "dtype", "")),
+            "device": str(getattr(model, "device", "")), "prompts": items,
+            "policy": policy_digest(as_policy(policy)), "batch_size": batch_size, "fmt": fmt, "system": system}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def first_position_cached(model: Any, prompts: Any, policies: Mapping[str, Any], cache_dir: str | os.PathLike[str],
+                          *, batch_size: int = 32, fmt: str = "chat", system: str | None = None,
+                          allow_transfer: bool = False, show_progress: bool = True) -> tuple[Any, dict[str, str]]:
+    """:func:`first_position` with one table per policy in ``cache_dir``, ``<name>-<key>.parquet`` where the key is
+    :func:`first_position_key` (model, prompts, policy, batch size, rendering): a rerun computes only what it has
+    not seen, a changed model or prompt set never reads a stale table, and a policy already computed under another
+    name is read (and filed under the new name) instead of recomputed. The policies not cached run in **one**
+    :func:`first_position` call (one prefill per batch shared among them).
+
+    Returns the table (rows in the order of ``policies``, ``policy`` holding the names asked for) and
+    ``{name: "cached" | "computed"}``. A damaged file is recomputed with a warning.
+
+        >>> from catlens.generation import first_position_cached
+        >>> a, s1 = first_position_cached(model, prompts, {"base": None}, tmp_path, show_progress=False)
+        >>> b, s2 = first_position_cached(model, prompts, {"again": None}, tmp_path, show_progress=False)
+        >>> s1, s2, a.drop(columns="policy").equals(b.drop(columns="policy"))
+        ({'base': 'computed'}, {'again': 'cached'}, True)
+    """
+    import re
+
+    import pandas as pd
+
+    from catlens.runs import atomic_path
+
+    if not isinstance(policies, Mapping) or not policies:
+        raise ValueError(f"policies must be a non-empty mapping name -> policy (None = unsteered); got "
+                         f"{type(policies).__name__} {policies!r:.80}.")
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    keys = {str(n): first_position_key(model, prompts, p, batch_size=batch_size, fmt=fmt, system=system)[:24]
+            for n, p in policies.items()}
+    path = {n: root / f"{re.sub(r'[^A-Za-z0-9_.|:+=,-]', '_', n)}-{k}.parquet" for n, k in keys.items()}
+
+    def read(n: str) -> Any:
+        for f in [path[n], *sorted(root.glob(f"*-{keys[n]}.parquet"))]:
+            if f.exists():
+                try:
+                    return pd.read_parquet(f).assign(policy=n)
+                except (OSError, ValueError) as err:
+                    log.warning("ignoring a damaged first-position cache %s (%s); recomputing it", f, err)
+        return None
+
+    tables = {n: t for n in keys if (t := read(n)) is not None}
+    status = {n: "cached" if n in tables else "computed" for n in keys}
+    todo: dict[str, Any] = {}
+    for name, pol in policies.items():
+        n = str(name)
+        if n not in tables and keys[n] not in {keys[m] for m in todo}:
+            todo[n] = pol
+    if todo:
+        t0 = time.perf_counter()
+        table = first_position(model, prompts, todo, batch_size=batch_size, fmt=fmt, system=system,
+                               allow_transfer=allow_transfer, show_progress=show_progress)
+        log.info("first position: %d settings x %d prompts in %.1f s (%d of %d cached)", len(todo), len(prompts),
+                 time.perf_counter() - t0, sum(v == "cached" for v in status.values()), len(keys))
+        for n, g in table.groupby("policy", sort=False):
+            tables[n] = g.reset_index(drop=True)
+        for n in keys:
+            if n not in tables:  # another name of a policy computed just now
+                tables[n] = next(tables[m] for m in todo if keys[m] == keys[n]).assign(policy=n)
+    for n in keys:
+        if not path[n].exists():
+            with atomic_path(path[n]) as tmp:
+                tables[n].to_parquet(tmp, index=False)
+    return pd.concat([tables[n] for n in keys], ignore_index=True), status
+
+
 def policy_digest(policy: SteeringPolicy | None) -> str | None:
     """sha256 of a policy's plain form (spec and tensors): the key of cached results computed under it
     (:func:`catlens.decisions.digest`)."""

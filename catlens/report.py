@@ -27,7 +27,7 @@ whitening             ``geometry/``           ``whitening``, ``basis_alignment``
 model diffing         ``geometry/``           ``model_diff`` (geometry with ``--other-model``)
 P1 Figure 1, safety   ``p1/``                 ``headline``, ``test_rates`` (+ ``test_rates_substring``,
                                               ``transfer`` when present) (``analyses/p1_steering.py``)
-probe ROC             ``p1/``                 ``auroc``, ``test_fp/<policy>-*.parquet`` (per prompt),
+probe ROC             ``p1/``                 ``auroc``, ``test_first_position`` (per prompt),
                                               ``policies/<policy>/policy.json`` (the threshold), ``gate_errors``
 sweeps                ``p1/``                 ``sweep``, ``candidates``, ``headline`` (the region),
                                               ``lowrank_curve`` when trained; or ``sweep/sweep`` as
@@ -767,14 +767,11 @@ def section_p1(t: Tables) -> SectionResult:
 
 
 def section_probe_roc(t: Tables) -> SectionResult:
-    """The probe gate's score vs the first-position refusal-token probability (``p1/test_fp``, ``p1/auroc``)."""
+    """The probe gate's score vs the first-position refusal-token probability (``p1/test_first_position``,
+    ``p1/auroc``)."""
     sec = _Section("probe_roc", "Probe gate vs refusal token: ROC", P1_COMMAND)
-    tabs = _need(t, sec, "p1", ["auroc"])
-    folder = _folder_of(t, "p1", "auroc")
-    if folder is None:
-        folder = next((f for f in (t.root / "p1", t.root) if (f / "test_fp").is_dir()), None)
-    if folder is None or not any((folder / "test_fp").glob("*.parquet")):
-        sec.missing.append("p1/test_fp/<policy>-*.parquet")
+    tabs = _need(t, sec, "p1", ["auroc", "test_first_position"])
+    folder = _folder_of(t, "p1", "test_first_position")
     if sec.missing and not tabs:
         return sec.result()
     auroc = tabs.get("auroc")
@@ -782,11 +779,11 @@ def section_probe_roc(t: Tables) -> SectionResult:
         auroc = None
         sec.text("The auroc table is empty: no gated policy passed the perplexity guard in this run.")
     scores = None
-    if folder is not None and any((folder / "test_fp").glob("*.parquet")):
+    if folder is not None:
         from catlens.figures import p1_probe_roc as roc
         scores = roc.load_scores(folder)
         if not scores["gate_score"].notna().any():
-            sec.text("No policy in test_fp has gate scores, so there is no probe ROC to draw.")
+            sec.text("No policy in test_first_position has gate scores, so there is no probe ROC to draw.")
             scores = None
     if scores is not None:
         gate_from = roc.gated_policy(scores, auroc)

@@ -5,7 +5,7 @@ threshold, as the chosen policy applied it) and the refusal token's own decision
 token); the legend gives each score's AUROC with its bootstrap interval from the ``auroc`` table.
 
 Usage:  python figures/fig_p1_probe_roc.py RUN_DIR [--out-dir DIR] [--no-png]
-Reads:  RUN_DIR/test_fp/<policy>-<digest>-<prompts>.parquet (per-prompt first-position results: ``gate_score``,
+Reads:  RUN_DIR/test_first_position.parquet (per-prompt first-position results of every policy: ``gate_score``,
         ``gate_flagged``, ``refusal_score``, ``refused``, ``source`` = dataset, ``label``), RUN_DIR/auroc.parquet
         (AUROC with interval per pair and score; its ``gate_from`` names the gated policy) and, for the threshold's
         value, RUN_DIR/policies/<policy>/policy.json (plain JSON) (written by analyses/p1_steering.py)
@@ -37,7 +37,7 @@ def main(run_dir: Path, out_dir: Path | None = None, png: bool = True) -> dict[s
     if auroc is None:
         log.info("probe ROC: no auroc rows in %s; the legend gives the curves' AUROC without an interval", run_dir)
     if not scores["gate_score"].notna().any():
-        log.info("fig_p1_probe_roc skipped: no policy in %s/test_fp has gate scores (no gated policy passed the "
+        log.info("fig_p1_probe_roc skipped: no policy in %s/test_first_position has gate scores (no gated policy passed the "
                  "perplexity guard)", run_dir)
         return {}
     gate_from = gated_policy(scores, auroc)

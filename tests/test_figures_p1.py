@@ -25,7 +25,6 @@ POLICIES = {"unsteered": (0.70, 0.30), "categorical_youden": (0.92, 0.08), "cate
 THRESHOLDS = {"categorical_youden": 0.5, "categorical_target_fpr": 0.7}
 CATEGORIES = ("violence", "cyber", "<fraud & co>")  # markup in a category: the report must escape it
 N_PER_SET = 12
-PROMPT_HASH = "abcdef012345"
 
 
 def _load(name: str):
@@ -116,11 +115,9 @@ def make_p1_run(folder: Path, *, lowrank: bool = False, substring: bool = True, 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     per = _per_prompt(rng)
-    (folder / "test_fp").mkdir(exist_ok=True)
-    for k, (policy, t) in enumerate(per.items()):
-        t.to_parquet(folder / "test_fp" / f"{policy}-{k:012d}-{PROMPT_HASH}.parquet", index=False)
     fp = pd.concat(per.values(), ignore_index=True)
     fp = fp.assign(dataset=fp.source)
+    _save(folder, "test_first_position", fp)
     rates = []
     for name, g in fp.groupby("policy", sort=False):
         for by in (["dataset"], ["dataset", "category"]):
@@ -360,22 +357,13 @@ def test_probe_roc_curves_points_and_legend_come_from_the_tables(run):
     assert f"xstest unsafe vs safe: gate threshold {THRESHOLDS['categorical_youden']:.3g}" in names
 
 
-def test_probe_roc_reads_the_current_prompt_set_and_newest_policy_files(run):
-    import os
-
+def test_probe_roc_reads_the_saved_per_prompt_table(run):
     roc = _builders("fig_p1_probe_roc")
-    before = roc.load_scores(run)
-    stale = before[before.policy == "categorical_youden"].assign(gate_score=0.0)
-    old = run / "test_fp" / f"categorical_youden-ffffffffffff-{'0' * 12}.parquet"  # another (older) prompt set
-    stale.to_parquet(old, index=False)
-    newest = max(p.stat().st_mtime for p in (run / "test_fp").glob("*.parquet"))
-    os.utime(old, (newest + 10, newest + 10))
-    pd.testing.assert_frame_equal(roc.load_scores(run).sort_values(["policy", "id"]).reset_index(drop=True),
-                                  before.sort_values(["policy", "id"]).reset_index(drop=True))
-    earlier = run / "test_fp" / f"categorical_youden-eeeeeeeeeeee-{PROMPT_HASH}.parquet"  # a rerun, same prompts
-    stale.to_parquet(earlier, index=False)
-    os.utime(earlier, (newest + 20, newest + 20))
-    assert (roc.load_scores(run).query("policy == 'categorical_youden'").gate_score == 0).all()
+    saved = pd.read_parquet(run / "test_first_position.parquet")
+    pd.testing.assert_frame_equal(roc.load_scores(run), saved)
+    saved.drop(columns="gate_score").to_parquet(run / "test_first_position.parquet", index=False)
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['gate_score'\]"):
+        roc.load_scores(run)
 
 
 def test_sweep_curves_read_the_grid(run):
@@ -445,7 +433,7 @@ def test_lowrank_curve_and_bad_tables(run):
         fst = _builders("fig_p1_safety_table")
         rates = pd.read_parquet(run / "test_rates.parquet")
         fst.safety_rows(rates[rates.grouping != "dataset"])
-    with pytest.raises(FileNotFoundError, match="no per-prompt tables"):
+    with pytest.raises(FileNotFoundError, match="no per-prompt table at"):
         _builders("fig_p1_probe_roc").load_scores(run / "nowhere")
 
 
@@ -453,8 +441,8 @@ def test_a_run_without_a_gated_policy(tmp_path, caplog):
     """When no candidate passes the perplexity guard the analysis keeps only the unsteered policy and writes an empty
     auroc table: the ROC script draws nothing and says why; the other scripts still draw."""
     run = make_p1_run(tmp_path / "p1")
-    for f in (run / "test_fp").glob("categorical_*"):
-        f.unlink()
+    fp = pd.read_parquet(run / "test_first_position.parquet")
+    _save(run, "test_first_position", fp[fp.policy == "unsteered"])
     pd.DataFrame().to_parquet(run / "auroc.parquet")
     caplog.set_level(logging.INFO)
     assert _load("fig_p1_probe_roc").main(run, out_dir=tmp_path / "out", png=False) == {}

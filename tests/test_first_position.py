@@ -113,3 +113,85 @@ def test_prepare_batch_and_read_spec(tiny_lm):
     assert _read_spec(pols["gated_routed"]) == {"gate:0": (gate.site, 1, "last")}  # a refusal-token router reads nothing
     router = pols["probe_router"].router
     assert _read_spec(pols["probe_router"]) == {"router": (router.site, 3, "last")}
+
+
+# ---------------------------------------------------------------------------------------------- the one cache
+def _counting(monkeypatch):
+    """Count the policies catlens.generation.first_position is asked to compute."""
+    import catlens.generation as G
+
+    calls, real = [], G.first_position
+
+    def counted(model, prompts, policies, **kw):
+        calls.append(sorted(policies))
+        return real(model, prompts, policies, **kw)
+
+    monkeypatch.setattr(G, "first_position", counted)
+    return calls
+
+
+def test_first_position_cached_equals_first_position_and_computes_each_setting_once(tiny_lm, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from catlens.generation import first_position_cached
+
+    pols = _policies(tiny_lm)
+    want = first_position(tiny_lm, PROMPTS, pols, batch_size=3, show_progress=False)
+    calls = _counting(monkeypatch)
+    got, status = first_position_cached(tiny_lm, PROMPTS, pols, tmp_path, batch_size=3, show_progress=False)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)  # Parquet stores an all-None column as strings
+    assert status == {n: "computed" for n in pols} and calls == [sorted(pols)]
+    # a rerun reads every setting; a new name for a known setting is read too (and filed under its name)
+    renamed = {"base": None, "plain_again": pols["plain"], "new": Intervention("resid_post", 1, _vecs(tiny_lm)[1])}
+    again, status = first_position_cached(tiny_lm, PROMPTS, {**pols, **renamed}, tmp_path, batch_size=3,
+                                          show_progress=False)
+    assert calls == [sorted(pols), ["new"]]
+    assert status == {**{n: "cached" for n in pols}, "base": "cached", "plain_again": "cached", "new": "computed"}
+    pd.testing.assert_frame_equal(again[again.policy.isin(list(pols))].reset_index(drop=True), got,
+                                  check_dtype=False)
+    same = again.set_index(["policy", "id"])
+    assert same.loc["plain_again"].equals(same.loc["plain"]) and same.loc["base"].equals(same.loc["unsteered"])
+    assert len(list(tmp_path.glob("plain_again-*.parquet"))) == 1
+    # two names for one setting in one call: computed once
+    twice, status = first_position_cached(tiny_lm, PROMPTS, {"a": pols["zero"], "b": pols["zero"]}, tmp_path / "2",
+                                          batch_size=3, show_progress=False)
+    assert calls[-1] == ["a"] and status == {"a": "computed", "b": "computed"}
+    assert twice[twice.policy == "b"].drop(columns="policy").reset_index(drop=True).equals(
+        twice[twice.policy == "a"].drop(columns="policy").reset_index(drop=True))
+
+
+def test_first_position_cache_is_keyed_by_model_prompts_and_batch_size(tiny_lm, tiny_lm_dir, tmp_path, monkeypatch):
+    from catlens.generation import first_position_cached, first_position_key
+    from catlens.model import load_model
+    from catlens.testing import make_tiny_model_dir
+
+    pol = {"plain": _policies(tiny_lm)["plain"]}
+    calls = _counting(monkeypatch)
+    first_position_cached(tiny_lm, PROMPTS, pol, tmp_path, batch_size=3, show_progress=False)
+    first_position_cached(tiny_lm, PROMPTS, pol, tmp_path, batch_size=2, show_progress=False)  # padding differs
+    first_position_cached(tiny_lm, PROMPTS[:-1], pol, tmp_path, batch_size=3, show_progress=False)
+    edited = [{**PROMPTS[0], "text": "How do I bake rye bread?"}, *PROMPTS[1:]]
+    first_position_cached(tiny_lm, edited, pol, tmp_path, batch_size=3, show_progress=False)
+    other = load_model(make_tiny_model_dir(tmp_path / "other", categories=CATS, seed=1))  # same shape, new weights
+    other.provenance["weights_sha256"] = "another"
+    _, status = first_position_cached(other, PROMPTS, pol, tmp_path, batch_size=3, show_progress=False)
+    assert len(calls) == 5 and status == {"plain": "computed"}
+    key = first_position_key(tiny_lm, PROMPTS, pol["plain"], batch_size=3)
+    assert key != first_position_key(tiny_lm, PROMPTS, None, batch_size=3)
+    assert key == first_position_key(tiny_lm, list(PROMPTS), pol["plain"], batch_size=3)  # a pure function
+    assert key != first_position_key(tiny_lm, PROMPTS, pol["plain"], batch_size=3, system="Be brief.")
+
+
+def test_a_damaged_first_position_file_is_recomputed_with_a_warning(tiny_lm, tmp_path, monkeypatch, caplog):
+    from catlens.generation import first_position_cached
+
+    pol = {"unsteered": None}
+    want, _ = first_position_cached(tiny_lm, PROMPTS, pol, tmp_path, batch_size=3, show_progress=False)
+    (f,) = tmp_path.glob("unsteered-*.parquet")
+    f.write_bytes(b"not parquet")
+    calls = _counting(monkeypatch)
+    got, status = first_position_cached(tiny_lm, PROMPTS, pol, tmp_path, batch_size=3, show_progress=False)
+    assert status == {"unsteered": "computed"} and calls == [["unsteered"]] and got.equals(want)
+    assert "damaged first-position cache" in caplog.text
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        first_position_cached(tiny_lm, PROMPTS, {}, tmp_path)

@@ -283,7 +283,7 @@ def test_sections_say_not_run_with_the_command(tmp_path):
     for sid in ("p1", "probe_roc", "bound", "sweep", "p2", "specificity", "judges"):
         assert status[sid] == "not run", sid
     page = rep.path.read_text()
-    for table in ("p1/headline.parquet", "p1/test_rates.parquet", "p1/auroc.parquet", "p1/test_fp/&lt;policy&gt;-*",
+    for table in ("p1/headline.parquet", "p1/test_rates.parquet", "p1/auroc.parquet", "p1/test_first_position.parquet",
                   "p1/sweep.parquet", "p2/p2_test.parquet", "specificity/specificity.parquet",
                   "specificity/summary.parquet", "p2/p2_agreement.parquet"):
         assert table in page, table

@@ -28,28 +28,18 @@ SCORE_COLUMNS = ("policy", "id", "label", "gate_score", "refusal_score")
 
 
 def load_scores(run_dir: Path) -> pd.DataFrame:
-    """Every policy's per-prompt first-position table from ``run_dir/test_fp`` (the newest file per policy, all on
-    the prompt set of the newest unsteered file), with a ``dataset`` column (= ``source``)."""
-    folder = Path(run_dir) / "test_fp"
-    files = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no per-prompt tables in {str(folder)!r}; run analyses/p1_steering.py (it writes "
-                                f"test_fp/<policy>-*.parquet).")
-    prompt_hash = {p: p.stem.rsplit("-", 1)[-1] for p in files}
-    base = [p for p in files if p.stem.startswith(f"{BASE}-")]
-    if base:  # stale files of an earlier test set (another --test-cap, say) are left out
-        files = [p for p in files if prompt_hash[p] == prompt_hash[base[-1]]]
-    newest: dict[str, pd.DataFrame] = {}
-    for p in files:  # oldest first: a later file of the same policy replaces an earlier one
-        t = pd.read_parquet(p)
-        if len(t):
-            newest[str(t["policy"].iloc[0])] = t
-    table = pd.concat(newest.values(), ignore_index=True)
+    """Every policy's per-prompt first-position results on the test sets (``run_dir/test_first_position``), with a
+    ``dataset`` column (= ``source``)."""
+    path = Path(run_dir) / "test_first_position.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"no per-prompt table at {str(path)!r}; run analyses/p1_steering.py (its test stage "
+                                f"writes test_first_position.parquet).")
+    table = pd.read_parquet(path)
     if "dataset" not in table.columns:
         table["dataset"] = table["source"]
     missing = [c for c in SCORE_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"the test_fp tables in {str(folder)!r} have no column(s) {missing}.")
+        raise ValueError(f"the table {str(path)!r} has no column(s) {missing}.")
     return table
 
 
@@ -62,7 +52,7 @@ def gated_policy(scores: pd.DataFrame, auroc: pd.DataFrame | None = None) -> str
             return name
     with_gate = scores[scores["gate_score"].notna()]
     if not len(with_gate):
-        raise ValueError(f"no policy in the test_fp tables has gate scores (policies: "
+        raise ValueError(f"no policy in the test_first_position table has gate scores (policies: "
                          f"{sorted(set(scores['policy']))}); the ROC needs a gated policy.")
     return str(with_gate["policy"].iloc[0])
 
@@ -93,7 +83,7 @@ def roc_data(scores: pd.DataFrame, gate_from: str, threshold: float | None = Non
     gated = scores[scores["policy"] == gate_from].set_index("id")
     base = scores[scores["policy"] == BASE].set_index("id")
     if not len(base):
-        raise ValueError(f"the test_fp tables have no {BASE!r} policy; the refusal-token ROC reads the unsteered "
+        raise ValueError(f"the test_first_position table has no {BASE!r} policy; the refusal-token ROC reads the unsteered "
                          f"model's refusal_score.")
     curves, points = [], []
     for pair, (pos, neg) in PAIRS.items():
@@ -121,7 +111,7 @@ def roc_data(scores: pd.DataFrame, gate_from: str, threshold: float | None = Non
                              what="unsteered greedy first token is a refusal token")
             points.append(point)
     if not curves:
-        raise ValueError(f"none of the pairs {list(PAIRS)} has both datasets in the test_fp tables.")
+        raise ValueError(f"none of the pairs {list(PAIRS)} has both datasets in the test_first_position table.")
     return pd.concat(curves, ignore_index=True), pd.DataFrame(points)
 
 

@@ -494,7 +494,7 @@ def run_sweep(model: Any, sets: dict[str, Any], fit: dict[str, Any], layers: Seq
             for c in away:
                 policies[f"{m}|{layer}|a|{c}"] = SteeringPolicy((intervention(fit, m, layer, -c),),
                                                                 router=fit["router"])
-    table = first_position_cached(model, val, policies, run, "sweep_fp", args.batch_size)
+    table = first_position_cached(model, val, policies, run, "sweep", args.batch_size)
     by = {name: g.set_index("id").loc[vf.id].refused.to_numpy(dtype=bool).astype(int)
           for name, g in table.groupby("policy")}
     harmful = (vf.label == "harmful").to_numpy()
@@ -828,7 +828,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
             pols[f"t|{c}"] = SteeringPolicy((replace(iv, coeff=c),))
         for c in mults_a:
             pols[f"a|{c}"] = SteeringPolicy((replace(iv, coeff=-c),))
-        table = first_position_cached(model, val, pols, run, f"lowrank_fp_{mode}", args.batch_size)
+        table = first_position_cached(model, val, pols, run, f"lowrank_{mode}", args.batch_size)
         by = {n: g.set_index("id").loc[vf.id].refused.to_numpy(dtype=bool).astype(int)
               for n, g in table.groupby("policy")}
         cands = []
@@ -877,27 +877,18 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
     return policies
 
 
-def first_position_cached(model: Any, ps: Any, policies: dict[str, Any], run: Any, folder: str,
+def first_position_cached(model: Any, ps: Any, policies: dict[str, Any], run: Any, purpose: str,
                           batch_size: int, allow_transfer: bool = False) -> Any:
-    """:func:`first_position` with one table per policy under ``<run>/<folder>/<name>-<digest>.parquet``: a rerun
-    computes only the policies it has not seen (sharing one prefill among them)."""
-    import pandas as pd
+    """:func:`catlens.generation.first_position_cached` in the run's one cache folder
+    (``<run>/cache/first_position``, shared by the sweep, the low-rank sweep and the test, so the unsteered pass
+    of a prompt set is computed once); the manifest's ``first_position`` records, per ``purpose``, which policies
+    were read from the cache and which were computed."""
+    from catlens.generation import first_position_cached as cached
 
-    from catlens.generation import first_position, policy_digest as _policy_digest
-    from catlens.runs import atomic_path
-
-    root = run.path / folder
-    root.mkdir(parents=True, exist_ok=True)
-    path = {n: root / f"{n}-{(_policy_digest(p) or 'none')[:12]}-{ps.content_hash[:12]}.parquet"
-            for n, p in policies.items()}
-    todo = {n: p for n, p in policies.items() if not path[n].exists()}
-    if todo:
-        table = first_position(model, ps, todo, batch_size=batch_size, allow_transfer=allow_transfer)
-        for n, g in table.groupby("policy", sort=False):
-            with atomic_path(path[n]) as tmp:
-                g.to_parquet(tmp, index=False)
-    run.update_manifest(first_position_files={folder: {n: path[n].name for n in policies}})
-    return pd.concat([pd.read_parquet(path[n]) for n in policies], ignore_index=True)
+    table, status = cached(model, ps, policies, run.path / "cache" / "first_position", batch_size=batch_size,
+                           allow_transfer=allow_transfer)
+    run.update_manifest(first_position={purpose: status})
+    return table
 
 
 def _headline_rows(frame: Any, column: str, ppl: Any, judge: str) -> list[dict[str, Any]]:
@@ -944,8 +935,9 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     from catlens.metrics import auroc_with_ci, rate_table
 
     test = sets["test"]
-    fp = first_position_cached(model, test, policies, run, "test_fp", args.batch_size)
+    fp = first_position_cached(model, test, policies, run, "test", args.batch_size)
     fp = fp.assign(dataset=fp.source)
+    run.save_table("test_first_position", fp)
     rates = []
     for name, g in fp.groupby("policy", sort=False):
         for by in (["dataset"], ["dataset", "category"]):
@@ -1271,8 +1263,9 @@ def evaluate_reverse(model: Any, sets: dict[str, Any], fit: dict[str, Any], poli
                                    "method": "one_vs_benign", "layer": layer})
     test = gen_subsample(sets["test"], args.reverse_n, args.seed)
     fp = first_position_cached(model, test, {"unsteered": None, "categorical_global": base,
-                                             "reverse_stock_youden": reverse}, run, "reverse_fp", args.batch_size,
+                                             "reverse_stock_youden": reverse}, run, "reverse", args.batch_size,
                                allow_transfer=True)
+    run.save_table("reverse_first_position", fp)
     rows = []
     for (name, label), part in fp.groupby(["policy", "label"], sort=False):
         rows.append({"policy": name, "model": "tuned", "label": label,

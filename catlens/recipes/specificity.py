@@ -3,7 +3,7 @@
 sets (:func:`assemble_prompts`, :func:`prepare_sets`), fit one direction per category and the control and
 label-permutation variants (:func:`fit_directions`, through :func:`catlens.directions.fit_directions`), turn them into
 steering settings (:func:`build_policies`), measure every setting at the first response position with a cache per
-variant (:func:`run_first_position`), build the matrix, its summary and the tests (:func:`specificity_tables`,
+setting (:func:`run_first_position`), build the matrix, its summary and the tests (:func:`specificity_tables`,
 :func:`mcnemar_exact`, :func:`adjust_p_values`, :func:`add_permutation_control`), choose the layer and scale on the
 selection split (:func:`choose_setting`, :func:`selection_rule`) and measure the choice once
 (:func:`run_specificity`). :func:`check_options`, :func:`prepare_run` and :func:`policy_scale` are the command
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -401,65 +400,33 @@ def build_policies(dirs: Mapping[str, Any], *, toward: float, away: float, posit
     return out, pd.DataFrame(meta)
 
 
-def cache_key(model: Any, evals: Any, policies: Mapping[str, Any], batch_size: int) -> str:
-    """The key of one variant's cached first-position table: sha256 of the model fingerprint
-    (:func:`catlens.steer.model_fingerprint`), the prompts' content hash and ids, each setting's
-    :func:`catlens.generation.policy_digest` and the batch size."""
-    from catlens.generation import policy_digest as _policy_digest
-    from catlens.steer import as_policy, model_fingerprint
-
-    spec = {"model": model_fingerprint(model), "prompts": evals.content_hash, "ids": list(evals.ids),
-            "policies": {k: _policy_digest(as_policy(v)) for k, v in sorted(policies.items())},
-            "batch_size": batch_size}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def run_first_position(model: Any, evals: Any, policies: Mapping[str, Mapping[str, Any]], *, batch_size: int = 32,
                        cache_dir: Path | None = None, show_progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """The first-position table of every variant's settings, cached per variant as
-    ``cache_dir/first_position_<variant>.parquet`` with a key (model, prompts, settings, batch size) in a JSON
-    sidecar; a matching cache is reused. The variants not cached run in **one** ``first_position`` call (one
-    prefill per batch shared by all their settings; the unsteered rows are each variant's baseline). Returns the
-    concatenated table (column ``variant`` added) and ``{variant: "computed" | "cached"}``."""
-    from catlens.generation import first_position
-    from catlens.runs import atomic_path, write_json_atomic
+    """The first-position table of every variant's settings and the unsteered baseline, in **one**
+    :func:`catlens.generation.first_position` call (one prefill per batch shared by all settings), cached per
+    setting in ``cache_dir`` by :func:`catlens.generation.first_position_cached` (keyed by the model, the prompts,
+    the setting and the batch size). Returns the table (column ``variant`` added; each variant's rows carry the one
+    unsteered baseline) and ``{variant: "computed" | "cached"}`` ("cached" when every setting of the variant was)."""
+    from catlens.generation import first_position, first_position_cached
 
-    tables: dict[str, pd.DataFrame] = {}
-    status: dict[str, str] = {}
-    keys = {variant: cache_key(model, evals, pols, batch_size) for variant, pols in policies.items()}
-    for variant in policies:
-        if cache_dir is None:
-            continue
-        f, meta = cache_dir / f"first_position_{variant}.parquet", cache_dir / f"first_position_{variant}.json"
-        if f.exists() and meta.exists():
-            try:
-                if json.loads(meta.read_text()).get("key") == keys[variant]:
-                    tables[variant], status[variant] = pd.read_parquet(f), "cached"
-            except (json.JSONDecodeError, OSError, ValueError) as err:
-                log.warning("ignoring a damaged cache %s (%s)", f, err)
-    missing = [v for v in policies if v not in tables]
-    if missing:
-        joint: dict[str, Any] = {BASE: None}
-        for variant in missing:
-            joint.update({f"{variant}/{name}": pol for name, pol in policies[variant].items() if pol is not None})
-        t0 = time.perf_counter()
+    joint: dict[str, Any] = {BASE: None}
+    for variant, pols in policies.items():
+        joint.update({f"{variant}/{name}": pol for name, pol in pols.items() if pol is not None})
+    if cache_dir is None:
         table = first_position(model, evals, joint, batch_size=batch_size, show_progress=show_progress)
-        seconds = time.perf_counter() - t0
-        log.info("first position: %d settings (%s) x %d prompts in %.1f s", len(joint), ", ".join(missing),
-                 len(evals), seconds)
-        base = table[table.policy == BASE]
-        for variant in missing:
-            own = table[table.policy.str.startswith(f"{variant}/")].copy()
-            own["policy"] = own.policy.str.slice(len(variant) + 1)
-            tables[variant], status[variant] = pd.concat([base, own], ignore_index=True), "computed"
-            if cache_dir is not None:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                with atomic_path(cache_dir / f"first_position_{variant}.parquet") as tmp:
-                    tables[variant].to_parquet(tmp, index=False)
-                write_json_atomic(cache_dir / f"first_position_{variant}.json",
-                                  {"key": keys[variant], "rows": len(tables[variant]),
-                                   "computed_with": missing, "seconds_of_the_joint_call": seconds})
-    return pd.concat([tables[v].assign(variant=v) for v in policies], ignore_index=True), status
+        done = {name: "computed" for name in joint}
+    else:
+        table, done = first_position_cached(model, evals, joint, cache_dir, batch_size=batch_size,
+                                            show_progress=show_progress)
+    base = table[table.policy == BASE]
+    tables, status = [], {}
+    for variant in policies:
+        own = table[table.policy.str.startswith(f"{variant}/")]
+        tables.append(pd.concat([base, own.assign(policy=own.policy.str.slice(len(variant) + 1))],
+                                ignore_index=True).assign(variant=variant))
+        status[variant] = ("cached" if all(v == "cached" for k, v in done.items() if k.startswith(f"{variant}/"))
+                           else "computed")
+    return pd.concat(tables, ignore_index=True), status
 
 
 # ------------------------------------------------------------------------------------------------ the matrix
@@ -686,10 +653,6 @@ def run_specificity(model: Any, train: Any, evals: Any, index: pd.DataFrame, cat
     cache_dir = run.path / "cache" if run is not None else None
     fp, status = run_first_position(model, evals, policies, batch_size=batch_size, cache_dir=cache_dir,
                                     show_progress=show_progress)
-    base = fp[fp.policy == BASE].pivot(index="id", columns="variant", values="top_token")
-    base_same = bool((base.nunique(axis=1) == 1).all())
-    if not base_same:  # only possible when some variants came from an older cache
-        log.warning("the unsteered first tokens differ between variants' tables; each variant uses its own baseline.")
     seeds = json.dumps({"bootstrap": seed, "random_directions": seed, "subsample": seed, "label_permutations": seed},
                        sort_keys=True)
     context = {"layer": layer, "method": method, "positions": json.dumps(positions), "seeds": seeds}
@@ -705,11 +668,11 @@ def run_specificity(model: Any, train: Any, evals: Any, index: pd.DataFrame, cat
     summary = add_permutation_control(summary, psummary)[list(SUMMARY_COLUMNS)]
     cosines = cosine_table(dirs, method)
     result = {"specificity": cells, "summary": summary, "permutation": pcells, "permutation_summary": psummary,
-              "cosines": cosines, "directions": dirs, "cache": status, "seconds": time.perf_counter() - t0,
-              "base_identical_across_variants": base_same}
+              "cosines": cosines, "directions": dirs, "cache": status, "seconds": time.perf_counter() - t0}
     if run is not None:
         for name in ("specificity", "summary", "permutation", "permutation_summary", "cosines"):
             run.save_table(name, result[name])
+        run.save_table("first_position", fp)
         for variant in direction_variants(dirs):
             dirs[variant].save(run.path / "directions" / variant)
     return result

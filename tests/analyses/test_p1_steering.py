@@ -200,8 +200,8 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     assert set(table.policy) == {"unsteered", "categorical_global", "reverse_stock_youden"}
     assert set(table.label) == {"harmful", "benign"} and len(table) == 6
     assert (run.path / "reverse_transfer.parquet").exists()
-    fp = pd.concat([pd.read_parquet(f) for f in (run.path / "reverse_fp").glob("*.parquet")])
-    full = pd.concat([pd.read_parquet(f) for f in (out / "test_fp").glob("*.parquet")])
+    fp = pd.read_parquet(run.path / "reverse_first_position.parquet")
+    full = pd.read_parquet(out / "test_first_position.parquet")
     a = fp[fp.policy == "unsteered"].set_index("id").sort_index()
     b = full[full.policy == "unsteered"].set_index("id").loc[a.index]
     assert (a.refused.astype(bool) == b.refused.astype(bool)).all()

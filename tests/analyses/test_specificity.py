@@ -211,7 +211,8 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     selection = load_table(out / "selection")
     assert len(selection) == 1 and selection.chosen.all() and (selection.split == "selection").all()
     # the cells are exactly steered minus unsteered, recomputed here from the cached first-position table
-    fp = pd.read_parquet(out / "cache" / "first_position_raw.parquet")
+    every = pd.read_parquet(out / "first_position.parquet")  # the first-position table the stage measured
+    fp = every[every.variant == "raw"]
     assert set(fp.id) == {f"{c}/{k}" for c in CATS for k in ("h5", "h6", "l4", "l5")}  # test prompts only
     ids = [f"fraud/h{i}" for i in (5, 6)]
     got = fp.set_index(["policy", "id"])
@@ -227,7 +228,7 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
 
     for r in cells.sample(10, random_state=0).itertuples():
         pol = f"{r.steer_category}|{r.sign}"
-        table = pd.read_parquet(out / "cache" / f"first_position_{r.variant}.parquet").set_index(["policy", "id"])
+        table = every[every.variant == r.variant].set_index(["policy", "id"])
         cell_ids = [i for i in set(fp.id) if i.startswith(r.eval_category + "/") and
                     (("/h" in i) == (r.set == "harmful"))]
         b = sum(bool(table.loc[("unsteered", i), "refused"]) and not bool(table.loc[(pol, i), "refused"])
@@ -284,7 +285,9 @@ def test_end_to_end_on_the_tiny_model(spec, tiny_lm_dir, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(load_table(out / "specificity"), cells)
     # an interrupted run: only the variant whose cache is missing is computed again, with the same result
     monkeypatch.undo()
-    for f in (out / "cache").glob("first_position_control.*"):
+    removed = list((out / "cache").glob("control_*.parquet"))  # one file per setting of the control variant
+    assert removed
+    for f in removed:
         f.unlink()
     again, _ = _run(spec, tiny_lm_dir, tmp_path, "--scale", "3.0")
     assert again["cache"] == {**{v: "cached" for v in all_variants}, "control": "computed"}
@@ -476,9 +479,9 @@ def test_layer_and_scale_chosen_on_val_and_measured_on_test(spec, tiny_lm_dir, t
     cells = result["specificity"]
     assert (cells.layer == best.layer).all() and (cells.scale == best.scale).all()
     for folder in (out / "cache" / "selection").iterdir():  # the grid read only val prompts
-        fp = pd.read_parquet(folder / "first_position_raw.parquet")
+        fp = pd.concat([pd.read_parquet(f) for f in folder.glob("*.parquet")])
         assert set(fp.id) == {f"{c}/{k}" for c in CATS for k in ("h3", "h4", "l2", "l3")}
-    assert set(pd.read_parquet(out / "cache" / "first_position_raw.parquet").id).isdisjoint(
+    assert set(pd.read_parquet(out / "first_position.parquet").id).isdisjoint(
         {f"{c}/{k}" for c in CATS for k in ("h3", "h4", "l2", "l3")})
     assert (load_table(out / "summary").n_perm == 0).all() and not (out / "directions" / "permuted_0").exists()
 
