@@ -1,0 +1,104 @@
+"""Render docs/BENCHMARKS.md's "The main job, stage by stage" section from a main-job run folder (its manifest,
+``summary.json`` and the stages' own manifests; numbers are never typed): every stage's time and model loads, what
+the one shared model pool saved, and the first-position settings a stage read from the run's cache instead of
+computing again. Replaces the text between the section's markers.
+
+    python bench/render_pipeline_doc.py runs/main [--note "measured on an idle machine, fine-tune cached"]
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+HEADING = "## The main job, stage by stage (issue 19)"
+BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    m, s = divmod(round(float(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def first_position_reuse(run: Path) -> list[tuple[str, str, int, int]]:
+    """``(stage, purpose, cached, computed)`` per first-position call recorded in a stage's manifest (P1's
+    ``first_position``; the specificity stage's per-variant ``cache``)."""
+    rows = []
+    p1 = _read(run / "p1" / "manifest.json").get("first_position", {})
+    for purpose, status in p1.items():
+        rows.append(("p1", purpose, sum(v == "cached" for v in status.values()),
+                     sum(v == "computed" for v in status.values())))
+    spec = _read(run / "specificity" / "manifest.json").get("summary", {}).get("cache", {})
+    if spec:
+        rows.append(("specificity", "variants", sum(v == "cached" for v in spec.values()),
+                     sum(v == "computed" for v in spec.values())))
+    return rows
+
+
+def render(run: Path, note: str | None = None) -> str:
+    manifest = _read(run / "manifest.json")
+    if not manifest:
+        raise FileNotFoundError(f"no manifest.json in {str(run)!r}: give a folder `analyses/main.py --out` wrote.")
+    summary = _read(run / "summary.json")
+    stages = manifest.get("stages", {})
+    lines = [f"Run `{run}` (git {manifest.get('git_commit', '?')[:7]}{' (dirty)' if manifest.get('git_dirty') else ''},"
+             f" started {manifest.get('created', '?')}), `python analyses/main.py --out {run}`"
+             + (f"; {note}" if note else "") + ".", "",
+             "| stage | status | time | model loads in the stage |", "|---|---|---|---|"]
+    total = 0.0
+    for name, info in stages.items():
+        sec = info.get("seconds")
+        total += float(sec or 0) if info.get("status") == "done" else 0.0
+        loads = info.get("model_loads") or {}
+        load_text = f"{loads['n']} ({loads['seconds']:.1f} s)" if loads else "n/a"
+        lines.append(f"| {name} | {info.get('status', '?')} | {_minutes(sec)} | {load_text} |")
+    lines += ["", f"Stages that ran: {_minutes(total)}; the whole job: {_minutes(summary.get('seconds'))}."]
+    ml = summary.get("model_loads") or manifest.get("model_loads") or {}
+    pool = ml.get("pool")
+    if pool:
+        per_load = pool["load_seconds"] / pool["loads"] if pool["loads"] else 0.0
+        lines += ["", f"**One process, one model pool.** The job loaded {pool['loads']} model(s) "
+                      f"({pool['load_seconds']:.1f} s in all) and answered {pool['hits']} further request(s) with a "
+                      f"model already loaded: with a process per stage, each of those would have been a load "
+                      f"(about {pool['hits'] * per_load:.0f} s at this job's mean load time, plus the process "
+                      f"start and imports). Loads outside the pool (`load_model` calls a stage makes itself): "
+                      f"{ml.get('n', 0) - pool['loads']}."]
+    reuse = first_position_reuse(run)
+    if reuse:
+        cached = sum(r[2] for r in reuse)
+        lines += ["", f"**Repeated prompt passes.** First-position settings read from the run's cache instead of "
+                      f"computed again: {cached} of {cached + sum(r[3] for r in reuse)} "
+                      "(`catlens.generation.first_position_cached`; a rerun of the job reads them all).", "",
+                  "| stage | call | read from the cache | computed |", "|---|---|---|---|"]
+        lines += [f"| {s} | {p} | {c} | {n} |" for s, p, c, n in reuse]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("run", help="a main-job run folder (analyses/main.py --out)")
+    p.add_argument("--note", default=None, help="how it was measured (said after the command)")
+    args = p.parse_args(argv)
+    body = render(Path(args.run), args.note)
+    text = DOC.read_text()
+    section = f"{HEADING}\n\n{BEGIN}\n{body}\n{END}\n"
+    if BEGIN in text:
+        text = re.sub(rf"{re.escape(HEADING)}\n\n{re.escape(BEGIN)}.*?{re.escape(END)}\n", lambda _: section, text,
+                      flags=re.S)
+    else:  # after the main job's speed section
+        at = text.find("\n## Foundation")
+        text = (text[:at] + "\n" + section + text[at:]) if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    DOC.write_text(text)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
