@@ -658,8 +658,8 @@ def zone_rules(target_refusal: float, ppl_guard: float) -> tuple[Any, Any]:
     the constraints are stated on them rather than recomputed."""
     from catlens.selection import Constraint, Objective, SelectionRule, TieBreak
 
-    guard = Constraint("admissible", "==", 1, label=f"perplexity ratio <= {1 + ppl_guard:.2f}")
-    feasible = Constraint("feasible", "==", 1, label=f"refusal >= {target_refusal:g} within the perplexity guard")
+    guard = Constraint("admissible", "==", 1.0, label=f"perplexity ratio <= {1 + ppl_guard:.2f}")
+    feasible = Constraint("feasible", "==", 1.0, label=f"refusal >= {target_refusal:g} within the perplexity guard")
     hit = SelectionRule(Objective("over_refusal", "min"), constraints=(guard, feasible),
                         tie_breaks=(TieBreak("refusal", "max"), TieBreak("magnitude", "min"),
                                     TieBreak("scope_rank", "min")))
@@ -851,7 +851,7 @@ def lowrank_rule() -> Any:
     from catlens.selection import Constraint, Objective, SelectionRule, TieBreak
 
     return SelectionRule(Objective("over_refusal", "min"),
-                         constraints=(Constraint("feasible", "==", 1, label="feasible on the first-position sweep"),),
+                         constraints=(Constraint("feasible", "==", 1.0, label="feasible on the first-position sweep"),),
                          tie_breaks=(TieBreak("refusal", "max"), TieBreak("magnitude", "min")))
 
 

@@ -188,8 +188,8 @@ def test_selection_record_keeps_its_fields_and_adds_each_modes_selection():
     rows, want, _ = CASES["over-refusal tie broken by refusal"]
     pick = _pick(rows)
     chosen = {**rows[want], "chosen": True, "reason": pick.reason, "online_refusal": 1.0, "pairs": math.nan}
-    selections = {"global": pick.selection, "per_category": p1.zone_pick([], SCOPES, target_refusal=TARGET,
-                                                                         ppl_guard=GUARD, mode="per_category").selection}
+    empty = p1.zone_pick([], SCOPES, target_refusal=TARGET, ppl_guard=GUARD, mode="per_category")
+    selections = {"global": pick.selection, "per_category": empty.selection}
     old = old_selection_record(sweep, [chosen], args)
     new = json.loads(json.dumps(p1.selection_record(sweep, [chosen], args, selections)))
     assert {k: new[k] for k in ("split", "test_read")} == {k: old[k] for k in ("split", "test_read")}
