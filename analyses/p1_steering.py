@@ -81,7 +81,7 @@ def run(options: Any, models: Any = None) -> dict[str, Any]:
     run.save_table("frontier", swept["frontier"])
     with run.timed("choose"):
         chosen = p1.choose(model, sets, fit, swept["sweep"], run, args)
-    run.update_manifest(selection=p1.selection_record(swept["sweep"], chosen["rows"], args))
+    run.update_manifest(selection=p1.selection_record(swept["sweep"], chosen["rows"], args, chosen["selections"]))
     policies = dict(chosen["policies"])
     with run.timed("lowrank"):
         policies.update(p1.train_lowrank(model, sets, fit, chosen, layers, run, args) or {})

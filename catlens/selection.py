@@ -27,6 +27,12 @@ Conventions (each one tested in ``tests/test_selection.py``):
 * **None admissible**: :class:`Selection` with ``index=None``, ``chosen=False`` and a ``reason`` that counts the rows
   each constraint rejected. Nothing is picked silently.
 
+:func:`rank` orders the rows by the same rule, for a caller that tries candidates in turn (e.g. the first one
+that passes a check only a generation can make): the rows tied with the best objective value (the same tolerance),
+ordered by the tie-breaks, key and table order, then the ties of the best value among the rest, and so on. Its
+first row is always :func:`select`'s choice (``select`` is built on it). With ``include_inadmissible=True`` the
+inadmissible rows follow the admissible ones, ranked the same way (rows with a missing objective last).
+
 :func:`mark` writes the outcome back into the table (``admissible``, ``rejected_by``, ``chosen``) and
 :meth:`Selection.record` gives a JSON-able record for a run's manifest.
 """
@@ -40,7 +46,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["Constraint", "Objective", "TieBreak", "SelectionRule", "Selection", "ppl_guard", "select",
+__all__ = ["Constraint", "Objective", "TieBreak", "SelectionRule", "Selection", "ppl_guard", "select", "rank",
            "select_groups", "mark", "add_wilson_columns", "total_magnitude", "TOLERANCE"]
 
 TOLERANCE = 1e-9
@@ -234,16 +240,76 @@ def admissibility(table: pd.DataFrame, rule: SelectionRule) -> tuple[pd.Series, 
     return ok.astype(bool), why
 
 
-def select(table: pd.DataFrame, rule: SelectionRule, *, group: Any = None) -> Selection:
-    """Choose one row of ``table`` by ``rule`` (see the module docstring)."""
+def _check(table: pd.DataFrame, rule: SelectionRule, caller: str) -> None:
     if not isinstance(table, pd.DataFrame):
-        raise TypeError(f"select needs a pandas DataFrame; got {type(table).__name__}.")
+        raise TypeError(f"{caller} needs a pandas DataFrame; got {type(table).__name__}.")
     if not table.index.is_unique:
-        raise ValueError("select needs a table with a unique index (call reset_index(drop=True) first).")
+        raise ValueError(f"{caller} needs a table with a unique index (call reset_index(drop=True) first).")
     for col in [t.column for t in rule.tie_breaks] + ([rule.key] if rule.key else []):
         if col not in table.columns:
             raise KeyError(f"tie-break column {col!r} is not in the table (columns: "
                            f"{', '.join(map(str, table.columns))}).")
+
+
+def _ordered(table: pd.DataFrame, rule: SelectionRule, rows: pd.Index) -> tuple[pd.Index, int, float]:
+    """The labels ``rows`` of ``table`` in the rule's order, how many are tied with the best objective value (the
+    first group) and that value. Rows are sorted by the objective (best first); a group is the run of rows within the
+    tolerance of its first (best) value, so the first group is exactly the rows tied with the best; groups keep this
+    order and inside a group rows go by the tie-breaks (rounded), the key, then table position. Missing objective
+    values form one last group."""
+    import numpy as np
+
+    if len(rows) == 0:
+        return rows, 0, math.nan
+    part = table.loc[rows].copy()
+    pos = table.index.get_indexer(rows)
+    obj = pd.to_numeric(part[rule.objective.column], errors="coerce").astype(float).to_numpy()
+    sign = -1.0 if rule.objective.goal == "max" else 1.0
+    group = np.full(len(part), len(part), dtype=int)  # missing objective: after every real group
+    first = math.nan
+    g, start = -1, math.nan
+    for k in np.lexsort((pos, sign * obj)):  # best first (NaN last), ties in table order
+        v = obj[k]
+        if math.isnan(v):
+            continue
+        if g < 0 or abs(v - start) > _tol(start):
+            g, start = g + 1, v
+            if g == 0:
+                first = v
+        group[k] = g
+    part["_group"], part["_pos"] = group, pos
+    keys, asc = ["_group"], [True]
+    for t in rule.tie_breaks:
+        name = f"_tb{len(keys)}"
+        part[name] = pd.to_numeric(part[t.column], errors="coerce").astype(float).round(TIE_DECIMALS)
+        keys.append(name)
+        asc.append(t.goal == "min")
+    if rule.key:
+        part["_key"] = part[rule.key].astype(str)
+        keys.append("_key")
+        asc.append(True)
+    keys.append("_pos")
+    asc.append(True)
+    ordered = part.sort_values(keys, ascending=asc, na_position="last", kind="mergesort")
+    return ordered.index, int((group == 0).sum()), first
+
+
+def rank(table: pd.DataFrame, rule: SelectionRule, *, include_inadmissible: bool = False) -> pd.DataFrame:
+    """The admissible rows of ``table`` ranked by ``rule`` (see the module docstring); its first row is
+    :func:`select`'s choice. With ``include_inadmissible`` the inadmissible rows follow, ranked the same way. The
+    rows keep their index labels (``rank(t, rule).index`` is the order of ``t``'s labels)."""
+    _check(table, rule, "rank")
+    ok, _ = admissibility(table, rule)
+    order, _, _ = _ordered(table, rule, table.index[ok.to_numpy()])
+    if include_inadmissible:
+        rest, _, _ = _ordered(table, rule, table.index[~ok.to_numpy()])
+        order = order.append(rest)
+    return table.loc[order]
+
+
+def select(table: pd.DataFrame, rule: SelectionRule, *, group: Any = None) -> Selection:
+    """Choose one row of ``table`` by ``rule`` (see the module docstring): the first row of :func:`rank`."""
+    _check(table, rule, "select")
     ok, _ = admissibility(table, rule)
     rejected = {c.describe(): int((~c.holds(table)).sum()) for c in rule.constraints}
     rejected["objective missing"] = int(pd.to_numeric(table[rule.objective.column], errors="coerce").isna().sum())
@@ -255,31 +321,14 @@ def select(table: pd.DataFrame, rule: SelectionRule, *, group: Any = None) -> Se
             worst = ", ".join(f"{name} rejected {m}" for name, m in rejected.items() if m)
             reason = f"none of {n} candidates is admissible ({worst})"
         return Selection(None, rule, n, 0, rejected, 0, reason, None, group)
-    cand = table[ok].copy()
-    cand["_pos"] = [table.index.get_loc(i) for i in cand.index]
-    obj = pd.to_numeric(cand[rule.objective.column]).astype(float)
-    best = obj.max() if rule.objective.goal == "max" else obj.min()
-    tied = cand[(obj - best).abs() <= _tol(best)]
-    keys, asc = [], []
-    for t in rule.tie_breaks:
-        name = f"_tb{len(keys)}"
-        tied[name] = pd.to_numeric(tied[t.column], errors="coerce").astype(float).round(TIE_DECIMALS)
-        keys.append(name)
-        asc.append(t.goal == "min")
-    if rule.key:
-        tied["_key"] = tied[rule.key].astype(str)
-        keys.append("_key")
-        asc.append(True)
-    keys.append("_pos")
-    asc.append(True)
-    ordered = tied.sort_values(keys, ascending=asc, na_position="last", kind="mergesort")
-    idx = ordered.index[0]
+    order, n_tied, best = _ordered(table, rule, table.index[ok.to_numpy()])
+    idx = order[0]
     reason = (f"{rule.objective.describe()} = {best:.6g} among {k} admissible of {n}"
-              + (f"; {len(tied)} tied, broken by " + ", ".join([t.describe() for t in rule.tie_breaks]
-                                                                 + ([f"{rule.key} ascending"] if rule.key else [])
-                                                                 + ["table order"]) if len(tied) > 1 else ""))
+              + (f"; {n_tied} tied, broken by " + ", ".join([t.describe() for t in rule.tie_breaks]
+                                                             + ([f"{rule.key} ascending"] if rule.key else [])
+                                                             + ["table order"]) if n_tied > 1 else ""))
     row = table.loc[idx].to_dict()
-    return Selection(idx, rule, n, k, rejected, len(tied), reason, row, group)
+    return Selection(idx, rule, n, k, rejected, n_tied, reason, row, group)
 
 
 def select_groups(table: pd.DataFrame, rule: SelectionRule, by: str | Sequence[str]) -> dict[Any, Selection]:

@@ -1,15 +1,17 @@
 """catlens.selection: admissibility boundaries, objective, documented tie-breaks, none admissible, groups, Wilson
-constraints computed with catlens.metrics, and the records a manifest stores."""
+constraints computed with catlens.metrics, the records a manifest stores, and rank (the order select's choice is the
+first of), checked against a plain sorted() reference on many random tables."""
 
 import json
 import math
+import random
 
 import pandas as pd
 import pytest
 
 from catlens.metrics import wilson_interval
 from catlens.selection import (Constraint, Objective, SelectionRule, TieBreak, add_wilson_columns, mark, ppl_guard,
-                               select, select_groups, total_magnitude)
+                               rank, select, select_groups, total_magnitude)
 
 
 def _rule(**kw):
@@ -134,6 +136,92 @@ def test_record_is_json_and_names_the_rule():
     assert rec["rule"]["text"] == "maximise score; subject to ppl_ratio <= 1.1; ties: table order"
 
 
+# ------------------------------------------------------------------------------------------------------ rank
+def test_rank_orders_admissible_rows_by_objective_then_tie_breaks_then_order():
+    t = pd.DataFrame({"score": [0.2, 0.5, 0.5, 0.9, 0.5, math.nan], "n": [0, 3, 1, 5, 1, 0],
+                      "ppl_ratio": [1.0, 1.0, 1.0, 2.0, 1.0, 1.0]}, index=list("abcdef"))
+    rule = _rule(constraints=(ppl_guard(0.1),), tie_breaks=(TieBreak("n", "min"),))
+    ranked = rank(t, rule)
+    assert list(ranked.index) == ["c", "e", "b", "a"]  # d fails the guard, f has no objective
+    assert ranked.equals(t.loc[["c", "e", "b", "a"]])  # the rows themselves, labels kept
+    assert ranked.index[0] == select(t, rule).index
+    # inadmissible rows follow, ranked the same way; a missing objective last
+    assert list(rank(t, rule, include_inadmissible=True).index) == ["c", "e", "b", "a", "d", "f"]
+    assert rank(t.iloc[:0], rule).empty and rank(t[t.ppl_ratio > 1.5], rule).empty
+
+
+def test_rank_groups_ties_from_the_best_value_of_each_group():
+    # 1.0 and 1.0 - 0.6e-9 tie (within 1e-9 of the best); 1.0 - 1.2e-9 does not tie with 1.0, so it starts the next
+    # group although it is within 1e-9 of the second row: groups are counted from their best value, as in select
+    t = pd.DataFrame({"score": [1.0 - 1.2e-9, 1.0 - 0.6e-9, 1.0], "n": [0, 1, 2]})
+    rule = _rule(tie_breaks=(TieBreak("n", "min"),))
+    assert list(rank(t, rule).index) == [1, 2, 0]
+    sel = select(t, rule)
+    assert sel.index == 1 and sel.n_tied == 2
+
+
+def _random_table(rng: random.Random, n: int, near_ties: bool) -> pd.DataFrame:
+    """Scores on a coarse grid (exact ties, no near ties) or with values that tie only within the tolerance."""
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    rows = []
+    for i in range(n):
+        score = rng.choice(grid)
+        if near_ties and rng.random() < 0.5:
+            score += rng.choice([-4e-10, 3e-10, 1e-12])
+        rows.append({"score": score if rng.random() > 0.1 else math.nan, "a": rng.choice(grid),
+                     "b": rng.choice([1, 2, 3]), "ok": rng.random() < 0.7, "id": f"s{rng.randrange(5)}"})
+    return pd.DataFrame(rows, columns=["score", "a", "b", "ok", "id"], index=[f"r{i}" for i in range(n)])
+
+
+def _reference_order(t: pd.DataFrame, rule: SelectionRule, admissible: bool) -> list:
+    """The rule's order written as one sorted() key (exact comparisons: right where no values tie within the
+    tolerance), over the admissible rows (``ok`` and a score) or the others (missing scores last)."""
+    sign = 1 if rule.objective.goal == "min" else -1
+    rows = [(pos, label, r) for pos, (label, r) in enumerate(t.iterrows())
+            if (bool(r.ok) and not math.isnan(r.score)) == admissible]
+
+    def key(item):
+        pos, _, r = item
+        obj = r[rule.objective.column]
+        ties = tuple((1 if tb.goal == "min" else -1) * r[tb.column] for tb in rule.tie_breaks)
+        return (math.isnan(obj), 0.0 if math.isnan(obj) else sign * obj, *ties,
+                str(r[rule.key]) if rule.key else "", pos)
+
+    return [label for _, label, _ in sorted(rows, key=key)]
+
+
+@pytest.mark.parametrize("goal", ["max", "min"])
+def test_rank_equals_a_plain_sort_without_near_ties_and_its_first_row_is_select(goal):
+    rng = random.Random(19)
+    for trial in range(300):
+        t = _random_table(rng, rng.randrange(0, 12), near_ties=False)
+        rule = SelectionRule(Objective("score", goal), constraints=(Constraint("ok", "==", 1.0),),
+                             tie_breaks=(TieBreak("a", rng.choice(["min", "max"])), TieBreak("b", "min")),
+                             key="id" if trial % 2 else None)
+        ok_rows = _reference_order(t, rule, True)
+        assert list(rank(t, rule).index) == ok_rows, trial
+        assert list(rank(t, rule, include_inadmissible=True).index) == ok_rows + _reference_order(t, rule, False), \
+            trial
+        sel = select(t, rule)
+        assert sel.index == (ok_rows[0] if ok_rows else None), trial
+
+
+def test_select_is_the_first_row_of_rank_with_near_ties():
+    rng = random.Random(25)
+    for trial in range(300):
+        t = _random_table(rng, rng.randrange(1, 12), near_ties=True)
+        rule = SelectionRule(Objective("score", rng.choice(["max", "min"])), constraints=(Constraint("ok", "==", 1.0),),
+                             tie_breaks=(TieBreak("a", "max"),), key="id")
+        ranked, sel = rank(t, rule), select(t, rule)
+        assert sel.index == (ranked.index[0] if len(ranked) else None), trial
+        if sel.chosen:  # the chosen row ties with the best admissible value and wins every tie-break among the tied
+            ok = pd.to_numeric(t.score[t.ok], errors="coerce").dropna()
+            best = ok.max() if rule.objective.goal == "max" else ok.min()
+            tied = t.loc[ok.index[(ok - best).abs() <= 1e-9 * max(1.0, abs(best))]]
+            assert sel.n_tied == len(tied) and sel.index in tied.index, trial
+            assert t.a[sel.index] == tied.a.max(), trial
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_say_what_is_allowed():
     with pytest.raises(ValueError, match="use one of <=, >="):
@@ -153,3 +241,7 @@ def test_bad_inputs_say_what_is_allowed():
         select(t, _rule(tie_breaks=(TieBreak("size"),)))
     with pytest.raises(ValueError, match="unique index"):
         select(pd.DataFrame({"score": [1.0, 2.0]}, index=[0, 0]), _rule())
+    with pytest.raises(ValueError, match="rank needs a table with a unique index"):
+        rank(pd.DataFrame({"score": [1.0, 2.0]}, index=[0, 0]), _rule())
+    with pytest.raises(KeyError, match="tie-break column 'size'"):
+        rank(t, _rule(tie_breaks=(TieBreak("size"),)))

@@ -5,7 +5,8 @@ combination; transfer in both directions; refusal under jailbreak templates.
 
 The steps, in the order ``analyses/p1_steering.py`` (the page) calls them: :func:`prepare` (the options, checked),
 :func:`sweep_grid`, :func:`open_run`, :func:`resolve_layers`, :func:`build_sets` and :func:`record_splits`,
-:func:`fit_everything`, :func:`run_sweep`, :func:`choose` (with :func:`selection_record`), :func:`train_lowrank`,
+:func:`fit_everything`, :func:`run_sweep`, :func:`choose` (with :func:`zone_pick` and :func:`selection_record`),
+:func:`train_lowrank` (with :func:`lowrank_order`),
 :func:`evaluate_test` (with :func:`evaluate_bound` and :func:`evaluate_jailbreaks`), :func:`evaluate_transfer`,
 :func:`evaluate_reverse`, :func:`summary`.
 
@@ -54,8 +55,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -643,6 +644,79 @@ def _scores_for(fit: dict[str, Any], ids: Sequence[str]) -> tuple[Any, Any]:
     return np.asarray(fit["val_score"])[idx], np.asarray(fit["val_routes"])[idx]
 
 
+def zone_rules(target_refusal: float, ppl_guard: float) -> tuple[Any, Any]:
+    """:func:`choose`'s two rules (:mod:`catlens.selection`) for the candidates of one zone mode, ``(hit, fallback)``.
+
+    * ``hit``: among admissible (the candidates table's ``admissible``: benign perplexity ratio <= 1 + ``ppl_guard``)
+      and feasible (``feasible``: harmful refusal >= ``target_refusal`` within the guard) candidates, the lowest
+      ``over_refusal``; ties: the higher ``refusal``, the smaller ``magnitude`` (``|toward| + |away|``), the earlier
+      positions scope (``scope_rank``, its place in ``--scopes``), then candidate order.
+    * ``fallback`` (when no candidate is a hit): among admissible candidates, the highest ``refusal``; ties: the lower
+      ``over_refusal``, then candidate order.
+
+    The flags are the ones the candidates table records (computed upstream by :func:`catlens.gate.zone_sweep`), so
+    the constraints are stated on them rather than recomputed."""
+    from catlens.selection import Constraint, Objective, SelectionRule, TieBreak
+
+    guard = Constraint("admissible", "==", 1.0, label=f"perplexity ratio <= {1 + ppl_guard:.2f}")
+    feasible = Constraint("feasible", "==", 1.0, label=f"refusal >= {target_refusal:g} within the perplexity guard")
+    hit = SelectionRule(Objective("over_refusal", "min"), constraints=(guard, feasible),
+                        tie_breaks=(TieBreak("refusal", "max"), TieBreak("magnitude", "min"),
+                                    TieBreak("scope_rank", "min")))
+    fallback = SelectionRule(Objective("refusal", "max"), constraints=(guard,),
+                             tie_breaks=(TieBreak("over_refusal", "min"),))
+    return hit, fallback
+
+
+@dataclass(frozen=True)
+class ZonePick:
+    """One zone mode's choice (:func:`zone_pick`)."""
+
+    index: int | None
+    """Position of the chosen candidate in the list given, or None when no candidate is admissible."""
+    reason: str
+    """The chosen row's ``reason`` in the candidates table ('' when nothing is chosen)."""
+    selection: Any
+    """The :class:`catlens.selection.Selection` that decided (the hit rule's when it chose, else the fallback's)."""
+
+
+ZONE_COLUMNS = ("mode", "method", "layer", "positions", "toward", "away", "refusal", "over_refusal", "ppl_ratio",
+                "admissible", "feasible")
+
+
+def zone_pick(rows: Sequence[Mapping[str, Any]], scopes: Sequence[str], *, target_refusal: float, ppl_guard: float,
+              mode: str | None = None) -> ZonePick:
+    """Choose among one zone mode's candidate rows by :func:`zone_rules`: the hit rule, else the fallback, else
+    nothing (no candidate admissible). Pure: candidate rows in, the chosen position and its ``reason`` out.
+
+    The same choice as the ``min``/``max`` over tuples it replaces, except where values tie within
+    :mod:`catlens.selection`'s tolerance (objective values within 1e-9 relative tie; tie-break values are compared
+    rounded to 9 decimals: e.g. ``|0.1| + |0.2|`` ties with ``0.3``), and a candidate with a missing objective value
+    is never chosen (a missing magnitude side counts 0)."""
+    import pandas as pd
+
+    from catlens.selection import select, total_magnitude
+
+    frame = pd.DataFrame([{k: r.get(k) for k in ZONE_COLUMNS} for r in rows], columns=list(ZONE_COLUMNS))
+    frame["magnitude"] = total_magnitude(frame, ["toward", "away"])
+    order = {s: i for i, s in enumerate(scopes)}
+    unknown = sorted({str(p) for p in frame.positions if p not in order})
+    if unknown:
+        raise ValueError(f"zone_pick: candidate positions {', '.join(unknown)} not in the scopes "
+                         f"{', '.join(map(str, scopes))}; give every candidate's scope in scopes (--scopes).")
+    frame["scope_rank"] = [order[p] for p in frame.positions]
+    hit_rule, fallback_rule = zone_rules(target_refusal, ppl_guard)
+    hit = select(frame, hit_rule, group=mode)
+    if hit.chosen:
+        return ZonePick(int(hit.index), f"lowest val over-refusal on generated answers with refusal >= "
+                                        f"{target_refusal} and perplexity ratio <= {1 + ppl_guard:.2f}", hit)
+    fallback = select(frame, fallback_rule, group=mode)
+    if fallback.chosen:
+        return ZonePick(int(fallback.index), "no setting reached the target refusal within the perplexity guard: the "
+                                             "highest refusal among admissible ones", fallback)
+    return ZonePick(None, "", fallback)
+
+
 def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, run: Any,
            args: argparse.Namespace) -> dict[str, Any]:
     """The zones chosen on judged full answers, the headline's own definition.
@@ -654,9 +728,11 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
     threshold pair, global and per category, is then swept on the headline's judge (``--judge``) with no further
     forward pass (:func:`catlens.gate.zone_sweep` with the answers' :class:`catlens.gate.AnswerCost`): the lowest
     pooled over-refusal among settings with harmful refusal >= ``--target-refusal`` and benign perplexity ratio
-    <= 1 + ``--ppl-guard``. The chosen policies are then generated gated on the same val rows, and the candidates
-    table says how well the offline verdicts predicted the gated policy's own (``online_*``). P1's own gate (two
-    zones at its Youden threshold, every generated token) is generated for comparison."""
+    <= 1 + ``--ppl-guard``; which candidate is chosen per zone mode is :func:`zone_pick` (:mod:`catlens.selection`;
+    the returned ``selections`` go into the manifest through :func:`selection_record`). The chosen policies are then
+    generated gated on the same val rows, and the candidates table says how well the offline verdicts predicted the
+    gated policy's own (``online_*``). P1's own gate (two zones at its Youden threshold, every generated token) is
+    generated for comparison."""
     import pandas as pd
 
     from catlens.gate import ZoneObjective, per_category_verdicts, zone_sides, zone_sweep, zone_verdicts
@@ -710,24 +786,19 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
                               "lower": best["lower"], "upper": best["upper"], "pairs": pairs, "admissible": True,
                               "feasible": True}, {"sa": sa, "score": score, "routes": routes}))
     policies: dict[str, Any] = {"unsteered": None}
+    selections: dict[str, Any] = {}
     for mode in ("global", "per_category"):
         mine = [c for c in cand if c[0]["mode"] == mode]
-        ok = [c for c in mine if c[0]["admissible"]]
-        hit = [c for c in ok if c[0]["feasible"]]
-        order = {s: i for i, s in enumerate(args.scope_list)}
-        pick = (min(hit, key=lambda c: (c[0]["over_refusal"], -c[0]["refusal"], abs(c[0]["toward"]) + abs(
-            c[0]["away"]), order[c[0]["positions"]])) if hit else
-                max(ok, key=lambda c: (c[0]["refusal"], -c[0]["over_refusal"])) if ok else None)
-        for row, _ in mine:
-            row["chosen"] = pick is not None and row is pick[0]
-            row["reason"] = ("" if not row["chosen"] else f"lowest val over-refusal on generated answers with "
-                             f"refusal >= {args.target_refusal} and perplexity ratio <= {1 + args.ppl_guard:.2f}"
-                             if hit else "no setting reached the target refusal within the perplexity guard: the "
-                             "highest refusal among admissible ones")
-        if pick is None:
+        pick = zone_pick([row for row, _ in mine], args.scope_list, target_refusal=args.target_refusal,
+                         ppl_guard=args.ppl_guard, mode=mode)
+        selections[mode] = pick.selection
+        for i, (row, _) in enumerate(mine):
+            row["chosen"] = i == pick.index
+            row["reason"] = pick.reason if row["chosen"] else ""
+        if pick.index is None:
             log.warning("zones %s: no setting passed the perplexity guard; no policy for it", mode)
             continue
-        row, ctx = pick
+        row, ctx = mine[pick.index]
         pol = build_policy(model, fit, row, positions=row["positions"], mode=mode, seed=args.seed)
         # the gated policy itself, on the same val rows: does it do what the three sides predicted?
         judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_chosen_{mode}",
@@ -765,11 +836,38 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
                      "chosen": False, "judge": args.judge, "reason": "P1's own gate, for comparison"})
     table = pd.DataFrame(rows)
     run.save_table("candidates", table)
-    return {"policies": policies, "rows": table[table.chosen.fillna(False).astype(bool)].to_dict("records")}
+    return {"policies": policies, "rows": table[table.chosen.fillna(False).astype(bool)].to_dict("records"),
+            "selections": selections}
 
 
 def _opt(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def lowrank_rule() -> Any:
+    """The order of :func:`_lowrank`'s candidates (:mod:`catlens.selection`): feasible ones (``feasible``: the
+    zones' first-position sweep reached ``--min-refusal-low``) first, each tier by the lowest ``over_refusal``; ties:
+    the higher ``refusal``, the smaller ``magnitude`` (``|toward| + |away|``), then candidate order."""
+    from catlens.selection import Constraint, Objective, SelectionRule, TieBreak
+
+    return SelectionRule(Objective("over_refusal", "min"),
+                         constraints=(Constraint("feasible", "==", 1.0, label="feasible on the first-position sweep"),),
+                         tie_breaks=(TieBreak("refusal", "max"), TieBreak("magnitude", "min")))
+
+
+def lowrank_order(cands: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Positions of ``cands`` in the order they are tried: :func:`catlens.selection.rank` by :func:`lowrank_rule`,
+    the infeasible candidates after the feasible ones. The same order as the tuple sort it replaces
+    (``(not feasible, over_refusal, -refusal, |toward| + |away|)``, stable) except where values tie within
+    :mod:`catlens.selection`'s tolerance, and a missing over-refusal goes last in its tier."""
+    import pandas as pd
+
+    from catlens.selection import rank, total_magnitude
+
+    cols = ["feasible", "over_refusal", "refusal", "toward", "away"]
+    frame = pd.DataFrame([{k: r.get(k) for k in cols} for r in cands], columns=cols)
+    frame["magnitude"] = total_magnitude(frame, ["toward", "away"])
+    return [int(i) for i in rank(frame, lowrank_rule(), include_inadmissible=True).index]
 
 
 def train_lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict[str, Any],
@@ -790,7 +888,8 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
     """Train the map from the whitened basis (``W⁻¹Q``, and P1's verbatim ``Q`` for comparison) at the layer and
     with the direction method of the chosen categorical policy, then choose its toward/away multipliers and gate
     zones on val exactly as for categorical steering (the chosen gate, global zones swept on the first-position
-    passes, then the perplexity guard on generated answers)."""
+    passes, then the perplexity guard on generated answers): the candidates are tried in :func:`lowrank_order` and
+    the first whose generated perplexity ratio passes the guard is chosen."""
     import pandas as pd
 
     from catlens.combine import init_basis, train_low_rank
@@ -846,9 +945,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
                      "feasible": bool(best["feasible"]), "split": "val"}
                 sweep_rows.append(r)
                 cands.append(r)
-        cands.sort(key=lambda r: (not r["feasible"], r["over_refusal"], -r["refusal"], abs(r["toward"]) +
-                                  abs(r["away"])))
-        for r in cands[:args.candidates]:
+        for r in [cands[i] for i in lowrank_order(cands)][:args.candidates]:
             from dataclasses import fields
 
             gk = {f.name: getattr(fit["gate"], f.name) for f in fields(fit["gate"])}
@@ -1297,9 +1394,26 @@ def print_headline(headline: Any) -> None:
               f"{r.refusal_ci_high:.1%}]  ppl ratio {r.ppl_ratio:.3f}")
 
 
-def selection_record(sweep: Any, chosen_rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def selection_record(sweep: Any, chosen_rows: Sequence[dict[str, Any]], args: argparse.Namespace,
+                     selections: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest's ``selection``: the split every choice was made on, the rules (the zones' from the sweep's
-    ``objective_text``, the candidates' perplexity guard and refusal target) and the chosen rows."""
+    ``objective_text``, the candidates' perplexity guard and refusal target, and :func:`zone_rules`' records) and
+    the chosen rows. With ``selections`` (:func:`choose`'s ``{mode: Selection}``) each chosen row carries its mode's
+    :meth:`catlens.selection.Selection.record` under ``selection``, and a mode with nothing chosen is a choice with
+    ``chosen: False`` and the reason."""
+    hit, fallback = zone_rules(args.target_refusal, args.ppl_guard)
+    selections = dict(selections or {})
+    choices = []
+    for r in chosen_rows:
+        choice = {"group": r.get("mode"),
+                  **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}}
+        if r.get("mode") in selections:
+            choice["selection"] = selections[r.get("mode")].record()
+        choices.append(choice)
+    for mode, sel in selections.items():
+        if not sel.chosen:
+            choices.append({"group": mode, "chosen": False, "reason": f"no setting passed the perplexity guard "
+                            f"({sel.reason})", "selection": sel.record()})
     return {
         "split": "val", "test_read": False,
         "rule": {"text": "zones: " + sweep.objective_text.iloc[0] + "; candidates: perplexity ratio <= "
@@ -1307,10 +1421,9 @@ def selection_record(sweep: Any, chosen_rows: Sequence[dict[str, Any]], args: ar
                          f"({args.judge}) with harmful refusal >= {args.target_refusal}",
                  "zones": sweep.objective_text.iloc[0],
                  "candidates": f"perplexity ratio <= {1 + args.ppl_guard:.2f}; harmful refusal >= "
-                               f"{args.target_refusal} on generated val answers ({args.judge}); lowest over-refusal"},
-        "choices": [{"group": r.get("mode"),
-                     **{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}}
-                    for r in chosen_rows]}
+                               f"{args.target_refusal} on generated val answers ({args.judge}); lowest over-refusal",
+                 "hit": hit.record(), "fallback": fallback.record()},
+        "choices": choices}
 
 
 def summary(chosen: dict[str, Any], fit: dict[str, Any], test: dict[str, Any], transfer: Any, reverse: Any,

@@ -72,6 +72,13 @@ def test_p1_writes_every_table(p1_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "done"
     assert manifest["selection"]["split"] == "val" and manifest["selection"]["test_read"] is True
+    # each zone mode's choice, made or not, with its catlens.selection record (choose's zone_pick)
+    choices = manifest["selection"]["choices"]
+    assert sorted(c["group"] for c in choices) == ["global", "per_category"]
+    cand = pd.read_parquet(out / "candidates.parquet")
+    for c in choices:
+        assert c["selection"]["chosen"] == c["chosen"] and c["selection"]["group"] == c["group"]
+        assert c["selection"]["n_candidates"] == int((cand["mode"] == c["group"]).sum())
     jail = pd.read_parquet(out / "jailbreaks.parquet")
     assert {"none (plain)", "role_play"} <= set(jail.template) or len(set(jail.template)) >= 2
     # what bounds the result: written exactly when a global categorical policy was chosen
