@@ -482,17 +482,34 @@ class LensModel:
         return int(ids[0])
 
     def plain_hf(self) -> Any:
-        """A plain Hugging Face copy of this model, loaded again from its source (no bridge, so no hooks): about
-        1.8x faster to generate with when nothing is steered (``bench/bench_finetune.py``). Weights changed in
-        memory after loading are not in the copy."""
+        """A plain Hugging Face model (no bridge, so no hooks) over this model's own weights: about 1.8x faster to
+        generate with when nothing is steered (``bench/bench_finetune.py``). Nothing is read from disk and nothing
+        is copied: the plain model shares the loaded tensors (weights changed in memory included; a change to either
+        model's weights is a change to both) and computes what the checkpoint loaded again with transformers
+        computes. :meth:`ModelPool.plain_hf` makes it once per pooled model."""
+        import copy
+
         from transformers import AutoModelForCausalLM
 
-        source = self.provenance.get("source", {})
-        location = source.get("folder") or source.get("spec")
-        if not location:
-            raise ValueError(f"model {self.name!r} has no recorded source folder or hub id to reload from.")
-        kwargs = {"revision": source["revision"]} if source.get("revision") else {}
-        return AutoModelForCausalLM.from_pretrained(location, dtype=self.dtype, **kwargs).to(self.device).eval()
+        hf = self.bridge.original_model
+        weights: dict[str, Tensor] = {}
+        for key, value in hf.state_dict().items():  # the bridge put each wrapped module under `_original_component`
+            weights.setdefault(key.replace("._original_component", ""), value)
+        with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the caller's seed
+            # attn_implementation=None: the attention from_pretrained picks (SDPA where the model has it), not the
+            # eager attention the bridge set on its config: the plain copy computes what the checkpoint loaded
+            # again with transformers computes, to the bit (and the bridge's logits up to float rounding)
+            plain = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), dtype=self.dtype,
+                                                     attn_implementation=None)
+        wanted = list(plain.state_dict())  # the bridge's own modules also reach some tensors under other names
+        missing = [k for k in wanted if k not in weights]
+        if missing:
+            raise RuntimeError(f"the bridge of {self.name!r} holds no tensor for {missing[:5]} of its plain "
+                               f"{type(plain).__name__}; the TransformerLens version may name wrapped modules "
+                               f"otherwise than `._original_component`.")
+        plain.load_state_dict({k: weights[k] for k in wanted}, strict=True, assign=True)  # the loaded tensors
+        plain.generation_config = copy.deepcopy(hf.generation_config)
+        return plain.to(self.device).eval()
 
     @torch.inference_mode()
     def logits(self, texts: Sequence[str], fmt: str = "chat", **format_kwargs: Any) -> Tensor:
@@ -623,19 +640,28 @@ class ModelPool:
     own. A pooled model is shared: a user must leave no hook and no changed weight behind (steering and reading
     add hooks inside ``bridge.hooks(...)`` context managers, which remove them; the fine-tune trains a new model).
 
+    :meth:`plain_hf` gives a pooled model's plain Hugging Face copy (:meth:`LensModel.plain_hf`), made once and
+    counted like a load (a record with ``"copy": "plain_hf"``).
+
+        >>> from types import SimpleNamespace
         >>> from catlens.model import ModelPool
-        >>> pool = ModelPool(loader=lambda spec, **kw: object())
+        >>> pool = ModelPool(loader=lambda spec, **kw: SimpleNamespace(plain_hf=object))
         >>> pool.get("smollm2") is pool.get("smollm2-135m-instruct"), pool.stats()["loads"]
         (True, 1)
+        >>> m = pool.get("smollm2")
+        >>> pool.plain_hf(m) is pool.plain_hf(m), pool.stats()["loads"], pool.stats()["plain_copies"], pool.hits
+        (True, 2, 1, 3)
     """
 
     def __init__(self, loader: Any = None) -> None:
         self._loader = loader
         self._models: dict[tuple[str, str, str, str], Any] = {}
         self.loads: list[dict[str, Any]] = []
-        """One record per model loaded by this pool (spec, device, dtype, seconds)."""
+        """One record per model loaded by this pool (spec, location, device, dtype, seconds) and per plain copy made
+        (the same fields and ``"copy": "plain_hf"``)."""
+        self._plain: dict[tuple[str, str, str, str], Any] = {}
         self.hits = 0
-        """Requests answered with a model already loaded."""
+        """Requests answered with a model (or plain copy) already made."""
 
     @staticmethod
     def key(spec: str | os.PathLike[str], *, device: str = "cpu", dtype: str = "float32",
@@ -659,17 +685,41 @@ class ModelPool:
         self._models[k] = model
         return model
 
+    def plain_hf(self, model: Any) -> Any:
+        """The plain Hugging Face copy (:meth:`LensModel.plain_hf`) of ``model``, a model this pool gave out:
+        made on first request and recorded in :attr:`loads` (its key's spec, location, device and dtype, with
+        ``"copy": "plain_hf"``); later requests for the same key are hits. Nothing is steered through the copy (it
+        has no hooks), so sharing it is as safe as sharing the model."""
+        k = next((k for k, m in self._models.items() if m is model), None)
+        if k is None:
+            raise ValueError(f"{model!r} is not a model of this pool: get it with pool.get(spec, device=..., "
+                             f"dtype=...) first, or call its own plain_hf() for a copy the pool does not count.")
+        if k in self._plain:
+            self.hits += 1
+            return self._plain[k]
+        t0 = time.perf_counter()
+        plain = model.plain_hf()
+        spec = next((x["spec"] for x in self.loads if "copy" not in x
+                     and (x["location"], x["device"], x["dtype"]) == k[1:]), k[1])
+        self.loads.append({"spec": spec, "location": k[1], "device": k[2], "dtype": k[3], "copy": "plain_hf",
+                           "seconds": round(time.perf_counter() - t0, 2)})
+        self._plain[k] = plain
+        return plain
+
     def __len__(self) -> int:
+        """The number of pooled models (their plain copies not counted)."""
         return len(self._models)
 
     def clear(self) -> None:
-        """Drop every pooled model (their memory is freed once no caller holds them)."""
+        """Drop every pooled model and plain copy (their memory is freed once no caller holds them)."""
         self._models.clear()
+        self._plain.clear()
 
     def stats(self) -> dict[str, Any]:
-        """``{"loads": n, "load_seconds": s, "hits": h, "models": [...]}`` for a run's manifest."""
+        """``{"loads": n, "load_seconds": s, "hits": h, "plain_copies": c, "models": [...]}`` for a run's manifest
+        (``loads`` and ``load_seconds`` include the ``c`` plain copies; ``models`` lists every record)."""
         return {"loads": len(self.loads), "load_seconds": round(sum(x["seconds"] for x in self.loads), 2),
-                "hits": self.hits, "models": list(self.loads)}
+                "hits": self.hits, "plain_copies": sum("copy" in x for x in self.loads), "models": list(self.loads)}
 
 
 def _check_transformers_version(version: str) -> str | None:

@@ -651,7 +651,8 @@ def run_job(cfg: Config, pipeline: Pipeline, *, share_models: bool = True) -> di
 
 def _loads(job: Job, loads: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the manifest records of the job's model loads: every ``load_model`` of the job (count, seconds, per
-    model), the per-stage counts and, with a shared pool, its loads and the requests it answered without loading."""
+    model), the per-stage counts and, with a shared pool, its loads (plain Hugging Face copies included, also counted
+    on their own) and the requests it answered without loading."""
     by_model: dict[str, int] = {}
     for x in loads:
         by_model[x["spec"]] = by_model.get(x["spec"], 0) + 1
@@ -660,7 +661,8 @@ def _loads(job: Job, loads: Sequence[dict[str, Any]]) -> dict[str, Any]:
                            "by_stage": dict(job.loads)}
     if job.models is not None:
         stats = job.models.stats()
-        out["pool"] = {"loads": stats["loads"], "hits": stats["hits"], "load_seconds": stats["load_seconds"]}
+        out["pool"] = {"loads": stats["loads"], "plain_copies": stats["plain_copies"], "hits": stats["hits"],
+                       "load_seconds": stats["load_seconds"]}
     return out
 
 

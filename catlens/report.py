@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from catlens.formatting import as_float, fmt
+
 log = logging.getLogger(__name__)
 
 __all__ = ["build_report", "Report", "SectionResult", "STANDS_FOR", "SECTIONS", "screenshot"]
@@ -118,34 +120,6 @@ STANDS_FOR: dict[str, str] = {
 def esc(value: Any) -> str:
     """Escaped text of any value (numbers formatted)."""
     return html.escape(fmt(value), quote=True)
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """Human form of a table value: floats with ``digits`` significant decimals, NaN as an en dash."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            value = value.item()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        if value.is_integer() and 10 <= abs(value) < 1e15:  # counts and seconds stored as floats
-            return str(int(value))
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.{digits}g}"
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) >= 10 else f"{value:.{digits}f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(fmt(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, default=str)
-    return str(value)
 
 
 def _interval(value: Any, low: Any, high: Any) -> str:
@@ -857,8 +831,9 @@ def section_sweep(t: Tables) -> SectionResult:
         for r in chosen.to_dict("records"):
             where = f", positions {r['positions']}" if r.get("positions") else ""
             judged = f" ({r['judge']} judge on generated answers)" if r.get("judge") else ""
+            toward, away = as_float(r["toward"], 0.0), as_float(r["away"], 0.0)  # missing: not steered on that side
             sec.text(f"Chosen for gate rule {r['gate_rule']}{where}: {r['method']}, layer {fmt(r['layer'])}, toward "
-                     f"{fmt(_num(r['toward']))}, away {fmt(_num(r['away']))}: val refusal {fmt(r['val_refusal'])}, "
+                     f"{fmt(toward)}, away {fmt(away)}: val refusal {fmt(r['val_refusal'])}, "
                      f"over-refusal {fmt(r['val_over_refusal'])}{judged}, perplexity ratio {fmt(r['ppl_ratio'])}.")
     keep = [c for c in ("gate_rule", "positions", "method", "layer", "toward", "away", "val_objective", "val_refusal",
                         "val_over_refusal", "judge", "ppl_ratio", "ppl_n", "admissible", "chosen", "stands_for")
@@ -896,15 +871,6 @@ def section_sweep(t: Tables) -> SectionResult:
 LOWRANK_TERMS = {"loss": "the training objective (harm + KL terms)",
                  "harm": "refusal-token loss on harmful training prompts (how far the map is from making them refused)",
                  "kl": "KL to the unsteered model on benign prompts (how much benign behaviour the map changes)"}
-
-
-def _num(v: Any) -> Any:
-    """A coefficient as a number (None / NaN: not steered on that side, shown as 0)."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return 0.0
-    return 0.0 if math.isnan(f) else f
 
 
 P2_COMMAND = "python analyses/p2_steering.py --model <model> --out <run folder>/p2"

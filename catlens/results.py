@@ -11,33 +11,18 @@ Importing this module touches no disk; pandas is imported when a table is read."
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from catlens.formatting import NA, as_float, fixed, pct
 
 RESULTS_TITLE = "# Results (rendered from the saved tables by `analyses/summarise.py`)\n"
 """The first line of the rendered file."""
 
 
-def _pct(x: Any, digits: int = 1) -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):  # None, pd.NA
-        return "n/a"
-    return "n/a" if math.isnan(v) else f"{100 * v:.{digits}f}"
-
-
-def _num(x: Any, digits: int = 3) -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):  # None, pd.NA
-        return "n/a"
-    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
-
-
 def _ci(row: Any, key: str) -> str:
-    return f"{_pct(row[key])} [{_pct(row[f'{key}_ci_low'])}, {_pct(row[f'{key}_ci_high'])}]"
+    return f"{pct(row[key])} [{pct(row[f'{key}_ci_low'])}, {pct(row[f'{key}_ci_high'])}]"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -116,9 +101,9 @@ def p1_findings(head: Any) -> list[str]:
     met = steered[steered.meets_targets.astype(bool)]
     out.append(f"{int(len(met))} of {_count(len(steered), 'steered policy', 'steered policies')} meet all three "
                f"targets on the pooled test sets.")
-    out.append(f"Lowest pooled over-refusal: {best.policy}, {_pct(best.over_refusal)} % (unsteered "
-               f"{_pct(b.over_refusal)} %) at harmful refusal {_pct(best.refusal)} % (unsteered {_pct(b.refusal)} %) "
-               f"and perplexity ratio {_num(best.ppl_ratio)}.")
+    out.append(f"Lowest pooled over-refusal: {best.policy}, {pct(best.over_refusal)} % (unsteered "
+               f"{pct(b.over_refusal)} %) at harmful refusal {pct(best.refusal)} % (unsteered {pct(b.refusal)} %) "
+               f"and perplexity ratio {fixed(best.ppl_ratio)}.")
     return out
 
 
@@ -133,15 +118,15 @@ def bound_lines(folder: Path) -> list[str]:
     out = [f"### What bounds the result (test answers, {r0.judge}; zones of the chosen global setting: "
            f"{r0.method} at layer {r0.layer}, toward {r0.toward}, away {r0.away}, positions {r0.positions})",
            _table(["gate", "over-refusal %", "refusal %", "ppl ratio", "n benign / harmful"],
-                  [[r.gate, _ci(r._asdict(), "over_refusal"), _ci(r._asdict(), "refusal"), _num(r.ppl_ratio),
+                  [[r.gate, _ci(r._asdict(), "over_refusal"), _ci(r._asdict(), "refusal"), fixed(r.ppl_ratio),
                     f"{r.over_refusal_n} / {r.refusal_n}"] for r in bound.itertuples()])]
     need = ("chosen zones (offline)", "oracle gate (label)", "best side per row")
     if all(k in b.index for k in need):
         ch, orc, best = (b.loc[k] for k in need)
         out.append(f"With this steering, a gate that knew every prompt's label would reach over-refusal "
-                   f"{_pct(orc.over_refusal)} % at refusal {_pct(orc.refusal)} % (the chosen zones: "
-                   f"{_pct(ch.over_refusal)} % at {_pct(ch.refusal)} %); choosing the best of the three answers per "
-                   f"row, {_pct(best.over_refusal)} % at {_pct(best.refusal)} %. The gap from the chosen zones to the "
+                   f"{pct(orc.over_refusal)} % at refusal {pct(orc.refusal)} % (the chosen zones: "
+                   f"{pct(ch.over_refusal)} % at {pct(ch.refusal)} %); choosing the best of the three answers per "
+                   f"row, {pct(best.over_refusal)} % at {pct(best.refusal)} %. The gap from the chosen zones to the "
                    "oracle is the gate's; what is left at the oracle is the steering's.")
     tf = _load(folder, "test_frontier")
     if tf is not None and len(tf):
@@ -151,13 +136,13 @@ def bound_lines(folder: Path) -> list[str]:
         if len(ok):
             r = ok.sort_values(["over_refusal", "refusal"], ascending=[True, False]).iloc[0]
             out.append(f"With hindsight (the test frontier of every zone pair of this gate, chosen on nothing), the "
-                       f"lowest over-refusal at harmful refusal >= {_pct(target)} % is {_pct(r.over_refusal)} % (refusal "
-                       f"{_pct(r.refusal)} %, thresholds {_num(r.lower)} / {_num(r.upper)}, perplexity ratio "
-                       f"{_num(r.ppl_ratio)}): what this gate's scores allow at best.")
+                       f"lowest over-refusal at harmful refusal >= {pct(target)} % is {pct(r.over_refusal)} % (refusal "
+                       f"{pct(r.refusal)} %, thresholds {fixed(r.lower)} / {fixed(r.upper)}, perplexity ratio "
+                       f"{fixed(r.ppl_ratio)}): what this gate's scores allow at best.")
     own = bound[bound.gate.str.contains("own answers")]
     if len(own) and "agreement_with_offline" in own:
         out.append(f"The gated policy's own answers agree with the offline zone verdicts on "
-                   f"{_pct(own.agreement_with_offline.iloc[0])} % of rows.")
+                   f"{pct(own.agreement_with_offline.iloc[0])} % of rows.")
     out.append("Figure: `figures/fig_p1_bound.py` (the test frontier of every zone pair and the gate's test ROC).")
     return out
 
@@ -192,8 +177,8 @@ def earlier_lines(folder: Path, earlier: Sequence[Path]) -> list[str]:
                    if old_cfg.get(k) != cfg.get(k)]
         same = "the same split seed" if seed == old_seed else f"split seed {old_seed} (this run: {seed})"
         allp = head[head.benign_pool == "all"] if "benign_pool" in head else head
-        rows = "; ".join(f"{r.policy} over-refusal {_pct(r.over_refusal)} % [{_pct(r.over_refusal_ci_low)}, "
-                         f"{_pct(r.over_refusal_ci_high)}], refusal {_pct(r.refusal)} %" for r in allp.itertuples())
+        rows = "; ".join(f"{r.policy} over-refusal {pct(r.over_refusal)} % [{pct(r.over_refusal_ci_low)}, "
+                         f"{pct(r.over_refusal_ci_high)}], refusal {pct(r.refusal)} %" for r in allp.itertuples())
         before = str(m.get("created", "")) < str(now.get("created", ""))
         if not before:
             out.append(f"`{old}` (started {m.get('created', '?')}, {same}) did not start before this run: {rows}.")
@@ -237,13 +222,13 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
                + "); refusal is pooled over every harmful test set. "
                + " ".join(f"{k}: {v}." for k, v in SEEN_WHILE_CHOOSING.items()
                           if any(k in str(x) for x in head.benign_sets))
-               + f" Targets: over-refusal <= {_pct(head.target_over_refusal.iloc[0])} %, refusal >= "
-                 f"{_pct(head.target_refusal.iloc[0])} %, perplexity ratio <= {_num(head.target_ppl_ratio.iloc[0], 2)}"
+               + f" Targets: over-refusal <= {pct(head.target_over_refusal.iloc[0])} %, refusal >= "
+                 f"{pct(head.target_refusal.iloc[0])} %, perplexity ratio <= {fixed(head.target_ppl_ratio.iloc[0], 2)}"
                  " (perplexity of benign answers under the unsteered model).")
     out.append(_table(["policy", "benign pool", "over-refusal %", "macro over-refusal %", "refusal %", "ppl ratio",
                        "meets targets", "n benign / harmful"],
-                      [[r.policy, r.benign_pool, _ci(r._asdict(), "over_refusal"), _pct(r.over_refusal_macro),
-                        _ci(r._asdict(), "refusal"), _num(r.ppl_ratio), str(bool(r.meets_targets)),
+                      [[r.policy, r.benign_pool, _ci(r._asdict(), "over_refusal"), pct(r.over_refusal_macro),
+                        _ci(r._asdict(), "refusal"), fixed(r.ppl_ratio), str(bool(r.meets_targets)),
                         f"{r.over_refusal_n} / {r.refusal_n}"] for r in head.itertuples()]))
     out.append(" ".join(p1_findings(head)))
     hfp = _load(folder, "headline_first_position")
@@ -257,22 +242,22 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
     if gates is not None and len(gates):
         out.append("### The gate's features, chosen on val (AUROC harmful vs the headline's benign val sets)")
         out.append(_table(["features", "reads", "log-odds", "val AUROC (focus)", "val AUROC (all)", "chosen"],
-                          [[r.features, r.reads or "-", str(bool(r.logodds)), _num(r.val_auroc_focus),
-                            _num(r.val_auroc_all), "yes" if r.chosen else ""] for r in gates.itertuples()]))
+                          [[r.features, r.reads or "-", str(bool(r.logodds)), fixed(r.val_auroc_focus),
+                            fixed(r.val_auroc_all), "yes" if r.chosen else ""] for r in gates.itertuples()]))
     cand = _load(folder, "candidates")
     if cand is not None and len(cand):
         ch = cand[cand.chosen.astype(bool)]
         out.append("### Chosen settings (val; generated answers judged in full)")
         out.append(_table(["zones", "method", "layer", "toward", "away", "positions", "lower", "upper",
                            "val refusal %", "val over-refusal %", "val ppl ratio", "why"],
-                          [[r.mode, r.method, r.layer, r.toward, r.away, r.positions, _num(r.lower), _num(r.upper),
-                            _pct(r.refusal), _pct(r.over_refusal), _num(r.ppl_ratio), r.reason]
+                          [[r.mode, r.method, r.layer, r.toward, r.away, r.positions, fixed(r.lower), fixed(r.upper),
+                            pct(r.refusal), pct(r.over_refusal), fixed(r.ppl_ratio), r.reason]
                            for r in ch.itertuples()]))
         if "online_agreement" in ch.columns and ch.online_agreement.notna().any():
             out.append("The chosen zones were swept offline on the three sides' answers; the gated policies, generated "
                        "on the same val rows: " + "; ".join(
-                           f"{r.mode}: over-refusal {_pct(r.online_over_refusal)} %, refusal {_pct(r.online_refusal)} "
-                           f"%, verdicts agreeing with the offline ones on {_pct(r.online_agreement)} % of rows"
+                           f"{r.mode}: over-refusal {pct(r.online_over_refusal)} %, refusal {pct(r.online_refusal)} "
+                           f"%, verdicts agreeing with the offline ones on {pct(r.online_agreement)} % of rows"
                            for r in ch.itertuples() if r.online_agreement == r.online_agreement) + ".")
         n_ok = int(cand[cand["mode"] != "unsteered"].admissible.astype(bool).sum())
         out.append(f"{n_ok} of {_count(int((cand['mode'] != 'unsteered').sum()), 'candidate')} passed the "
@@ -290,7 +275,7 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
             out.append(f"### Per dataset (test; judge {jname}; % refused ± SE)")
             rows = []
             for (side, ds), g in jt.groupby(["side", "dataset"], sort=True):
-                cells = {r.policy: f"{_pct(r.rate)} ± {_pct(r.se)} (n={r.n})" for r in g.itertuples()}
+                cells = {r.policy: f"{pct(r.rate)} ± {pct(r.se)} (n={r.n})" for r in g.itertuples()}
                 note = " (" + SEEN_WHILE_CHOOSING[ds].split(" (")[0] + ")" if ds in SEEN_WHILE_CHOOSING else ""
                 rows.append([side, ("pooled" if ds == "(all)" else ds) + note] + [cells.get(p, "") for p in pols])
             out.append(_table(["side", "dataset", *pols], rows))
@@ -298,7 +283,7 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
     if agree is not None and len(agree) and "judge_a" in agree:
         out.append("### Judges: pairwise agreement and Cohen's kappa on the generated test answers")
         out.append(_table(["policy", "judges", "n", "agreement %", "kappa"],
-                          [[r.policy, f"{r.judge_a} / {r.judge_b}", r.n, _pct(r.agreement), _num(r.kappa, 2)]
+                          [[r.policy, f"{r.judge_a} / {r.judge_b}", r.n, pct(r.agreement), fixed(r.kappa, 2)]
                            for r in agree.itertuples()]))
         dis = _load(folder, "disagreements")
         if dis is not None:
@@ -307,13 +292,13 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
     if au is not None and len(au):
         out.append("### The gate against the model's own first-token refusal (test AUROC, 95 % bootstrap)")
         out.append(_table(["pair", "score", "AUROC [95 % bootstrap]", "n pos / neg"],
-                          [[r.pair, r.score, f"{_num(r.auroc)} [{_num(r.ci_low)}, {_num(r.ci_high)}]",
+                          [[r.pair, r.score, f"{fixed(r.auroc)} [{fixed(r.ci_low)}, {fixed(r.ci_high)}]",
                             f"{r.n_pos} / {r.n_neg}"] for r in au.itertuples()]))
     ge = _load(folder, "gate_errors")
     if ge is not None and len(ge):
         out.append("Gate zones on test (benign steered toward refusal, or harmful not steered toward it, are errors):")
         out.append(_table(["dataset", "label", "n", "toward", "not steered", "away", "errors %"],
-                          [[r.dataset, r.label, r.n, r.toward, r.none, r.away, _pct(r.error_rate)]
+                          [[r.dataset, r.label, r.n, r.toward, r.none, r.away, pct(r.error_rate)]
                            for r in ge.itertuples()]))
     jb = _load(folder, "jailbreaks")
     if jb is not None and len(jb):
@@ -322,7 +307,7 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
         out.append("### Jailbreak templates around harmful test prompts (% refused, 95 % Wilson)")
         rows = []
         for tmpl, g in t.groupby("template", sort=True):
-            cells = {r.policy: f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}] (n={r.n})" for r in g.itertuples()}
+            cells = {r.policy: f"{pct(r.rate)} [{pct(r.ci_low)}, {pct(r.ci_high)}] (n={r.n})" for r in g.itertuples()}
             rows.append(["pooled" if tmpl == "(all)" else tmpl] + [cells.get(p, "") for p in pols])
         out.append(_table(["template", *pols], rows))
     lr = _load(folder, "lowrank_sweep")
@@ -331,21 +316,21 @@ def p1_section(folder: Path, earlier: Sequence[Path] = ()) -> str:
         if len(ch):
             out.append(_table(["low-rank basis", "toward x", "away x", "lower", "upper", "val refusal %",
                                "val over-refusal %", "val ppl ratio"],
-                              [[r.basis, r.toward, r.away, _num(r.lower), _num(r.upper), _pct(r.refusal),
-                                _pct(r.over_refusal), _num(r.ppl_ratio)] for r in ch.itertuples()]))
+                              [[r.basis, r.toward, r.away, fixed(r.lower), fixed(r.upper), pct(r.refusal),
+                                pct(r.over_refusal), fixed(r.ppl_ratio)] for r in ch.itertuples()]))
     tr = _load(folder, "transfer")
     if tr is not None and len(tr):
         out.append("### Transfer to the stock model (no retraining; substring judge on generated answers)")
         out.append(_table(["policy", "prompts", "refused % [95 %]", "n", "gate flagged %", "reused"],
-                          [[r.policy, r.label, f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}]", r.n,
-                            _pct(getattr(r, "gate_flag_rate", None)), r.reused] for r in tr.itertuples()]))
+                          [[r.policy, r.label, f"{pct(r.rate)} [{pct(r.ci_low)}, {pct(r.ci_high)}]", r.n,
+                            pct(getattr(r, "gate_flag_rate", None)), r.reused] for r in tr.itertuples()]))
     rv = _load(folder, "reverse_transfer")
     if rv is not None and len(rv):
         out.append("### Reverse transfer, stock -> tuned (directions, reference norm and gate fitted on the stock "
                    "model; the tuned model's refusal-token router; first-position judge on a seeded test subsample)")
         out.append(_table(["policy", "prompts", "refused % [95 %]", "n", "gate flagged %", "reused"],
-                          [[r.policy, r.label, f"{_pct(r.rate)} [{_pct(r.ci_low)}, {_pct(r.ci_high)}]", r.n,
-                            _pct(r.gate_flag_rate), r.reused] for r in rv.itertuples()]))
+                          [[r.policy, r.label, f"{pct(r.rate)} [{pct(r.ci_low)}, {pct(r.ci_high)}]", r.n,
+                            pct(r.gate_flag_rate), r.reused] for r in rv.itertuples()]))
     summary = folder / "summary.json"
     if summary.exists():
         out.append(f"Wall time of the run: {json.loads(summary.read_text()).get('seconds')} s.")
@@ -358,11 +343,11 @@ P2_NAMES = ("harmful answered = share of harmful prompts answered (not refused b
 
 
 def _range(values: Any, digits: int = 3) -> str:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    vals = [v for v in map(as_float, values) if v is not None]
     if not vals:
-        return "n/a"
+        return NA
     lo, hi = min(vals), max(vals)
-    return _num(lo, digits) if abs(hi - lo) < 10 ** -digits else f"{_num(lo, digits)}-{_num(hi, digits)}"
+    return fixed(lo, digits) if abs(hi - lo) < 10 ** -digits else f"{fixed(lo, digits)}-{fixed(hi, digits)}"
 
 
 def p2_findings(t: Any, config: dict[str, Any]) -> list[str]:
@@ -377,19 +362,19 @@ def p2_findings(t: Any, config: dict[str, Any]) -> list[str]:
     within = steered.benign_answered_within_tol.astype(bool)
     out.append(f"Benign prompts answered, relative to the unsteered model: ratios {_range(steered.benign_answered_ratio)}; "
                f"{int(within.sum())} of {_count(n, 'tested setting')} within the tolerance"
-               + (f" ({_pct(tol, 0)} % drop)." if tol is not None else "."))
+               + (f" ({pct(tol, 0)} % drop)." if tol is not None else "."))
     if "within_ppl_guard" in steered:
         ok = steered.within_ppl_guard.astype("boolean").fillna(False).astype(bool)
         guard = config.get("ppl_guard")
         out.append(f"Benign perplexity ratio: {_range(steered.ppl_ratio)}; {int(ok.sum())} of {n} within the guard"
-                   + (f" (<= {_num(1 + float(guard), 2)})." if guard is not None else "."))
+                   + (f" (<= {fixed(1 + float(guard), 2)})." if guard is not None else "."))
     halved = steered.harmful_answered_halved
     if halved.isna().all():
-        out.append(f"The unsteered model answers {_pct(base.harmful_answered)} % of the harmful test prompts, so "
+        out.append(f"The unsteered model answers {pct(base.harmful_answered)} % of the harmful test prompts, so "
                    f"\"halved\" is undefined; the steered settings answer {_range(100 * steered.harmful_answered, 1)} %.")
     else:
         k = int(halved.astype("boolean").fillna(False).astype(bool).sum())
-        out.append(f"Share of harmful prompts answered: unsteered {_pct(base.harmful_answered)} %, steered "
+        out.append(f"Share of harmful prompts answered: unsteered {pct(base.harmful_answered)} %, steered "
                    f"{_range(100 * steered.harmful_answered, 1)} %; halved by {k} of {_count(n, 'tested setting')}.")
     return out
 
@@ -410,9 +395,9 @@ def p2_section(folders: Sequence[Path]) -> str:
         out.append("\n".join(selection_lines(manifest)))
         out.append(_table(["setting", "harmful answered % [95 %]", "ratio to unsteered", "halved",
                            "benign answered % [95 %]", "ratio to unsteered", "ppl ratio", "n harmful / benign"],
-                          [[r.setting, _ci(r._asdict(), "harmful_answered"), _num(r.harmful_answered_ratio),
+                          [[r.setting, _ci(r._asdict(), "harmful_answered"), fixed(r.harmful_answered_ratio),
                             "undefined" if _isna(r.harmful_answered_halved) else bool(r.harmful_answered_halved),
-                            _ci(r._asdict(), "benign_answered"), _num(r.benign_answered_ratio), _num(r.ppl_ratio),
+                            _ci(r._asdict(), "benign_answered"), fixed(r.benign_answered_ratio), fixed(r.ppl_ratio),
                             f"{_int(r.harmful_answered_n)} / {_int(r.benign_answered_n)}"] for r in t.itertuples()]))
         out.append("\n".join(f"- {line}" for line in p2_findings(t, config)))
     return "\n\n".join(out) + "\n"
@@ -425,7 +410,7 @@ def _isna(x: Any) -> bool:
 
 
 def _int(x: Any) -> str:
-    return "n/a" if _isna(x) else str(int(x))
+    return NA if _isna(x) else str(int(x))
 
 
 def specificity_findings(cells: Any, summary: Any) -> list[str]:
@@ -447,9 +432,9 @@ def specificity_findings(cells: Any, summary: Any) -> list[str]:
         for r in cat.itertuples():
             if _isna(r.perm_p):
                 continue
-            out.append(f"{r.variant}, {r.set}, {r.sign}: diagonal - off-diagonal {_num(r.diag_minus_offdiag)} vs "
-                       f"{_num(r.perm_mean_diag_minus_offdiag)} for directions fitted on shuffled labels (permutation "
-                       f"p = {_num(r.perm_p, 2)}, {_count(int(r.n_perm), 'permutation')}).")
+            out.append(f"{r.variant}, {r.set}, {r.sign}: diagonal - off-diagonal {fixed(r.diag_minus_offdiag)} vs "
+                       f"{fixed(r.perm_mean_diag_minus_offdiag)} for directions fitted on shuffled labels (permutation "
+                       f"p = {fixed(r.perm_p, 2)}, {_count(int(r.n_perm), 'permutation')}).")
     return out
 
 
@@ -464,8 +449,8 @@ def specificity_section(folder: Path) -> str:
     if sel is not None and len(sel):
         out.append(_table(["layer", "scale", "harmful/away specificity", "lookalike/toward specificity", "objective",
                            "chosen"],
-                          [[r.layer, _num(r.scale, 2), _num(r.harmful_away), _num(r.lookalike_toward),
-                            _num(r.objective), bool(r.chosen)] for r in sel.itertuples()]))
+                          [[r.layer, fixed(r.scale, 2), fixed(r.harmful_away), fixed(r.lookalike_toward),
+                            fixed(r.objective), bool(r.chosen)] for r in sel.itertuples()]))
     out.append("Mean effect of steering with category i on prompts of category i (diagonal) and of other categories "
                "(off-diagonal); ratio = diagonal / off-diagonal (paired bootstrap intervals). A shared refusal knob "
                "gives a ratio near 1.")
@@ -473,11 +458,11 @@ def specificity_section(folder: Path) -> str:
     has_perm = "perm_p" in s
     out.append(_table(["variant", "set", "sign", "metric", "diagonal", "off-diagonal", "ratio [95 %]",
                        "diag - offdiag [95 %]", *(["shuffled labels", "perm. p"] if has_perm else [])],
-                      [[r.variant, r.set, r.sign, r.metric, _num(r.mean_diag), _num(r.mean_offdiag),
-                        f"{_num(r.ratio, 2)} [{_num(r.ratio_ci_low, 2)}, {_num(r.ratio_ci_high, 2)}]",
-                        f"{_num(r.diag_minus_offdiag)} [{_num(r.diag_minus_offdiag_ci_low)}, "
-                        f"{_num(r.diag_minus_offdiag_ci_high)}]",
-                        *([_num(r.perm_mean_diag_minus_offdiag), _num(r.perm_p, 2)] if has_perm else [])]
+                      [[r.variant, r.set, r.sign, r.metric, fixed(r.mean_diag), fixed(r.mean_offdiag),
+                        f"{fixed(r.ratio, 2)} [{fixed(r.ratio_ci_low, 2)}, {fixed(r.ratio_ci_high, 2)}]",
+                        f"{fixed(r.diag_minus_offdiag)} [{fixed(r.diag_minus_offdiag_ci_low)}, "
+                        f"{fixed(r.diag_minus_offdiag_ci_high)}]",
+                        *([fixed(r.perm_mean_diag_minus_offdiag), fixed(r.perm_p, 2)] if has_perm else [])]
                        for r in cat.itertuples()]))
     ctrl = s[s.variant == "control"]
     if len(ctrl) and "mean_all" in ctrl:
@@ -485,7 +470,7 @@ def specificity_section(folder: Path) -> str:
                    "refusal direction, or with random directions of the same norm):")
         out.append(_table(["control", "set", "sign", "metric", "directions", "mean effect [95 %]"],
                           [[r.rows, r.set, r.sign, r.metric, r.n_rows,
-                            f"{_num(r.mean_all)} [{_num(r.mean_all_ci_low)}, {_num(r.mean_all_ci_high)}]"]
+                            f"{fixed(r.mean_all)} [{fixed(r.mean_all_ci_low)}, {fixed(r.mean_all_ci_high)}]"]
                            for r in ctrl.itertuples()]))
     findings = specificity_findings(_load(folder, "specificity"), s)
     if findings:

@@ -7,7 +7,6 @@ The builders behind ``figures/fig_p1_tradeoff.py`` and the report: pure function
 plotly figure (or the plotted table) out."""
 
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from catlens import plotting
+from catlens.formatting import as_float
 from catlens.runs import load_table
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,8 @@ def tradeoff_figure(headline: pd.DataFrame, judge: str | None = None) -> Any:
 def _key(df: pd.DataFrame) -> pd.Series:
     """A hashable key per setting (missing toward/away = not steered on that side)."""
     def num(v: Any) -> str:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            return "-"
-        return "-" if math.isnan(f) else f"{f:.6g}"
+        f = as_float(v)
+        return "-" if f is None else f"{f:.6g}"
 
     return pd.Series([f"{g}|{m}|{int(lay)}|{num(t)}|{num(a)}" for g, m, lay, t, a in
                       zip(df["gate_rule"], df["method"], df["layer"], df["toward"], df["away"])], index=df.index)
@@ -130,7 +127,7 @@ def sweep_data(sweep: pd.DataFrame, candidates: pd.DataFrame | None = None) -> p
     data = sweep.reset_index(drop=True).copy()
 
     def coef(v: Any) -> str:
-        return "0" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):g}"
+        return f"{as_float(v, 0.0):g}"  # missing: not steered on that side
 
     data["setting"] = [f"{m}, layer {int(lay)}, toward {coef(t)}, away {coef(a)}, gate {g}" for m, lay, t, a, g in
                        zip(data["method"], data["layer"], data["toward"], data["away"], data["gate_rule"])]

@@ -127,7 +127,7 @@ def start(args: argparse.Namespace, config: Any, run: Any, models: ModelPool) ->
     model = models.get(folder, cache=args.cache_dir, device=args.device, dtype=args.dtype)
     stock = models.get(manifest["base"]["folder"] if manifest["base"]["spec"] != "smollm2-135m-instruct"
                        else manifest["base"]["spec"], cache=args.cache_dir, device=args.device, dtype=args.dtype)
-    plain, plain_stock = model.plain_hf(), stock.plain_hf()
+    plain, plain_stock = models.plain_hf(model), models.plain_hf(stock)  # made once per job, counted by the pool
     run.record_model(model, "finetune")
     run.record_model(stock, "stock")
     tokens = RefusalTokens.from_model(model)

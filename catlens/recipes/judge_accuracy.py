@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from catlens.formatting import pct
+
 JUDGE_NAMES = ("refusal_token", "substring", "full_answer")
 BEGIN, END = "<!-- judge_accuracy:begin -->", "<!-- judge_accuracy:end -->"
 
@@ -58,10 +60,8 @@ def tables(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "verdicts": verdicts[["id", "split", "source", "prompt_label", *judge_columns, "reference"]]}
 
 
-def _pct(x: float) -> str:
-    import math
-
-    return "n/a" if math.isnan(x) else f"{100 * x:.1f} %"
+def _pct(x: Any) -> str:
+    return pct(x, unit=" %")
 
 
 def render(t: dict[str, Any], n_rows: int, run: str) -> str:

@@ -76,6 +76,61 @@ def test_the_pool_returns_the_same_model_for_the_same_key_and_another_for_anothe
     assert ModelPool().get(tuned) is not a  # another pool (a stage run alone) loads its own
 
 
+def test_the_pool_makes_a_plain_copy_once_and_counts_it(two_models, counted):
+    """A pooled model's plain Hugging Face copy: made on first request and recorded in the pool's loads (marked as
+    the plain copy, with the model's spec), a second request is a hit; another dtype is another model and copy; no
+    extra load_model call; a model the pool did not give out is refused."""
+    tuned, _ = two_models
+    pool = ModelPool()
+    a = pool.get(tuned)
+    plain = pool.plain_hf(a)
+    assert pool.plain_hf(pool.get(str(tuned))) is plain  # the same key however the model was asked for
+    assert type(plain).__name__ == "LlamaForCausalLM" and not hasattr(plain, "cfg") and plain is not a.hf
+    assert pool.stats()["loads"] == 2 and pool.stats()["plain_copies"] == 1 and pool.hits == 2 and len(pool) == 1
+    copy = pool.loads[1]
+    assert copy["copy"] == "plain_hf" and "copy" not in pool.loads[0]
+    assert {k: copy[k] for k in ("spec", "location", "device", "dtype")} == {k: pool.loads[0][k] for k in (
+        "spec", "location", "device", "dtype")} == {"spec": str(tuned), "location": str(tuned.resolve()),
+                                                      "device": "cpu", "dtype": "float32"}
+    b = pool.get(tuned, dtype="bfloat16")
+    plain_b = pool.plain_hf(b)
+    assert plain_b is not plain and plain_b.dtype == torch.bfloat16 and pool.stats()["plain_copies"] == 2
+    assert pool.stats()["models"] == pool.loads and len(pool.loads) == 4
+    assert counted == [str(tuned), str(tuned)]  # the copies are not load_model calls
+    with pytest.raises(ValueError, match="is not a model of this pool: get it with pool.get"):
+        ModelPool().plain_hf(a)
+    pool.clear()
+    assert pool.plain_hf(pool.get(tuned)) is not plain  # cleared: the model and its copy made again
+
+
+def test_the_plain_copy_computes_what_the_model_computes(two_models):
+    """The plain copy, built from the loaded model's weights (nothing read from disk), gives the logits of the
+    checkpoint loaded again with transformers (what plain_hf returned before) to the bit, float32 and bfloat16, with
+    the same attention and generation config, and the bridge's logits up to float32 rounding (the bridge runs eager
+    attention, the plain copy SDPA); it shares the loaded weights (no second copy in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    tuned, _ = two_models
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7], [1, 2, 3, 4, 5, 6]])
+    for dtype in ("float32", "bfloat16"):
+        model = cm.load_model(tuned, dtype=dtype)
+        seed = torch.random.get_rng_state()
+        plain = model.plain_hf()
+        assert torch.equal(torch.random.get_rng_state(), seed)  # the throwaway init left the caller's seed alone
+        reloaded = AutoModelForCausalLM.from_pretrained(tuned, dtype=model.dtype).eval()
+        with torch.inference_mode():
+            logits = plain(ids).logits
+            assert torch.equal(logits, reloaded(ids).logits)
+            if dtype == "float32":
+                torch.testing.assert_close(logits, model.bridge(ids), rtol=1e-5, atol=1e-5)
+        assert type(plain) is type(reloaded) and plain.dtype == model.dtype and not plain.training
+        assert plain.config._attn_implementation == reloaded.config._attn_implementation != "eager"
+        assert model.hf.config._attn_implementation == "eager"  # the bridge's config is left as it was
+        assert plain.generation_config.to_dict() == reloaded.generation_config.to_dict()
+        shared = {t.data_ptr() for t in model.hf.state_dict().values()}
+        assert all(p.data_ptr() in shared for p in plain.parameters())
+
+
 def test_the_pool_says_what_was_wrong_with_a_spec():
     with pytest.raises(FileNotFoundError, match="neither an existing checkpoint folder"):
         ModelPool().get("/no/such/folder")

@@ -130,9 +130,11 @@ def test_every_stage_ran_and_wrote_its_files(pipeline):
     for name in ("finetune", "eval", "geometry", "figures", "report"):
         assert isinstance(stages[name]["seconds"], float)
     assert m["status"] == "done" and summary["stages"]["eval"] == "done"
-    # one process, one load per model: eval loads the tuned model and its stock base, geometry reuses both
+    # one process, one load per model: eval loads the tuned model and its stock base and makes their plain copies
+    # (counted by the pool, built from the loaded weights, so not load_model calls), geometry reuses both models
     loads = m["model_loads"]
-    assert loads["shared_pool"] and loads["pool"]["loads"] == 2 and loads["pool"]["hits"] == 2
+    assert loads["shared_pool"] and loads["pool"]["loads"] == 4 and loads["pool"]["plain_copies"] == 2
+    assert loads["pool"]["hits"] == 2
     assert loads["by_stage"]["eval"]["n"] == 2 and loads["by_stage"]["geometry"]["n"] == 0
     assert stages["geometry"]["model_loads"] == {"n": 0, "seconds": 0}
     assert summary["model_loads"] == loads
