@@ -47,12 +47,13 @@ def pct(x: Any, digits: int = 1, missing: str = NA, unit: str = "") -> str:
 
 
 def fmt(value: Any, digits: int = 3, missing: str = DASH) -> str:
-    """Human form of a table value (the report's cells and sentences): ``None`` and NaN as ``missing``; booleans as
-    ``True``/``False``; numpy scalars as the Python value; floats with ``digits`` decimals (``0.125`` -> ``"0.125"``),
-    integral ones from 10 up as integers (counts and seconds stored as floats: ``12.0`` -> ``"12"``), trailing zeros
-    dropped from 10 up (``12.5`` -> ``"12.5"``), very large or small ones in ``g`` form (``1e-05``); lists and tuples
-    element-wise joined by ``", "``; dicts as JSON; anything else as ``str`` (``pd.NA`` is ``"<NA>"``)."""
-    if value is None:
+    """Human form of a table value (the report's cells and sentences): ``None``, ``pd.NA`` and NaN as ``missing``;
+    booleans as ``True``/``False``; numpy scalars as the Python value; floats with ``digits`` decimals
+    (``0.125`` -> ``"0.125"``), integral ones from 10 up as integers (counts and seconds stored as floats:
+    ``12.0`` -> ``"12"``), trailing zeros dropped from 10 up (``12.5`` -> ``"12.5"``), very large or small ones in
+    ``g`` form (``1e-05``); lists and tuples element-wise joined by ``", "``; dicts as JSON; anything else as
+    ``str``."""
+    if value is None or type(value).__name__ == "NAType":  # pd.NA (a nullable column's missing value)
         return missing
     if isinstance(value, bool):
         return str(value)

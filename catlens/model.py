@@ -495,7 +495,11 @@ class LensModel:
         weights: dict[str, Tensor] = {}
         for key, value in hf.state_dict().items():  # the bridge put each wrapped module under `_original_component`
             weights.setdefault(key.replace("._original_component", ""), value)
-        with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the caller's seed
+        from accelerate import init_empty_weights  # a dependency of transformer-lens
+
+        # parameters on the meta device (no allocation, no random init of an 8B model; buffers such as the rotary
+        # frequencies are made as usual), then the loaded tensors assigned below
+        with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
             # attn_implementation=None: the attention from_pretrained picks (SDPA where the model has it), not the
             # eager attention the bridge set on its config: the plain copy computes what the checkpoint loaded
             # again with transformers computes, to the bit (and the bridge's logits up to float rounding)

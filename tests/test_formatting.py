@@ -50,7 +50,7 @@ def test_pct():
     (np.float64(12.0), "12"), (np.float32(0.5), "0.500"), (np.float64("nan"), "–"), (np.int64(7), "7"),
     (True, "True"), (False, "False"), (np.bool_(True), "True"), (3, "3"), ("text", "text"),
     ([0.5, float("nan"), 12.0], "0.500, –, 12"), ((1, "a"), "1, a"), ({"a": 1}, '{"a": 1}'),
-    (pd.NA, "<NA>"),  # as before: not a float, so shown as text (see the module's docstring)
+    (pd.NA, "–"),  # a nullable column's missing value is missing too (it was shown as "<NA>")
 ])
 def test_fmt(value, text):
     assert F.fmt(value) == text
