@@ -1,13 +1,16 @@
 """The explorer's first answer: seconds from creating the page's app (``Explorer`` + :func:`create_app`, which starts
-preparing the map in the background) to the first request's answers on the page, and to its map, with a cold and a
-warm on-disk cache of the built-in prompts' activations. The request is sent at once (the worst case: nothing of the
-map is ready yet) through the page's own callback (:func:`catlens.explore.on_event`), without a browser.
+preparing the map in the background) to the first request's unsteered answer on the page (``unsteered_s``: the page's
+``shown`` is first set, ``"<job>:unsteered"``, or straight to both answers when the steered one is as quick), to both
+answers (``answers_s``: ``shown`` is ``"<job>:answers"``, ``":map"`` or ``":failed"``) and to its map (``map_s``:
+``":map"``), with a cold and a warm on-disk cache of the built-in prompts' activations. The request is sent at once
+(the worst case: nothing of the map is ready yet) through the page's own callback
+(:func:`catlens.explore.on_event`), without a browser.
 
 Usage (loads the model: run it alone, under the CPU lock):
     flock /tmp/catlens-cpu.lock python bench/bench_explore.py --model ~/.cache/catlens/finetunes/refusal-default \\
         [--policy runs/p1/policies/categorical_youden] [--out runs/bench-explore]
 Cases: with ``--policy``, the page's method is the policy as loaded (it needs nothing from the built-in prompts);
-always also ``one_vs_benign`` directions (the page's default without a policy: the first answer needs the built-in
+always also ``one_vs_benign`` directions (the page's default without a policy: the steered answer needs the built-in
 train prompts' activations). Writes <out>/manifest.json and first_answer.csv (+ parquet) and prints the table.
 """
 
@@ -31,16 +34,21 @@ def first_answer(model, policy, cache: Path, max_new_tokens: int, timeout: float
     out = on_event(ex, "run", values, None)
     if out.get("message"):
         raise RuntimeError(str(out["message"]))
-    job, shown, answer = out["job"], None, None
+    job, shown, unsteered, answers, map_s = out["job"], None, None, None, None
     try:
         while time.perf_counter() - t0 < timeout:
             out = on_event(ex, "poll", {}, job, shown)
             if out.get("message"):
                 raise RuntimeError(str(out["message"]))
             shown = out.get("shown", shown)
-            if shown is not None and answer is None:
-                answer = time.perf_counter() - t0
-            if shown is not None and not shown.endswith(":answers"):
+            now = time.perf_counter() - t0
+            view = shown.split(":")[1] if shown is not None else None
+            if view is not None and unsteered is None:
+                unsteered = now
+            if view in ("answers", "map", "failed") and answers is None:
+                answers = now
+            if view in ("map", "failed"):
+                map_s = now if view == "map" else None
                 break
             time.sleep(0.05)
         else:
@@ -48,9 +56,9 @@ def first_answer(model, policy, cache: Path, max_new_tokens: int, timeout: float
         result = ex.status(job)["result"]
     finally:
         ex.close()
-    return {"method": values["method"], "created_s": created, "first_answer_s": answer,
-            "map_s": time.perf_counter() - t0 if shown.endswith(":map") else None, "map": shown.split(":")[1],
-            "generation_s": result["seconds"], "steered": result["steered"]["response"][:80]}
+    return {"method": values["method"], "created_s": created, "unsteered_s": unsteered, "answers_s": answers,
+            "map_s": map_s, "map": view, "generation_s": result["seconds"],
+            "steered": result["steered"]["response"][:80]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(row, flush=True)
     table = pd.DataFrame(rows)
     run.save_table("first_answer", table)
-    run.finish(first_answer_s={f"{r['method']}/{r['cache']}": round(r["first_answer_s"], 2) for r in rows})
+    run.finish(unsteered_s={f"{r['method']}/{r['cache']}": round(r["unsteered_s"], 2) for r in rows},
+               answers_s={f"{r['method']}/{r['cache']}": round(r["answers_s"], 2) for r in rows})
     print(table.round(2).to_string(index=False))
     return 0
 

@@ -36,7 +36,11 @@ rendered prompts and the site), so the first answer never waits for the map: the
 are generated, the map's place says "Preparing the map ... n/N prompts" until it is ready, and then the prompt's
 point is drawn in it (or the reason the map could not be prepared). Only a request that needs directions, a gate or
 a router made from the built-in prompts (a method other than ``policy``, or a gate the policy lacks) collects the
-activations still missing first (with progress); with a warm disk cache nothing is collected.
+activations still missing itself (with progress); with a warm disk cache nothing is collected. Every request
+generates the unsteered answer first and shows it at once, the steered column saying what is being prepared
+("Preparing the directions: built-in activations (resid_post) 48/630 prompts", then the steered answer's tokens),
+so without a policy the first answer does not wait for the directions; the steered answer follows once they are
+made.
 
 Generation runs in a worker thread (one model, one job at a time) with progress in the page; a new request cancels
 the running one between two decoding steps (``generate(should_stop=...)``), and a result is only shown if its
@@ -120,6 +124,7 @@ class _Job:
     done: int = 0
     total: int = 0
     result: dict[str, Any] | None = None
+    partial: dict[str, Any] | None = None  # {"request", "unsteered"} once the unsteered answer exists
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -189,7 +194,8 @@ class Explorer:
     them in a background thread that gives the model to a request between two steps of :data:`ACTS_CHUNK` prompts;
     a request answers without waiting for the map (its result says the map is pending, and :meth:`complete_map`
     fills it in once the map is ready); only a request that needs directions, a gate or a router made from the
-    reference prompts collects what is still missing itself.
+    reference prompts collects what is still missing itself, after generating its unsteered answer and publishing
+    it as the job's partial result (:meth:`status`).
     """
 
     def __init__(self, model: Any, policy: Any = None, prompts: Any = None, *,
@@ -786,7 +792,11 @@ class Explorer:
         description and the prompt's place in the PCA of the reference prompts (``pca``; when their activations at
         the site are not ready yet, ``{"pending": True, ...}`` with the prompt's own activation, and the background
         thread is asked to prepare them: :meth:`complete_map` fills it in later). With ``job``, progress goes there
-        and its cancel flag stops the work (:class:`Cancelled`)."""
+        and its cancel flag stops the work (:class:`Cancelled`).
+
+        The unsteered answer is generated first (or reused: same prompt and length) and, with ``job``, published at
+        once as the job's partial result (``{"request", "unsteered"}``, see :meth:`status`); then the policy is made
+        (which may collect the reference activations first, with progress) and the steered answer generated."""
         from catlens.errors import GenerationCancelled
         from catlens.generation import generate
 
@@ -809,7 +819,6 @@ class Explorer:
         with self._model_for_request():
             stop("preparing", 0, 0)
             try:
-                policy, rows, summary = self.build_policy(req, stop)
                 kw = {"max_new_tokens": req.max_new_tokens, "batch_size": 1, "show_progress": False,
                       "allow_transfer": self.allow_transfer}
                 key = (req.prompt, req.max_new_tokens)
@@ -820,6 +829,10 @@ class Explorer:
                     if len(self._unsteered) >= 64:
                         self._unsteered.pop(next(iter(self._unsteered)))
                     self._unsteered[key] = unsteered
+                if job is not None:  # shown while the policy is made (it may collect the reference activations)
+                    self._publish_partial(job, {"request": req, "unsteered": unsteered})
+                stop("preparing the steering", 0, 0)
+                policy, rows, summary = self.build_policy(req, stop)
                 steered = generate(self.model, [req.prompt], policy, rows=rows,
                                    should_stop=gen_stop("steered answer"), **kw)[0]
                 stop("projection", 0, 0)
@@ -931,6 +944,15 @@ class Explorer:
             return
         self._publish(job, result)
 
+    def _publish_partial(self, job: _Job, partial: dict[str, Any]) -> bool:
+        """Store the unsteered answer on ``job`` while it is the newest request and not cancelled (as
+        :meth:`_publish`); a superseded job's partial result is dropped (its work stops at the next step)."""
+        with self._lock:
+            if self._current is not job or job.cancel.is_set():
+                return False
+            job.partial = partial
+            return True
+
     def _publish(self, job: _Job, result: dict[str, Any]) -> bool:
         """Store ``result`` on ``job`` unless a newer request has started (then the job is 'superseded')."""
         with self._lock:
@@ -957,18 +979,22 @@ class Explorer:
 
     def status(self, job_id: int) -> dict[str, Any]:
         """A job's ``state`` (queued, running, done, error, cancelled, superseded), ``phase``, ``done``/``total``,
-        ``error``, ``result`` (when done) and ``newest`` (no newer request exists)."""
+        ``error``, ``result`` (when done), ``partial`` (``{"request", "unsteered"}`` once the unsteered answer
+        exists, while the job is the newest and not cancelled; else None) and ``newest`` (no newer request
+        exists)."""
         with self._lock:
             job = self._jobs.get(job_id)
             newest = self._current is job
+            partial = job.partial if job is not None and newest and not job.cancel.is_set() else None
         if job is None:
             return {"id": job_id, "state": "unknown", "phase": "", "done": 0, "total": 0, "error": None,
-                    "result": None, "newest": False}
+                    "result": None, "partial": None, "newest": False}
         state = job.state
         if not newest and state in ("queued", "running"):
             state = "superseded"
         return {"id": job.id, "state": state, "phase": job.phase, "done": job.done, "total": job.total,
-                "error": job.error, "result": job.result if state == "done" and newest else None, "newest": newest,
+                "error": job.error, "result": job.result if state == "done" and newest else None,
+                "partial": partial, "newest": newest,
                 "seconds": time.perf_counter() - job.started}
 
     def wait(self, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
@@ -1176,19 +1202,10 @@ def render_result(result: Mapping[str, Any], map_status: Mapping[str, Any] | Non
     from dash import dcc, html
 
     un, st = result["unsteered"], result["steered"]
-
-    def column(title: str, rec: Mapping[str, Any], ident: str) -> Any:
-        return html.Div([html.H4(title, style={"margin": "0 0 6px"}),
-                         html.Pre(rec["response"] or "(empty answer)", id=ident, style=_ANSWER),
-                         html.Div(_n_tokens(rec), style={"fontSize": "12px", "color": "#666", "marginTop": "4px"}),
-                         html.Ul([html.Li(t) for t in _decision_text(rec)],
-                                 style={"fontSize": "13px", "paddingLeft": "18px"})],
-                        style={**_BOX, "flex": "1 1 0", "minWidth": "0"})
-
     same = un["token_ids"] == st["token_ids"]
     kids = [
         html.Div(result["summary"], id="summary", style={"fontSize": "13px", "margin": "4px 0 8px"}),
-        html.Div([column("unsteered", un, "unsteered"), column("steered", st, "steered")],
+        html.Div([_column("unsteered", un, "unsteered"), _column("steered", st, "steered")],
                  style={"display": "flex", "gap": "12px"}),
         html.Div("The steered answer is identical to the unsteered one." if same else
                  "The steered answer differs from the unsteered one.", id="same",
@@ -1209,6 +1226,56 @@ def render_result(result: Mapping[str, Any], map_status: Mapping[str, Any] | Non
                                 style={"flex": "1 1 0", "minWidth": "0"}))
     kids.append(html.Div(graphs, style={"display": "flex", "gap": "12px"}))
     return html.Div(kids)
+
+
+def _column(title: str, rec: Mapping[str, Any], ident: str, extra: Sequence[Any] = ()) -> Any:
+    from dash import html
+
+    return html.Div([html.H4(title, style={"margin": "0 0 6px"}),
+                     html.Pre(rec["response"] or "(empty answer)", id=ident, style=_ANSWER),
+                     html.Div(_n_tokens(rec), style={"fontSize": "12px", "color": "#666", "marginTop": "4px"}),
+                     html.Ul([html.Li(t) for t in _decision_text(rec)],
+                             style={"fontSize": "13px", "paddingLeft": "18px"}), *extra],
+                    style={**_BOX, "flex": "1 1 0", "minWidth": "0"})
+
+
+def render_partial(partial: Mapping[str, Any], status: Mapping[str, Any] | None = None,
+                   note: str | None = None) -> Any:
+    """The results panel while only the unsteered answer exists (:meth:`Explorer.status`'s ``partial``): the
+    unsteered column (answer, first-position refusal-token probabilities) and, in the steered column, the job's
+    progress (``status``) or ``note`` (e.g. why no steered answer will come)."""
+    from dash import html
+
+    un, req = partial["unsteered"], partial["request"]
+    extra = []
+    probs = un.get("first_probs")
+    if probs:
+        top = sorted(probs.items(), key=lambda kv: -kv[1])[:6]
+        extra.append(html.Div("refusal-token probabilities (first position): "
+                              + ", ".join(f"{t} {p:.3f}" for t, p in top), id="unsteered-probs",
+                              style={"fontSize": "12px", "color": "#444"}))
+    text = note if note is not None else _steered_pending_text(req, status)
+    steered = html.Div([html.H4("steered", style={"margin": "0 0 6px"}),
+                        html.Div(text, id="steered-pending", style={**_ANSWER, "fontFamily": "inherit",
+                                                                     "color": "#555"})],
+                       style={**_BOX, "flex": "1 1 0", "minWidth": "0"})
+    return html.Div([html.Div([_column("unsteered", un, "unsteered", extra), steered],
+                              style={"display": "flex", "gap": "12px"})])
+
+
+def _steered_pending_text(req: Request, st: Mapping[str, Any] | None) -> str:
+    """What the steered column says while the job makes the policy and generates (from its phase/done/total)."""
+    what = "the gate" if req.method == "policy" else "the directions"
+    if st is None:
+        return f"Preparing {what} and the steered answer..."
+    phase, done, total = st["phase"], st["done"], st["total"]
+    if phase.startswith("built-in activations"):
+        return f"Preparing {what}: {phase} {done}/{total} prompts"
+    if phase == "steered answer":
+        return f"Generating the steered answer: {done}/{total} tokens"
+    if phase == "projection":
+        return "The steered answer is ready; placing the prompt in the map..."
+    return "Preparing the steering..."
 
 
 def _map_pending_text(pca: Mapping[str, Any], st: Mapping[str, Any] | None) -> str:
@@ -1238,9 +1305,10 @@ def _progress(st: Mapping[str, Any]) -> Any:
 def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_id: int | None,
              shown: str | None = None) -> dict[str, Any]:
     """The page's main callback as a plain function: ``trigger`` is ``"run"`` (the button) or ``"poll"`` (the
-    progress timer); ``shown`` is what the page shows of the job (``"<job>:answers"`` while its map is pending,
-    ``"<job>:map"``, ``"<job>:failed"``; kept in the page, so a poll's answer that the browser dropped is sent
-    again). Returns the outputs that change (``message``, ``job``, ``poll_disabled``, ``progress``, ``results``,
+    progress timer); ``shown`` is what the page shows of the job (``"<job>:unsteered"``: only the unsteered answer,
+    the steered column shows the job's progress, redrawn at every poll; ``"<job>:answers"``: both answers while
+    the map is pending; ``"<job>:map"``; ``"<job>:failed"``: both answers, the map could not be prepared; kept in
+    the page, so a poll's answer that the browser dropped is sent again). Returns the outputs that change (``message``, ``job``, ``poll_disabled``, ``progress``, ``results``,
     ``dim``, ``shown``); never raises, every failure becomes ``message``."""
     from dash import html
 
@@ -1257,9 +1325,12 @@ def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_i
             if job_id is None:
                 return {"poll_disabled": True}
             st = ex.status(job_id)
-            state = st["state"]
+            state, partial = st["state"], st["partial"]
             if state in ("queued", "running"):
-                return {"progress": _progress(st)}
+                if partial is None:
+                    return {"progress": _progress(st)}
+                return {"progress": _progress(st), "results": render_partial(partial, st), "dim": False,
+                        "shown": f"{job_id}:unsteered"}
             if state == "done" and st["result"] is not None:
                 # the answers are shown at once; a pending map keeps the timer going and is drawn when ready
                 r = st["result"]
@@ -1276,8 +1347,15 @@ def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_i
                 return {"poll_disabled": not pending, "results": render_result(r, map_st), "dim": False,
                         "progress": done, "shown": view}
             if state == "error":
-                return {"poll_disabled": True, "message": error(st["error"]), "progress": "", "dim": False}
-            return {"poll_disabled": True, "progress": html.Span("replaced by a newer request", id="progress-text")}
+                out = {"poll_disabled": True, "message": error(st["error"]), "progress": "", "dim": False}
+                if partial is not None:  # the unsteered answer stays; the steered one will not come
+                    out.update(results=render_partial(partial, note="No steered answer: see the message above."),
+                               shown=f"{job_id}:unsteered")
+                return out
+            out = {"poll_disabled": True, "progress": html.Span("replaced by a newer request", id="progress-text")}
+            if shown == f"{job_id}:unsteered":  # its unfinished answers are greyed (the newer request's follow)
+                out["dim"] = True
+            return out
         return {}
     except Exception as e:  # noqa: BLE001 -- bad input and failures are shown in the page, never as a traceback
         log.debug("explore: %s", e, exc_info=True)

@@ -100,6 +100,11 @@ def test_a_failure_inside_the_job_is_a_message_too(explorer, monkeypatch):
     assert st["state"] == "error" and st["error"] == "the model is on fire"
     polled = E.on_event(explorer, "poll", {}, out["job"])
     assert polled["message"].children == "the model is on fire" and polled["poll_disabled"] is True
+    # the unsteered answer came first and stays; the steered column says none will come
+    plain = generate(explorer.model, [PROMPT], None, max_new_tokens=8, batch_size=1, show_progress=False)[0]
+    assert _find(polled["results"], "unsteered").children == plain["response"]
+    assert _find(polled["results"], "steered-pending").children == "No steered answer: see the message above."
+    assert _find(polled["results"], "steered") is None and polled["shown"] == f"{out['job']}:unsteered"
 
 
 # ---------------------------------------------------------------------------------------- the answers
@@ -482,6 +487,151 @@ def test_prompt_sets(tiny_lm, tmp_path):
         ex.prompt_set("nope")
 
 
+# ------------------------------------------------------------------ the unsteered answer before the directions
+def _find(component, ident):
+    """The component with id ``ident`` in a Dash component tree (None when absent)."""
+    if getattr(component, "id", None) == ident:
+        return component
+    kids = getattr(component, "children", None)
+    for kid in kids if isinstance(kids, (list, tuple)) else [kids]:
+        if kid is not None and not isinstance(kid, (str, int, float)):
+            found = _find(kid, ident)
+            if found is not None:
+                return found
+    return None
+
+
+def _hold_request_collection(ex, monkeypatch, after=0):
+    """Let a request's own collection of the reference activations take ``after`` steps, then hold it until
+    released (the first request only; the background thread is not held)."""
+    release, held = threading.Event(), threading.Event()
+    steps = []
+    original = ex._acts_step
+
+    def step(site, stop=None):
+        name = threading.current_thread().name
+        if name.startswith("catlens-explore-") and name != "catlens-explore-map" and not held.is_set():
+            if len(steps) >= after:
+                held.set()
+                assert release.wait(600), "the test never released the request"
+            steps.append(site)
+        return original(site, stop)
+
+    monkeypatch.setattr(ex, "_acts_step", step)
+    return release, held
+
+
+def _wait_for_state(ex, job_id, state, timeout=60.0):
+    """Wait until the job's thread has ended in ``state`` (its status says 'superseded' as soon as it is replaced)."""
+    t0 = time.monotonic()
+    while ex._jobs[job_id].state != state:
+        assert time.monotonic() - t0 < timeout, ex._jobs[job_id].state
+        time.sleep(0.01)
+
+
+def _without_seconds(rec):
+    return {k: v for k, v in rec.items() if k != "seconds"}
+
+
+def test_without_a_policy_the_unsteered_answer_comes_first(explorer, reference, monkeypatch):
+    """Directions from the reference prompts need their activations: while the request's collection is held, the
+    page already shows the unsteered answer (plain generate's) with the collection's progress in the steered
+    column; once released, the full result holds the same unsteered record and the steered answer of a direct
+    run."""
+    plain = generate(explorer.model, [PROMPT], None, max_new_tokens=8, batch_size=1, show_progress=False)[0]
+    req = explorer.parse(values(explorer, coeff="8"))
+    direct = explorer.run(req)
+    ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    release, held = _hold_request_collection(ex, monkeypatch, after=2)
+    try:
+        out = E.on_event(ex, "run", values(ex, coeff="8"), None)
+        job = out["job"]
+        assert held.wait(30), "the request never started collecting the reference activations"
+        st = ex.status(job)
+        assert st["state"] == "running" and st["result"] is None and not ex.map_status("resid_post")["ready"]
+        partial = st["partial"]
+        assert partial is not None, "no unsteered answer before the directions"
+        assert partial["request"] == req
+        assert _without_seconds(partial["unsteered"]) == _without_seconds(plain)
+        polled = E.on_event(ex, "poll", {}, job)
+        assert polled["shown"] == f"{job}:unsteered" and polled["dim"] is False and "poll_disabled" not in polled
+        page = polled["results"]
+        assert _find(page, "unsteered").children == plain["response"]
+        assert _find(page, "steered") is None and _find(page, "summary") is None
+        assert _find(page, "steered-pending").children == (
+            f"Preparing the directions: built-in activations (resid_post) {E.ACTS_CHUNK}/{len(reference)} prompts")
+        top, p = max(plain["first_probs"].items(), key=lambda kv: kv[1])
+        assert _find(page, "unsteered-probs").children.startswith(
+            f"refusal-token probabilities (first position): {top} {p:.3f}")
+        again = E.on_event(ex, "poll", {}, job, polled["shown"])  # the progress is redrawn while it runs
+        assert again["shown"] == f"{job}:unsteered" and "results" in again
+        release.set()
+        st = ex.wait(job, timeout=60.0)
+        assert st["state"] == "done"
+        r = st["result"]
+        assert r["unsteered"] is partial["unsteered"]
+        assert r["steered"]["token_ids"] == direct["steered"]["token_ids"] != plain["token_ids"]
+        assert r["summary"] == direct["summary"]
+        done = E.on_event(ex, "poll", {}, job, polled["shown"])
+        assert done["shown"] in (f"{job}:answers", f"{job}:map")
+        assert _find(done["results"], "steered").children == direct["steered"]["response"]
+        assert _find(done["results"], "unsteered").children == plain["response"]
+        assert _find(done["results"], "steered-pending") is None
+    finally:
+        release.set()
+        ex.close()
+
+
+def test_a_superseded_requests_partial_answer_is_never_shown(explorer, reference, monkeypatch):
+    """A request replaced while generating its unsteered answer never publishes it; one replaced after its
+    unsteered answer was shown has it no more in its status, and the page greys it."""
+    import catlens.generation
+
+    ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    original = catlens.generation.generate
+    release, held = threading.Event(), threading.Event()
+
+    def slow(model, prompts, steer=None, **kw):
+        out = original(model, prompts, steer, **kw)
+        if steer is None and threading.current_thread().name.startswith("catlens-explore-") and not held.is_set():
+            held.set()  # the unsteered answer exists; the request is replaced before it is published
+            assert release.wait(600), "the test never released the request"
+        return out
+
+    monkeypatch.setattr(catlens.generation, "generate", slow)
+    try:
+        first = ex.submit(ex.parse(values(ex, coeff="8")))
+        assert held.wait(30)
+        second = ex.submit(ex.parse(values(ex, coeff="0")))
+        st1 = ex.status(first)
+        assert st1["state"] == "superseded" and st1["partial"] is None
+        release.set()
+        _wait_for_state(ex, first, "cancelled")
+        assert ex._jobs[first].partial is None  # dropped, not only hidden
+        polled = E.on_event(ex, "poll", {}, first)
+        assert "results" not in polled and "shown" not in polled and polled["poll_disabled"] is True
+        st2 = ex.wait(second, timeout=60.0)
+        assert st2["state"] == "done" and st2["partial"]["request"].coeff == 0.0
+        assert st2["result"]["unsteered"] is st2["partial"]["unsteered"]
+        # replaced after its unsteered answer was shown: the status hides it, the page greys what it shows
+        hold, held2 = _hold_request_collection(ex, monkeypatch)
+        third = ex.submit(ex.parse(values(ex, site="mlp_out", coeff="8")))
+        assert held2.wait(30)
+        shown = E.on_event(ex, "poll", {}, third)["shown"]
+        assert shown == f"{third}:unsteered"
+        fourth = ex.submit(ex.parse(values(ex, coeff="0")))
+        assert ex.status(third)["partial"] is None
+        polled = E.on_event(ex, "poll", {}, third, shown)
+        assert "results" not in polled and polled["dim"] is True and polled["poll_disabled"] is True
+        assert ex._publish_partial(ex._jobs[third], {"request": None, "unsteered": None}) is False
+        hold.set()
+        _wait_for_state(ex, third, "cancelled")
+        assert ex.wait(fourth, timeout=60.0)["state"] == "done"
+    finally:
+        release.set()
+        ex.close()
+
+
 # ----------------------------------------------------------------------------------- jobs and cancels
 def test_a_newer_request_cancels_the_older_and_stale_results_are_dropped(explorer):
     explorer.run(explorer.parse(values(explorer)))  # warm the caches so the first job reaches decoding
@@ -655,4 +805,46 @@ def test_the_page_shows_the_answers_then_the_map(explorer, reference, monkeypatc
             assert errors == []
     finally:
         release.set()
+        ex.close()
+
+
+@browser
+def test_the_page_shows_the_unsteered_answer_while_the_directions_are_made(explorer, reference, monkeypatch):
+    """In the browser, without a policy: while the request's collection of the reference activations is held, the
+    unsteered answer is on the page and the steered column shows the collection's progress; once released, the
+    steered answer replaces it without another click."""
+    plain = generate(explorer.model, [PROMPT], None, max_new_tokens=8, batch_size=1, show_progress=False)[0]
+    ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    release_bg, held_bg = _block_background(ex, monkeypatch)  # the request collects the activations itself
+    release, held = _hold_request_collection(ex, monkeypatch, after=1)
+    app = E.create_app(explorer.model, explorer=ex)
+    try:
+        assert held_bg.wait(30)
+        with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            errors = page_errors(page)
+            page.goto(server.url)
+            page.wait_for_selector("#run", timeout=20_000)
+            page.fill("#prompt", PROMPT)
+            page.fill("#layers", "1")
+            page.fill("#max-new", "8")
+            page.fill("#coeff", "8")
+            page.click("#run")
+            page.wait_for_function("document.querySelector('#steered-pending') && document.querySelector("
+                                   "'#steered-pending').innerText.includes('built-in activations (resid_post) 0/')",
+                                   timeout=60_000)
+            assert held.is_set() and page.query_selector("#steered") is None
+            assert page.inner_text("#unsteered").strip() == plain["response"].strip()
+            assert page.inner_text("#steered-pending") == ("Preparing the directions: built-in activations "
+                                                           f"(resid_post) 0/{len(reference)} prompts")
+            release.set()
+            release_bg.set()  # (the server's stop closes the explorer, which waits for the background thread)
+            page.wait_for_selector("#steered", timeout=60_000)
+            assert page.query_selector("#steered-pending") is None
+            assert page.inner_text("#unsteered").strip() == plain["response"].strip()
+            assert page.inner_text("#steered") != page.inner_text("#unsteered")
+            assert errors == []
+    finally:
+        release.set()
+        release_bg.set()
         ex.close()
