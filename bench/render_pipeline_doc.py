@@ -4,6 +4,9 @@ the one shared model pool saved, and the first-position settings a stage read fr
 computing again. Replaces the text between the section's markers.
 
     python bench/render_pipeline_doc.py runs/main [--note "measured on an idle machine, fine-tune cached"]
+        [--explore runs/bench-explore]
+
+``--explore`` adds the explorer's first answers from a ``bench/bench_explore.py`` run folder.
 """
 
 import argparse
@@ -63,13 +66,13 @@ def render(run: Path, note: str | None = None) -> str:
     ml = summary.get("model_loads") or manifest.get("model_loads") or {}
     pool = ml.get("pool")
     if pool:
-        per_load = pool["load_seconds"] / pool["loads"] if pool["loads"] else 0.0
-        lines += ["", f"**One process, one model pool.** The job loaded {pool['loads']} model(s) "
-                      f"({pool['load_seconds']:.1f} s in all) and answered {pool['hits']} further request(s) with a "
-                      f"model already loaded: with a process per stage, each of those would have been a load "
-                      f"(about {pool['hits'] * per_load:.0f} s at this job's mean load time, plus the process "
-                      f"start and imports). Loads outside the pool (`load_model` calls a stage makes itself): "
-                      f"{ml.get('n', 0) - pool['loads']}."]
+        copies = pool.get("plain_copies", 0)
+        models = pool["loads"] - copies
+        lines += ["", f"**One process, one model pool.** The job loaded {models} model(s) from disk and made "
+                      f"{copies} plain Hugging Face cop(ies) of them in memory ({pool['load_seconds']:.1f} s for "
+                      f"all), and answered {pool['hits']} further request(s) with a model already there: with a "
+                      f"process per stage, each of those would have been a load of its own (plus the process's "
+                      f"start and imports). `load_model` calls outside the pool: {max(ml.get('n', 0) - models, 0)}."]
     reuse = first_position_reuse(run)
     if reuse:
         cached = sum(r[2] for r in reuse)
@@ -81,12 +84,33 @@ def render(run: Path, note: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def render_explore(folder: Path) -> str:
+    """The explorer's seconds to the unsteered answer, both answers and the map (``bench/bench_explore.py``)."""
+    import csv
+
+    rows = list(csv.DictReader((folder / "first_answer.csv").open()))
+    m = _read(folder / "manifest.json")
+    cmd = m.get("command", ["bench/bench_explore.py"])
+    cmd = " ".join(["python", *cmd]) if isinstance(cmd, list) else str(cmd)
+    lines = ["", f"**The explorer's first answer** (`{cmd}`, git "
+                 f"{str(m.get('git_commit', '?'))[:7]}): seconds from creating the page's app to the request's "
+                 "unsteered answer on the page, to both answers, and to the prompt's place in the map, the request sent "
+                 "at once through the page's own callback; `cold` is an empty disk cache of the built-in prompts' "
+                 "activations, `warm` a full one.", "",
+             "| method | activation cache | unsteered answer | both answers | map |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['cache']} | {float(r['unsteered_s']):.1f} s | {float(r['answers_s']):.1f} s "
+                     f"| {float(r['map_s']):.1f} s |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("run", help="a main-job run folder (analyses/main.py --out)")
     p.add_argument("--note", default=None, help="how it was measured (said after the command)")
+    p.add_argument("--explore", default=None, help="a bench/bench_explore.py run folder")
     args = p.parse_args(argv)
-    body = render(Path(args.run), args.note)
+    body = render(Path(args.run), args.note) + ("\n" + render_explore(Path(args.explore)) if args.explore else "")
     text = DOC.read_text()
     section = f"{HEADING}\n\n{BEGIN}\n{body}\n{END}\n"
     if BEGIN in text:
