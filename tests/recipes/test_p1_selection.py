@@ -111,7 +111,7 @@ def _random_rows(rng: random.Random, n: int) -> list[dict]:
 def test_zone_pick_equals_the_old_expression_on_random_candidate_lists():
     rng = random.Random(19)
     seen = {"hit": 0, "fallback": 0, "none": 0, "tied": 0}
-    for trial in range(1000):
+    for trial in range(300):
         rows = _random_rows(rng, rng.randrange(0, 10))
         scopes = rng.sample(SCOPES, len(SCOPES))  # the scope order is the option's, not a fixed one
         target, guard = rng.choice([0.8, 0.9]), rng.choice([0.1, 0.25])
@@ -120,7 +120,7 @@ def test_zone_pick_equals_the_old_expression_on_random_candidate_lists():
         seen["none" if pick.index is None else "hit" if pick.selection.rule.objective.column == "over_refusal"
              else "fallback"] += 1
         seen["tied"] += pick.selection.n_tied > 1
-    assert min(seen.values()) > 50, seen  # every branch, and ties, exercised many times
+    assert min(seen.values()) > 15, seen  # every branch, and ties, exercised many times
 
 
 def test_ties_within_the_tolerance_are_the_documented_difference():
@@ -148,7 +148,7 @@ def _random_cands(rng: random.Random) -> list[dict]:
 
 def test_lowrank_order_equals_the_old_sort_on_random_candidates():
     rng = random.Random(25)
-    for trial in range(500):
+    for trial in range(200):
         cands = _random_cands(rng)
         if trial % 3 == 0:
             cands = rng.sample(cands, rng.randrange(0, len(cands)))
