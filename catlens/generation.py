@@ -614,20 +614,30 @@ def first_position(model: Any, prompts: Any, policies: Mapping[str, Any], *, bat
     return pd.DataFrame([r for name in resolved for r in out[name]], columns=list(FIRST_POSITION_COLUMNS))
 
 
+def _first_position_spec(model: Any, prompts: Any, *, batch_size: int, fmt: str, system: str | None
+                         ) -> dict[str, Any]:
+    """What every cached first-position table of ``prompts`` on ``model`` depends on, whatever the policy."""
+    from catlens.steer import model_fingerprint
+
+    items = hashlib.sha256(json.dumps([[it.id, it.text, it.label, it.category, it.source]
+                                       for it in prompt_items(prompts)], default=str).encode()).hexdigest()
+    return {"model": model_fingerprint(model), "dtype": str(getattr(model, "dtype", "")),
+            "device": str(getattr(model, "device", "")), "prompts": items, "batch_size": batch_size, "fmt": fmt,
+            "system": system}
+
+
+def _key_of(spec: Mapping[str, Any], policy: Any) -> str:
+    return hashlib.sha256(json.dumps({**spec, "policy": policy_digest(as_policy(policy))}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
 def first_position_key(model: Any, prompts: Any, policy: Any, *, batch_size: int, fmt: str = "chat",
                        system: str | None = None) -> str:
     """sha256 of what a cached :func:`first_position` table of one policy depends on: the model
     (:func:`catlens.steer.model_fingerprint`, dtype and device), the prompts (ids, texts, labels, categories and
     sources, in order), the policy (:func:`policy_digest`; ``None`` for the unsteered model), the batch size
     (padding) and the chat rendering."""
-    from catlens.steer import model_fingerprint
-
-    items = hashlib.sha256(json.dumps([[it.id, it.text, it.label, it.category, it.source]
-                                       for it in prompt_items(prompts)], default=str).encode()).hexdigest()
-    spec = {"model": model_fingerprint(model), "dtype": str(getattr(model, "dtype", "")),
-            "device": str(getattr(model, "device", "")), "prompts": items,
-            "policy": policy_digest(as_policy(policy)), "batch_size": batch_size, "fmt": fmt, "system": system}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    return _key_of(_first_position_spec(model, prompts, batch_size=batch_size, fmt=fmt, system=system), policy)
 
 
 def first_position_cached(model: Any, prompts: Any, policies: Mapping[str, Any], cache_dir: str | os.PathLike[str],
@@ -659,12 +669,12 @@ def first_position_cached(model: Any, prompts: Any, policies: Mapping[str, Any],
                          f"{type(policies).__name__} {policies!r:.80}.")
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    keys = {str(n): first_position_key(model, prompts, p, batch_size=batch_size, fmt=fmt, system=system)[:24]
-            for n, p in policies.items()}
+    spec = _first_position_spec(model, prompts, batch_size=batch_size, fmt=fmt, system=system)  # once, not per policy
+    keys = {str(n): _key_of(spec, p)[:24] for n, p in policies.items()}
     path = {n: root / f"{re.sub(r'[^A-Za-z0-9_.|:+=,-]', '_', n)}-{k}.parquet" for n, k in keys.items()}
 
     def read(n: str) -> Any:
-        for f in [path[n], *sorted(root.glob(f"*-{keys[n]}.parquet"))]:
+        for f in dict.fromkeys([path[n], *sorted(root.glob(f"*-{keys[n]}.parquet"))]):  # its own file first
             if f.exists():
                 try:
                     return pd.read_parquet(f).assign(policy=n)
@@ -675,10 +685,12 @@ def first_position_cached(model: Any, prompts: Any, policies: Mapping[str, Any],
     tables = {n: t for n in keys if (t := read(n)) is not None}
     status = {n: "cached" if n in tables else "computed" for n in keys}
     todo: dict[str, Any] = {}
+    todo_keys: set[str] = set()
     for name, pol in policies.items():
         n = str(name)
-        if n not in tables and keys[n] not in {keys[m] for m in todo}:
+        if n not in tables and keys[n] not in todo_keys:
             todo[n] = pol
+            todo_keys.add(keys[n])
     if todo:
         t0 = time.perf_counter()
         table = first_position(model, prompts, todo, batch_size=batch_size, fmt=fmt, system=system,
