@@ -944,11 +944,15 @@ class Explorer:
             return
         self._publish(job, result)
 
+    def _live(self, job: _Job | None) -> bool:
+        """``job`` is the newest request and not cancelled: what it computes may be shown (call under the lock)."""
+        return job is not None and self._current is job and not job.cancel.is_set()
+
     def _publish_partial(self, job: _Job, partial: dict[str, Any]) -> bool:
         """Store the unsteered answer on ``job`` while it is the newest request and not cancelled (as
         :meth:`_publish`); a superseded job's partial result is dropped (its work stops at the next step)."""
         with self._lock:
-            if self._current is not job or job.cancel.is_set():
+            if not self._live(job):
                 return False
             job.partial = partial
             return True
@@ -956,7 +960,7 @@ class Explorer:
     def _publish(self, job: _Job, result: dict[str, Any]) -> bool:
         """Store ``result`` on ``job`` unless a newer request has started (then the job is 'superseded')."""
         with self._lock:
-            if self._current is not job or job.cancel.is_set():
+            if not self._live(job):
                 job.state = "superseded"
                 return False
             job.result, job.state = result, "done"
@@ -985,7 +989,7 @@ class Explorer:
         with self._lock:
             job = self._jobs.get(job_id)
             newest = self._current is job
-            partial = job.partial if job is not None and newest and not job.cancel.is_set() else None
+            partial = job.partial if self._live(job) else None
         if job is None:
             return {"id": job_id, "state": "unknown", "phase": "", "done": 0, "total": 0, "error": None,
                     "result": None, "partial": None, "newest": False}
@@ -1308,8 +1312,9 @@ def on_event(ex: Explorer, trigger: str | None, values: Mapping[str, Any], job_i
     progress timer); ``shown`` is what the page shows of the job (``"<job>:unsteered"``: only the unsteered answer,
     the steered column shows the job's progress, redrawn at every poll; ``"<job>:answers"``: both answers while
     the map is pending; ``"<job>:map"``; ``"<job>:failed"``: both answers, the map could not be prepared; kept in
-    the page, so a poll's answer that the browser dropped is sent again). Returns the outputs that change (``message``, ``job``, ``poll_disabled``, ``progress``, ``results``,
-    ``dim``, ``shown``); never raises, every failure becomes ``message``."""
+    the page, so a poll's answer that the browser dropped is sent again). Returns the outputs that change
+    (``message``, ``job``, ``poll_disabled``, ``progress``, ``results``, ``dim``, ``shown``); never raises, every
+    failure becomes ``message``."""
     from dash import html
 
     def error(text: str) -> Any:

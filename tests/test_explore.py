@@ -701,6 +701,15 @@ def test_starting_values(tiny_lm, reference):
         E.Explorer(tiny_lm, discover_datasets=False, reference=reference, initial={"coef": "1"})
 
 
+def _open_page(b, url):
+    """A new page at the explorer's ``url``, once its controls are there, and the list its console errors go to."""
+    page = b.new_page(viewport={"width": 1400, "height": 1000})
+    errors = page_errors(page)
+    page.goto(url)
+    page.wait_for_selector("#run", timeout=20_000)
+    return page, errors
+
+
 @browser
 def test_explorer_in_headless_chromium(tiny_lm, reference):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -708,10 +717,7 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
     app = E.create_app(tiny_lm, explorer=E.Explorer(tiny_lm, discover_datasets=False, reference=reference))
     explorer_texts = set(app.explorer.builtin.texts)
     with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
-        page = b.new_page(viewport={"width": 1400, "height": 1000})
-        errors = page_errors(page)
-        page.goto(server.url)
-        page.wait_for_selector("#run", timeout=20_000)
+        page, errors = _open_page(b, server.url)
         # an empty prompt: a visible message, no job
         page.click("#run")
         page.wait_for_selector("#message .error", timeout=60_000)
@@ -787,10 +793,7 @@ def test_the_page_shows_the_answers_then_the_map(explorer, reference, monkeypatc
     try:
         assert held.wait(30)
         with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
-            page = b.new_page(viewport={"width": 1400, "height": 1000})
-            errors = page_errors(page)
-            page.goto(server.url)
-            page.wait_for_selector("#run", timeout=20_000)
+            page, errors = _open_page(b, server.url)
             page.fill("#prompt", PROMPT)
             page.fill("#max-new", "8")
             page.click("#run")
@@ -821,10 +824,7 @@ def test_the_page_shows_the_unsteered_answer_while_the_directions_are_made(explo
     try:
         assert held_bg.wait(30)
         with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
-            page = b.new_page(viewport={"width": 1400, "height": 1000})
-            errors = page_errors(page)
-            page.goto(server.url)
-            page.wait_for_selector("#run", timeout=20_000)
+            page, errors = _open_page(b, server.url)
             page.fill("#prompt", PROMPT)
             page.fill("#layers", "1")
             page.fill("#max-new", "8")
