@@ -11,12 +11,12 @@ computing again. Replaces the text between the section's markers.
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from _markdown import put_section  # bench/_markdown.py (the script's own folder is on sys.path)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 HEADING = "## The main job, stage by stage (issue 19)"
-BEGIN, END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
 
 
 def _read(path: Path) -> dict:
@@ -111,15 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--explore", default=None, help="a bench/bench_explore.py run folder")
     args = p.parse_args(argv)
     body = render(Path(args.run), args.note) + ("\n" + render_explore(Path(args.explore)) if args.explore else "")
-    text = DOC.read_text()
-    section = f"{HEADING}\n\n{BEGIN}\n{body}\n{END}\n"
-    if BEGIN in text:
-        text = re.sub(rf"{re.escape(HEADING)}\n\n{re.escape(BEGIN)}.*?{re.escape(END)}\n", lambda _: section, text,
-                      flags=re.S)
-    else:  # after the main job's speed section
-        at = text.find("\n## Foundation")
-        text = (text[:at] + "\n" + section + text[at:]) if at >= 0 else text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    put_section(DOC, HEADING, "pipeline", body, before="## Foundation")  # after the main job's speed section
     print(body)
     return 0
 

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from _markdown import put_section  # bench/_markdown.py (the script's own folder is on sys.path)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- vllm:begin -->", "<!-- vllm:end -->"
 
 
 def _x(v: float) -> str:
@@ -256,14 +256,7 @@ def main(argv=None) -> int:
                   Path(args.cli_example) if args.cli_example else None)
     if args.stopped:
         body += "\n" + render_stopped(Path(args.stopped))
-    text = DOC.read_text()
-    section = f"## vLLM engine (issue 20)\n\n{BEGIN}\n{body}\n{END}\n"
-    if BEGIN in text:
-        text = re.sub(rf"## vLLM engine \(issue 20\)\n\n{re.escape(BEGIN)}.*?{re.escape(END)}\n", section, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    put_section(DOC, "## vLLM engine (issue 20)", "vllm", body)
     print(body)
     return 0
 
