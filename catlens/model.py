@@ -489,14 +489,13 @@ class LensModel:
         computes. :meth:`ModelPool.plain_hf` makes it once per pooled model."""
         import copy
 
+        from accelerate import init_empty_weights  # a dependency of transformer-lens
         from transformers import AutoModelForCausalLM
 
         hf = self.bridge.original_model
         weights: dict[str, Tensor] = {}
         for key, value in hf.state_dict().items():  # the bridge put each wrapped module under `_original_component`
             weights.setdefault(key.replace("._original_component", ""), value)
-        from accelerate import init_empty_weights  # a dependency of transformer-lens
-
         # parameters on the meta device (no allocation, no random init of an 8B model; buffers such as the rotary
         # frequencies are made as usual), then the loaded tensors assigned below
         with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
