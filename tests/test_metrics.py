@@ -135,6 +135,25 @@ def test_auroc_point_estimate_by_hand_and_seeded_interval():
     assert (perfect["auroc"], perfect["ci_low"], perfect["ci_high"]) == (1.0, 1.0, 1.0)
 
 
+@pytest.mark.parametrize("block", [10**9, 7])  # one block; many blocks of one resample
+def test_bootstrap_aurocs_equal_a_loop_of_roc_auc_score_on_the_same_draws(monkeypatch, block):
+    from sklearn.metrics import roc_auc_score
+
+    import catlens.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_BOOT_BLOCK_ELEMENTS", block)
+    gen = np.random.default_rng(3)
+    pos = np.round(gen.normal(0.5, 1, 23), 1)  # rounded: many ties, within and across the classes
+    neg = np.round(gen.normal(0, 1, 31), 1)
+    fast = metrics._bootstrap_aurocs(pos, neg, rng=np.random.default_rng(11), n_boot=40)
+    rng = np.random.default_rng(11)
+    labels = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    slow = [roc_auc_score(labels, np.r_[pos[rng.integers(0, len(pos), len(pos))],
+                                        neg[rng.integers(0, len(neg), len(neg))]]) for _ in range(40)]
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+    assert len(set(np.round(fast, 9))) > 10  # the resamples differ
+
+
 def test_auroc_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(TypeError, match="numpy.random.Generator"):
