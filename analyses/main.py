@@ -81,10 +81,11 @@ STAGE_SCRIPTS: dict[str, Path] = {
 """Where each script stage's code lives (tests point these elsewhere)."""
 
 
-def load_script(path: Path) -> ModuleType:
-    """A stage or figure script as a module (registered in ``sys.modules`` while it executes: p2's dataclasses look
-    their module up while the class is made)."""
-    spec = importlib.util.spec_from_file_location(f"catlens_script_{path.stem}", path)
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """A stage or figure script as a fresh module named ``name`` (default ``catlens_script_<stem>``), registered in
+    ``sys.modules`` under that name (p2's dataclasses look their module up while the class is made). The one
+    loader of scripts by path: the job's stages and figures, and the tests (``tests/_scripts.py``)."""
+    spec = importlib.util.spec_from_file_location(name or f"catlens_script_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)

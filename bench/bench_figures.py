@@ -31,18 +31,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if not static_export_available():
         p.error("no Chrome/Chromium for kaleido: install one (apt-get install -y chromium) to export PNGs.")
+    from catlens.pipeline import figure_stage_of
+
     spec = importlib.util.spec_from_file_location("catlens_main", REPO / "analyses" / "main.py")
     job = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = job
-    spec.loader.exec_module(job)
+    spec.loader.exec_module(job)  # the main job's page: its FIGURES folder and its one script loader
     src_root = Path(args.run)
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite)
 
     def draw(dst: Path) -> int:
         n = 0
         for script in sorted(job.FIGURES.glob("fig_*.py")):
-            module = job._load_script(script)
-            src = src_root / job.figure_stage_of(script, module)
+            module = job.load_script(script)
+            src = src_root / figure_stage_of(script, module)
             if not src.is_dir():
                 continue
             paths = module.main(src, out_dir=dst, png=True)
