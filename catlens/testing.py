@@ -11,6 +11,9 @@ Nothing here downloads anything: the tokenizer is a byte-level BPE trained in me
 with a ChatML chat template, and (optionally) catlens's refusal tokens ``[refuse:<category>]`` and ``[respond]``,
 so every refusal-token code path runs on it. The weights are random (seeded), with a larger initialisation than
 usual so that greedy decoding has clear margins (cached and uncached computation pick the same tokens).
+
+:func:`make_small_gguf` cuts a GGUF file (by default the embedded model's) down to a few blocks and tokens, for tests
+of the GGUF conversion that need a real file but not a real model.
 """
 
 from __future__ import annotations
@@ -95,3 +98,64 @@ def make_tiny_model_dir(folder: str | os.PathLike[str], *, categories: Sequence[
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_small_gguf(path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, *,
+                    n_blocks: int = 1, n_vocab: int | None = None) -> Path:
+    """Write a cut-down copy of a Llama-style GGUF file and return ``path``: its first ``n_blocks`` transformer
+    blocks and, if ``n_vocab`` is given, its first ``n_vocab`` tokens.
+
+    ``source`` defaults to the embedded model's file (:func:`catlens.model.embedded_gguf`). Everything else is the
+    source's: its metadata (``<arch>.block_count`` and ``<arch>.vocab_size`` set to the new sizes), tokenizer
+    settings and chat template, and the quantised bytes of the kept blocks, the output norm and the kept rows of the
+    token embedding, copied unchanged. A cut vocabulary keeps the BPE merges whose pieces and result are all kept
+    tokens, so it is still a consistent tokenizer (it splits text into more, shorter tokens). Dequantising the copy
+    (``from_pretrained(..., gguf_file=...)``, :func:`catlens.model.embedded_checkpoint`) runs the same code as for
+    the source in a fraction of the time and disk: most of a conversion is parsing the vocabulary's metadata, and
+    the dequantised embedding is most of a small model's weights.
+    """
+    import gguf
+
+    from catlens.model import embedded_gguf
+
+    reader = gguf.GGUFReader(embedded_gguf() if source is None else source)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    blocks_key, vocab_key = (key.format(arch=arch) for key in (gguf.Keys.LLM.BLOCK_COUNT, gguf.Keys.LLM.VOCAB_SIZE))
+    tokens = reader.fields[gguf.Keys.Tokenizer.LIST].contents()
+    n_vocab = len(tokens) if n_vocab is None else n_vocab
+    for name, size, limit in (("n_blocks", n_blocks, reader.fields[blocks_key].contents()),
+                              ("n_vocab", n_vocab, len(tokens))):
+        if not 1 <= size <= limit:
+            raise ValueError(f"{name}={size!r}: the source GGUF has {limit}; keep between 1 and {limit}.")
+    sizes = {blocks_key: n_blocks, vocab_key: n_vocab}
+    special = {k: reader.fields[k].contents() for k in reader.fields
+               if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")}
+    if any(i >= n_vocab for i in special.values()):
+        raise ValueError(f"n_vocab={n_vocab}: the special tokens {special} must be kept; keep at least "
+                         f"{max(special.values()) + 1} tokens.")
+    kept = set(tokens[:n_vocab])
+    per_token = (gguf.Keys.Tokenizer.LIST, gguf.Keys.Tokenizer.TOKEN_TYPE, gguf.Keys.Tokenizer.SCORES)
+    writer = gguf.GGUFWriter(path, arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        value = sizes.get(field.name, field.contents())
+        if field.name in per_token:
+            value = value[:n_vocab]
+        elif field.name == gguf.Keys.Tokenizer.MERGES:
+            value = [m for m in value if all(part in kept for part in (*m.split(" "), m.replace(" ", "")))]
+        kind = field.types[0]
+        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY
+                             else None)
+    vocab_rows = {gguf.TENSOR_NAMES[t] + ".weight" for t in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT)}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and int(parts[1]) >= n_blocks:
+            continue
+        data = tensor.data[:n_vocab] if tensor.name in vocab_rows else tensor.data  # one row per token
+        writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -88,6 +88,15 @@ def tiny_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def small_gguf(tmp_path_factory) -> Path:
+    """The embedded model's GGUF cut to its first block and first 1024 tokens (metadata, chat template and quantised
+    tensors otherwise unchanged, :func:`catlens.testing.make_small_gguf`): converts like the real file, in seconds."""
+    from catlens.testing import make_small_gguf
+
+    return make_small_gguf(tmp_path_factory.mktemp("small_gguf") / "small.gguf", n_blocks=1, n_vocab=1024)
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "TAXONOMY.md").exists():
         pytest.skip(f"benchmark data not found at {DATA_DIR}; set CATLENS_DATA_DIR")

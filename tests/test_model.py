@@ -2,7 +2,6 @@
 
 import json
 import multiprocessing as mp
-import os
 from pathlib import Path
 
 import pytest
@@ -123,23 +122,44 @@ def test_spec_resolution_errors(tmp_path):
         load_model(dtype="float64")
 
 
+def _use_gguf(gguf: str, barrier) -> None:
+    """Pool initializer (a fresh process): the embedded model's GGUF is ``gguf``, and a conversion waits there until
+    the other worker's conversion has started too, so both pass the cache check and race to put the folder in place."""
+    import catlens.model as M
+
+    def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+        barrier.wait(timeout=120)
+        return Path(gguf)
+
+    M.embedded_gguf = embedded_gguf
+
+
 def _convert(cache: str) -> str:
     from catlens.model import embedded_checkpoint
 
     return str(embedded_checkpoint(cache=cache))
 
 
-def test_cache_conversion_is_atomic_under_concurrency(tmp_path):
-    """Two processes converting the GGUF at the same time leave one complete cache folder and no temporaries."""
+def test_cache_conversion_is_atomic_under_concurrency(tmp_path, small_gguf):
+    """Two processes converting the GGUF at the same time leave one complete cache folder and no temporaries.
+
+    The workers convert a cut of the embedded GGUF (``small_gguf``: one block, 1024 tokens): the same conversion in
+    a fraction of the time. Each is held until both are converting (a worker that found the cache filled would never
+    reach the barrier, and the pool would fail with BrokenBarrierError), so both race to put the folder in place."""
+    from catlens.runs import sha256_file
+
     ctx = mp.get_context("spawn")
-    with ctx.Pool(2) as pool:
+    with ctx.Pool(2, initializer=_use_gguf, initargs=(str(small_gguf), ctx.Barrier(2))) as pool:
         paths = pool.map(_convert, [str(tmp_path)] * 2)
     assert paths[0] == paths[1]
     folder = Path(paths[0])
-    assert json.loads((folder / "catlens_source.json").read_text())["kind"] == "gguf"
+    source = json.loads((folder / "catlens_source.json").read_text())
+    assert source["kind"] == "gguf" and source["file_sha256"] == sha256_file(small_gguf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [DEFAULT_MODEL]
     model = load_model(cache=tmp_path)
     assert model.provenance["source"]["folder"] == str(folder)
+    assert (model.n_layers, len(model.tokenizer)) == (1, 1024)  # the cut file was converted, and loads
 
 
 def test_folder_source(tmp_path):
