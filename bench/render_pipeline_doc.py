@@ -4,9 +4,12 @@ the one shared model pool saved, and the first-position settings a stage read fr
 computing again. Replaces the text between the section's markers.
 
     python bench/render_pipeline_doc.py runs/main [--note "measured on an idle machine, fine-tune cached"]
-        [--explore runs/bench-explore]
+        [--explore runs/bench-explore] [--baseline runs/main-before]
 
-``--explore`` adds the explorer's first answers from a ``bench/bench_explore.py`` run folder.
+``--explore`` adds the explorer's first answers from a ``bench/bench_explore.py`` run folder. ``--baseline`` adds an
+earlier run of the same job (an older commit, the same machine) beside each stage's time, and checks that the two
+runs wrote the same tables: every Parquet table of the baseline read back and compared (columns that record time,
+and run caches and activations, left out).
 """
 
 import argparse
@@ -45,7 +48,37 @@ def first_position_reuse(run: Path) -> list[tuple[str, str, int, int]]:
     return rows
 
 
-def render(run: Path, note: str | None = None) -> str:
+TIME_COLUMNS = ("seconds", "tokens_per_s", "created", "timestamp")
+"""Columns that record how long something took or when, not what was computed."""
+
+
+def same_tables(run: Path, baseline: Path) -> tuple[int, list[str]]:
+    """``(n_compared, differing)``: every Parquet table of ``baseline`` (outside ``cache/``, ``acts/`` and ``gen/``)
+    against the same path in ``run``, time columns left out, numbers equal to 1e-9 relative; a table missing from
+    ``run`` counts as differing."""
+    import pandas as pd
+
+    n, differing = 0, []
+    for f in sorted(baseline.rglob("*.parquet")):
+        rel = f.relative_to(baseline)
+        if {"cache", "acts", "gen"} & set(rel.parts[:-1]):
+            continue
+        n += 1
+        g = run / rel
+        if not g.exists():
+            differing.append(f"{rel} (missing)")
+            continue
+        a, b = pd.read_parquet(f), pd.read_parquet(g)
+        keep = [c for c in a.columns if not any(t in str(c) for t in TIME_COLUMNS)]
+        try:
+            pd.testing.assert_frame_equal(a[keep], b[[c for c in keep if c in b.columns]], check_exact=False,
+                                          rtol=1e-9, atol=1e-12)
+        except AssertionError:
+            differing.append(str(rel))
+    return n, differing
+
+
+def render(run: Path, note: str | None = None, baseline: Path | None = None) -> str:
     manifest = _read(run / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no manifest.json in {str(run)!r}: give a folder `analyses/main.py --out` wrote.")
@@ -55,14 +88,34 @@ def render(run: Path, note: str | None = None) -> str:
              f" started {manifest.get('created', '?')}), `python analyses/main.py --out {run}`"
              + (f"; {note}" if note else "") + ".", "",
              "| stage | status | time | model loads in the stage |", "|---|---|---|---|"]
+    base = _read(baseline / "manifest.json").get("stages", {}) if baseline else {}
+    if baseline and not base:
+        raise FileNotFoundError(f"--baseline {str(baseline)!r} has no manifest.json with stages: give an earlier "
+                                f"folder `analyses/main.py --out` wrote.")
+    if baseline:
+        lines[-2:] = [f"| stage | status | time | `{baseline}` | ratio | model loads in the stage |",
+                      "|---|---|---|---|---|---|"]
     total = 0.0
     for name, info in stages.items():
         sec = info.get("seconds")
         total += float(sec or 0) if info.get("status") == "done" else 0.0
         loads = info.get("model_loads") or {}
         load_text = f"{loads['n']} ({loads['seconds']:.1f} s)" if loads else "n/a"
-        lines.append(f"| {name} | {info.get('status', '?')} | {_minutes(sec)} | {load_text} |")
+        if baseline:
+            b = (base.get(name) or {}).get("seconds") if (base.get(name) or {}).get("status") == "done" else None
+            ratio = f"{float(sec) / float(b):.2f}" if b and sec is not None and info.get("status") == "done" else "n/a"
+            lines.append(f"| {name} | {info.get('status', '?')} | {_minutes(sec)} | {_minutes(b)} | {ratio} | "
+                         f"{load_text} |")
+        else:
+            lines.append(f"| {name} | {info.get('status', '?')} | {_minutes(sec)} | {load_text} |")
     lines += ["", f"Stages that ran: {_minutes(total)}; the whole job: {_minutes(summary.get('seconds'))}."]
+    if baseline:
+        bm = _read(baseline / "manifest.json")
+        n, differing = same_tables(run, baseline)
+        lines[-1] += (f" The baseline `{baseline}` (git {str(bm.get('git_commit', '?'))[:7]}, started "
+                      f"{bm.get('created', '?')}): the whole job {_minutes(_read(baseline / 'summary.json').get('seconds'))}."
+                      f" Tables equal to the baseline's: {n - len(differing)} of {n}"
+                      + (f" (differing: {', '.join(differing)})." if differing else "."))
     ml = summary.get("model_loads") or manifest.get("model_loads") or {}
     pool = ml.get("pool")
     if pool:
@@ -109,8 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("run", help="a main-job run folder (analyses/main.py --out)")
     p.add_argument("--note", default=None, help="how it was measured (said after the command)")
     p.add_argument("--explore", default=None, help="a bench/bench_explore.py run folder")
+    p.add_argument("--baseline", default=None, help="an earlier main-job run folder to compare with")
     args = p.parse_args(argv)
-    body = render(Path(args.run), args.note) + ("\n" + render_explore(Path(args.explore)) if args.explore else "")
+    body = render(Path(args.run), args.note, Path(args.baseline) if args.baseline else None) + ("\n" + render_explore(Path(args.explore)) if args.explore else "")
     put_section(DOC, HEADING, "pipeline", body, before="## Foundation")  # after the main job's speed section
     print(body)
     return 0

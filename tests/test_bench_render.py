@@ -1,0 +1,52 @@
+"""bench/render_pipeline_doc.py's comparison with a baseline run: which tables are equal, from the tables themselves."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture()
+def renderer(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports bench/_markdown.py as its neighbour
+    spec = importlib.util.spec_from_file_location("_test_render_pipeline_doc", BENCH / "render_pipeline_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("_markdown", None)
+
+
+def _run(root: Path, seconds: dict, tables: dict) -> Path:
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps(
+        {"git_commit": "abc1234", "created": "2026-12-07T00:00:00",
+         "stages": {k: {"status": "done", "seconds": v} for k, v in seconds.items()}}))
+    (root / "summary.json").write_text(json.dumps({"seconds": sum(seconds.values())}))
+    for rel, frame in tables.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(root / rel)
+    return root
+
+
+def test_tables_are_compared_without_their_time_columns_and_a_change_or_a_missing_table_is_named(tmp_path, renderer):
+    t = pd.DataFrame({"policy": ["a", "b"], "rate": [0.25, 0.5], "seconds": [1.0, 2.0]})
+    base = _run(tmp_path / "base", {"p1": 100.0, "p2": 10.0},
+                {"p1/headline.parquet": t, "p1/sweep.parquet": t, "p2/gone.parquet": t,
+                 "p1/cache/first_position/x.parquet": t})
+    new = _run(tmp_path / "new", {"p1": 50.0, "p2": 10.0},
+               {"p1/headline.parquet": t.assign(seconds=[9.0, 9.0]),  # only a time column moved: equal
+                "p1/sweep.parquet": t.assign(rate=[0.25, 0.5 + 1e-6]),  # a number moved: differs
+                "p1/cache/first_position/x.parquet": t.assign(rate=0.0)})  # caches are not results: not compared
+    n, differing = renderer.same_tables(new, base)
+    assert n == 3 and differing == ["p1/sweep.parquet", "p2/gone.parquet (missing)"]
+    assert renderer.same_tables(base, base) == (3, [])
+    text = renderer.render(new, baseline=base)
+    assert "| p1 | done | 50 s | 1 min 40 s | 0.50 |" in text
+    assert "Tables equal to the baseline's: 1 of 3 (differing: p1/sweep.parquet, p2/gone.parquet (missing))." in text
+    with pytest.raises(FileNotFoundError, match="--baseline"):
+        renderer.render(new, baseline=tmp_path / "nowhere")
