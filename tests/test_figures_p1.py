@@ -227,6 +227,7 @@ def test_every_script_is_a_p1_stage_figure_and_writes_its_files(run, tmp_path):
     assert (tmp_path / "figs" / "plotly.min.js").exists()  # the HTML pages work offline
 
 
+@pytest.mark.browser
 def test_png_export_when_a_browser_is_there(run, tmp_path):
     from catlens.plotting import static_export_available
 

@@ -90,7 +90,7 @@ def test_save_figure_survives_a_failing_export(cosines, tmp_path, monkeypatch, c
         plotting.save_figure(fig, tmp_path / "bars", formats=("gif",))
 
 
-@pytest.mark.slow
+@pytest.mark.browser
 def test_save_figure_png_with_a_browser(cosines, tmp_path):
     if not plotting.static_export_available():
         pytest.skip("no Chrome/Chromium for kaleido (apt-get install -y chromium)")
@@ -100,7 +100,7 @@ def test_save_figure_png_with_a_browser(cosines, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-@pytest.mark.slow
+@pytest.mark.browser
 def test_one_browser_session_writes_the_same_pngs_and_closes(cosines, tmp_path):
     """static_export_session keeps kaleido's server open for every PNG in the block: the images equal those written
     one browser per figure, and the server is closed afterwards (also when the block raises)."""
