@@ -431,10 +431,10 @@ def _planted_sets() -> tuple[PromptSet, PromptSet]:
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     base = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 16))) for _ in range(120)]
-    train = base[:80] + [base[0], base[1].upper() + "!", "ab", "???", "x"]  # exact duplicates, tiny texts
+    train = base[:80] + [base[0], base[1].upper() + "!", "ab", "???", "x", "..."]  # exact duplicates, tiny texts
     train += [LONG.replace("detail", "detaix"), LONG.replace("clouds", "cloudx")]  # equally near LONG (a tie)
     test = base[60:120] + [t + " " + rng.choice(words) for t in base[:30]] + [t[:-2] for t in base[30:50]]
-    test += ["AB", "!!", "x", "y", LONG, LONG.replace("water", "salt water")]
+    test += ["AB", "!!", "x", "y", base[1] + "?", base[0], LONG, LONG.replace("water", "salt water")]
     return (PromptSet([P(i, t) for i, t in enumerate(train)], name="train"),
             PromptSet([P(500 + j, t) for j, t in enumerate(test)], name="test"))
 
