@@ -883,7 +883,10 @@ def check_leakage(
     Same measures as :func:`deduplicate`. The default threshold is lower than deduplicate's 0.9 because a
     leak check should err on the sensitive side: swapping one word in a ~100-character prompt gives a
     character 5-gram Jaccard of about 0.85-0.9. With ``raise_on_leak=False`` the report is returned either
-    way.
+    way. Each leaking test prompt is reported once: against the first train prompt with the same normalised text,
+    else against its most similar train prompt (the first of equally similar ones). The train side's index is
+    kept for the next call (a small cache keyed by the train texts), so checking one train set against many test
+    sets indexes it once.
     """
     index = _train_index(train.texts)
     test_norm = _normalize_all(test.texts)
