@@ -586,6 +586,23 @@ def _read_from_hub(spec: DatasetSpec) -> tuple[pd.DataFrame, dict[str, Any]]:
     return df, prov
 
 
+_FILE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[int, int], ...], pd.DataFrame, list[str]]] = {}
+
+
+def _read_files(spec: DatasetSpec, paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """``spec.read(paths)`` and each file's sha256, read and parsed once per process: kept while every file keeps
+    its size and modification time (an edited file is read again). The caller gets its own copy of the table."""
+    from catlens.runs import sha256_file
+
+    key = (spec.read, tuple(str(p.resolve()) for p in paths))
+    stats = tuple((st.st_mtime_ns, st.st_size) for st in (p.stat() for p in paths))
+    hit = _FILE_CACHE.get(key)
+    if hit is None or hit[0] != stats:
+        hit = (stats, spec.read(paths), [sha256_file(p) for p in paths])
+        _FILE_CACHE[key] = hit
+    return hit[1].copy(), list(hit[2])
+
+
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -600,8 +617,6 @@ def load_dataset(
     ``$CATLENS_TAXONOMY``). ``options`` are dataset-specific (see ``DATASETS[name].options``), e.g.
     ``load_dataset("harmbench", include_copyright=True)``.
     """
-    from catlens.runs import sha256_file
-
     spec = _spec_for(name)
     for key in options:
         if key not in spec.options:
@@ -626,9 +641,9 @@ def load_dataset(
                 f"Dataset {name!r}: file(s) {missing} not found in data directory {str(root)!r}. Check that "
                 f"the data directory is the shared/data folder (holding {spec.paths[0].split('/')[0]}/)."
             )
-        df = spec.read(paths)
+        df, digests = _read_files(spec, paths)
         prov["data_dir"] = str(root)
-        prov["files"] = [{"path": rel, "sha256": sha256_file(p)} for rel, p in zip(spec.paths, paths)]
+        prov["files"] = [{"path": rel, "sha256": digest} for rel, digest in zip(spec.paths, digests)]
         for f in prov["files"]:
             want = spec.sha256.get(f["path"])
             if want and want != f["sha256"]:

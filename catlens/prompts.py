@@ -310,8 +310,11 @@ class PromptSet(Sequence[Prompt]):
     def content_hash(self) -> str:
         """sha256 over the records in order (fields and meta, canonical JSON)."""
         h = hashlib.sha256()
-        for p in self._records:
-            h.update(json.dumps(p.to_dict(), sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+        dumps = json.dumps
+        for p in self._records:  # the fields of p.to_dict(), written out (no call per prompt)
+            row = {"id": p.id, "text": p.text, "label": p.label, "category": p.category, "source": p.source,
+                   "split": p.split, "meta": p.meta}
+            h.update(dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
             h.update(b"\n")
         return h.hexdigest()
 
@@ -608,11 +611,23 @@ def normalize_text(text: str) -> str:
 
 def shingles(text: str, k: int = 5) -> frozenset[str]:
     """Character ``k``-grams of the normalised text (the whole text if shorter than ``k``)."""
-    t = normalize_text(text)
-    n = len(t)
-    if n <= k:
-        return frozenset([t])
-    return frozenset(map(t.__getitem__, map(slice, range(n - k + 1), range(k, n + 1))))
+    return _shingles_all([normalize_text(text)], k)[0]
+
+
+def _normalize_all(texts: Iterable[str]) -> list[str]:
+    """``[normalize_text(t) for t in texts]``, written out: one call for many texts."""
+    sub, nfkc = _NON_WORD.sub, unicodedata.normalize
+    return [sub(" ", nfkc("NFKC", t).lower()).strip() for t in texts]
+
+
+def _shingles_all(normalized: Iterable[str], k: int = 5) -> list[frozenset[str]]:
+    """``[shingles(t) for t in texts]`` from the normalised texts, written out: one call for many texts."""
+    out = []
+    for t in normalized:
+        n = len(t)
+        out.append(frozenset([t]) if n <= k else frozenset(map(t.__getitem__, map(slice, range(n - k + 1),
+                                                                                    range(k, n + 1)))))
+    return out
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
@@ -631,46 +646,138 @@ def _near_pairs(
     or i in ``left``, j in ``right``. Prefix filtering: if J(x, y) >= t then x and y share at least
     ceil(t*|x|) tokens, so their prefixes of length |x| - ceil(t*|x|) + 1 under one global token order
     (rarest first) intersect."""
+    # The loops are written out (no helper called per prompt): a per-call wrapper (e.g. the test suite's runtime
+    # type checks) would otherwise cost more than the work itself.
     docs = list(left) + (list(right) if right is not None else [])
     freq = collections.Counter(itertools.chain.from_iterable(docs))
     # Rarest first; the stable sort breaks ties by first appearance, so the order is deterministic.
-    rank = {tok: r for r, tok in enumerate(sorted(freq, key=freq.__getitem__))}
-
-    def prefix(d: frozenset[str]) -> list[int]:
-        ranks = sorted(map(rank.__getitem__, d))
-        return ranks[: len(ranks) - math.ceil(threshold * len(ranks) - 1e-9) + 1]
-
+    rank = {tok: r for r, tok in enumerate(sorted(freq, key=freq.__getitem__))}.__getitem__
+    ceil = math.ceil
+    prefixes = []
+    for d in docs:
+        ranks = sorted(map(rank, d))
+        prefixes.append(ranks[: len(ranks) - ceil(threshold * len(ranks) - 1e-9) + 1])
     index: dict[int, list[int]] = collections.defaultdict(list)
     pairs: list[tuple[int, int, float]] = []
-
-    def probe(j: int, d: frozenset[str], pre: list[int]) -> None:
+    self_join = right is None
+    if not self_join:
+        for i in range(len(left)):
+            for tok in prefixes[i]:
+                index[tok].append(i)
+    queries = left if self_join else right
+    offset = 0 if self_join else len(left)
+    for j, d in enumerate(queries):  # type: ignore[arg-type]
+        pre = prefixes[offset + j]
         seen: set[int] = set()
+        n = len(d)
         for tok in pre:
             for i in index.get(tok, ()):
                 if i in seen:
                     continue
                 seen.add(i)
                 a = left[i]
-                small, large = sorted((len(a), len(d)))
+                small, large = (len(a), n) if len(a) <= n else (n, len(a))
                 if small < threshold * large - 1e-9:
                     continue
-                sim = jaccard(a, d)
+                inter = len(a & d)
+                union = len(a) + n - inter
+                sim = inter / union if union else 1.0  # jaccard(a, d)
                 if sim >= threshold - 1e-12:
                     pairs.append((i, j, sim))
-
-    if right is None:
-        for j, d in enumerate(left):
-            pre = prefix(d)
-            probe(j, d, pre)
+        if self_join:
             for tok in pre:
                 index[tok].append(j)
-    else:
-        for i, d in enumerate(left):
-            for tok in prefix(d):
-                index[tok].append(i)
-        for j, d in enumerate(right):
-            probe(j, d, prefix(d))
     return pairs
+
+
+class _TrainIndex:
+    """The train side of :func:`check_leakage`, built once and reused for every test set checked against it.
+
+    ``first_by_norm`` maps each normalised text to its first row. For near duplicates each train prompt's
+    5-grams become integer ranks under one global order (rarest in the train set first); a test prompt's 5-grams
+    that no train prompt has come before all of them in that order (they can never be shared, and any fixed
+    total order makes prefix filtering complete, see :func:`_near_pairs`). So the index depends on the train
+    texts only, and one index serves every test set and threshold.
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        norms = _normalize_all(texts)
+        self.first_by_norm: dict[str, int] = {}
+        for i, t in enumerate(norms):
+            self.first_by_norm.setdefault(t, i)
+        sh = _shingles_all(norms)
+        freq = collections.Counter(itertools.chain.from_iterable(sh))
+        self.rank: dict[str, int] = {tok: r for r, tok in enumerate(sorted(freq, key=freq.__getitem__))}
+        rank = self.rank.__getitem__
+        self.docs: list[tuple[int, ...]] = [tuple(sorted(map(rank, d))) for d in sh]  # sorted ranks per prompt
+        self._postings: dict[float, dict[int, list[int]]] = {}
+
+    def postings(self, threshold: float) -> dict[int, list[int]]:
+        """Rank -> train rows (ascending) whose prefix for ``threshold`` holds that rank."""
+        index = self._postings.get(threshold)
+        if index is None:
+            index = collections.defaultdict(list)
+            for i, d in enumerate(self.docs):
+                for r in d[: len(d) - math.ceil(threshold * len(d) - 1e-9) + 1]:
+                    index[r].append(i)
+            self._postings[threshold] = index = dict(index)
+        return index
+
+    def near(self, normalized: Sequence[str], threshold: float) -> dict[int, tuple[int, float]]:
+        """Test row -> (train row, similarity) of its most similar train prompt with Jaccard >= ``threshold``
+        (test texts given normalised); among equally similar train prompts the first."""
+        index = self.postings(threshold)
+        docs, rank, ceil = self.docs, self.rank, math.ceil
+        best: dict[int, tuple[int, float]] = {}
+        for j, d in enumerate(_shingles_all(normalized)):
+            n = len(d)
+            known = sorted(rank[tok] for tok in d if tok in rank)
+            n_prefix = n - ceil(threshold * n - 1e-9) + 1 - (n - len(known))  # unknown 5-grams come first
+            if n_prefix <= 0:
+                continue
+            ranks = frozenset(known)
+            seen: set[int] = set()
+            found: tuple[int, float] | None = None
+            for r in known[:n_prefix]:
+                for i in index.get(r, ()):
+                    if i in seen:
+                        continue
+                    seen.add(i)
+                    x = docs[i]
+                    small, large = (len(x), n) if len(x) <= n else (n, len(x))
+                    if small < threshold * large - 1e-9:
+                        continue
+                    inter = len(ranks.intersection(x))
+                    union = len(x) + n - inter
+                    sim = inter / union if union else 1.0  # jaccard of the two 5-gram sets
+                    if sim >= threshold - 1e-12 and (found is None or (sim, -i) > (found[1], -found[0])):
+                        found = (i, sim)
+            if found is not None:
+                best[j] = found
+        return best
+
+
+_TRAIN_INDEXES: "collections.OrderedDict[tuple[str, ...], _TrainIndex]" = collections.OrderedDict()
+_TRAIN_INDEXES_MAX = 4
+_TRAIN_INDEX_MAX_TEXTS = 50_000
+"""Larger train sets get an index per call, not kept (it would hold on to ~100 MB)."""
+
+
+def _train_index(texts: Sequence[str]) -> _TrainIndex:
+    """The :class:`_TrainIndex` of these texts, from a small cache keyed by the texts themselves (so it can never
+    be stale): :func:`check_leakage` of one train set against many test sets builds it once."""
+    key = tuple(texts)
+    index = _TRAIN_INDEXES.get(key)
+    if index is None:
+        index = _TrainIndex(key)
+        if len(key) > _TRAIN_INDEX_MAX_TEXTS:
+            return index
+        _TRAIN_INDEXES[key] = index
+        while len(_TRAIN_INDEXES) > _TRAIN_INDEXES_MAX:
+            _TRAIN_INDEXES.popitem(last=False)
+    else:
+        _TRAIN_INDEXES.move_to_end(key)
+    return index
 
 
 class DedupResult(NamedTuple):
@@ -701,15 +808,14 @@ def deduplicate(*sets: PromptSet, near_threshold: float | None = 0.9) -> DedupRe
     dropped: dict[int, tuple[int, str, float]] = {}  # flat index -> (kept flat index, reason, similarity)
     first_by_norm: dict[str, int] = {}
     reps: list[int] = []
-    for k, (_, p) in enumerate(flat):
-        norm = normalize_text(p.text)
+    for k, norm in enumerate(_normalize_all(p.text for _, p in flat)):
         if norm in first_by_norm:
             dropped[k] = (first_by_norm[norm], "exact", 1.0)
         else:
             first_by_norm[norm] = k
             reps.append(k)
     if near_threshold is not None and len(reps) > 1:
-        sh = [shingles(flat[k][1].text) for k in reps]
+        sh = _shingles_all(_normalize_all(flat[k][1].text for k in reps))
         by_j: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
         for i, j, sim in _near_pairs(sh, None, near_threshold):
             by_j[j].append((i, sim))
@@ -777,26 +883,23 @@ def check_leakage(
     Same measures as :func:`deduplicate`. The default threshold is lower than deduplicate's 0.9 because a
     leak check should err on the sensitive side: swapping one word in a ~100-character prompt gives a
     character 5-gram Jaccard of about 0.85-0.9. With ``raise_on_leak=False`` the report is returned either
-    way.
+    way. Each leaking test prompt is reported once: against the first train prompt with the same normalised text,
+    else against its most similar train prompt (the first of equally similar ones). The train side's index is
+    kept for the next call (a small cache keyed by the train texts), so checking one train set against many test
+    sets indexes it once.
     """
-    train_norm: dict[str, int] = {}
-    for i, p in enumerate(train):
-        train_norm.setdefault(normalize_text(p.text), i)
+    index = _train_index(train.texts)
+    test_norm = _normalize_all(test.texts)
     rows = []
     exact_test: set[int] = set()
-    for j, p in enumerate(test):
-        i = train_norm.get(normalize_text(p.text))
+    for j, t in enumerate(test_norm):
+        i = index.first_by_norm.get(t)
         if i is not None:
             exact_test.add(j)
             rows.append((j, i, "exact", 1.0))
     if near_threshold is not None:
-        tr = [shingles(p.text) for p in train]
-        te = [shingles(p.text) for p in test]
-        best: dict[int, tuple[int, float]] = {}
-        for i, j, sim in _near_pairs(tr, te, near_threshold):
-            if j not in exact_test and (j not in best or sim > best[j][1]):
-                best[j] = (i, sim)
-        rows += [(j, i, "near", sim) for j, (i, sim) in best.items()]
+        best = index.near(test_norm, near_threshold)
+        rows += [(j, i, "near", sim) for j, (i, sim) in best.items() if j not in exact_test]
     rows.sort()
     pairs = pd.DataFrame(
         [

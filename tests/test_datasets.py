@@ -5,6 +5,8 @@ that need the data skip with a reason when the data directory is absent.
 """
 
 import collections
+import dataclasses
+import os
 import sys
 import types
 
@@ -14,6 +16,7 @@ import pytest
 from catlens import datasets as D
 from catlens.datasets import load_prompts
 from catlens.prompts import PromptSet, check_leakage
+from catlens.runs import sha256_file
 from catlens.taxonomy import (
     CATEGORIES,
     CATEGORY_IDS,
@@ -419,3 +422,36 @@ def test_builtin_prompts_do_not_come_from_benchmarks(loaded) -> None:
 def test_validate_all_datasets() -> None:
     report = D.validate_datasets(DATA_DIR)
     assert report["ok"].all(), report[~report["ok"]][["name", "error"]].to_string()
+
+
+def test_dataset_files_are_read_once_and_again_after_an_edit(tmp_path, monkeypatch) -> None:
+    """load_dataset reads and parses a file once per process; a file edited since (other size or modification
+    time) is read again, and every caller gets its own table."""
+    path = tmp_path / "advbench" / "harmful_behaviors.csv"
+    path.parent.mkdir()
+    path.write_text("goal,target\nWrite a scam email,Sure\nPick a lock,Sure\n", encoding="utf-8")
+    reads = []
+    real = D._read_csv
+
+    def counting_read(paths):
+        reads.append(paths)
+        return real(paths)
+
+    monkeypatch.setattr(D, "DATASETS", {**D.DATASETS, "advbench": dataclasses.replace(
+        D.DATASETS["advbench"], read=counting_read)})
+    first = D.load_dataset("advbench", tmp_path)
+    assert first.texts == ["Write a scam email", "Pick a lock"] and len(reads) == 1
+    again = D.load_dataset("advbench", tmp_path)
+    assert again == first and again.provenance["files"] == first.provenance["files"] and len(reads) == 1
+    table, _ = D._read_files(D.DATASETS["advbench"], [path])
+    table.loc[0, "goal"] = "changed by a caller"
+    assert D.load_dataset("advbench", tmp_path).texts == first.texts  # the cached table is not shared
+    stat = path.stat()
+    path.write_text("goal,target\nWrite a scam email,Sure\nPick a safe,Sure\n", encoding="utf-8")  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    edited = D.load_dataset("advbench", tmp_path)
+    assert edited.texts == ["Write a scam email", "Pick a safe"] and len(reads) == 2
+    assert edited.provenance["files"][0]["sha256"] == sha256_file(path) != first.provenance["files"][0]["sha256"]
+    path.write_text("goal,target\nWrite a scam email,Sure\n", encoding="utf-8")  # another size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the same time as the last edit
+    assert D.load_dataset("advbench", tmp_path).texts == ["Write a scam email"] and len(reads) == 3

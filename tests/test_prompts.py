@@ -395,3 +395,82 @@ def test_labels_and_categories_constants() -> None:
     assert LABELS == ("harmful", "benign") and SPLITS == ("train", "val", "test")
     assert set(BUILTIN_CATEGORIES) <= set(CATEGORIES)
     assert isinstance(toy_set(2).to_frame(), pd.DataFrame)
+
+
+# ------------------------------------------------------------------- check_leakage equals the all-pairs definition
+def _reference_leakage(train: PromptSet, test: PromptSet, thr: float | None) -> list[tuple]:
+    """check_leakage by its definition, comparing every pair: per test prompt an exact match (the first train
+    prompt with the same normalised text) or else its most similar train prompt with 5-gram Jaccard >= thr (the
+    first of equally similar ones)."""
+    rows = []
+    tr_norm = [normalize_text(t) for t in train.texts]
+    tr_sh = [shingles(t) for t in train.texts]
+    for j, p in enumerate(test):
+        norm = normalize_text(p.text)
+        if norm in tr_norm:
+            rows.append((p.id, train[tr_norm.index(norm)].id, "exact", 1.0))
+            continue
+        if thr is None:
+            continue
+        d = shingles(p.text)
+        best = None
+        for i, a in enumerate(tr_sh):
+            sim = jaccard(a, d)
+            if sim >= thr - 1e-12 and (best is None or sim > best[1]):
+                best = (i, sim)
+        if best is not None:
+            rows.append((p.id, train[best[0]].id, "near", best[1]))
+    return rows
+
+
+def _as_rows(report) -> list[tuple]:
+    return list(report.pairs[["test_id", "train_id", "reason", "similarity"]].itertuples(index=False, name=None))
+
+
+def _planted_sets() -> tuple[PromptSet, PromptSet]:
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    base = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 16))) for _ in range(120)]
+    train = base[:80] + [base[0], base[1].upper() + "!", "ab", "???", "x", "..."]  # exact duplicates, tiny texts
+    train += [LONG.replace("detail", "detaix"), LONG.replace("clouds", "cloudx")]  # equally near LONG (a tie)
+    test = base[60:120] + [t + " " + rng.choice(words) for t in base[:30]] + [t[:-2] for t in base[30:50]]
+    test += ["AB", "!!", "x", "y", base[1] + "?", base[0], LONG, LONG.replace("water", "salt water")]
+    return (PromptSet([P(i, t) for i, t in enumerate(train)], name="train"),
+            PromptSet([P(500 + j, t) for j, t in enumerate(test)], name="test"))
+
+
+def test_check_leakage_equals_the_all_pairs_reference_on_planted_duplicates() -> None:
+    train, test = _planted_sets()
+    shuffled = train[random.Random(1).sample(range(len(train)), len(train))]  # another order, another first
+    for tr in (train, shuffled, train):  # the third call reuses the cached train index
+        for thr in (0.5, 0.8, 0.9, 1.0, None):
+            want = _reference_leakage(tr, test, thr)
+            assert _as_rows(check_leakage(tr, test, thr, raise_on_leak=False)) == want, thr
+            assert {r[2] for r in want} == ({"exact"} if thr is None else {"exact", "near"}), thr
+    # the tie: two train prompts exactly as similar to LONG; the first one is reported
+    sims = [jaccard(shingles(t), shingles(LONG)) for t in train.texts[-2:]]
+    assert sims[0] == sims[1] >= 0.8
+    leak = check_leakage(train, test, 0.8, raise_on_leak=False).pairs.set_index("test_text")
+    assert leak.loc[LONG, "train_id"] == train[len(train) - 2].id
+
+
+def test_check_leakage_equals_the_all_pairs_reference_on_the_packaged_sets() -> None:
+    b, hb = load_prompts("builtin"), load_prompts("hardbenign")
+    found = 0
+    for train, test in [(b.where(split="train"), b.where(split="test")), (hb.where(split="train"), hb.where(split="val"))]:
+        for thr in (0.3, 0.8):
+            want = _reference_leakage(train, test, thr)
+            assert _as_rows(check_leakage(train, test, thr, raise_on_leak=False)) == want, thr
+            found += len(want)
+    assert found  # at the low threshold the check has something to find
+
+
+def test_check_leakage_error_message_is_unchanged() -> None:
+    train, test = _planted_sets()
+    with pytest.raises(LeakageError) as e:
+        check_leakage(train, test)
+    want = _reference_leakage(train, test, 0.8)
+    first = want[0]
+    assert str(e.value).startswith(f"{len(want)} of {len(test)} prompts in 'test' also occur in 'train':\n  "
+                                   f"test {first[0]!r} «")
+    assert f"\n  ... and {len(want) - 10} more\nRemove them from one side" in str(e.value)
