@@ -141,21 +141,31 @@ def test_splits_are_disjoint_and_the_leakage_check_covers_the_whole_train_pool(t
     assert not len(check_leakage(sets["val"], sets["test"], raise_on_leak=False).pairs)
 
 
-def test_sweep_offline_zones_equal_the_gated_policy(p1_run, tiny8, data_dir):
+@pytest.fixture(scope="module")
+def p1_fit(p1_run, tiny8, data_dir):
+    """The end-to-end run's model, sets and fit made again through the recipe's steps (its activations read from
+    the run's folder): what the tests below rebuild policies from."""
+    from catlens.model import load_model
+
+    mod, out, _, argv = p1_run
+    model = load_model(tiny8)
+    sets = recipe.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    fit = recipe.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], type("R", (), {"path": out})(),
+                                mod.parse_args(argv))
+    return model, sets, fit
+
+
+def test_sweep_offline_zones_equal_the_gated_policy(p1_run, p1_fit):
     """The sweep assigns sides offline from the gate's val scores; the saved gated policy must compute the same
     scores in first_position, and its verdicts are exactly the offline combination of the three passes."""
     import numpy as np
 
     from catlens.gate import zone_verdicts
     from catlens.generation import first_position
-    from catlens.model import load_model
     from catlens.steer import SteeringPolicy
 
-    mod, out, _, argv = p1_run
-    args = mod.parse_args(argv)
-    model = load_model(tiny8)
-    sets = recipe.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
-    fit = recipe.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], type("R", (), {"path": out})(), args)
+    _, out, _, _ = p1_run
+    model, sets, fit = p1_fit
     sweep = pd.read_parquet(out / "sweep.parquet")
     row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep["mode"] == "global")].iloc[0]
     pol = recipe.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
@@ -182,13 +192,11 @@ def test_p1_refuses_to_resume_with_another_configuration(p1_run):
         mod.main(changed)
 
 
-def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_tables(p1_run, tiny8, data_dir,
-                                                                                   tmp_path):
+def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_tables(p1_run, p1_fit, tmp_path):
     """The reverse transfer (stock -> tuned) on a same-architecture twin: three policies x two sides; on the same
     rows the unsteered and tuned policies give exactly what the full test pass gave. Then the forward transfer
     (tuned -> stock) with its gate flag rates and the ungated diagnostic."""
     from catlens.finetune.config import DEFAULT_CATEGORIES
-    from catlens.model import load_model
     from catlens.runs import RunDir
     from catlens.steer import with_coeff
     from catlens.testing import make_tiny_model_dir
@@ -196,10 +204,8 @@ def test_reverse_transfer_fits_on_the_stock_model_and_agrees_with_the_test_table
     mod, out, _, argv = p1_run
     stock = make_tiny_model_dir(tmp_path / "stock", categories=DEFAULT_CATEGORIES, seed=7)
     args = mod.parse_args([*argv, "--stock-model", str(stock), "--reverse-n", "6"])
-    model = load_model(tiny8)
-    sets = recipe.build_sets(str(tiny8), str(data_dir), seed=0, train_cap=48, val_cap=3, test_cap=3)
+    model, sets, fit = p1_fit
     run = RunDir.create(tmp_path / "rev", {}, seed=0)
-    fit = recipe.fit_everything(model, sets, [1, 2], [1, 3], ["one_vs_benign"], run, args)
     sweep = pd.read_parquet(out / "sweep.parquet")
     row = sweep[(sweep.method == "one_vs_benign") & (sweep.layer == 2) & (sweep["mode"] == "global")].iloc[0]
     base = recipe.build_policy(model, fit, row.to_dict(), positions="last_prompt", mode="global", seed=0)
