@@ -637,6 +637,30 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
+def _matches(index: Mapping[Any, Sequence[int]], docs: Sequence[Any], probe: Iterable[Any], query: frozenset,
+             threshold: float, n: int | None = None) -> Iterator[tuple[int, float]]:
+    """``(i, jaccard)`` for every ``docs[i]`` listed in ``index`` under a token of ``probe`` (the query's prefix)
+    whose Jaccard similarity to ``query`` (a token set of size ``n``, default ``len(query)``) is >= ``threshold``;
+    each document once, in the order met. A pair whose sizes alone rule the threshold out is skipped uncounted.
+    The prefix filter's probe, shared by :func:`_near_pairs` and :class:`_TrainIndex`."""
+    n = len(query) if n is None else n
+    seen: set[int] = set()
+    for tok in probe:
+        for i in index.get(tok, ()):
+            if i in seen:
+                continue
+            seen.add(i)
+            x = docs[i]
+            small, large = (len(x), n) if len(x) <= n else (n, len(x))
+            if small < threshold * large - 1e-9:
+                continue
+            inter = len(query.intersection(x))
+            union = len(x) + n - inter
+            sim = inter / union if union else 1.0  # jaccard(x, query)
+            if sim >= threshold - 1e-12:
+                yield i, sim
+
+
 def _near_pairs(
     left: Sequence[frozenset[str]],
     right: Sequence[frozenset[str]] | None,
@@ -668,22 +692,7 @@ def _near_pairs(
     offset = 0 if self_join else len(left)
     for j, d in enumerate(queries):  # type: ignore[arg-type]
         pre = prefixes[offset + j]
-        seen: set[int] = set()
-        n = len(d)
-        for tok in pre:
-            for i in index.get(tok, ()):
-                if i in seen:
-                    continue
-                seen.add(i)
-                a = left[i]
-                small, large = (len(a), n) if len(a) <= n else (n, len(a))
-                if small < threshold * large - 1e-9:
-                    continue
-                inter = len(a & d)
-                union = len(a) + n - inter
-                sim = inter / union if union else 1.0  # jaccard(a, d)
-                if sim >= threshold - 1e-12:
-                    pairs.append((i, j, sim))
+        pairs.extend((i, j, sim) for i, sim in _matches(index, left, pre, d, threshold))
         if self_join:
             for tok in pre:
                 index[tok].append(j)
@@ -735,23 +744,10 @@ class _TrainIndex:
             n_prefix = n - ceil(threshold * n - 1e-9) + 1 - (n - len(known))  # unknown 5-grams come first
             if n_prefix <= 0:
                 continue
-            ranks = frozenset(known)
-            seen: set[int] = set()
             found: tuple[int, float] | None = None
-            for r in known[:n_prefix]:
-                for i in index.get(r, ()):
-                    if i in seen:
-                        continue
-                    seen.add(i)
-                    x = docs[i]
-                    small, large = (len(x), n) if len(x) <= n else (n, len(x))
-                    if small < threshold * large - 1e-9:
-                        continue
-                    inter = len(ranks.intersection(x))
-                    union = len(x) + n - inter
-                    sim = inter / union if union else 1.0  # jaccard of the two 5-gram sets
-                    if sim >= threshold - 1e-12 and (found is None or (sim, -i) > (found[1], -found[0])):
-                        found = (i, sim)
+            for i, sim in _matches(index, docs, known[:n_prefix], frozenset(known), threshold, n):
+                if found is None or (sim, -i) > (found[1], -found[0]):
+                    found = (i, sim)
             if found is not None:
                 best[j] = found
         return best
