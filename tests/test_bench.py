@@ -1,4 +1,5 @@
-"""bench/render_pipeline_doc.py's comparison with a baseline run: which tables are equal, from the tables themselves."""
+"""The benchmark scripts' own logic on small inputs: bench/render_pipeline_doc.py's comparison with a baseline run
+(which tables are equal, from the tables themselves) and bench/bench_auroc.py's equality of the two methods."""
 
 import importlib.util
 import json
@@ -11,13 +12,32 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture()
-def renderer(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports bench/_markdown.py as its neighbour
-    spec = importlib.util.spec_from_file_location("_test_render_pipeline_doc", BENCH / "render_pipeline_doc.py")
+def _load(stem: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import bench/_markdown.py as their neighbour
+    spec = importlib.util.spec_from_file_location(f"_test_bench_{stem}", BENCH / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
+    return module
+
+
+@pytest.fixture()
+def renderer(monkeypatch):
+    yield _load("render_pipeline_doc", monkeypatch)
+    sys.modules.pop("_markdown", None)
+
+
+def test_bench_auroc_compares_the_two_methods_on_the_same_resamples(monkeypatch, tmp_path):
+    bench = _load("bench_auroc", monkeypatch)
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Foundation\n")
+    monkeypatch.setattr(bench, "DOC", doc)
+    assert bench.main(["--out", str(tmp_path / "run"), "--sizes", "7:5,3:2", "--n-boot", "30", "--repeats", "1",
+                       "--doc"]) == 0
+    table = pd.read_parquet(tmp_path / "run" / "auroc.parquet")
+    assert list(zip(table.n_pos, table.n_neg)) == [(7, 5), (3, 2)]
+    assert (table.max_abs_diff < 1e-12).all() and (table.speedup > 0).all()
+    text = doc.read_text()
+    assert text.index("## AUROC intervals") < text.index("## Foundation") and "| 7 | 5 | 30 |" in text
     sys.modules.pop("_markdown", None)
 
 
