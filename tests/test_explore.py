@@ -183,22 +183,29 @@ def _assert_same_map(a, b):
     assert {k: v for k, v in a.items() if k != "xy"} == {k: v for k, v in b.items() if k != "xy"}
 
 
-def _block_background(ex, monkeypatch, after=0):
-    """Let the background thread take ``after`` steps, then hold it (outside the model lock) until released."""
+def _hold_acts_step(ex, monkeypatch, holds, after, who):
+    """Let the threads whose name ``holds`` accepts take ``after`` steps towards the reference activations, then hold
+    the next one (before the step, outside the model lock) until released; once held, nothing more is held."""
     release, held = threading.Event(), threading.Event()
     steps = []
     original = ex._acts_step
 
     def step(site, stop=None):
-        if threading.current_thread().name == "catlens-explore-map":
+        if holds(threading.current_thread().name) and not held.is_set():
             if len(steps) >= after:
                 held.set()
-                assert release.wait(600), "the test never released the background thread"
+                assert release.wait(600), f"the test never released {who}"
             steps.append(site)
         return original(site, stop)
 
     monkeypatch.setattr(ex, "_acts_step", step)
     return release, held
+
+
+def _block_background(ex, monkeypatch, after=0):
+    """Let the background thread take ``after`` steps, then hold it (outside the model lock) until released."""
+    return _hold_acts_step(ex, monkeypatch, lambda name: name == "catlens-explore-map", after,
+                           "the background thread")
 
 
 def test_the_first_answer_does_not_wait_for_the_map(explorer, reference, tmp_path, monkeypatch):
@@ -504,21 +511,9 @@ def _find(component, ident):
 def _hold_request_collection(ex, monkeypatch, after=0):
     """Let a request's own collection of the reference activations take ``after`` steps, then hold it until
     released (the first request only; the background thread is not held)."""
-    release, held = threading.Event(), threading.Event()
-    steps = []
-    original = ex._acts_step
-
-    def step(site, stop=None):
-        name = threading.current_thread().name
-        if name.startswith("catlens-explore-") and name != "catlens-explore-map" and not held.is_set():
-            if len(steps) >= after:
-                held.set()
-                assert release.wait(600), "the test never released the request"
-            steps.append(site)
-        return original(site, stop)
-
-    monkeypatch.setattr(ex, "_acts_step", step)
-    return release, held
+    return _hold_acts_step(ex, monkeypatch,
+                           lambda name: name.startswith("catlens-explore-") and name != "catlens-explore-map",
+                           after, "the request")
 
 
 def _wait_for_state(ex, job_id, state, timeout=60.0):
