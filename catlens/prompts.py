@@ -606,7 +606,7 @@ _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 def normalize_text(text: str) -> str:
     """NFKC, lower case, runs of punctuation/whitespace -> one space, stripped."""
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+    return _normalize_all([text])[0]
 
 
 def shingles(text: str, k: int = 5) -> frozenset[str]:
@@ -615,7 +615,8 @@ def shingles(text: str, k: int = 5) -> frozenset[str]:
 
 
 def _normalize_all(texts: Iterable[str]) -> list[str]:
-    """``[normalize_text(t) for t in texts]``, written out: one call for many texts."""
+    """``[normalize_text(t) for t in texts]``, written out: one call for many texts (the one definition of the
+    normalisation)."""
     sub, nfkc = _NON_WORD.sub, unicodedata.normalize
     return [sub(" ", nfkc("NFKC", t).lower()).strip() for t in texts]
 
@@ -635,6 +636,12 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
         return 1.0
     inter = len(a & b)
     return inter / (len(a) + len(b) - inter)
+
+
+def _prefix_len(n: int, threshold: float) -> int:
+    """How many of a document's ``n`` tokens (in the global order) its prefix holds: ``n - ceil(t*n) + 1``. Two
+    documents with Jaccard >= t share at least ``ceil(t*n)`` tokens, so their prefixes intersect."""
+    return n - math.ceil(threshold * n - 1e-9) + 1
 
 
 def _matches(index: Mapping[Any, Sequence[int]], docs: Sequence[Any], probe: Iterable[Any], query: frozenset,
@@ -670,17 +677,16 @@ def _near_pairs(
     or i in ``left``, j in ``right``. Prefix filtering: if J(x, y) >= t then x and y share at least
     ceil(t*|x|) tokens, so their prefixes of length |x| - ceil(t*|x|) + 1 under one global token order
     (rarest first) intersect."""
-    # The loops are written out (no helper called per prompt): a per-call wrapper (e.g. the test suite's runtime
-    # type checks) would otherwise cost more than the work itself.
+    # One call per prompt at most (no helper per token or per candidate pair): a per-call wrapper (e.g. the test
+    # suite's runtime type checks) would otherwise cost more than the work itself.
     docs = list(left) + (list(right) if right is not None else [])
     freq = collections.Counter(itertools.chain.from_iterable(docs))
     # Rarest first; the stable sort breaks ties by first appearance, so the order is deterministic.
     rank = {tok: r for r, tok in enumerate(sorted(freq, key=freq.__getitem__))}.__getitem__
-    ceil = math.ceil
     prefixes = []
     for d in docs:
         ranks = sorted(map(rank, d))
-        prefixes.append(ranks[: len(ranks) - ceil(threshold * len(ranks) - 1e-9) + 1])
+        prefixes.append(ranks[: _prefix_len(len(ranks), threshold)])
     index: dict[int, list[int]] = collections.defaultdict(list)
     pairs: list[tuple[int, int, float]] = []
     self_join = right is None
@@ -727,7 +733,7 @@ class _TrainIndex:
         if index is None:
             index = collections.defaultdict(list)
             for i, d in enumerate(self.docs):
-                for r in d[: len(d) - math.ceil(threshold * len(d) - 1e-9) + 1]:
+                for r in d[: _prefix_len(len(d), threshold)]:
                     index[r].append(i)
             self._postings[threshold] = index = dict(index)
         return index
@@ -736,12 +742,12 @@ class _TrainIndex:
         """Test row -> (train row, similarity) of its most similar train prompt with Jaccard >= ``threshold``
         (test texts given normalised); among equally similar train prompts the first."""
         index = self.postings(threshold)
-        docs, rank, ceil = self.docs, self.rank, math.ceil
+        docs, rank = self.docs, self.rank
         best: dict[int, tuple[int, float]] = {}
         for j, d in enumerate(_shingles_all(normalized)):
             n = len(d)
             known = sorted(rank[tok] for tok in d if tok in rank)
-            n_prefix = n - ceil(threshold * n - 1e-9) + 1 - (n - len(known))  # unknown 5-grams come first
+            n_prefix = _prefix_len(n, threshold) - (n - len(known))  # unknown 5-grams come first
             if n_prefix <= 0:
                 continue
             found: tuple[int, float] | None = None
@@ -804,14 +810,15 @@ def deduplicate(*sets: PromptSet, near_threshold: float | None = 0.9) -> DedupRe
     dropped: dict[int, tuple[int, str, float]] = {}  # flat index -> (kept flat index, reason, similarity)
     first_by_norm: dict[str, int] = {}
     reps: list[int] = []
-    for k, norm in enumerate(_normalize_all(p.text for _, p in flat)):
+    norms = _normalize_all(p.text for _, p in flat)
+    for k, norm in enumerate(norms):
         if norm in first_by_norm:
             dropped[k] = (first_by_norm[norm], "exact", 1.0)
         else:
             first_by_norm[norm] = k
             reps.append(k)
     if near_threshold is not None and len(reps) > 1:
-        sh = _shingles_all(_normalize_all(flat[k][1].text for k in reps))
+        sh = _shingles_all(norms[k] for k in reps)
         by_j: dict[int, list[tuple[int, float]]] = collections.defaultdict(list)
         for i, j, sim in _near_pairs(sh, None, near_threshold):
             by_j[j].append((i, sim))
