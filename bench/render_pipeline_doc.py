@@ -84,33 +84,30 @@ def render(run: Path, note: str | None = None, baseline: Path | None = None) -> 
         raise FileNotFoundError(f"no manifest.json in {str(run)!r}: give a folder `analyses/main.py --out` wrote.")
     summary = _read(run / "summary.json")
     stages = manifest.get("stages", {})
-    lines = [f"Run `{run}` (git {manifest.get('git_commit', '?')[:7]}{' (dirty)' if manifest.get('git_dirty') else ''},"
-             f" started {manifest.get('created', '?')}), `python analyses/main.py --out {run}`"
-             + (f"; {note}" if note else "") + ".", "",
-             "| stage | status | time | model loads in the stage |", "|---|---|---|---|"]
-    base = _read(baseline / "manifest.json").get("stages", {}) if baseline else {}
+    bm = _read(baseline / "manifest.json") if baseline else {}
+    base = bm.get("stages", {})
     if baseline and not base:
         raise FileNotFoundError(f"--baseline {str(baseline)!r} has no manifest.json with stages: give an earlier "
                                 f"folder `analyses/main.py --out` wrote.")
-    if baseline:
-        lines[-2:] = [f"| stage | status | time | `{baseline}` | ratio | model loads in the stage |",
-                      "|---|---|---|---|---|---|"]
+    columns = ["stage", "status", "time", *([f"`{baseline}`", "ratio"] if baseline else []), "model loads in the stage"]
+    lines = [f"Run `{run}` (git {manifest.get('git_commit', '?')[:7]}{' (dirty)' if manifest.get('git_dirty') else ''},"
+             f" started {manifest.get('created', '?')}), `python analyses/main.py --out {run}`"
+             + (f"; {note}" if note else "") + ".", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     total = 0.0
     for name, info in stages.items():
         sec = info.get("seconds")
-        total += float(sec or 0) if info.get("status") == "done" else 0.0
+        done = info.get("status") == "done"
+        total += float(sec or 0) if done else 0.0
         loads = info.get("model_loads") or {}
-        load_text = f"{loads['n']} ({loads['seconds']:.1f} s)" if loads else "n/a"
+        cells = [name, info.get("status", "?"), _minutes(sec)]
         if baseline:
             b = (base.get(name) or {}).get("seconds") if (base.get(name) or {}).get("status") == "done" else None
-            ratio = f"{float(sec) / float(b):.2f}" if b and sec is not None and info.get("status") == "done" else "n/a"
-            lines.append(f"| {name} | {info.get('status', '?')} | {_minutes(sec)} | {_minutes(b)} | {ratio} | "
-                         f"{load_text} |")
-        else:
-            lines.append(f"| {name} | {info.get('status', '?')} | {_minutes(sec)} | {load_text} |")
+            cells += [_minutes(b), f"{float(sec) / float(b):.2f}" if b and sec is not None and done else "n/a"]
+        cells.append(f"{loads['n']} ({loads['seconds']:.1f} s)" if loads else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Stages that ran: {_minutes(total)}; the whole job: {_minutes(summary.get('seconds'))}."]
     if baseline:
-        bm = _read(baseline / "manifest.json")
         n, differing = same_tables(run, baseline)
         lines[-1] += (f" The baseline `{baseline}` (git {str(bm.get('git_commit', '?'))[:7]}, started "
                       f"{bm.get('created', '?')}): the whole job {_minutes(_read(baseline / 'summary.json').get('seconds'))}."
