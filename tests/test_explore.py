@@ -705,6 +705,13 @@ def _open_page(b, url):
     return page, errors
 
 
+def _ask(page, fields):
+    """Fill the page's controls (``{element id: text}``, in order) and press Run."""
+    for ident, text in fields.items():
+        page.fill(f"#{ident}", text)
+    page.click("#run")
+
+
 @browser
 def test_explorer_in_headless_chromium(tiny_lm, reference):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -733,11 +740,7 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
                     raise
         assert page.input_value("#prompt") in explorer_texts
         # a prompt, a large coefficient: the steered answer appears and differs
-        page.fill("#prompt", PROMPT)
-        page.fill("#layers", "1")
-        page.fill("#max-new", "12")
-        page.fill("#coeff", "8")
-        page.click("#run")
+        _ask(page, {"prompt": PROMPT, "layers": "1", "max-new": "12", "coeff": "8"})
         page.wait_for_selector("#steered", timeout=60_000)
         assert page.inner_text("#message").strip() == ""
         unsteered, steered = page.inner_text("#unsteered"), page.inner_text("#steered")
@@ -789,9 +792,7 @@ def test_the_page_shows_the_answers_then_the_map(explorer, reference, monkeypatc
         assert held.wait(30)
         with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
             page, errors = _open_page(b, server.url)
-            page.fill("#prompt", PROMPT)
-            page.fill("#max-new", "8")
-            page.click("#run")
+            _ask(page, {"prompt": PROMPT, "max-new": "8"})
             page.wait_for_selector("#steered", timeout=60_000)
             assert "Preparing the map of the built-in prompts at resid_post layer 1" in page.inner_text("#pca-pending")
             assert f"preparing the map: 0/{len(reference)} prompts" in page.inner_text("#progress")
@@ -820,11 +821,7 @@ def test_the_page_shows_the_unsteered_answer_while_the_directions_are_made(explo
         assert held_bg.wait(30)
         with E.serve(app) as server, headless_chromium(CHROMIUM) as b:
             page, errors = _open_page(b, server.url)
-            page.fill("#prompt", PROMPT)
-            page.fill("#layers", "1")
-            page.fill("#max-new", "8")
-            page.fill("#coeff", "8")
-            page.click("#run")
+            _ask(page, {"prompt": PROMPT, "layers": "1", "max-new": "8", "coeff": "8"})
             page.wait_for_function("document.querySelector('#steered-pending') && document.querySelector("
                                    "'#steered-pending').innerText.includes('built-in activations (resid_post) 0/')",
                                    timeout=60_000)
