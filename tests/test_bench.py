@@ -1,6 +1,9 @@
 """The benchmark scripts' own logic on small inputs: bench/render_pipeline_doc.py's comparison with a baseline run
-(which tables are equal, from the tables themselves) and bench/bench_auroc.py's equality of the two methods."""
+(which tables are equal, from the tables themselves), bench/bench_auroc.py's equality of the two methods, and smoke
+runs of the scripts that time the model (bench_steer, bench_explore) on the tiny model, and of bench_figures' walk
+over the figure scripts, so a script that no longer runs against the library fails here instead of by hand."""
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -70,3 +73,52 @@ def test_tables_are_compared_without_their_time_columns_and_a_change_or_a_missin
     assert "Tables equal to the baseline's: 1 of 3 (differing: p1/sweep.parquet, p2/gone.parquet (missing))." in text
     with pytest.raises(FileNotFoundError, match="--baseline"):
         renderer.render(new, baseline=tmp_path / "nowhere")
+
+
+def test_bench_steer_times_every_configuration_on_the_tiny_model(monkeypatch, tmp_path, tiny_lm_dir):
+    bench = _load("bench_steer", monkeypatch)
+    out = tmp_path / "run"
+    assert bench.main(["--model", str(tiny_lm_dir), "--n-prompts", "4", "--new-tokens", "2", "--batch-sizes", "2,4",
+                       "--loop-prompts", "2", "--layer", "3", "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "bench_steer.parquet")
+    assert list(table.batch_size) == [2, 4] and (table.tokens == 4 * 2).all()
+    timed = ["unsteered_s", "steered_s", "gated_routed_s", "transformers_generate_s", "batch1_loop_tokens_per_s"]
+    assert (table[timed] > 0).all().all() and table[timed].notna().all().all()
+    assert json.loads((out / "manifest.json").read_text())["models"]
+    sys.modules.pop("_markdown", None)
+
+
+def test_bench_explore_times_a_cold_and_a_warm_first_answer_on_the_tiny_model(monkeypatch, tmp_path, tiny_lm_dir):
+    bench = _load("bench_explore", monkeypatch)
+    out = tmp_path / "run"
+    assert bench.main(["--model", str(tiny_lm_dir), "--max-new-tokens", "2", "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "first_answer.parquet")
+    assert list(table.cache) == ["cold", "warm"] and (table["map"] == "map").all()
+    assert ((0 < table.unsteered_s) & (table.unsteered_s <= table.answers_s) & (table.answers_s <= table.map_s)).all()
+    sys.modules.pop("_markdown", None)
+
+
+def test_bench_figures_walks_every_figure_script_through_the_main_job_s_loader(monkeypatch, tmp_path):
+    """No browser: the export is replaced, and the run folder has no stage folders, so every script is loaded and its
+    stage looked up (the step that broke unnoticed at stop 25), and none is drawn."""
+    import catlens.pipeline
+    import catlens.plotting
+
+    bench = _load("bench_figures", monkeypatch)
+    monkeypatch.setattr(catlens.plotting, "static_export_available", lambda: True)
+    monkeypatch.setattr(catlens.plotting, "static_export_session", contextlib.nullcontext)
+    looked_up = []
+    stage_of = catlens.pipeline.figure_stage_of
+
+    def record(script, module):
+        looked_up.append((script.name, stage_of(script, module)))
+        return looked_up[-1][1]
+
+    monkeypatch.setattr(catlens.pipeline, "figure_stage_of", record)
+    (tmp_path / "run").mkdir()
+    assert bench.main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    scripts = sorted(p.name for p in (BENCH.parent / "figures").glob("fig_*.py"))
+    assert sorted(name for name, _ in looked_up) == sorted(scripts * 2)  # once per export mode
+    assert {stage for _, stage in looked_up} <= {"eval", "geometry", "p1", "p2", "specificity"}
+    table = pd.read_parquet(tmp_path / "out" / "figures.parquet")
+    assert list(table.pngs) == [0, 0]
