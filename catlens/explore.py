@@ -194,8 +194,10 @@ class Explorer:
     them in a background thread that gives the model to a request between two steps of :data:`ACTS_CHUNK` prompts;
     a request answers without waiting for the map (its result says the map is pending, and :meth:`complete_map`
     fills it in once the map is ready); only a request that needs directions, a gate or a router made from the
-    reference prompts collects what is still missing itself, after generating its unsteered answer and publishing
-    it as the job's partial result (:meth:`status`).
+    reference prompts collects what is still missing of the prompts these read itself, after generating its
+    unsteered answer and publishing it as the job's partial result (:meth:`status`). The reference prompts are
+    kept in split order, train first, then val, then the rest: directions and routers (train) and gates (train and
+    val) are made as soon as those prompts are done, without waiting for the rest of the map.
     """
 
     def __init__(self, model: Any, policy: Any = None, prompts: Any = None, *,
@@ -212,11 +214,18 @@ class Explorer:
             self.policy.check_model(model, allow_transfer=allow_transfer)
         self.tokens, _ = refusal_token_ids(model)
         self.builtin = load_builtin()
-        self.reference = self.builtin if reference is None else reference
-        self._frame = self.reference.to_frame().reset_index(drop=True)
-        if not {"train", "val"} <= set(self._frame.split.dropna()) or self._frame.label.nunique() < 2:
-            raise ValueError(f"reference prompt set {self.reference.name!r} needs 'train' and 'val' splits with "
+        reference = self.builtin if reference is None else reference
+        splits = reference.to_frame().split.reset_index(drop=True)
+        if not {"train", "val"} <= set(splits.dropna()) or reference.to_frame().label.nunique() < 2:
+            raise ValueError(f"reference prompt set {reference.name!r} needs 'train' and 'val' splits with "
                              f"both harmful and benign prompts (like the built-in set).")
+        # train first, then val, then the rest (each in its own order): the activations are collected in that
+        # order, so directions and routers (train) and gates (train + val) are made before the map (all) is ready
+        rank = splits.map({"train": 0, "val": 1}).fillna(2)
+        self.reference = reference[list(rank.sort_values(kind="stable").index)]
+        self._frame = self.reference.to_frame().reset_index(drop=True)
+        self._n_train = int((self._frame.split == "train").sum())
+        self._n_fit = self._n_train + int((self._frame.split == "val").sum())
         harm = self._frame[self._frame.label == "harmful"]
         self.builtin_categories = tuple(sorted(harm.category.dropna().unique()))
         self.data_dir = data_dir
@@ -439,12 +448,27 @@ class Explorer:
     # ------------------------------------------------------------------------------- cached activations
     def builtin_acts(self, site: str, stop: Callable[[str, int, int], None] | None = None) -> Any:
         """Every reference (built-in) prompt's activation at ``site`` (all layers, last prompt token, chat format):
-        ``[prompt layer d_model]``, computed once per site (in steps of :data:`ACTS_CHUNK` prompts, so a cancel can
+        ``[prompt layer d_model]``, rows in :attr:`reference`'s order (train, val, then the rest), computed once per site (in steps of :data:`ACTS_CHUNK` prompts, so a cancel can
         stop it; steps the background thread already did are kept) or read from the disk cache."""
         while True:
             acts = self._acts_step(site, stop)
             if acts is not None:
                 return acts
+
+    def _first_acts(self, site: str, rows: int, stop: Callable[[str, int, int], None] | None = None) -> Any:
+        """The activations of the first ``rows`` reference prompts (``[rows layer d_model]``), collecting only the
+        steps that cover them: the train prompts come first (``rows = self._n_train``), then val."""
+        import torch
+
+        while True:
+            if site in self._acts:
+                return self._acts[site][:rows]
+            with self._model_lock:
+                parts = self._acts_parts.get(site) or {}
+                need = range(0, rows, ACTS_CHUNK)
+                if site not in self._acts and all(a in parts for a in need):
+                    return torch.cat([parts[a] for a in need])[:rows]
+            self._acts_step(site, stop)
 
     def _acts_step(self, site: str, stop: Callable[[str, int, int], None] | None = None) -> Any:
         """One step towards ``builtin_acts(site)``: the activations when complete (from memory, the disk cache or
@@ -656,17 +680,17 @@ class Explorer:
         key = (method, site)
         if key in self._dirs:
             return self._dirs[key]
-        acts = self.builtin_acts(site, stop)
-        m = self._masks()
-        tr_h = m["train"] & m["harmful"]
-        cats = self._frame.category
-        harm_by_cat = {c: acts[tr_h & _mask(cats == c)] for c in self.builtin_categories}
-        benign = acts[m["train"] & ~m["harmful"]]
+        n = self._n_train
+        acts = self._first_acts(site, n, stop)  # the train prompts
+        harmful = self._masks()["harmful"][:n]
+        cats = self._frame.category[:n]
+        harm_by_cat = {c: acts[harmful & _mask(cats == c)] for c in self.builtin_categories}
+        benign = acts[~harmful]
         common = {"site": site, "provenance": {"prompts": "builtin train split", "position": "last", "fmt": "chat"}}
         if method not in CONSTRUCTORS:
             raise ValueError(unknown_name_message("direction constructor", method, CONSTRUCTORS))
         dirs = D.fit_directions(harm_by_cat, method, benign=benign, normalize=True, **common)
-        dirs = dirs.with_ref_norm(acts[m["train"]])
+        dirs = dirs.with_ref_norm(acts)
         with self._cache_lock:
             self._dirs[key] = dirs
         return dirs
@@ -676,8 +700,9 @@ class Explorer:
         from catlens.probes import fit_gate
 
         if layer not in self._gates:
-            acts = self.builtin_acts("resid_post", stop)[:, layer]
-            m = self._masks()
+            n = self._n_fit
+            acts = self._first_acts("resid_post", n, stop)[:, layer]  # the train and val prompts
+            m = {k: v[:n] for k, v in self._masks().items()}
             tr, va, h = m["train"], m["val"], m["harmful"]
             g = fit_gate(acts[tr & h], acts[tr & ~h], layer=layer, val=(acts[va & h], acts[va & ~h]),
                          name=f"explorer probe L{layer}")
@@ -696,10 +721,10 @@ class Explorer:
             return Router("refusal_tokens", cats)
         key = (layer, cats)
         if key not in self._routers:
-            acts = self.builtin_acts("resid_post", stop)[:, layer]
-            m = self._masks()
-            f = self._frame
-            rows = m["train"] & m["harmful"] & _mask(f.category.isin(cats))
+            n = self._n_train
+            acts = self._first_acts("resid_post", n, stop)[:, layer]  # the train prompts
+            f = self._frame[:n]
+            rows = self._masks()["harmful"][:n] & _mask(f.category.isin(cats))
             labels = list(f.category[rows.numpy()])
             if len(cats) == 2:  # fit_router_probe assumes >= 3 classes (sklearn's binary coef_ has one row)
                 router = _binary_router(acts[rows], labels, cats, layer)

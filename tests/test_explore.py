@@ -149,6 +149,7 @@ def test_ablation_removes_the_span_of_the_chosen_directions(explorer):
 def test_pca_position_is_the_prompts_own_activation(explorer):
     from catlens.cache import collect
 
+    explorer.builtin_acts("mlp_out")  # the map ready (a request needs only the train prompts' activations)
     r = explorer.run(explorer.parse(values(explorer, layers="2", site="mlp_out")))
     pca = r["pca"]
     assert (pca["site"], pca["layer"]) == ("mlp_out", 2) and len(pca["xy"]) == len(explorer.reference)
@@ -243,7 +244,7 @@ def test_the_first_answer_does_not_wait_for_the_map(explorer, reference, tmp_pat
         assert E.on_event(ex, "poll", {}, job, drawn["shown"]) == {"poll_disabled": True}
         pca = ex.status(job)["result"]["pca"]
         assert "pending" not in pca and "h" not in pca
-        acts, xy, point = _old_map(ex.model, reference, "resid_post", 1, PROMPT)
+        acts, xy, point = _old_map(ex.model, ex.reference, "resid_post", 1, PROMPT)
         assert torch.equal(ex.builtin_acts("resid_post"), acts)
         np.testing.assert_array_equal(pca["xy"], xy)
         assert pca["point"] == point
@@ -253,14 +254,25 @@ def test_the_first_answer_does_not_wait_for_the_map(explorer, reference, tmp_pat
         ex.close()
 
 
-def test_a_request_that_needs_directions_finishes_the_backgrounds_work(explorer, reference, monkeypatch):
-    """The background thread took two steps; a request needing directions collects only the missing chunks (each
-    chunk once in all) and its map equals the old code's."""
+def test_the_reference_prompts_are_kept_train_first_then_val_then_the_rest(explorer, reference):
+    order = {"train": 0, "val": 1}
+    want = sorted(reference, key=lambda p: order.get(p.split, 2))  # a stable sort: each split in its own order
+    assert list(explorer.reference) == want and list(reference) != want  # the fixture's splits are mixed
+
+
+def test_a_request_that_needs_directions_collects_only_the_train_prompts_it_misses(explorer, reference,
+                                                                                  monkeypatch):
+    """The background thread took two steps; a request needing directions (made from the train prompts, which come
+    first) collects only the missing chunks of the train prompts and answers before the map is ready; the
+    background thread then finishes the map, each chunk collected once in all, and the map equals the old code's."""
     import catlens.cache
 
     collect = catlens.cache.collect
     calls = _counting_collect(monkeypatch)
     ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    n_train = sum(p.split == "train" for p in reference)
+    train_chunks = _chunks(len(reference))[:-(-n_train // E.ACTS_CHUNK)]
+    assert 2 < len(train_chunks) < len(_chunks(len(reference)))
     release, held = _block_background(ex, monkeypatch, after=2)
     try:
         ex.start_preparing(["mlp_out"])
@@ -268,16 +280,67 @@ def test_a_request_that_needs_directions_finishes_the_backgrounds_work(explorer,
         assert ex.map_status("mlp_out") == {"site": "mlp_out", "ready": False, "done": 2 * E.ACTS_CHUNK,
                                             "total": len(reference), "error": None}
         r = ex.run(ex.parse(values(ex, site="mlp_out", layers="2")))
+        assert [c for c in calls if c > 1] == train_chunks  # the background's two, then the request's rest
+        assert r["pca"]["pending"] and not ex.map_status("mlp_out")["ready"]
+        assert ex.directions("one_vs_benign", "mlp_out") is not None  # made once, from the train prompts
+        release.set()
+        t0 = time.monotonic()
+        while not ex.map_status("mlp_out")["ready"]:
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.02)
         assert sorted(c for c in calls if c > 1) == sorted(_chunks(len(reference)))
-        assert sum(c > 1 for c in calls) == len(_chunks(len(reference))) and ex.map_status("mlp_out")["ready"]
         monkeypatch.setattr(catlens.cache, "collect", collect)
-        acts, xy, point = _old_map(ex.model, reference, "mlp_out", 2, PROMPT)
+        acts, xy, point = _old_map(ex.model, ex.reference, "mlp_out", 2, PROMPT)
         assert torch.equal(ex.builtin_acts("mlp_out"), acts)
+        assert ex.complete_map(r)
         np.testing.assert_array_equal(r["pca"]["xy"], xy)
         assert r["pca"]["point"] == point
     finally:
         release.set()
         ex.close()
+
+
+def test_directions_gate_and_router_from_the_first_rows_equal_those_from_every_row(explorer, reference):
+    """Made while only the train (and val) prompts are collected, they equal what the whole set's activations
+    give (the rows they read, fitted the old way: masks over every row)."""
+    from catlens import directions as D
+    from catlens.probes import fit_gate
+
+    ex = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    dirs = ex.directions("one_vs_benign", "resid_post")
+    gate = ex.gate(1)
+    assert "resid_post" not in ex._acts  # made from the first rows only
+    acts = ex.builtin_acts("resid_post")
+    f = ex._frame
+    train, val, harm = (torch.tensor((f.split == "train").to_numpy()), torch.tensor((f.split == "val").to_numpy()),
+                        torch.tensor((f.label == "harmful").to_numpy()))
+    by_cat = {c: acts[train & harm & torch.tensor((f.category == c).to_numpy())] for c in ex.builtin_categories}
+    old = D.fit_directions(by_cat, "one_vs_benign", benign=acts[train & ~harm], normalize=True,
+                           site="resid_post").with_ref_norm(acts[train])
+    torch.testing.assert_close(dirs.at(1), old.at(1), rtol=0, atol=0)
+    torch.testing.assert_close(dirs.ref_norm, old.ref_norm, rtol=0, atol=0)
+    a = acts[:, 1]
+    old_gate = fit_gate(a[train & harm], a[train & ~harm], layer=1, val=(a[val & harm], a[val & ~harm]),
+                        name="explorer probe L1")
+    _assert_same_fields(gate, old_gate)
+    cats = ("cybercrime", "privacy")  # cybercrime has no refusal token in the tiny model: a probe router
+    rows = train & harm & torch.tensor(f.category.isin(cats).to_numpy())
+    old_router = E._binary_router(a[rows], list(f.category[rows.numpy()]), cats, 1)
+    ex2 = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=False)
+    router = ex2.router(cats, 1)
+    assert router.kind == "probe" and "resid_post" not in ex2._acts
+    _assert_same_fields(router, old_router)
+    ex.close()
+    ex2.close()
+
+
+def _assert_same_fields(a, b):
+    import dataclasses
+
+    assert type(a) is type(b)
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field.name
 
 
 def _counting_collect(monkeypatch):
@@ -342,8 +405,8 @@ def test_a_changed_prompt_set_site_or_model_misses_the_disk_cache(explorer, refe
     first = E.Explorer(explorer.model, discover_datasets=False, reference=reference, cache=cache)
     acts = first.builtin_acts("resid_post")
     [old_file] = cache.iterdir()
-    changed = PromptSet([replace(p, text=p.text + " Thanks.") if i == 3 else p for i, p in enumerate(reference)],
-                        name=reference.name)
+    changed = PromptSet([replace(p, text=p.text + " Thanks.") if i == 3 else p  # in the explorer's order
+                         for i, p in enumerate(first.reference)], name=reference.name)
     other = E.Explorer(explorer.model, discover_datasets=False, reference=changed, cache=cache)
     new_file = other._cache_file(other._cache_key("resid_post"))
     assert new_file != old_file
