@@ -89,9 +89,10 @@ def render(run: Path, note: str | None = None, baseline: Path | None = None) -> 
     if baseline and not base:
         raise FileNotFoundError(f"--baseline {str(baseline)!r} has no manifest.json with stages: give an earlier "
                                 f"folder `analyses/main.py --out` wrote.")
+    command = manifest.get("command") or ["analyses/main.py", "--out", str(run)]  # what ran, as the job recorded it
     columns = ["stage", "status", "time", *([f"`{baseline}`", "ratio"] if baseline else []), "model loads in the stage"]
     lines = [f"Run `{run}` (git {manifest.get('git_commit', '?')[:7]}{' (dirty)' if manifest.get('git_dirty') else ''},"
-             f" started {manifest.get('created', '?')}), `python analyses/main.py --out {run}`"
+             f" started {manifest.get('created', '?')}), `python {' '.join(command)}`"
              + (f"; {note}" if note else "") + ".", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     total = 0.0

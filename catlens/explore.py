@@ -38,9 +38,10 @@ point is drawn in it (or the reason the map could not be prepared). Only a reque
 a router made from the built-in prompts (a method other than ``policy``, or a gate the policy lacks) collects the
 activations still missing itself (with progress); with a warm disk cache nothing is collected. Every request
 generates the unsteered answer first and shows it at once, the steered column saying what is being prepared
-("Preparing the directions: built-in activations (resid_post) 48/630 prompts", then the steered answer's tokens),
-so without a policy the first answer does not wait for the directions; the steered answer follows once they are
-made.
+("Preparing the directions: built-in activations (resid_post, train prompts) 48/378 prompts", then the steered
+answer's tokens), so without a policy the first answer does not wait for the directions; the steered answer follows
+once they are made. Directions and routers read the train prompts and gates the train and val prompts, which are
+collected first, so they do not wait for the rest of the map either.
 
 Generation runs in a worker thread (one model, one job at a time) with progress in the page; a new request cancels
 the running one between two decoding steps (``generate(should_stop=...)``), and a result is only shown if its
@@ -455,10 +456,18 @@ class Explorer:
             if acts is not None:
                 return acts
 
-    def _first_acts(self, site: str, rows: int, stop: Callable[[str, int, int], None] | None = None) -> Any:
+    def _first_acts(self, site: str, rows: int, what: str,
+                    stop: Callable[[str, int, int], None] | None = None) -> Any:
         """The activations of the first ``rows`` reference prompts (``[rows layer d_model]``), collecting only the
-        steps that cover them: the train prompts come first (``rows = self._n_train``), then val."""
+        steps that cover them: the train prompts come first (``rows = self._n_train``), then val. The progress
+        counts those rows only, named by ``what`` ("train", "train and val")."""
         import torch
+
+        if stop is not None:
+            outer = stop
+
+            def stop(phase: str, done: int, total: int) -> None:
+                outer(f"built-in activations ({site}, {what} prompts)", min(done, rows), rows)
 
         while True:
             if site in self._acts:
@@ -681,7 +690,7 @@ class Explorer:
         if key in self._dirs:
             return self._dirs[key]
         n = self._n_train
-        acts = self._first_acts(site, n, stop)  # the train prompts
+        acts = self._first_acts(site, n, "train", stop)
         harmful = self._masks()["harmful"][:n]
         cats = self._frame.category[:n]
         harm_by_cat = {c: acts[harmful & _mask(cats == c)] for c in self.builtin_categories}
@@ -701,7 +710,7 @@ class Explorer:
 
         if layer not in self._gates:
             n = self._n_fit
-            acts = self._first_acts("resid_post", n, stop)[:, layer]  # the train and val prompts
+            acts = self._first_acts("resid_post", n, "train and val", stop)[:, layer]
             m = {k: v[:n] for k, v in self._masks().items()}
             tr, va, h = m["train"], m["val"], m["harmful"]
             g = fit_gate(acts[tr & h], acts[tr & ~h], layer=layer, val=(acts[va & h], acts[va & ~h]),
@@ -722,7 +731,7 @@ class Explorer:
         key = (layer, cats)
         if key not in self._routers:
             n = self._n_train
-            acts = self._first_acts("resid_post", n, stop)[:, layer]  # the train prompts
+            acts = self._first_acts("resid_post", n, "train", stop)[:, layer]
             f = self._frame[:n]
             rows = self._masks()["harmful"][:n] & _mask(f.category.isin(cats))
             labels = list(f.category[rows.numpy()])

@@ -47,7 +47,7 @@ def test_bench_auroc_compares_the_two_methods_on_the_same_resamples(monkeypatch,
 def _run(root: Path, seconds: dict, tables: dict) -> Path:
     root.mkdir()
     (root / "manifest.json").write_text(json.dumps(
-        {"git_commit": "abc1234", "created": "2026-12-07T00:00:00",
+        {"git_commit": "abc1234", "created": "2026-12-07T00:00:00", "command": ["analyses/main.py", "--out", "x/main"],
          "stages": {k: {"status": "done", "seconds": v} for k, v in seconds.items()}}))
     (root / "summary.json").write_text(json.dumps({"seconds": sum(seconds.values())}))
     for rel, frame in tables.items():
@@ -70,6 +70,7 @@ def test_tables_are_compared_without_their_time_columns_and_a_change_or_a_missin
     assert renderer.same_tables(base, base) == (3, [])
     text = renderer.render(new, baseline=base)
     assert "| p1 | done | 50 s | 1 min 40 s | 0.50 |" in text
+    assert "`python analyses/main.py --out x/main`" in text  # the command the run recorded, not its folder's name
     assert "Tables equal to the baseline's: 1 of 3 (differing: p1/sweep.parquet, p2/gone.parquet (missing))." in text
     with pytest.raises(FileNotFoundError, match="--baseline"):
         renderer.render(new, baseline=tmp_path / "nowhere")

@@ -617,7 +617,8 @@ def test_without_a_policy_the_unsteered_answer_comes_first(explorer, reference, 
         assert _find(page, "unsteered").children == plain["response"]
         assert _find(page, "steered") is None and _find(page, "summary") is None
         assert _find(page, "steered-pending").children == (
-            f"Preparing the directions: built-in activations (resid_post) {E.ACTS_CHUNK}/{len(reference)} prompts")
+            f"Preparing the directions: built-in activations (resid_post, train prompts) {E.ACTS_CHUNK}/"
+            f"{sum(p.split == 'train' for p in reference)} prompts")  # the directions read the train prompts only
         top, p = max(plain["first_probs"].items(), key=lambda kv: kv[1])
         assert _find(page, "unsteered-probs").children.startswith(
             f"refusal-token probabilities (first position): {top} {p:.3f}")
@@ -886,12 +887,13 @@ def test_the_page_shows_the_unsteered_answer_while_the_directions_are_made(explo
             page, errors = _open_page(b, server.url)
             _ask(page, {"prompt": PROMPT, "layers": "1", "max-new": "8", "coeff": "8"})
             page.wait_for_function("document.querySelector('#steered-pending') && document.querySelector("
-                                   "'#steered-pending').innerText.includes('built-in activations (resid_post) 0/')",
+                                   "'#steered-pending').innerText.includes('built-in activations (resid_post, train prompts) 0/')",
                                    timeout=60_000)
             assert held.is_set() and page.query_selector("#steered") is None
             assert page.inner_text("#unsteered").strip() == plain["response"].strip()
-            assert page.inner_text("#steered-pending") == ("Preparing the directions: built-in activations "
-                                                           f"(resid_post) 0/{len(reference)} prompts")
+            assert page.inner_text("#steered-pending") == (
+                "Preparing the directions: built-in activations (resid_post, train prompts) "
+                f"0/{sum(p.split == 'train' for p in reference)} prompts")
             release.set()
             release_bg.set()  # (the server's stop closes the explorer, which waits for the background thread)
             page.wait_for_selector("#steered", timeout=60_000)
