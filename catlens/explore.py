@@ -216,15 +216,15 @@ class Explorer:
         self.tokens, _ = refusal_token_ids(model)
         self.builtin = load_builtin()
         reference = self.builtin if reference is None else reference
-        splits = reference.to_frame().split.reset_index(drop=True)
-        if not {"train", "val"} <= set(splits.dropna()) or reference.to_frame().label.nunique() < 2:
+        frame = reference.to_frame().reset_index(drop=True)
+        if not {"train", "val"} <= set(frame.split.dropna()) or frame.label.nunique() < 2:
             raise ValueError(f"reference prompt set {reference.name!r} needs 'train' and 'val' splits with "
                              f"both harmful and benign prompts (like the built-in set).")
         # train first, then val, then the rest (each in its own order): the activations are collected in that
         # order, so directions and routers (train) and gates (train + val) are made before the map (all) is ready
-        rank = splits.map({"train": 0, "val": 1}).fillna(2)
-        self.reference = reference[list(rank.sort_values(kind="stable").index)]
-        self._frame = self.reference.to_frame().reset_index(drop=True)
+        order = list(frame.split.map({"train": 0, "val": 1}).fillna(2).sort_values(kind="stable").index)
+        self.reference = reference[order]
+        self._frame = frame.loc[order].reset_index(drop=True)
         self._n_train = int((self._frame.split == "train").sum())
         self._n_fit = self._n_train + int((self._frame.split == "val").sum())
         harm = self._frame[self._frame.label == "harmful"]
@@ -449,21 +449,19 @@ class Explorer:
     # ------------------------------------------------------------------------------- cached activations
     def builtin_acts(self, site: str, stop: Callable[[str, int, int], None] | None = None) -> Any:
         """Every reference (built-in) prompt's activation at ``site`` (all layers, last prompt token, chat format):
-        ``[prompt layer d_model]``, rows in :attr:`reference`'s order (train, val, then the rest), computed once per site (in steps of :data:`ACTS_CHUNK` prompts, so a cancel can
-        stop it; steps the background thread already did are kept) or read from the disk cache."""
-        while True:
-            acts = self._acts_step(site, stop)
-            if acts is not None:
-                return acts
+        ``[prompt layer d_model]``, rows in :attr:`reference`'s order (train, val, then the rest), computed once per
+        site (in steps of :data:`ACTS_CHUNK` prompts, so a cancel can stop it; steps the background thread already
+        did are kept) or read from the disk cache."""
+        return self._first_acts(site, len(self.reference), None, stop)
 
-    def _first_acts(self, site: str, rows: int, what: str,
+    def _first_acts(self, site: str, rows: int, what: str | None,
                     stop: Callable[[str, int, int], None] | None = None) -> Any:
         """The activations of the first ``rows`` reference prompts (``[rows layer d_model]``), collecting only the
-        steps that cover them: the train prompts come first (``rows = self._n_train``), then val. The progress
-        counts those rows only, named by ``what`` ("train", "train and val")."""
+        steps that cover them: the train prompts come first (``rows = self._n_train``), then val. With ``what``
+        ("train", "train and val"), the progress counts those rows only, named by it."""
         import torch
 
-        if stop is not None:
+        if stop is not None and what is not None:
             outer = stop
 
             def stop(phase: str, done: int, total: int) -> None:
@@ -477,7 +475,9 @@ class Explorer:
                 need = range(0, rows, ACTS_CHUNK)
                 if site not in self._acts and all(a in parts for a in need):
                     return torch.cat([parts[a] for a in need])[:rows]
-            self._acts_step(site, stop)
+            acts = self._acts_step(site, stop)
+            if acts is not None:
+                return acts[:rows]
 
     def _acts_step(self, site: str, stop: Callable[[str, int, int], None] | None = None) -> Any:
         """One step towards ``builtin_acts(site)``: the activations when complete (from memory, the disk cache or
