@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                 out[name] = fn(y, score, rng=np.random.default_rng(1), n_boot=args.n_boot)
                 best = min(best, time.perf_counter() - t)
             timing[name] = best
-        diff = max(abs(out["loop of roc_auc_score"][k] - out["auroc_with_ci"][k]) for k in ("auroc", "ci_low", "ci_high", "se"))
+        diff = max(abs(out["loop of roc_auc_score"][k] - out["auroc_with_ci"][k])
+                   for k in ("auroc", "ci_low", "ci_high", "se"))
         rows.append({"n_pos": n_pos, "n_neg": n_neg, "n_boot": args.n_boot,
                      "loop_s": timing["loop of roc_auc_score"], "catlens_s": timing["auroc_with_ci"],
                      "speedup": timing["loop of roc_auc_score"] / timing["auroc_with_ci"], "max_abs_diff": diff})

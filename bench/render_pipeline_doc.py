@@ -103,15 +103,17 @@ def render(run: Path, note: str | None = None, baseline: Path | None = None) -> 
         loads = info.get("model_loads") or {}
         cells = [name, info.get("status", "?"), _minutes(sec)]
         if baseline:
-            b = (base.get(name) or {}).get("seconds") if (base.get(name) or {}).get("status") == "done" else None
+            was = base.get(name) or {}
+            b = was.get("seconds") if was.get("status") == "done" else None
             cells += [_minutes(b), f"{float(sec) / float(b):.2f}" if b and sec is not None and done else "n/a"]
         cells.append(f"{loads['n']} ({loads['seconds']:.1f} s)" if loads else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Stages that ran: {_minutes(total)}; the whole job: {_minutes(summary.get('seconds'))}."]
     if baseline:
         n, differing = same_tables(run, baseline)
+        base_seconds = _read(baseline / "summary.json").get("seconds")
         lines[-1] += (f" The baseline `{baseline}` (git {str(bm.get('git_commit', '?'))[:7]}, started "
-                      f"{bm.get('created', '?')}): the whole job {_minutes(_read(baseline / 'summary.json').get('seconds'))}."
+                      f"{bm.get('created', '?')}): the whole job {_minutes(base_seconds)}."
                       f" Tables equal to the baseline's: {n - len(differing)} of {n}"
                       + (f" (differing: {', '.join(differing)})." if differing else "."))
     ml = summary.get("model_loads") or manifest.get("model_loads") or {}
@@ -162,7 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--explore", default=None, help="a bench/bench_explore.py run folder")
     p.add_argument("--baseline", default=None, help="an earlier main-job run folder to compare with")
     args = p.parse_args(argv)
-    body = render(Path(args.run), args.note, Path(args.baseline) if args.baseline else None) + ("\n" + render_explore(Path(args.explore)) if args.explore else "")
+    body = render(Path(args.run), args.note, Path(args.baseline) if args.baseline else None)
+    if args.explore:
+        body += "\n" + render_explore(Path(args.explore))
     put_section(DOC, HEADING, "pipeline", body, before="## Foundation")  # after the main job's speed section
     print(body)
     return 0

@@ -887,8 +887,8 @@ def test_the_page_shows_the_unsteered_answer_while_the_directions_are_made(explo
             page, errors = _open_page(b, server.url)
             _ask(page, {"prompt": PROMPT, "layers": "1", "max-new": "8", "coeff": "8"})
             page.wait_for_function("document.querySelector('#steered-pending') && document.querySelector("
-                                   "'#steered-pending').innerText.includes('built-in activations (resid_post, train prompts) 0/')",
-                                   timeout=60_000)
+                                   "'#steered-pending').innerText.includes("
+                                   "'built-in activations (resid_post, train prompts) 0/')", timeout=60_000)
             assert held.is_set() and page.query_selector("#steered") is None
             assert page.inner_text("#unsteered").strip() == plain["response"].strip()
             assert page.inner_text("#steered-pending") == (

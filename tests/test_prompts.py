@@ -457,7 +457,8 @@ def test_check_leakage_equals_the_all_pairs_reference_on_planted_duplicates() ->
 def test_check_leakage_equals_the_all_pairs_reference_on_the_packaged_sets() -> None:
     b, hb = load_prompts("builtin"), load_prompts("hardbenign")
     found = 0
-    for train, test in [(b.where(split="train"), b.where(split="test")), (hb.where(split="train"), hb.where(split="val"))]:
+    for train, test in [(b.where(split="train"), b.where(split="test")),
+                        (hb.where(split="train"), hb.where(split="val"))]:
         for thr in (0.3, 0.8):
             want = _reference_leakage(train, test, thr)
             assert _as_rows(check_leakage(train, test, thr, raise_on_leak=False)) == want, thr
