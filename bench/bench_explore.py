@@ -8,10 +8,12 @@ answers (``answers_s``: ``shown`` is ``"<job>:answers"``, ``":map"`` or ``":fail
 
 Usage (loads the model: run it alone, under the CPU lock):
     flock /tmp/catlens-cpu.lock python bench/bench_explore.py --model ~/.cache/catlens/finetunes/refusal-default \\
-        [--policy runs/p1/policies/categorical_youden] [--out runs/bench-explore]
+        [--policy runs/p1/policies/categorical_youden] [--dtypes float32,auto] [--out runs/bench-explore]
 Cases: with ``--policy``, the page's method is the policy as loaded (it needs nothing from the built-in prompts);
 always also ``one_vs_benign`` directions (the page's default without a policy: the steered answer needs the built-in
-train prompts' activations). Writes <out>/manifest.json and first_answer.csv (+ parquet) and prints the table.
+train prompts' activations). Each case once per model dtype (``--dtypes``: float32, the baseline, and ``auto``, what
+``catlens explore`` loads by default: bfloat16 where the CPU has it natively), all in one run. Writes
+<out>/manifest.json and first_answer.csv (+ parquet) and prints the table.
 """
 
 import argparse
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--policy", default=None, help="a saved policy folder (adds the 'policy' cases)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtypes", default="float32,auto", help="model dtypes, comma-separated (default: %(default)s)")
     p.add_argument("--out", default="runs/bench-explore")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -75,21 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     from catlens.runs import RunDir
     from catlens.steer import SteeringPolicy
 
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     run = RunDir.create(args.out, config=vars(args), overwrite=args.overwrite)
-    model = load_model(args.model)
-    run.record_model(model)
     policies = [None] if args.policy is None else [SteeringPolicy.load(args.policy), None]
     rows = []
-    for policy in policies:
-        with tempfile.TemporaryDirectory(prefix="catlens-explore-cache-") as cache:
-            for state in ("cold", "warm"):
-                row = {"cache": state, **first_answer(model, policy, Path(cache), args.max_new_tokens)}
-                rows.append(row)
-                print(row, flush=True)
+    for asked in dtypes:
+        model = load_model(args.model, dtype=asked)
+        dtype = model.provenance["dtype"]
+        run.record_model(model, role=f"model_{dtype}")
+        for policy in policies:
+            with tempfile.TemporaryDirectory(prefix="catlens-explore-cache-") as cache:
+                for state in ("cold", "warm"):
+                    row = {"dtype": dtype, "asked": asked, "cache": state,
+                           **first_answer(model, policy, Path(cache), args.max_new_tokens)}
+                    rows.append(row)
+                    print(row, flush=True)
+        del model
     table = pd.DataFrame(rows)
     run.save_table("first_answer", table)
-    run.finish(unsteered_s={f"{r['method']}/{r['cache']}": round(r["unsteered_s"], 2) for r in rows},
-               answers_s={f"{r['method']}/{r['cache']}": round(r["answers_s"], 2) for r in rows})
+    key = "{dtype}/{method}/{cache}"
+    run.finish(unsteered_s={key.format(**r): round(r["unsteered_s"], 2) for r in rows},
+               answers_s={key.format(**r): round(r["answers_s"], 2) for r in rows})
     print(table.round(2).to_string(index=False))
     return 0
 

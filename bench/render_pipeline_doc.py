@@ -149,11 +149,17 @@ def render_explore(folder: Path) -> str:
                  f"{str(m.get('git_commit', '?'))[:7]}): seconds from creating the page's app to the request's "
                  "unsteered answer on the page, to both answers, and to the prompt's place in the map, the request sent "
                  "at once through the page's own callback; `cold` is an empty disk cache of the built-in prompts' "
-                 "activations, `warm` a full one.", "",
-             "| method | activation cache | unsteered answer | both answers | map |", "|---|---|---|---|---|"]
+                 "activations, `warm` a full one; the model loaded in float32 and in the dtype `catlens explore` "
+                 "loads by default (`--dtype auto`: bfloat16 on a CPU with native bfloat16), in the same run.", "",
+             "| model dtype | method | activation cache | unsteered answer | both answers | map | both answers, "
+             "float32 / this |", "|---|---|---|---|---|---|---|"]
+    base = {(r["method"], r["cache"]): float(r["answers_s"]) for r in rows if r.get("dtype", "float32") == "float32"}
     for r in rows:
-        lines.append(f"| {r['method']} | {r['cache']} | {float(r['unsteered_s']):.1f} s | {float(r['answers_s']):.1f} s "
-                     f"| {float(r['map_s']):.1f} s |")
+        both = float(r["answers_s"])
+        ratio = base.get((r["method"], r["cache"]))
+        lines.append(f"| {r.get('dtype', 'float32')} | {r['method']} | {r['cache']} | {float(r['unsteered_s']):.1f} s "
+                     f"| {both:.1f} s | {float(r['map_s']):.1f} s | "
+                     f"{'-' if ratio is None else f'{ratio / both:.2f}x'} |")
     return "\n".join(lines)
 
 

@@ -118,15 +118,16 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    from catlens.model import DEFAULT_MODEL
+    from catlens.model import DEFAULT_MODEL, add_model_options
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="embedded name, checkpoint folder or hub id (default: %(default)s)")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
+    add_model_options(p, device_note="; with --engine vllm, vLLM computes on its own build's platform")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from catlens.model import DEFAULT_MODEL
+    from catlens.model import DEFAULT_MODEL, add_model_options
 
     parser = argparse.ArgumentParser(prog="catlens", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", metavar="SPEC", default=None, help="load this model and print its provenance")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $CATLENS_CACHE or ~/.cache/catlens)")
+    add_model_options(p)
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("data", help="list or validate the benchmark datasets",
@@ -208,14 +210,15 @@ def _check_cache_dir(path: str | None) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from catlens.model import list_models, load_model
+    from catlens.model import check_model_options, list_models, load_model
 
     _check_cache_dir(args.cache_dir)
+    device, dtype = check_model_options(args)
     for row in list_models(args.cache_dir):
         state = "cached" if row["cached"] else "not converted yet"
         print(f"{row['name']:<32} {row['kind']:<9} {state:<18} {row['path']}")
     if args.load:
-        model = load_model(args.load, cache=args.cache_dir)
+        model = load_model(args.load, cache=args.cache_dir, device=device, dtype=dtype)
         print(model)
         prov = model.provenance
         print(f"  source: {prov['source']}\n  load: {prov['load_seconds']} s, vocab {prov['vocab_size']}")
@@ -252,9 +255,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from catlens.cache import collect
     from catlens.datasets import load_prompts
-    from catlens.model import FORMATS, Site, load_model, resolve_spec
+    from catlens.model import FORMATS, Site, check_model_options, load_model, resolve_spec
 
     # check every argument before anything is loaded or written
+    device, dtype = check_model_options(args)
     layers = parse_layers(args.layers)
     sites = [Site.parse(s.strip()).value for s in args.sites.split(",") if s.strip()]
     if not sites:
@@ -267,7 +271,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     check_folder_target(args.out, "--out", "The store is a folder: choose another --out.")
     _check_cache_dir(args.cache_dir)
     resolve_spec(args.model, args.cache_dir)
-    from catlens.engines import check_engine
+    from catlens.engines import check_engine, engine_dtype
 
     check_engine(args.engine)
     prompts = load_prompts(args.prompts, data_dir=args.data_dir)
@@ -284,10 +288,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.engine == "vllm":  # the same store, computed by vLLM (catlens.engines.vllm)
         from catlens.engines.vllm import VLLMEngine
 
-        engine = VLLMEngine(args.model, cache=args.cache_dir, tensor_parallel_size=args.tensor_parallel_size)
+        engine = VLLMEngine(args.model, cache=args.cache_dir, tensor_parallel_size=args.tensor_parallel_size,
+                            dtype=engine_dtype(args.dtype))
         model = engine.model
     else:
-        model = load_model(args.model, cache=args.cache_dir)
+        model = load_model(args.model, cache=args.cache_dir, device=device, dtype=dtype)
     store = collect(model, prompts, sites=sites, layers=layers, positions=positions,
                     fmt=args.fmt, batch_size=args.batch_size, shard_size=args.shard_size, out=args.out,
                     overwrite=args.overwrite, engine=engine)

@@ -1557,7 +1557,7 @@ def add_cli(sub: Any) -> None:
     """Register ``catlens explore`` on the CLI's subparsers (dash is imported only when the command runs)."""
     import argparse
 
-    from catlens.model import DEFAULT_MODEL
+    from catlens.model import DEFAULT_MODEL, add_model_options
 
     p = sub.add_parser(
         "explore", help="a local web page: type a prompt, steer it, compare the answers",
@@ -1571,6 +1571,9 @@ def add_cli(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, checkpoint folder or hub id")
     p.add_argument("--cache-dir", default=None)
+    # auto, as the main job: an interactive page wants the faster precision, and a policy the main job made was
+    # fitted in it
+    add_model_options(p, dtype_default="auto")
     p.add_argument("--policy", default=None, help="a saved steering policy folder (SteeringPolicy.save)")
     p.add_argument("--transfer", action="store_true", help="allow a policy made on another model of the same "
                                                            "architecture")
@@ -1591,7 +1594,7 @@ def add_cli(sub: Any) -> None:
 def _cmd_explore(args: Any) -> int:
     import ipaddress
 
-    from catlens.model import cache_dir, load_model, resolve_spec
+    from catlens.model import cache_dir, check_model_options, load_model, resolve_spec
     from catlens.steer import SteeringPolicy
 
     try:
@@ -1600,6 +1603,7 @@ def _cmd_explore(args: Any) -> int:
         raise ValueError("catlens explore needs dash: pip install dash (or pip install -e '.[dev]').") from None
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: give a port from 1 to 65535 (or 0 for any free port).")
+    device, dtype = check_model_options(args)
     initial = {}
     for item in args.set:
         key, eq, value = item.partition("=")
@@ -1612,7 +1616,7 @@ def _cmd_explore(args: Any) -> int:
     policy = SteeringPolicy.load(args.policy) if args.policy else None
     resolve_spec(args.model, args.cache_dir)
     prompts = [s.strip() for s in args.prompts.split(",") if s.strip()] if args.prompts else None
-    model = load_model(args.model, cache=args.cache_dir)
+    model = load_model(args.model, cache=args.cache_dir, device=device, dtype=dtype)
     explorer = Explorer(model, policy, prompts, data_dir=args.data_dir, allow_transfer=args.transfer,
                         initial=initial, cache=cache_dir(args.cache_dir) / "explore")
     app = create_app(model, explorer=explorer)

@@ -17,7 +17,7 @@ def add_cli(sub: Any) -> None:
     """Register ``catlens generate`` on the CLI's subparsers."""
     import argparse
 
-    from catlens.model import DEFAULT_MODEL
+    from catlens.model import DEFAULT_MODEL, add_model_options
 
     p = sub.add_parser(
         "generate", help="generate answers, optionally steered by a saved policy, and judge them",
@@ -50,7 +50,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--engine", default="catlens", help="catlens (default) | vllm (pip install 'catlens[vllm]')")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model with --engine vllm")
-    p.add_argument("--engine-dtype", default="float32", help="float32 | bfloat16 | float16 with --engine vllm")
+    add_model_options(p, dtype_aliases=("--engine-dtype",),
+                      device_note="; with --engine vllm, vLLM computes on its own build's platform")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -59,11 +60,12 @@ def _cmd_generate(args: Any) -> int:
 
     from catlens.judges import JUDGES, agreement_table, judge_records
     from catlens.metrics import rate_table
-    from catlens.model import load_model, resolve_spec
+    from catlens.model import check_model_options, load_model, resolve_spec
     from catlens.datasets import load_prompts
     from catlens.runs import write_text_atomic
 
     # every cheap check before loading anything or creating a folder
+    device, dtype = check_model_options(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: give a positive number of prompts.")
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -81,7 +83,7 @@ def _cmd_generate(args: Any) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a folder.")
-    from catlens.engines import check_engine
+    from catlens.engines import check_engine, engine_dtype
 
     check_engine(args.engine)
 
@@ -101,14 +103,14 @@ def _cmd_generate(args: Any) -> int:
     if args.engine == "vllm":  # the same records and files from vLLM (catlens.engines.vllm)
         from catlens.engines.vllm import VLLMEngine
 
-        engine = VLLMEngine(args.model, cache=args.cache_dir, dtype=args.engine_dtype,
+        engine = VLLMEngine(args.model, cache=args.cache_dir, dtype=engine_dtype(args.dtype),
                             tensor_parallel_size=args.tensor_parallel_size)
         model = engine.model
         records = engine.generate(items, policy, max_new_tokens=args.max_new_tokens, sample=args.sample,
                                   temperature=args.temperature, seed=args.seed, allow_transfer=args.transfer,
                                   out=out, overwrite=args.overwrite)
     else:
-        model = load_model(args.model, cache=args.cache_dir)
+        model = load_model(args.model, cache=args.cache_dir, device=device, dtype=dtype)
         records = generate(model, items, policy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            sample=args.sample, temperature=args.temperature, seed=args.seed,
                            allow_transfer=args.transfer, out=out, overwrite=args.overwrite)

@@ -373,7 +373,11 @@ def generate(model: Any, prompts: Any, steer: Any = None, *, max_new_tokens: int
     from catlens.refusal import refusal_token_ids
 
     tokens, token_ids = refusal_token_ids(model)
-    config = {"model": model.name, "policy": policy_digest(policy), "max_new_tokens": max_new_tokens,
+    # the dtype and device too: the same weights in bfloat16 give other answers, so a folder of one never resumes the
+    # other (as in first_position_key)
+    config = {"model": model.name, "dtype": str(getattr(model, "dtype", "")),
+              "device": str(getattr(model, "device", "")), "policy": policy_digest(policy),
+              "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "sample": sample, "temperature": temperature, "top_k": top_k,
               "top_p": top_p, "seed": seed, "use_cache": use_cache, "fmt": fmt, "system": system,
               "special_tokens": special_tokens, "rows": jsonable(rows), "stop_at_eos": stop_at_eos,

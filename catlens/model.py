@@ -207,13 +207,25 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     return dtype
 
 
-def add_model_options(parser: Any) -> None:
-    """``--device`` and ``--dtype`` on an analysis script's parser, as every entry point spells them (pass them to
-    :func:`load_model`); a device that is absent here is reported by :func:`check_device` when the model loads."""
-    parser.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=[*DTYPES, "auto"],
-                        help="model weights' dtype (default float32; bfloat16 for 8B models on a GPU; auto: "
-                             "bfloat16 where the device has it natively, else float32)")
+def add_model_options(parser: Any, *, dtype_default: str = "float32", dtype_aliases: tuple[str, ...] = (),
+                      device_note: str = "") -> None:
+    """``--device`` and ``--dtype`` on a parser, as every entry point spells them (pass them to :func:`load_model`
+    after :func:`check_model_options`); a device that is absent here is reported by :func:`check_device`.
+    ``dtype_aliases``: older spellings of ``--dtype`` that still work; ``device_note``: appended to ``--device``'s
+    help."""
+    parser.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, cuda:1 (default cpu)"
+                                                        + device_note)
+    parser.add_argument("--dtype", *dtype_aliases, dest="dtype", default=dtype_default, choices=[*DTYPES, "auto"],
+                        help=f"model weights' dtype (default {dtype_default}; auto: bfloat16 where the device has it "
+                             f"natively, about 3x faster on such a CPU, else float32; float32 equals plain "
+                             f"transformers' numbers; bfloat16 for 8B models on a GPU)")
+
+
+def check_model_options(args: Any) -> tuple[str, str]:
+    """``(device, dtype)`` of a command line made with :func:`add_model_options`: the device checked
+    (:func:`check_device`) and ``auto`` resolved (:func:`resolve_dtype`), before anything is loaded or written."""
+    device = check_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
 
 
 def _hub_offline() -> bool:

@@ -92,9 +92,12 @@ def test_bench_steer_times_every_configuration_on_the_tiny_model(monkeypatch, tm
 def test_bench_explore_times_a_cold_and_a_warm_first_answer_on_the_tiny_model(monkeypatch, tmp_path, tiny_lm_dir):
     bench = _load("bench_explore", monkeypatch)
     out = tmp_path / "run"
-    assert bench.main(["--model", str(tiny_lm_dir), "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert bench.main(["--model", str(tiny_lm_dir), "--max-new-tokens", "2", "--dtypes", "float32,bfloat16",
+                       "--out", str(out)]) == 0
     table = pd.read_parquet(out / "first_answer.parquet")
-    assert list(table.cache) == ["cold", "warm"] and (table["map"] == "map").all()
+    assert list(zip(table.dtype, table.cache)) == [("float32", "cold"), ("float32", "warm"), ("bfloat16", "cold"),
+                                                   ("bfloat16", "warm")]
+    assert (table["map"] == "map").all()
     assert ((0 < table.unsteered_s) & (table.unsteered_s <= table.answers_s) & (table.answers_s <= table.map_s)).all()
     sys.modules.pop("_markdown", None)
 

@@ -834,6 +834,30 @@ def test_explorer_in_headless_chromium(tiny_lm, reference):
         assert errors == []
 
 
+@pytest.mark.parametrize("flags, dtype", [([], "auto"), (["--dtype", "float32"], "float32")])
+def test_cli_loads_the_model_on_the_device_and_dtype_given_auto_by_default(tiny_lm_dir, monkeypatch, flags, dtype):
+    """``catlens explore`` loads in ``--dtype`` (default ``auto``, resolved before the load, as the main job does) on
+    ``--device``; an unavailable device is refused before anything is loaded."""
+    import catlens.model
+    from catlens.model import resolve_dtype
+
+    loads = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(spec, **kwargs):
+        loads.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(catlens.model, "load_model", load)
+    with pytest.raises(Loaded):
+        cli_main(["explore", "--model", str(tiny_lm_dir), "--port", "0", *flags])
+    assert loads[0]["dtype"] == resolve_dtype(dtype, "cpu") and loads[0]["device"] == "cpu"
+    assert cli_main(["explore", "--model", str(tiny_lm_dir), "--device", "cuda:7"]) == 2
+    assert len(loads) == 1
+
+
 @browser
 def test_cli_screenshot_runs_the_starting_prompt(tiny_lm_dir, tmp_path, capsys):
     png = tmp_path / "explorer.png"

@@ -50,6 +50,7 @@ def test_generate_command_applies_a_saved_policy(tiny_lm, tiny_lm_dir, prompt_fi
     (["--judge", "subtring"], "Did you mean: substring"),
     (["--limit", "0"], "--limit 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--device", "cuda:7"], "device='cuda:7' is not available"),
 ])
 def test_generate_command_bad_input(tiny_lm_dir, prompt_file, tmp_path, capsys, extra, message):
     code = main(["generate", "--model", str(tiny_lm_dir), "--prompts", str(prompt_file), "--out",
@@ -57,3 +58,30 @@ def test_generate_command_bad_input(tiny_lm_dir, prompt_file, tmp_path, capsys, 
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_dtype_loads_the_model_in_it_and_a_folder_of_one_dtype_never_resumes_another(tiny_lm_dir, prompt_file,
+                                                                                     tmp_path, capsys):
+    """``--dtype bfloat16`` answers what catlens.generate answers on the model loaded in bfloat16; the folder records
+    the dtype, so the same command in float32 into that folder is refused (not read back as if it were float32's);
+    ``--engine-dtype`` is the option's older name."""
+    from catlens.cli import build_parser
+    from catlens.datasets import load_prompts
+    from catlens.generation import generate
+    from catlens.model import load_model
+
+    base = ["generate", "--model", str(tiny_lm_dir), "--prompts", str(prompt_file), "--max-new-tokens", "5"]
+    assert main([*base, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    got = [json.loads(x) for x in (tmp_path / "bf16" / "responses.jsonl").read_text().splitlines()]
+    prompts = load_prompts(str(prompt_file))
+    ref = generate(load_model(tiny_lm_dir, dtype="bfloat16"), prompts, max_new_tokens=5, batch_size=16,
+                   show_progress=False)
+    f32 = generate(load_model(tiny_lm_dir), prompts, max_new_tokens=5, batch_size=16, show_progress=False)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in ref]
+    assert [r["token_ids"] for r in ref] != [r["token_ids"] for r in f32]  # the dtype really changes the answers
+    manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert manifest["config"]["dtype"] == "torch.bfloat16" and manifest["models"]["model"]["dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bf16")]) == 2
+    assert "dtype" in capsys.readouterr().err
+    assert build_parser().parse_args([*base, "--out", "o", "--engine-dtype", "bfloat16"]).dtype == "bfloat16"

@@ -45,6 +45,18 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+def engine_dtype(dtype: str) -> str:
+    """A command line's ``--dtype`` for an engine: ``auto`` resolved on the platform the engine computes on (CUDA
+    when torch sees a GPU, else this CPU: :func:`catlens.model.resolve_dtype`); other names as given."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    from catlens.model import resolve_dtype
+
+    return resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_engine(model: str, engine: str = "vllm", **kwargs: Any) -> Any:
     """Start an engine on ``model`` (an embedded name or a checkpoint folder)."""
     check_engine(engine)
