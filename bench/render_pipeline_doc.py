@@ -151,8 +151,8 @@ def render_explore(folder: Path) -> str:
                  "at once through the page's own callback; `cold` is an empty disk cache of the built-in prompts' "
                  "activations, `warm` a full one; the model loaded in float32 and in the dtype `catlens explore` "
                  "loads by default (`--dtype auto`: bfloat16 on a CPU with native bfloat16), in the same run.", "",
-             "| model dtype | method | activation cache | unsteered answer | both answers | map | both answers, "
-             "float32 / this |", "|---|---|---|---|---|---|---|"]
+             ("| model dtype | method | activation cache | unsteered answer | both answers | map | both answers, "
+              "float32 / this |"), "|---|---|---|---|---|---|---|"]
     base = {(r["method"], r["cache"]): float(r["answers_s"]) for r in rows if r.get("dtype", "float32") == "float32"}
     for r in rows:
         both = float(r["answers_s"])
