@@ -723,6 +723,12 @@ def jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+RECORDED_SINCE = ("dtype", "device")
+"""Settings a generation folder's config has not always held: a folder without them is resumed
+as made with the caller's, so an interrupted run made before then is not lost (a folder that records another
+dtype or device is refused)."""
+
+
 def open_generation_run(out: str | os.PathLike[str], config: dict[str, Any], overwrite: bool) -> Any:
     from catlens.runs import RunDir
 
@@ -735,6 +741,11 @@ def open_generation_run(out: str | os.PathLike[str], config: dict[str, Any], ove
                                   f"--out or pass --overwrite.")
         existing = RunDir.open(out)
         previous = existing.manifest.get("config")
+        unrecorded = [k for k in RECORDED_SINCE if isinstance(previous, dict) and k not in previous and k in config]
+        if unrecorded:  # a folder from before catlens recorded these: resumed as the same (the caller's) settings
+            log.warning("generate: %s was made before catlens recorded the model's %s; resuming it as %s", out,
+                        " and ".join(unrecorded), ", ".join(f"{k}={config[k]}" for k in unrecorded))
+            previous = {**previous, **{k: config[k] for k in unrecorded}}
         if previous != config:
             diff = sorted(k for k in set(config) | set(previous or {}) if (previous or {}).get(k) != config.get(k))
             raise FileExistsError(f"{str(out)!r} holds generations made with other settings ({', '.join(diff)} "

@@ -346,6 +346,47 @@ def test_generation_resumes_to_the_same_file(tiny_lm, tmp_path, monkeypatch):
     assert _toks(_gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a")) == _toks(whole)
 
 
+def test_an_interrupted_folder_from_before_the_dtype_was_recorded_resumes(tiny_lm, tmp_path, monkeypatch, caplog):
+    """A folder whose config lacks the model's dtype and device (made before they were recorded) resumes as the
+    caller's, with a warning, and finishes with the same file as an uninterrupted run; a folder recording another
+    dtype is refused."""
+    import catlens.generation as gen
+
+    iv = Intervention("resid_post", 1, _vec(tiny_lm), positions="last_prompt")
+    _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a")
+    real = gen._generate_batch
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "_generate_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "b")
+    monkeypatch.setattr(gen, "_generate_batch", real)
+    manifest = tmp_path / "b" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["config"]["dtype"] == str(tiny_lm.dtype) and m["config"]["device"] == str(tiny_lm.device)
+    other = {**m, "config": {**m["config"], "dtype": "torch.bfloat16"}}
+    manifest.write_text(json.dumps(other))
+    with pytest.raises(FileExistsError, match="dtype differ"):
+        _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "b")
+    old = {**m, "config": {k: v for k, v in m["config"].items() if k not in ("dtype", "device")}}
+    manifest.write_text(json.dumps(old))
+    done = len((tmp_path / "b" / "generations.partial.jsonl").read_text().splitlines())
+    generated = []
+    monkeypatch.setattr(gen, "_generate_batch", lambda model, batch, *a, **k: generated.append(len(batch))
+                        or real(model, batch, *a, **k))
+    with caplog.at_level("WARNING", logger="catlens.generation"):
+        _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "b")
+    assert "before catlens recorded the model's dtype and device" in caplog.text
+    assert (tmp_path / "a" / "generations.jsonl").read_bytes() == (tmp_path / "b" / "generations.jsonl").read_bytes()
+    assert done == 2 and sum(generated) == len(PROMPTS) - done  # only the prompts the interruption left
+
+
 def test_sampling_is_seeded_per_prompt(tiny_lm):
     items = [{"id": f"p{i}", "text": t} for i, t in enumerate(PROMPTS)]  # the seed follows the prompt id
     a = _gen(tiny_lm, prompts=items, sample=True, seed=3, batch_size=5)
