@@ -52,6 +52,7 @@ def run(options: Any, models: Any = None) -> dict[str, Any]:
     """What the command line does, from typed options (``catlens.stages.P1Options``, checked by :func:`prepare`) and
     a ``catlens.model.ModelPool`` (the main job's, so each model, the stock partner too, is loaded once per job;
     default: a new one)."""
+    from catlens.engines import EnginePool
     from catlens.model import ModelPool
     from catlens.runs import configure_process
 
@@ -62,44 +63,47 @@ def run(options: Any, models: Any = None) -> dict[str, Any]:
     methods, toward, away = p1.sweep_grid(args)  # checked before the run folder exists
     run = p1.open_run(args)  # resumes the same configuration; refuses another
     t_start = time.perf_counter()
+    # what generates the full answers: catlens's own loop by default; vLLM engines are closed at the end
+    with EnginePool(args.engine) as engines:
+        # the model and the prompt sets (train / val / test, leakage-checked)
+        model = models.get(args.model, device=args.device, dtype=args.dtype)
+        run.record_model(model)
+        layers, gate_layers, sweep_layers = p1.resolve_layers(model, args)
+        sets = p1.build_sets(args.model, args.data_dir, seed=args.seed, train_cap=args.train_cap,
+                             val_cap=args.val_cap, test_cap=args.test_cap)
+        p1.record_splits(run, sets, args.seed)
 
-    # the model and the prompt sets (train / val / test, leakage-checked)
-    model = models.get(args.model, device=args.device, dtype=args.dtype)
-    run.record_model(model)
-    layers, gate_layers, sweep_layers = p1.resolve_layers(model, args)
-    sets = p1.build_sets(args.model, args.data_dir, seed=args.seed, train_cap=args.train_cap, val_cap=args.val_cap,
-                         test_cap=args.test_cap)
-    p1.record_splits(run, sets, args.seed)
+        # fit on train (directions, gate, router), sweep and choose on val
+        with run.timed("fit"):
+            fit = p1.fit_everything(model, sets, layers, gate_layers, methods, run, args)
+        run.save_table("gates", fit["gate_table"])
+        with run.timed("sweep"):
+            swept = p1.run_sweep(model, sets, fit, sweep_layers, methods, toward, away, run, args)
+        run.save_table("sweep", swept["sweep"])
+        run.save_table("frontier", swept["frontier"])
+        with run.timed("choose"):
+            chosen = p1.choose(model, sets, fit, swept["sweep"], run, args, engines)
+        run.update_manifest(selection=p1.selection_record(swept["sweep"], chosen["rows"], args,
+                                                          chosen["selections"]))
+        policies = dict(chosen["policies"])
+        with run.timed("lowrank"):
+            policies.update(p1.train_lowrank(model, sets, fit, chosen, layers, run, args, engines) or {})
+        for name, pol in policies.items():
+            if pol is not None:
+                pol.save(run.path / "policies" / name, overwrite=True)
 
-    # fit on train (directions, gate, router), sweep and choose on val
-    with run.timed("fit"):
-        fit = p1.fit_everything(model, sets, layers, gate_layers, methods, run, args)
-    run.save_table("gates", fit["gate_table"])
-    with run.timed("sweep"):
-        swept = p1.run_sweep(model, sets, fit, sweep_layers, methods, toward, away, run, args)
-    run.save_table("sweep", swept["sweep"])
-    run.save_table("frontier", swept["frontier"])
-    with run.timed("choose"):
-        chosen = p1.choose(model, sets, fit, swept["sweep"], run, args)
-    run.update_manifest(selection=p1.selection_record(swept["sweep"], chosen["rows"], args, chosen["selections"]))
-    policies = dict(chosen["policies"])
-    with run.timed("lowrank"):
-        policies.update(p1.train_lowrank(model, sets, fit, chosen, layers, run, args) or {})
-    for name, pol in policies.items():
-        if pol is not None:
-            pol.save(run.path / "policies" / name, overwrite=True)
-
-    # the test split, read once with the chosen policies; then transfer to and from the stock model
-    run.update_manifest(selection={**run.manifest.get("selection", {}), "test_read": True})
-    with run.timed("test"):
-        test = p1.evaluate_test(model, sets, fit, policies, run, args, chosen["rows"])
-    transfer = reverse = None
-    if args.stock_model.lower() != "none":
-        with run.timed("transfer"):
-            transfer = p1.evaluate_transfer(sets, fit, policies, layers, run, args, models=models)
-        if args.reverse_n > 0:
-            with run.timed("reverse_transfer"):
-                reverse = p1.evaluate_reverse(model, sets, fit, policies, run, args, models=models)
+        # the test split, read once with the chosen policies; then transfer to and from the stock model
+        run.update_manifest(selection={**run.manifest.get("selection", {}), "test_read": True})
+        with run.timed("test"):
+            test = p1.evaluate_test(model, sets, fit, policies, run, args, chosen["rows"], engines)
+        transfer = reverse = None
+        if args.stock_model.lower() != "none":
+            with run.timed("transfer"):
+                transfer = p1.evaluate_transfer(sets, fit, policies, layers, run, args, models=models,
+                                                engines=engines)
+            if args.reverse_n > 0:
+                with run.timed("reverse_transfer"):
+                    reverse = p1.evaluate_reverse(model, sets, fit, policies, run, args, models=models)
 
     summary = p1.summary(chosen, fit, test, transfer, reverse, seconds=round(time.perf_counter() - t_start, 1))
     run.save_json("summary", summary)

@@ -27,19 +27,24 @@ JUDGED_COLUMNS = ("token_ids", "prompt", "dataset", "gate_flagged")
 
 def generate_and_judge(model: Any, prompts: Any, policy: Any, out: str | Path | None, *, max_new_tokens: int,
                        batch_size: int = 32, judges: Sequence[str] | None = None,
-                       allow_transfer: bool = False) -> Any:
+                       allow_transfer: bool = False, engine: Any = None) -> Any:
     """Generate ``prompts`` under ``policy`` (``None`` = unsteered; ``out`` a resumable generation folder) and judge
     every answer with ``judges`` (default: the refusal-token judge when the model has refusal tokens, then the
     substring and full-answer judges). A DataFrame, one row per prompt, with ``refused_<judge>`` columns and
-    :data:`JUDGED_COLUMNS`."""
+    :data:`JUDGED_COLUMNS`. ``engine``: a running engine on ``model``'s checkpoint
+    (:class:`catlens.engines.vllm.VLLMEngine`, e.g. from :class:`catlens.engines.EnginePool`) that generates instead
+    of :func:`catlens.generation.generate`: the same records and folder; judged the same way."""
     import pandas as pd
 
     from catlens.generation import generate
     from catlens.judges import judge_records
     from catlens.refusal import refusal_token_ids
 
-    recs = generate(model, prompts, policy, max_new_tokens=max_new_tokens, batch_size=batch_size, out=out,
-                    allow_transfer=allow_transfer)
+    if engine is None:
+        recs = generate(model, prompts, policy, max_new_tokens=max_new_tokens, batch_size=batch_size, out=out,
+                        allow_transfer=allow_transfer)
+    else:
+        recs = engine.generate(prompts, policy, max_new_tokens=max_new_tokens, out=out, allow_transfer=allow_transfer)
     if judges is None:
         judges = (("refusal_token",) if refusal_token_ids(model)[0] is not None else ()) + ("substring",
                                                                                            "full_answer")
@@ -89,7 +94,7 @@ class AnswerScorer:
 
 
 def three_sides(model: Any, prompts: Any, base: Any, toward: Any, away: Any, *, judge: str, scorer: AnswerScorer,
-                out: str | Path, max_new_tokens: int, batch_size: int = 32) -> dict[str, Any]:
+                out: str | Path, max_new_tokens: int, batch_size: int = 32, engine: Any = None) -> dict[str, Any]:
     """One setting's three sides on ``prompts``: ``base`` (the unsteered answers, judged, e.g. by
     :func:`generate_and_judge`), and the answers with every row under ``toward`` and under ``away`` (ungated
     policies; generated into ``<out>-toward`` and ``<out>-away``, resumable). Returns ``frames`` (the judged tables
@@ -103,7 +108,7 @@ def three_sides(model: Any, prompts: Any, base: Any, toward: Any, away: Any, *, 
     frames = {"none": base.set_index("id").loc[ids].reset_index()}
     for side, policy in (("toward", toward), ("away", away)):
         j = generate_and_judge(model, prompts, policy, Path(f"{out}-{side}"), max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+                               batch_size=batch_size, engine=engine)
         frames[side] = j.set_index("id").loc[ids].reset_index()
     if col not in frames["none"]:
         raise ValueError(f"the base table has no column {col!r}; judge it with {judge!r} (it has "

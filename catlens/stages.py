@@ -440,6 +440,10 @@ class P1Options:
                                      "answers", minimum=1)
     ppl_guard: float = option(0.10)
     batch_size: int = option(32, minimum=1)
+    engine: str = option("catlens", choices=("catlens", "vllm"),
+                         help="what generates the full answers (val, test, jailbreaks, transfer): catlens's own "
+                              "loop, or vLLM (pip install 'catlens[vllm]'), one engine per model in the model's "
+                              "dtype; activations, first-position passes and training stay on catlens's")
     lowrank_steps: int = option(120, help="low-rank training steps (0 skips it)")
     reverse_n: int = option(150, help="prompts per side (train, val and test each) for the reverse transfer, stock "
                                       "-> tuned (0 skips it)", minimum=0)

@@ -57,6 +57,49 @@ def engine_dtype(dtype: str) -> str:
     return resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
 
 
+class EnginePool:
+    """The engine a recipe's full generations run on: with ``kind="catlens"`` :meth:`get` is ``None``
+    (:func:`catlens.generation.generate` on the model itself); with ``"vllm"`` it is one
+    :class:`catlens.engines.vllm.VLLMEngine` per model, started on first use on the model's own checkpoint and in its
+    dtype (so a policy made on the model runs as made), kept for the pool's life and closed by :meth:`close` (or the
+    ``with`` block). ``engine_kwargs`` go to every engine (e.g. ``tensor_parallel_size``, ``kv_cache_gib``).
+    Activations, first-position passes and gradients stay on catlens's engine."""
+
+    def __init__(self, kind: str = "catlens", **engine_kwargs: Any) -> None:
+        self.kind = check_engine(kind)
+        self.engine_kwargs = engine_kwargs
+        self._engines: dict[tuple[str, str], Any] = {}
+
+    def get(self, model: Any) -> Any:
+        """The running engine for ``model`` (a :class:`catlens.model.LensModel`), or ``None`` for catlens's own."""
+        if self.kind == "catlens":
+            return None
+        source = (getattr(model, "provenance", None) or {}).get("source") or {}
+        where = source.get("folder") or source.get("spec")
+        if not where:
+            raise ValueError(f"model {getattr(model, 'name', model)!r} records no checkpoint (provenance['source']); "
+                             f"the vLLM engine starts from a checkpoint folder or embedded name: load the model with "
+                             f"catlens.load_model.")
+        dtype = str(model.dtype).removeprefix("torch.")
+        key = (str(where), dtype)
+        if key not in self._engines:
+            from catlens.engines.vllm import VLLMEngine
+
+            self._engines[key] = VLLMEngine(str(where), dtype=dtype, **self.engine_kwargs)
+        return self._engines[key]
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+
+    def __enter__(self) -> "EnginePool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def load_engine(model: str, engine: str = "vllm", **kwargs: Any) -> Any:
     """Start an engine on ``model`` (an embedded name or a checkpoint folder)."""
     check_engine(engine)

@@ -118,6 +118,12 @@ def prepare(options: Any, error: Any = _raise) -> argparse.Namespace:
         error(str(e))
     if args.zone_grid < 3:
         error(f"--zone-grid={args.zone_grid} must be >= 3.")
+    from catlens.engines import EngineNotInstalled, check_engine
+
+    try:
+        check_engine(args.engine)
+    except (EngineNotInstalled, ValueError) as e:
+        error(f"--engine {args.engine}: {e}")
     from catlens.steer import parse_positions
 
     args.scope_list = [x.strip() for x in args.scopes.split(",") if x.strip()]
@@ -620,7 +626,7 @@ def _side_rates(judged: Any, column: str, focus_ids: set[str]) -> dict[str, floa
 
 
 def side_answers(model: Any, ps: Any, fit: dict[str, Any], r: Any, scope: str, run: Any, args: argparse.Namespace,
-                 split: str, base: Any) -> dict[str, Any]:
+                 split: str, base: Any, engines: Any = None) -> dict[str, Any]:
     """The three sides of one setting on ``ps`` (:func:`catlens.answers.three_sides`): ``base`` (unsteered,
     judged), every row steered toward refusal, every row steered away, at positions ``scope``."""
     from catlens.answers import three_sides
@@ -633,7 +639,13 @@ def side_answers(model: Any, ps: Any, fit: dict[str, Any], r: Any, scope: str, r
     key = f"{split}_sides-{r['method']}-L{int(r['layer'])}-t{float(r['toward']):g}-a{float(r['away']):g}-{scope}"
     return three_sides(model, ps, base, ungated(float(r["toward"])), ungated(float(r["away"])), judge=args.judge,
                        scorer=fit["scorer"], out=run.path / "gen" / key, max_new_tokens=args.gen_tokens,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, engine=_engine(engines, model))
+
+
+def _engine(engines: Any, model: Any) -> Any:
+    """The engine ``model``'s full generations run on (:class:`catlens.engines.EnginePool`; ``None``: catlens's
+    own, :func:`catlens.generation.generate`)."""
+    return None if engines is None else engines.get(model)
 
 
 def _scores_for(fit: dict[str, Any], ids: Sequence[str]) -> tuple[Any, Any]:
@@ -718,7 +730,7 @@ def zone_pick(rows: Sequence[Mapping[str, Any]], scopes: Sequence[str], *, targe
 
 
 def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, run: Any,
-           args: argparse.Namespace) -> dict[str, Any]:
+           args: argparse.Namespace, engines: Any = None) -> dict[str, Any]:
     """The zones chosen on judged full answers, the headline's own definition.
 
     The first-position sweep ranks the settings (method, layer, toward, away); the best ``--candidates`` of them are
@@ -742,7 +754,7 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
     gen_val = gen_subsample(sets["val"].filter(lambda p: p.label == "harmful" or p.id in focus_ids,
                                                 "harmful or headline benign"), args.val_gen_n, args.seed)
     base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", max_new_tokens=args.gen_tokens,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, engine=_engine(engines, model))
     col = f"refused_{args.judge}"
     rows = [{"mode": "unsteered", "positions": None, **_side_rates(base, col, focus_ids), "ppl_ratio": 1.0,
              "admissible": True, "chosen": False}]
@@ -754,7 +766,7 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
     cand: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for r in settings.to_dict("records"):
         for scope in args.scope_list:
-            sa = side_answers(model, gen_val, fit, r, scope, run, args, "val", base)
+            sa = side_answers(model, gen_val, fit, r, scope, run, args, "val", base, engines)
             score, routes = _scores_for(fit, sa["ids"])
             frame = sa["frames"]["none"]
             harmful = (frame.label == "harmful").to_numpy()
@@ -802,7 +814,8 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
         pol = build_policy(model, fit, row, positions=row["positions"], mode=mode, seed=args.seed)
         # the gated policy itself, on the same val rows: does it do what the three sides predicted?
         judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_chosen_{mode}",
-                                    max_new_tokens=args.gen_tokens, batch_size=args.batch_size)
+                                    max_new_tokens=args.gen_tokens, batch_size=args.batch_size,
+                                    engine=_engine(engines, model))
         sa, v = ctx["sa"], ctx["sa"]["verdict"]
         if mode == "global":
             offline = zone_verdicts(ctx["score"], v["none"], v["toward"], v["away"], lower=row["lower"],
@@ -824,7 +837,8 @@ def choose(model: Any, sets: dict[str, Any], fit: dict[str, Any], sweep: Any, ru
         r = p1.iloc[0].to_dict()
         pol = build_policy(model, fit, r, positions="last_prompt", mode="p1_gate", seed=args.seed)
         judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / "val_p1_gate",
-                                    max_new_tokens=args.gen_tokens, batch_size=args.batch_size)
+                                    max_new_tokens=args.gen_tokens, batch_size=args.batch_size,
+                                    engine=_engine(engines, model))
         answered = set(judged[(judged.label == "benign") & ~judged[col].astype(bool)].id) & set(
             base[(base.label == "benign") & ~base[col].astype(bool)].id)
         ppl_s, n = fit["scorer"].benign_ppl(judged, answered)
@@ -871,7 +885,8 @@ def lowrank_order(cands: Sequence[Mapping[str, Any]]) -> list[int]:
 
 
 def train_lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict[str, Any],
-                  layers: Sequence[int], run: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+                  layers: Sequence[int], run: Any, args: argparse.Namespace,
+                  engines: Any = None) -> dict[str, Any] | None:
     """The learned low-rank combination at the chosen categorical layer (needs ``catlens.combine``)."""
     if args.lowrank_steps <= 0:
         return None
@@ -880,11 +895,11 @@ def train_lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen:
     except ImportError:
         log.warning("catlens.combine is not available: the low-rank combination is skipped")
         return None
-    return _lowrank(model, sets, fit, chosen, layers, run, args)
+    return _lowrank(model, sets, fit, chosen, layers, run, args, engines)
 
 
 def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict[str, Any], layers: Sequence[int],
-             run: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+             run: Any, args: argparse.Namespace, engines: Any = None) -> dict[str, Any] | None:
     """Train the map from the whitened basis (``W⁻¹Q``, and P1's verbatim ``Q`` for comparison) at the layer and
     with the direction method of the chosen categorical policy, then choose its toward/away multipliers and gate
     zones on val exactly as for categorical steering (the chosen gate, global zones swept on the first-position
@@ -914,7 +929,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
                                         "harmful or headline benign"), args.val_gen_n, args.seed)
     col = f"refused_{args.judge}"
     base = generate_and_judge(model, gen_val, None, run.path / "gen" / "val_unsteered", max_new_tokens=args.gen_tokens,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, engine=_engine(engines, model))
     for mode in ("residual", "verbatim"):
         basis = init_basis(fit["dirs"][method], whitener, layer=layer, mode=mode)
         res = train_low_rank(model, train.where(label="harmful"), train.where(label="benign"), layer=layer,
@@ -957,7 +972,7 @@ def _lowrank(model: Any, sets: dict[str, Any], fit: dict[str, Any], chosen: dict
                                        "val_over_refusal": r["over_refusal"], "seed": args.seed})
             judged = generate_and_judge(model, gen_val, pol, run.path / "gen" / f"val_lowrank_{mode}_"
                                         f"t{r['toward']}_a{r['away']}", max_new_tokens=args.gen_tokens,
-                                        batch_size=args.batch_size)
+                                        batch_size=args.batch_size, engine=_engine(engines, model))
             answered = set(judged[(judged.label == "benign") & ~judged[col].astype(bool)].id) & set(
                 base[(base.label == "benign") & ~base[col].astype(bool)].id)
             ppl_s, _ = fit["scorer"].benign_ppl(judged, answered)
@@ -1019,7 +1034,8 @@ def _headline_rows(frame: Any, column: str, ppl: Any, judge: str) -> list[dict[s
 
 
 def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policies: dict[str, Any], run: Any,
-                  args: argparse.Namespace, chosen_rows: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                  args: argparse.Namespace, chosen_rows: Sequence[dict[str, Any]] = (),
+                  engines: Any = None) -> dict[str, Any]:
     """The chosen policies on the test sets, once: first-position rates for every test prompt; full generations
     (``--gen-tokens``) of every test prompt (``--test-gen-cap`` per dataset when given) judged by the three judges,
     the headline on the full-answer judge (``--judge``) with and without XSTest and on the hard-benign test split;
@@ -1049,7 +1065,7 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     judged_all = []
     for name, pol in policies.items():
         j = generate_and_judge(model, gen_test, pol, run.path / "gen" / f"test_{name}", max_new_tokens=args.gen_tokens,
-                               batch_size=args.batch_size).assign(policy=name)
+                               batch_size=args.batch_size, engine=_engine(engines, model)).assign(policy=name)
         judged_all.append(j)
     judged = pd.concat(judged_all, ignore_index=True)
     col = f"refused_{args.judge}"
@@ -1121,13 +1137,13 @@ def evaluate_test(model: Any, sets: dict[str, Any], fit: dict[str, Any], policie
     auroc = pd.DataFrame(au_rows)
     run.save_table("auroc", auroc)
     run.save_table("gate_errors", pd.DataFrame(err_rows))
-    bound = evaluate_bound(model, gen_test, fp, judged, chosen_rows, fit, run, args)
-    jail = evaluate_jailbreaks(model, sets, policies, run, args)
+    bound = evaluate_bound(model, gen_test, fp, judged, chosen_rows, fit, run, args, engines)
+    jail = evaluate_jailbreaks(model, sets, policies, run, args, engines)
     return {"headline": headline, "auroc": auroc, "jailbreaks": jail, "bound": bound}
 
 
 def evaluate_bound(model: Any, gen_test: Any, fp: Any, judged: Any, chosen_rows: Sequence[dict[str, Any]],
-                   fit: dict[str, Any], run: Any, args: argparse.Namespace) -> Any:
+                   fit: dict[str, Any], run: Any, args: argparse.Namespace, engines: Any = None) -> Any:
     """What bounds the result, on the test answers (reported, nothing chosen): the chosen global setting's three
     sides generated in full on the generated test prompts (unsteered, every row toward, every row away), so that
     any gate's rates follow with no further pass. Writes:
@@ -1155,7 +1171,7 @@ def evaluate_bound(model: Any, gen_test: Any, fp: Any, judged: Any, chosen_rows:
     r = rows[0]
     col = f"refused_{args.judge}"
     base = judged[judged.policy == "unsteered"].drop(columns=["policy"])
-    sa = side_answers(model, gen_test, fit, r, r["positions"], run, args, "test", base)
+    sa = side_answers(model, gen_test, fit, r, r["positions"], run, args, "test", base, engines)
     g = fp[fp.policy == "categorical_global"].set_index("id").loc[sa["ids"]]
     score = g.gate_score.to_numpy(dtype=float)
     frame = sa["frames"]["none"]
@@ -1205,7 +1221,7 @@ def _per_dataset_cap(ps: Any, cap: int, seed: int) -> Any:
 
 
 def evaluate_jailbreaks(model: Any, sets: dict[str, Any], policies: dict[str, Any], run: Any,
-                        args: argparse.Namespace) -> Any:
+                        args: argparse.Namespace, engines: Any = None) -> Any:
     """The cost of lowering over-refusal: a seeded sample of harmful test prompts (``--jailbreak-n``, spread over
     the harmful sets) wrapped in catlens's own jailbreak templates (:mod:`catlens.jailbreaks`), generated in full
     under every chosen policy and judged by the headline's judge; refusal per template with Wilson intervals."""
@@ -1224,7 +1240,7 @@ def evaluate_jailbreaks(model: Any, sets: dict[str, Any], policies: dict[str, An
     col = f"refused_{args.judge}"
     for name, pol in policies.items():
         j = generate_and_judge(model, ps, pol, run.path / "gen" / f"jailbreak_{name}", max_new_tokens=args.gen_tokens,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, engine=_engine(engines, model))
         j["template"] = [s.split("+", 1)[1] if "+" in s else "none (plain)" for s in j.dataset]
         t = rate_table(j.assign(dataset=j.template, **{col: j[col].astype(bool)}), col, by=["dataset"])
         rows.append(t.assign(policy=name, judge=args.judge).rename(columns={"dataset": "template"}))
@@ -1241,7 +1257,7 @@ def _stock(args: argparse.Namespace, models: Any) -> Any:
 
 
 def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[str, Any], layers: Sequence[int],
-                      run: Any, args: argparse.Namespace, *, models: Any = None) -> Any:
+                      run: Any, args: argparse.Namespace, *, models: Any = None, engines: Any = None) -> Any:
     """The tuned model's policies applied to the stock model without retraining. The stock model has no refusal
     tokens, so the router becomes the tuned model's probe router (fitted on the tuned model's train activations)
     and refusal is judged on generated answers (``substring``). The stock model comes from ``models`` (a
@@ -1278,7 +1294,7 @@ def evaluate_transfer(sets: dict[str, Any], fit: dict[str, Any], policies: dict[
             pol = SteeringPolicy(pol.interventions, gate=pol.gate, router=router, toward=pol.toward, away=pol.away,
                                  name=f"{pol.name}-transfer", model=pol.model, meta={**pol.meta, "transfer": True})
         j = generate_and_judge(stock, gen_test, pol, run.path / "gen" / f"stock_{name}", max_new_tokens=args.gen_tokens,
-                               batch_size=args.batch_size, allow_transfer=True)
+                               batch_size=args.batch_size, allow_transfer=True, engine=_engine(engines, stock))
         for label, part in j.groupby("label"):
             t = rate_table_pooled(part)
             rows.append({"policy": name, "model": "stock", "label": label, **t,

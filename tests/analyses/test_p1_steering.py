@@ -293,3 +293,35 @@ def test_summarise_renders_numbers_read_from_the_tables(p1_run, tmp_path):
         assert f"| {r.policy} | {r.benign_pool} | {100 * r.over_refusal:.1f} [{100 * r.over_refusal_ci_low:.1f}, " in text
     assert "The test split was read once, after the choice." in text  # read from the manifest, not typed
     assert "not run" in text  # the missing specificity folder
+
+
+def test_engine_option_sends_every_full_generation_to_the_pool_and_a_faithful_engine_changes_nothing(
+        p1_run, monkeypatch, tmp_path):
+    """``--engine vllm``: every full generation of the run (each folder under ``gen/``) is made by the pool's engine for
+    the model; an engine that answers exactly as catlens.generate does (here: catlens.generate behind the engine's
+    interface, so no vLLM starts) gives the catlens run's tables."""
+    import catlens.engines
+    from catlens.generation import generate
+
+    mod, out, _, argv = p1_run
+    calls = []
+
+    class Faithful:
+        def __init__(self, model):
+            self.model = model
+
+        def generate(self, prompts, steer=None, *, max_new_tokens, out=None, allow_transfer=False):
+            calls.append(Path(out).name)
+            return generate(self.model, prompts, steer, max_new_tokens=max_new_tokens, batch_size=32, out=out,
+                            allow_transfer=allow_transfer, show_progress=False)
+
+    monkeypatch.setattr(catlens.engines, "vllm_available", lambda: True)
+    monkeypatch.setattr(catlens.engines.EnginePool, "get", lambda self, model: Faithful(model))
+    out2 = tmp_path / "run"
+    mod.main([*[a if a != str(out) else str(out2) for a in argv], "--engine", "vllm"])
+    folders = sorted(p.name for p in (out2 / "gen").iterdir())
+    assert sorted(calls) == folders and len(folders) >= 8
+    for name in ("headline_pools", "candidates", "jailbreaks", "bound", "perplexity"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out2 / f"{name}.parquet"), pd.read_parquet(out / f"{name}.parquet"),
+                                      check_exact=True, obj=name)
+    assert json.loads((out2 / "manifest.json").read_text())["config"]["engine"] == "vllm"

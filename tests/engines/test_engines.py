@@ -77,3 +77,35 @@ def test_decide_is_what_generate_records():
     assert all(torch.equal(a, b) for a, b in zip(again.coeff + again.direction + again.active,
                                                  rows.coeff + rows.direction + rows.active))
     assert pol.digest() == decisions.digest(pol) and len(pol.digest()) == 64
+
+
+def test_engine_pool_starts_one_engine_per_checkpoint_and_dtype_and_closes_them(monkeypatch, tiny_lm):
+    """EnginePool("catlens") gives None (catlens.generate); "vllm" one engine per (checkpoint, dtype), started on the
+    model's own folder in its dtype, reused, and closed with the pool; a model without a checkpoint is refused."""
+    import types
+
+    import catlens.engines.vllm as vllm_mod
+
+    started, closed = [], []
+
+    class FakeEngine:
+        def __init__(self, where, *, dtype, **kwargs):
+            started.append((where, dtype, kwargs))
+
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_mod, "VLLMEngine", FakeEngine)
+    assert engines.EnginePool("catlens").get(tiny_lm) is None
+    with pytest.raises(ValueError, match="Allowed: catlens, vllm"):
+        engines.EnginePool("vlm")
+    folder = tiny_lm.provenance["source"]["folder"]
+    with engines.EnginePool("vllm", kv_cache_gib=1) as pool:
+        first = pool.get(tiny_lm)
+        assert pool.get(tiny_lm) is first and started == [(folder, "float32", {"kv_cache_gib": 1})]
+        bf16 = types.SimpleNamespace(name=tiny_lm.name, provenance=tiny_lm.provenance, dtype=torch.bfloat16)
+        assert pool.get(bf16) is not first and started[-1][:2] == (folder, "bfloat16")
+        with pytest.raises(ValueError, match="records no checkpoint"):
+            pool.get(types.SimpleNamespace(name="x", provenance={}, dtype=torch.float32))
+    assert len(closed) == 2

@@ -386,3 +386,20 @@ def test_bad_engine_options_fail_before_the_engine_starts(vdir, kwargs, message)
 
     with pytest.raises(ValueError, match=message):
         VLLMEngine(str(vdir), **kwargs)
+
+
+def test_generate_and_judge_on_the_engine_judges_what_catlens_generate_answers(engine, lm, tmp_path):
+    """P1's answers step (catlens.answers.generate_and_judge) with ``engine=``: the same rows, verdicts and tokens as
+    on catlens's own loop (float32, tiny model), into the same kind of resumable folder."""
+    from catlens.answers import generate_and_judge
+
+    pol = _policies(lm.d_model)["gated_probe_routed"]
+    ref = generate_and_judge(lm, PROMPTS, pol, tmp_path / "catlens", max_new_tokens=N_TOKENS, batch_size=5)
+    got = generate_and_judge(lm, PROMPTS, pol, tmp_path / "vllm", max_new_tokens=N_TOKENS, engine=engine)
+    assert list(got.id) == list(ref.id) and list(got.columns) == list(ref.columns)
+    same = [a == b for a, b in zip(got.token_ids, ref.token_ids)]
+    assert sum(same) / len(same) >= 0.9
+    for col in [c for c in ref.columns if c.startswith("refused_")]:
+        assert (got[col][same] == ref[col][same]).all(), col
+    assert list(got.gate_flagged) == list(ref.gate_flagged)
+    assert (tmp_path / "vllm" / "generations.jsonl").exists()
