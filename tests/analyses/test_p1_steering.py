@@ -37,12 +37,36 @@ ARGV = ["--stock-model", "none", "--layers", "1,2", "--gate-layers", "1,3", "--m
 # benign answer would be left for the perplexity guard and nothing would be chosen; the default is full_answer
 
 
+class _Faithful:
+    """catlens.generate behind the engine's interface: what ``--engine vllm`` calls, with catlens's answers (no vLLM
+    starts); records which generation folders it made."""
+
+    calls: list[str] = []
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, prompts, steer=None, *, max_new_tokens, out=None, allow_transfer=False):
+        from catlens.generation import generate
+
+        self.calls.append(Path(out).name)
+        return generate(self.model, prompts, steer, max_new_tokens=max_new_tokens, batch_size=32, out=out,
+                        allow_transfer=allow_transfer, show_progress=False)
+
+
 @pytest.fixture(scope="module")
 def p1_run(tiny8, data_dir, tmp_path_factory):
+    """The script end to end, with ``--engine vllm`` through a pool whose engine is :class:`_Faithful` (so the tables
+    are catlens's own; the main job's pipeline test runs P1 on the default engine)."""
+    import catlens.engines
+
     out = tmp_path_factory.mktemp("p1") / "run"
     mod = _script()
     argv = ["--model", str(tiny8), "--out", str(out), "--data-dir", str(data_dir), *ARGV]
-    summary = mod.main(argv)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(catlens.engines, "vllm_available", lambda: True)
+        mp.setattr(catlens.engines.EnginePool, "get", lambda self, model: _Faithful(model))
+        summary = mod.main([*argv, "--engine", "vllm"])
     return mod, out, summary, argv
 
 
@@ -295,33 +319,11 @@ def test_summarise_renders_numbers_read_from_the_tables(p1_run, tmp_path):
     assert "not run" in text  # the missing specificity folder
 
 
-def test_engine_option_sends_every_full_generation_to_the_pool_and_a_faithful_engine_changes_nothing(
-        p1_run, monkeypatch, tmp_path):
-    """``--engine vllm``: every full generation of the run (each folder under ``gen/``) is made by the pool's engine for
-    the model; an engine that answers exactly as catlens.generate does (here: catlens.generate behind the engine's
-    interface, so no vLLM starts) gives the catlens run's tables."""
-    import catlens.engines
-    from catlens.generation import generate
-
-    mod, out, _, argv = p1_run
-    calls = []
-
-    class Faithful:
-        def __init__(self, model):
-            self.model = model
-
-        def generate(self, prompts, steer=None, *, max_new_tokens, out=None, allow_transfer=False):
-            calls.append(Path(out).name)
-            return generate(self.model, prompts, steer, max_new_tokens=max_new_tokens, batch_size=32, out=out,
-                            allow_transfer=allow_transfer, show_progress=False)
-
-    monkeypatch.setattr(catlens.engines, "vllm_available", lambda: True)
-    monkeypatch.setattr(catlens.engines.EnginePool, "get", lambda self, model: Faithful(model))
-    out2 = tmp_path / "run"
-    mod.main([*[a if a != str(out) else str(out2) for a in argv], "--engine", "vllm"])
-    folders = sorted(p.name for p in (out2 / "gen").iterdir())
-    assert sorted(calls) == folders and len(folders) >= 8
-    for name in ("headline_pools", "candidates", "jailbreaks", "bound", "perplexity"):
-        pd.testing.assert_frame_equal(pd.read_parquet(out2 / f"{name}.parquet"), pd.read_parquet(out / f"{name}.parquet"),
-                                      check_exact=True, obj=name)
-    assert json.loads((out2 / "manifest.json").read_text())["config"]["engine"] == "vllm"
+def test_engine_option_sends_every_full_generation_to_the_pool(p1_run):
+    """``--engine vllm``: every full generation of the run (each folder under ``gen/``: val, test, the bound's sides,
+    jailbreaks) was made by the pool's engine, once; the run records the engine."""
+    _, out, _, _ = p1_run
+    folders = sorted(p.name for p in (out / "gen").iterdir())
+    assert sorted(_Faithful.calls) == folders and len(folders) >= 8
+    assert any(f.startswith("jailbreak_") for f in folders) and any("sides" in f for f in folders)
+    assert json.loads((out / "manifest.json").read_text())["config"]["engine"] == "vllm"
