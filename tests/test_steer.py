@@ -315,11 +315,10 @@ def test_policy_made_on_another_model_is_refused(tiny_lm, tmp_path):
         policy.interventions)))
 
 
-def test_generation_resumes_to_the_same_file(tiny_lm, tmp_path, monkeypatch):
+def _interrupted(model, iv, out, monkeypatch):
+    """A batch-2 generation into ``out`` interrupted at its second batch (the first batch's records are kept)."""
     import catlens.generation as gen
 
-    iv = Intervention("resid_post", 1, _vec(tiny_lm), positions="last_prompt")
-    whole = _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a")
     real = gen._generate_batch
     calls = {"n": 0}
 
@@ -331,8 +330,16 @@ def test_generation_resumes_to_the_same_file(tiny_lm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gen, "_generate_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
-        _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "b")
+        _gen(model, iv, batch_size=2, out=out)
     monkeypatch.setattr(gen, "_generate_batch", real)
+
+
+def test_generation_resumes_to_the_same_file(tiny_lm, tmp_path, monkeypatch):
+    import catlens.generation as gen
+
+    iv = Intervention("resid_post", 1, _vec(tiny_lm), positions="last_prompt")
+    whole = _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a")
+    _interrupted(tiny_lm, iv, tmp_path / "b", monkeypatch)
     assert len((tmp_path / "b" / "generations.partial.jsonl").read_text().splitlines()) == 2
     again = _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "b")
     assert (tmp_path / "a" / "generations.jsonl").read_bytes() == (tmp_path / "b" / "generations.jsonl").read_bytes()
@@ -354,19 +361,8 @@ def test_an_interrupted_folder_from_before_the_dtype_was_recorded_resumes(tiny_l
 
     iv = Intervention("resid_post", 1, _vec(tiny_lm), positions="last_prompt")
     _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "a")
+    _interrupted(tiny_lm, iv, tmp_path / "b", monkeypatch)
     real = gen._generate_batch
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(gen, "_generate_batch", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        _gen(tiny_lm, iv, batch_size=2, out=tmp_path / "b")
-    monkeypatch.setattr(gen, "_generate_batch", real)
     manifest = tmp_path / "b" / "manifest.json"
     m = json.loads(manifest.read_text())
     assert m["config"]["dtype"] == str(tiny_lm.dtype) and m["config"]["device"] == str(tiny_lm.device)

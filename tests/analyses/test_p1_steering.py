@@ -6,6 +6,7 @@ script's end-to-end run wrote (the ``p1_run`` fixture)."""
 import importlib.util
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -41,7 +42,7 @@ class _Faithful:
     """catlens.generate behind the engine's interface: what ``--engine vllm`` calls, with catlens's answers (no vLLM
     starts); records which generation folders it made."""
 
-    calls: list[str] = []
+    calls: ClassVar[list[str]] = []
 
     def __init__(self, model):
         self.model = model
