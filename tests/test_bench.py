@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic on small inputs: bench/render_pipeline_doc.py's comparison with a baseline run
-(which tables are equal, from the tables themselves), bench/bench_auroc.py's equality of the two methods, and smoke
+(which tables are equal, from the tables themselves), bench/bench_auroc.py's equality of the two methods,
+bench/bench_p1_engine.py's section rendered from a run's tables, and smoke
 runs of the scripts that time the model (bench_steer, bench_explore) on the tiny model, and of bench_figures' walk
 over the figure scripts, so a script that no longer runs against the library fails here instead of by hand."""
 
@@ -126,3 +127,32 @@ def test_bench_figures_walks_every_figure_script_through_the_main_job_s_loader(m
     assert {stage for _, stage in looked_up} <= {"eval", "geometry", "p1", "p2", "specificity"}
     table = pd.read_parquet(tmp_path / "out" / "figures.parquet")
     assert list(table.pngs) == [0, 0]
+
+
+def test_bench_p1_engine_renders_its_section_from_the_run_tables(monkeypatch, tmp_path):
+    """bench_p1_engine's section: each step's seconds per engine with the baseline's ratio, and each policy's rates
+    per engine, read from a run folder's tables; written into the doc once (a second render replaces it). Running
+    both engines is left to the bench itself (two P1 runs); its guard on the options after ``--`` is checked."""
+    bench = _load("bench_p1_engine", monkeypatch)
+    run = tmp_path / "run"
+    (run / "catlens").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"command": ["bench/bench_p1_engine.py", "--out", "x"],
+                                                   "created": "2026-12-08T03:00:00", "git_commit": "abcdef0123"}))
+    (run / "catlens" / "manifest.json").write_text(json.dumps({"models": {"model": {"name": "m", "dtype": "bf16"}}}))
+    pd.DataFrame({"engine": ["catlens", "catlens", "vllm", "vllm"], "step": ["test", "total", "test", "total"],
+                  "seconds": [600.0, 1000.0, 400.0, 800.0]}).to_parquet(run / "steps.parquet")
+    rates = {"over_refusal": 0.25, "over_refusal_ci_low": 0.1, "over_refusal_ci_high": 0.4, "refusal": 0.9,
+             "refusal_ci_low": 0.8, "refusal_ci_high": 0.95, "ppl_ratio": 1.0}
+    pd.DataFrame([{"engine": e, "policy": "unsteered", **rates} for e in ("catlens", "vllm")]).to_parquet(
+        run / "headline.parquet")
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n")
+    monkeypatch.setattr(bench, "DOC", doc)
+    assert bench.main(["--render", str(run)]) == 0 and bench.main(["--render", str(run)]) == 0
+    text = doc.read_text()
+    assert text.count("## P1 on vLLM") == 1 and "git abcdef0" in text and "on `m` in bf16" in text
+    assert "| test | 600 s | 400 s | 1.50x |" in text and "| **total** | 1000 s | 800 s | 1.25x |" in text
+    assert "| unsteered | 25.0 % [10.0 %, 40.0 %] | 25.0 % [10.0 %, 40.0 %] | 90.0 % [80.0 %, 95.0 %] |" in text
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "o"), "--", "--model", "m", "--out", "elsewhere"])
+    sys.modules.pop("_markdown", None)
