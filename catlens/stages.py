@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from catlens.engines import ENGINES
 from catlens.errors import ConfigError, unknown_name_message
 
 _MISSING = dataclasses.MISSING
@@ -440,7 +441,7 @@ class P1Options:
                                      "answers", minimum=1)
     ppl_guard: float = option(0.10)
     batch_size: int = option(32, minimum=1)
-    engine: str = option("catlens", choices=("catlens", "vllm"),
+    engine: str = option("catlens", choices=ENGINES,
                          help="what generates the full answers (val, test, jailbreaks, transfer): catlens's own "
                               "loop, or vLLM (pip install 'catlens[vllm]'), one engine per model in the model's "
                               "dtype; activations, first-position passes and training stay on catlens's")

@@ -109,3 +109,16 @@ def test_engine_pool_starts_one_engine_per_checkpoint_and_dtype_and_closes_them(
         with pytest.raises(ValueError, match="records no checkpoint"):
             pool.get(types.SimpleNamespace(name="x", provenance={}, dtype=torch.float32))
     assert len(closed) == 2
+
+
+def test_engine_dtype_resolves_auto_on_the_platform_the_engine_computes_on(monkeypatch):
+    """``--dtype auto`` for an engine is resolved on CUDA when torch sees a GPU, else on this CPU; a named dtype
+    passes through."""
+    from catlens.model import resolve_dtype
+
+    assert engines.engine_dtype("float16") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engines.engine_dtype("auto") == resolve_dtype("auto", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("catlens.model.native_bfloat16", lambda device: device == "cuda")
+    assert engines.engine_dtype("auto") == "bfloat16"
